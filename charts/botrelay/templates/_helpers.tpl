@@ -1,0 +1,111 @@
+{{/* Name of the chart, or nameOverride. */}}
+{{- define "botrelay.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Prefix of every object name: the release name, with the chart name added
+when the release name does not already hold it. */}}
+{{- define "botrelay.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 54 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "botrelay.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 54 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 54 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of the operator's Deployment, Service, (Cluster)Role and bindings. */}}
+{{- define "botrelay.operatorName" -}}
+{{- printf "%s-operator" (include "botrelay.fullname" .) -}}
+{{- end -}}
+
+{{- define "botrelay.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "botrelay.operatorName" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "botrelay.leaseName" -}}
+{{- default (include "botrelay.operatorName" .) .Values.operator.leaderElection.leaseName -}}
+{{- end -}}
+
+{{- define "botrelay.operatorImage" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- end -}}
+
+{{- define "botrelay.relayImage" -}}
+{{- printf "%s:%s" .Values.relay.image.repository (default .Chart.AppVersion .Values.relay.image.tag) -}}
+{{- end -}}
+
+{{/* Labels of every object of the chart. */}}
+{{- define "botrelay.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: botrelay
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Labels that select the operator's pods; they never change after install,
+since a Deployment's selector is immutable. */}}
+{{- define "botrelay.operatorSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "botrelay.name" . }}-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "botrelay.operatorLabels" -}}
+{{ include "botrelay.labels" . }}
+app.kubernetes.io/name: {{ include "botrelay.name" . }}-operator
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "botrelay.monitoringLabels" -}}
+{{ include "botrelay.labels" . }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The rules the operator needs in every namespace whose MessagingEndpoints it
+manages. Keep this list equal to what the operator really calls: the chart test
+compares it with target/rbac-observed.json, written by the operator's
+integration test. Secrets: the operator creates and patches the credentials
+Secret of each endpoint and watches the Secrets it owns to roll relays when they
+change; it never deletes them (owner references do). */}}
+{{- define "botrelay.operatorRules" -}}
+- apiGroups: [botrelay.dev]
+  resources: [messagingendpoints]
+  verbs: [get, list, watch, patch]
+- apiGroups: [botrelay.dev]
+  resources: [messagingendpoints/status]
+  verbs: [get, patch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}
+
+{{/* Leader election: only the Lease, only in the release namespace. */}}
+{{- define "botrelay.leaseRules" -}}
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, list, watch, create, update, patch]
+{{- end -}}
