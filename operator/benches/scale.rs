@@ -1,0 +1,2 @@
+//! Scale benchmark (not written yet).
+fn main() {}

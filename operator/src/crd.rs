@@ -1,0 +1,257 @@
+//! The `MessagingEndpoint` custom resource (`botrelay.dev/v1alpha1`).
+//!
+//! The CRD in `crds/` is generated from these types by the `crdgen` binary, so
+//! the validation the API server enforces lives here, next to the fields. The
+//! schema attributes keep the output a valid *structural* schema: every node is
+//! typed and no `Option` of an enum turns into `enum: [..., null]`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A duration the relay understands and CEL's `duration()` parses alike:
+/// one or more `<integer><unit>` groups, units `ms`, `s`, `m`, `h` (e.g. `10s`, `1h30m`).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+
+/// An absolute `http://` or `https://` URL with a host.
+pub const URL_PATTERN: &str = r"^https?://[^\s/?#@]+(/[^\s]*)?$";
+
+/// A DNS-1123 subdomain, as Kubernetes object names are.
+pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// The desired state of one relay.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "botrelay.dev",
+    version = "v1alpha1",
+    kind = "MessagingEndpoint",
+    plural = "messagingendpoints",
+    singular = "messagingendpoint",
+    shortname = "mep",
+    category = "botrelay",
+    namespaced,
+    doc = "A relay between a back-end and its bot, run and watched by the botrelay operator.",
+    status = "MessagingEndpointStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Webhook URL","type":"string","jsonPath":".status.webhookUrl"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.replicas) || self.replicas <= 1",
+    "message": "replicas above 1 need a shared store; the embedded and memory stores serve one replica"
+}]))]
+pub struct MessagingEndpointSpec {
+    /// Where the relay delivers user messages (the bot's webhook).
+    pub bot: BotSpec,
+
+    /// Where the relay delivers the bot's messages (the back-end's callback).
+    pub response_endpoint: ResponseEndpointSpec,
+
+    /// Relay pods to run. 0 stops the relay (its data is kept). The embedded
+    /// and memory stores serve exactly one replica.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 10))]
+    pub replicas: i32,
+
+    /// Delivery tuning passed to the relay as flags; unset fields keep the relay's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliverySpec>,
+
+    /// Where accepted messages wait until delivered.
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// Use your own Secret (same namespace) holding `client-token`, `bot-token`,
+    /// `bot-signing-secret` and `response-signing-secret` instead of a generated one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretReference>,
+
+    /// Relay image; defaults to the operator's `--relay-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+
+    /// Compute resources of the relay container; defaults to small requests and limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Node labels the relay pod must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Tolerations of the relay pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Affinity of the relay pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// PriorityClass of the relay pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// The bot side.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct BotSpec {
+    /// URL that receives user messages, e.g. `http://support-bot.shop.svc:8080/events`.
+    #[schemars(regex(pattern = URL_PATTERN), length(max = 2048))]
+    pub url: String,
+}
+
+/// The back-end side.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct ResponseEndpointSpec {
+    /// URL that receives the bot's messages, one per request.
+    #[schemars(regex(pattern = URL_PATTERN), length(max = 2048))]
+    pub url: String,
+}
+
+/// Timeouts, retries and limits of the relay. Durations are like `10s`, `5m`, `24h`, `1h30m`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.retryInitialBackoff) || !has(self.retryMaxBackoff) || duration(self.retryInitialBackoff) <= duration(self.retryMaxBackoff)",
+    "message": "retryInitialBackoff must not exceed retryMaxBackoff"
+}]))]
+pub struct DeliverySpec {
+    /// Time limit of one delivery to the bot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub bot_timeout: Option<String>,
+    /// Time limit of one delivery to the response endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub response_timeout: Option<String>,
+    /// Time limit for opening a connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub connect_timeout: Option<String>,
+    /// Wait before the first retry; doubles (with jitter) up to retryMaxBackoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub retry_initial_backoff: Option<String>,
+    /// Longest wait between two retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub retry_max_backoff: Option<String>,
+    /// Attempts per message before it is dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_attempts: Option<i32>,
+    /// Age after which an undelivered message is dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max_message_age: Option<String>,
+    /// How long a `messageId` is remembered for deduplication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub dedupe_window: Option<String>,
+    /// Largest accepted request body, in bytes (1 KiB to 16 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 16777216))]
+    pub max_body_bytes: Option<i64>,
+}
+
+/// Which store the relay uses.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StorageType {
+    /// A crash-safe file on a PersistentVolumeClaim: accepted messages survive restarts.
+    #[default]
+    Embedded,
+    /// In memory: accepted messages are lost when the pod restarts.
+    Memory,
+}
+
+impl StorageType {
+    /// The value of the relay's `--store` flag.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            StorageType::Embedded => "embedded",
+            StorageType::Memory => "memory",
+        }
+    }
+}
+
+/// The relay's store.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// `embedded` (default, on a PersistentVolumeClaim) or `memory`.
+    #[serde(default, rename = "type")]
+    pub type_: StorageType,
+    /// Size of the PersistentVolumeClaim, e.g. `1Gi`.
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    pub size: String,
+    /// StorageClass of the PersistentVolumeClaim; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+fn default_storage_size() -> String {
+    "1Gi".to_string()
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        StorageSpec {
+            type_: StorageType::default(),
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+/// A Secret in the endpoint's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(regex(pattern = NAME_PATTERN), length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// What the operator observed and did.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagingEndpointStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// In-cluster URL that back-ends POST user messages to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Secret holding the tokens and signing secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// Relay pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+impl MessagingEndpoint {
+    /// The condition of the given type, if the status has one.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+    }
+}

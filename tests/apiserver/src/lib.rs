@@ -1,0 +1,1 @@
+//! Test API server (not written yet).
