@@ -1,0 +1,212 @@
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, and the dead letters
+//! (`GET /dead-letters`, `POST /dead-letters/redrive`, both behind a client token).
+
+use crate::api::json;
+use crate::credentials::{CredentialStore, bearer};
+use crate::delivery::now_ms;
+use crate::metrics::Metrics;
+use crate::serve::Body;
+use crate::store::{Op, Outcome, Store, Target};
+use crate::wire;
+use crate::writer::Writer;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Most dead letters listed by one `GET /dead-letters`.
+const LIST_LIMIT: usize = 1000;
+
+pub struct Admin {
+    pub store: Arc<dyn Store>,
+    pub writer: Writer,
+    pub credentials: CredentialStore,
+    pub metrics: Metrics,
+    pub draining: Arc<AtomicBool>,
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("valid"),
+    );
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(status, wire::error_body(code, message))
+}
+
+#[derive(Deserialize)]
+struct RedriveBody {
+    /// Message ids to redrive; all dead letters when absent.
+    ids: Option<Vec<String>>,
+}
+
+impl Admin {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => self.metrics_page(),
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => {
+                if self.draining.load(Ordering::Relaxed) {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else {
+                    text(StatusCode::OK, "ready\n")
+                }
+            }
+            (_, "/dead-letters" | "/dead-letters/redrive") if !self.authorized(&req) => error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the dead-letter API needs `Authorization: Bearer <client-token>`",
+            ),
+            (&Method::GET, "/dead-letters") => self.list().await,
+            (&Method::POST, "/dead-letters/redrive") => self.redrive(req).await,
+            (
+                _,
+                "/metrics" | "/healthz" | "/readyz" | "/dead-letters" | "/dead-letters/redrive",
+            ) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "wrong method for this path",
+            ),
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+        }
+    }
+
+    fn metrics_page(&self) -> Response<Body> {
+        // The dead-letter gauge is read from the store, so it is right after a
+        // restart and after redrives without bookkeeping elsewhere.
+        if let Ok(counts) = self.store.dead_letter_counts() {
+            for target in Target::ALL {
+                self.metrics
+                    .dead_letters
+                    .with_label_values(&[target.as_str()])
+                    .set(counts.get(target) as i64);
+            }
+        }
+        let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8"
+                .parse()
+                .expect("valid"),
+        );
+        r
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        bearer(req.headers().get(header::AUTHORIZATION))
+            .is_some_and(|token| self.credentials.current().client_tokens.accepts(token))
+    }
+
+    async fn list(&self) -> Response<Body> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.dead_letters(LIST_LIMIT)).await {
+            Ok(Ok(letters)) => {
+                let items: Vec<_> = letters
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "id": l.message_id,
+                            "target": l.target,
+                            "conversationId": l.conversation_id,
+                            "reason": l.reason,
+                            "deadAt": wire::rfc3339(l.dead_at_ms),
+                        })
+                    })
+                    .collect();
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({ "deadLetters": items }).to_string(),
+                )
+            }
+            Ok(Err(e)) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                &e.to_string(),
+            ),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            ),
+        }
+    }
+
+    async fn redrive(&self, req: Request<Incoming>) -> Response<Body> {
+        let body = match Limited::new(req.into_body(), 1024 * 1024).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+        };
+        let wanted = if body.iter().all(u8::is_ascii_whitespace) {
+            None
+        } else {
+            match serde_json::from_slice::<RedriveBody>(&body) {
+                Ok(b) => b.ids,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        &format!("expected {{\"ids\": [\"<message id>\", ...]}} or no body: {e}"),
+                    );
+                }
+            }
+        };
+        let seqs = match wanted {
+            None => None,
+            Some(ids) => {
+                let store = self.store.clone();
+                let letters =
+                    match tokio::task::spawn_blocking(move || store.dead_letters(usize::MAX)).await
+                    {
+                        Ok(Ok(letters)) => letters,
+                        _ => {
+                            return error(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "store_unavailable",
+                                "cannot list dead letters",
+                            );
+                        }
+                    };
+                Some(
+                    letters
+                        .into_iter()
+                        .filter(|l| ids.contains(&l.message_id))
+                        .map(|l| l.seq)
+                        .collect(),
+                )
+            }
+        };
+        match self
+            .writer
+            .commit(Op::Redrive {
+                seqs,
+                now_ms: now_ms(),
+            })
+            .await
+        {
+            Ok(Outcome::Queued(due)) => {
+                tracing::info!(count = due.len(), "dead letters redriven");
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({ "redriven": due.len() }).to_string(),
+                )
+            }
+            Ok(_) => json(
+                StatusCode::OK,
+                serde_json::json!({ "redriven": 0 }).to_string(),
+            ),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                &e.to_string(),
+            ),
+        }
+    }
+}

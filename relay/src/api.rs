@@ -1,0 +1,377 @@
+//! The API port: clients post user messages (`POST /`, `POST /v1/messages`),
+//! bots post messages of their own (`POST /v1/bot/messages`).
+
+use crate::credentials::{CredentialStore, Tokens, bearer};
+use crate::delivery::{Queues, now_ms};
+use crate::ids;
+use crate::metrics::Metrics;
+use crate::serve::Body;
+use crate::store::{InboundMessage, Op, OutboundMessage, Outcome, Store};
+use crate::wire::{self, BotMessage, ClientMessage, Invalid};
+use crate::writer::{CommitError, Writer};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct Api {
+    pub credentials: CredentialStore,
+    pub store: Arc<dyn Store>,
+    pub writer: Writer,
+    pub queues: Queues,
+    pub metrics: Metrics,
+    pub draining: Arc<AtomicBool>,
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+    pub max_pending: usize,
+    pub dedupe_window: Duration,
+}
+
+/// A request that is answered with an error; `code` is stable for programs,
+/// `message` is for people.
+#[derive(Debug)]
+pub struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+    /// The `outcome` label of `botrelay_messages_received_total`, when the request counts as a message.
+    outcome: Option<&'static str>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            outcome: None,
+        }
+    }
+
+    fn counted(mut self, outcome: &'static str) -> Self {
+        self.outcome = Some(outcome);
+        self
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut response = json(self.status, wire::error_body(self.code, &self.message));
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        }
+        response
+    }
+}
+
+impl From<Invalid> for Refusal {
+    fn from(invalid: Invalid) -> Self {
+        Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", invalid.0).counted("invalid")
+    }
+}
+
+pub fn json(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Root,
+    Messages,
+    BotMessages,
+    Other,
+}
+
+impl Route {
+    fn of(path: &str) -> Route {
+        match path {
+            "/" => Route::Root,
+            "/v1/messages" => Route::Messages,
+            "/v1/bot/messages" => Route::BotMessages,
+            _ => Route::Other,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::Root => "/",
+            Route::Messages => "/v1/messages",
+            Route::BotMessages => "/v1/bot/messages",
+            Route::Other => "other",
+        }
+    }
+
+    fn source(self) -> &'static str {
+        if self == Route::BotMessages {
+            "bot"
+        } else {
+            "client"
+        }
+    }
+}
+
+impl Api {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let route = Route::of(req.uri().path());
+        let result = match (route, req.method()) {
+            (Route::Other, _) => Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no such path: {}; messages go to POST /v1/messages",
+                    req.uri().path()
+                ),
+            )),
+            (_, &Method::POST) => match route {
+                Route::BotMessages => self.bot_message(req).await,
+                _ => self.client_message(req).await,
+            },
+            (_, method) => Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here; use POST"),
+            )),
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(refusal) => {
+                if let Some(outcome) = refusal.outcome {
+                    self.received(route.source(), outcome);
+                }
+                tracing::debug!(route = route.label(), status = refusal.status.as_u16(), code = refusal.code, message = %refusal.message, "request refused");
+                refusal.into_response()
+            }
+        };
+        self.metrics
+            .http_requests
+            .with_label_values(&[route.label(), response.status().as_str()])
+            .inc();
+        self.metrics
+            .http_request_duration
+            .with_label_values(&[route.label()])
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    fn received(&self, source: &str, outcome: &str) {
+        self.metrics
+            .messages_received
+            .with_label_values(&[source, outcome])
+            .inc();
+    }
+
+    /// The checks every message goes through before its body is read.
+    fn admit(
+        &self,
+        req: &Request<Incoming>,
+        tokens: impl Fn(&crate::credentials::Credentials) -> &Tokens,
+    ) -> Result<(), Refusal> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "the relay is shutting down; retry against another instance or shortly",
+            )
+            .retry_after(5)
+            .counted("rejected"));
+        }
+        let credentials = self.credentials.current();
+        match bearer(req.headers().get(header::AUTHORIZATION)) {
+            None => {
+                return Err(Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing `Authorization: Bearer <token>` header",
+                )
+                .counted("unauthorized"));
+            }
+            Some(token) if !tokens(&credentials).accepts(token) => {
+                return Err(Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "invalid token",
+                )
+                .counted("unauthorized"));
+            }
+            Some(_) => {}
+        }
+        if self.queues.pending() >= self.max_pending {
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                format!(
+                    "{} messages are waiting for delivery; retry later",
+                    self.max_pending
+                ),
+            )
+            .retry_after(1)
+            .counted("rejected"));
+        }
+        Ok(())
+    }
+
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Refusal> {
+        let limit = self.max_body_bytes;
+        let too_large = || {
+            Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("body is larger than {limit} bytes"),
+            )
+            .counted("too_large")
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        let body = Limited::new(req.into_body(), limit).collect();
+        match tokio::time::timeout(self.body_read_timeout, body).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+            Ok(Err(e)) => Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("could not read the body: {e}"),
+            )
+            .counted("invalid")),
+            Err(_) => Err(Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the body did not arrive in time",
+            )
+            .counted("invalid")),
+        }
+    }
+
+    async fn client_message(&self, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+        self.admit(&req, |c| &c.client_tokens)?;
+        let body = self.read_body(req).await?;
+        let m = ClientMessage::parse(&body)?;
+        let now = now_ms();
+        let message = InboundMessage {
+            id: ids::message_id(),
+            conversation_id: ids::conversation_id(&m.conversation_id),
+            user_id: ids::user_id(&m.user_id),
+            caller_conversation_id: m.conversation_id,
+            caller_user_id: m.user_id,
+            caller_message_id: m.message_id,
+            kind: m.kind,
+            text: m.text,
+            payload: m.payload,
+            created_at_ms: now,
+            queued_at_ms: now,
+        };
+        let answer = wire::accept_answer(&message);
+        let op = Op::Accept {
+            message,
+            answer: answer.clone(),
+            dedupe_window_ms: self.dedupe_window.as_millis() as u64,
+        };
+        match self.writer.try_commit(op).await.map_err(unavailable)? {
+            Outcome::Duplicate { answer } => {
+                self.received("client", "duplicate");
+                Ok(json(StatusCode::OK, answer))
+            }
+            _ => {
+                self.received("client", "accepted");
+                Ok(json(StatusCode::OK, answer))
+            }
+        }
+    }
+
+    async fn bot_message(&self, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+        self.admit(&req, |c| &c.bot_tokens)?;
+        let body = self.read_body(req).await?;
+        let m = BotMessage::parse(&body)?;
+        let store = self.store.clone();
+        let id = m.conversation_id.clone();
+        let conversation = tokio::task::spawn_blocking(move || store.conversation(&id))
+            .await
+            .map_err(|e| unavailable(CommitError::Store(e.to_string())))?
+            .map_err(|e| unavailable(CommitError::Store(e.to_string())))?
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_conversation",
+                    format!("no conversation {}; use the relay's conversationId from the message the bot received", m.conversation_id),
+                )
+                .counted("unknown_conversation")
+            })?;
+        let now = now_ms();
+        let message = OutboundMessage {
+            id: ids::message_id(),
+            conversation_id: conversation.id,
+            caller_conversation_id: conversation.caller_id,
+            user_id: conversation.user_id,
+            kind: m.kind,
+            payload: m.payload,
+            created_at_ms: now,
+            queued_at_ms: now,
+        };
+        let id = message.id.clone();
+        self.writer
+            .try_commit(Op::AddOutbound { message })
+            .await
+            .map_err(unavailable)?;
+        self.received("bot", "accepted");
+        Ok(json(
+            StatusCode::ACCEPTED,
+            serde_json::json!({ "id": id }).to_string(),
+        ))
+    }
+}
+
+fn unavailable(e: CommitError) -> Refusal {
+    let refusal = match e {
+        CommitError::Busy => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many messages arriving at once; retry shortly",
+        ),
+        CommitError::Closed => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the relay is shutting down; retry shortly",
+        ),
+        CommitError::Store(problem) => {
+            tracing::error!(%problem, "a message could not be stored; the client was told to retry");
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the message could not be stored; retry shortly",
+            )
+        }
+    };
+    refusal.retry_after(1).counted("rejected")
+}

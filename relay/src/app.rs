@@ -1,0 +1,207 @@
+//! Start-up, the running relay, and its orderly stop.
+
+use crate::admin::Admin;
+use crate::api::Api;
+use crate::config::{Config, StoreKind};
+use crate::credentials::CredentialStore;
+use crate::delivery::{self, Deliverer, backoff::Backoff, http::Sender, now_ms};
+use crate::metrics::Metrics;
+use crate::serve::{self, Limits};
+use crate::store::{EmbeddedStore, MemoryStore, Op, Store};
+use crate::writer::Writer;
+use anyhow::{Context, anyhow};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Requests waiting for the store writer before clients get `503`.
+const WRITE_QUEUE: usize = 16 * 1024;
+/// How often dedupe entries older than the window are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Runs the relay until `shutdown` resolves, then drains and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let metrics = Metrics::new(&config.endpoint_name);
+    let (credentials, credential_texts) =
+        CredentialStore::open(&config.credentials_dir).map_err(|e| anyhow!("credentials: {e}"))?;
+
+    let store: Arc<dyn Store> = match config.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Embedded => {
+            let (dir, cache) = (config.data_dir.clone(), config.store_cache_bytes);
+            Arc::new(
+                tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir, cache))
+                    .await?
+                    .context("opening the embedded store")?,
+            )
+        }
+    };
+
+    let (queues, inboxes) = delivery::queues();
+    let (writer, writer_thread) =
+        Writer::start(store.clone(), queues.clone(), metrics.clone(), WRITE_QUEUE);
+    let recovered = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.recover())
+            .await?
+            .context("reading the stored messages")?
+    };
+    let waiting = recovered.pending.len();
+    for pending in recovered.pending {
+        queues.push(pending);
+    }
+
+    let (stop_tx, stop) = watch::channel(false);
+    let deliverer = Deliverer {
+        store: store.clone(),
+        writer: writer.clone(),
+        sender: Sender::new(config.connect_timeout, config.max_in_flight as usize),
+        credentials: credentials.clone(),
+        metrics: metrics.clone(),
+        bot_url: config.bot_url.clone(),
+        response_url: config.response_url.clone(),
+        bot_timeout: config.bot_timeout,
+        response_timeout: config.response_timeout,
+        backoff: Backoff {
+            initial: config.retry_initial_backoff,
+            max: config.retry_max_backoff,
+        },
+        max_attempts: config.max_attempts,
+        max_age: config.max_message_age,
+    };
+    let mut engine = delivery::start(
+        inboxes,
+        &queues,
+        deliverer,
+        config.max_in_flight as usize,
+        stop.clone(),
+        config.drain_timeout,
+    );
+
+    let api_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
+
+    let draining = Arc::new(AtomicBool::new(false));
+    let api = Arc::new(Api {
+        credentials: credentials.clone(),
+        store: store.clone(),
+        writer: writer.clone(),
+        queues: queues.clone(),
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+        max_body_bytes: config.max_body_bytes,
+        body_read_timeout: config.body_read_timeout,
+        max_pending: config.max_pending,
+        dedupe_window: config.dedupe_window,
+    });
+    let admin = Arc::new(Admin {
+        store: store.clone(),
+        writer: writer.clone(),
+        credentials: credentials.clone(),
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+    });
+
+    let background = [
+        tokio::spawn(credentials.clone().watch(
+            credential_texts,
+            config.credentials_poll_interval,
+            metrics.clone(),
+        )),
+        tokio::spawn(prune_dedupe(writer.clone(), config.dedupe_window)),
+    ];
+    let (api_stop_tx, api_stop) = watch::channel(false);
+    let api_server = tokio::spawn(serve::serve(
+        api_listener,
+        Limits {
+            max_connections: config.max_connections,
+            header_read_timeout: config.header_read_timeout,
+            drain: config.drain_timeout,
+        },
+        api_stop,
+        move |req| api.clone().handle(req),
+    ));
+    let (admin_stop_tx, admin_stop) = watch::channel(false);
+    let admin_server = tokio::spawn(serve::serve(
+        admin_listener,
+        Limits {
+            max_connections: 256,
+            header_read_timeout: config.header_read_timeout,
+            drain: Duration::from_secs(1),
+        },
+        admin_stop,
+        move |req| admin.clone().handle(req),
+    ));
+
+    tracing::info!(
+        endpoint = %config.endpoint_name,
+        listen = %config.listen,
+        admin_listen = %config.admin_listen,
+        store = ?config.store,
+        waiting,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "botrelay is ready"
+    );
+
+    shutdown.await;
+
+    // 1. Refuse new messages and stop accepting; requests under way finish
+    //    (their commits still go through the writer).
+    tracing::info!("shutting down: draining requests and deliveries under way");
+    draining.store(true, Ordering::Relaxed);
+    let _ = api_stop_tx.send(true);
+    let _ = api_server.await;
+    // 2. Stop starting deliveries; let those under way finish.
+    let _ = stop_tx.send(true);
+    while engine.join_next().await.is_some() {}
+    // 3. Commit what is left and close the store.
+    for task in background {
+        task.abort();
+    }
+    writer.close().await;
+    tokio::task::spawn_blocking(move || writer_thread.join())
+        .await?
+        .map_err(|_| anyhow!("the store writer panicked"))?;
+    let _ = admin_stop_tx.send(true);
+    let _ = admin_server.await;
+    tracing::info!(
+        waiting = queues.pending(),
+        "botrelay stopped; waiting messages are delivered after the next start"
+    );
+    Ok(())
+}
+
+async fn prune_dedupe(writer: Writer, window: Duration) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tick.tick().await;
+        let before_ms = now_ms().saturating_sub(window.as_millis() as u64);
+        if let Err(e) = writer.commit(Op::PruneDedupe { before_ms }).await {
+            tracing::warn!(error = %e, "could not prune the dedupe table");
+        }
+    }
+}

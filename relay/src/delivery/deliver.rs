@@ -1,0 +1,233 @@
+//! One delivery attempt of one message, and what follows from its result.
+
+use super::backoff::Backoff;
+use super::http::Sender;
+use super::{Finish, now_ms};
+use crate::credentials::CredentialStore;
+use crate::metrics::Metrics;
+use crate::store::{Op, OutboundMessage, Pending, Store, Target};
+use crate::writer::Writer;
+use crate::{ids, wire};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct Deliverer {
+    pub store: Arc<dyn Store>,
+    pub writer: Writer,
+    pub sender: Sender,
+    pub credentials: CredentialStore,
+    pub metrics: Metrics,
+    pub bot_url: http::Uri,
+    pub response_url: http::Uri,
+    pub bot_timeout: Duration,
+    pub response_timeout: Duration,
+    pub backoff: Backoff,
+    pub max_attempts: u32,
+    pub max_age: Duration,
+}
+
+/// What a message looks like on the way out.
+struct Outgoing {
+    id: String,
+    body: Vec<u8>,
+    conversation_id: String,
+    user_id: String,
+    caller_conversation_id: String,
+}
+
+impl Deliverer {
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Attempts `pending` once; `failures` attempts of it have failed before.
+    pub async fn attempt(&self, pending: &Pending, failures: u32) -> Finish {
+        let target = pending.target;
+        let label = target.as_str();
+        let mut outgoing = match self.load(pending) {
+            Ok(Some(outgoing)) => outgoing,
+            // Completed by an earlier attempt whose result was not seen (or redriven elsewhere).
+            Ok(None) => return Finish::Done,
+            Err(e) => {
+                tracing::error!(target = label, seq = pending.seq, error = %e, "cannot read a waiting message from the store");
+                return Finish::Retry(self.backoff.max);
+            }
+        };
+        if failures > 0 {
+            self.metrics
+                .delivery_retries
+                .with_label_values(&[label])
+                .inc();
+        }
+        let credentials = self.credentials.current();
+        let (url, keys, timeout) = match target {
+            Target::Bot => (&self.bot_url, &credentials.bot_signing, self.bot_timeout),
+            Target::Response => (
+                &self.response_url,
+                &credentials.response_signing,
+                self.response_timeout,
+            ),
+        };
+        let started = Instant::now();
+        let result = self
+            .sender
+            .post(
+                url,
+                &outgoing.id,
+                std::mem::take(&mut outgoing.body),
+                keys,
+                timeout,
+            )
+            .await;
+        self.metrics
+            .delivery_duration
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+
+        let failure = match result {
+            Ok(answer) => {
+                self.metrics
+                    .delivery_attempts
+                    .with_label_values(&[label, "success"])
+                    .inc();
+                let completion = match target {
+                    Target::Bot => Op::CompleteInbound {
+                        seq: pending.seq,
+                        replies: self.replies(&answer, &outgoing),
+                    },
+                    Target::Response => Op::CompleteOutbound { seq: pending.seq },
+                };
+                // Wait for the completion to be durable before the lane moves on:
+                // a bot's replies must be queued before those of the next message.
+                return match self.writer.commit(completion).await {
+                    Ok(_) => {
+                        self.metrics
+                            .messages_delivered
+                            .with_label_values(&[label])
+                            .inc();
+                        self.metrics
+                            .end_to_end_latency
+                            .with_label_values(&[label])
+                            .observe(
+                                now_ms().saturating_sub(pending.created_at_ms) as f64 / 1000.0,
+                            );
+                        tracing::debug!(target = label, message_id = %outgoing.id, attempts = failures + 1, "delivered");
+                        Finish::Done
+                    }
+                    Err(e) => {
+                        // Not recorded as delivered: the message is sent again (same
+                        // webhook-id), which receivers dedupe on.
+                        tracing::error!(target = label, message_id = %outgoing.id, error = %e, "delivered but could not record it; will deliver again");
+                        Finish::Retry(self.backoff.delay(failures, None, &mut rand::rng()))
+                    }
+                };
+            }
+            Err(failure) => failure,
+        };
+
+        self.metrics
+            .delivery_attempts
+            .with_label_values(&[label, failure.metric_label()])
+            .inc();
+        let attempts = failures + 1;
+        let age = Duration::from_millis(now_ms().saturating_sub(pending.queued_at_ms));
+        let give_up = if attempts >= self.max_attempts {
+            Some(format!("{attempts} attempts failed; last: {failure}"))
+        } else if age >= self.max_age {
+            Some(format!(
+                "still failing after {}; last: {failure}",
+                humantime::format_duration(Duration::from_secs(age.as_secs()))
+            ))
+        } else {
+            None
+        };
+        let Some(reason) = give_up else {
+            let delay = self
+                .backoff
+                .delay(failures, failure.retry_after(), &mut rand::rng());
+            tracing::warn!(
+                target = label,
+                message_id = %outgoing.id,
+                conversation_id = %outgoing.conversation_id,
+                attempt = attempts,
+                error = %failure,
+                retry_in_ms = delay.as_millis() as u64,
+                "delivery failed; will retry"
+            );
+            return Finish::Retry(delay);
+        };
+        let op = Op::DeadLetter {
+            target,
+            seq: pending.seq,
+            reason: reason.clone(),
+            now_ms: now_ms(),
+        };
+        match self.writer.commit(op).await {
+            Ok(_) => {
+                self.metrics
+                    .messages_dead_lettered
+                    .with_label_values(&[label])
+                    .inc();
+                self.metrics.dead_letters.with_label_values(&[label]).inc();
+                tracing::error!(
+                    target = label,
+                    message_id = %outgoing.id,
+                    conversation_id = %outgoing.conversation_id,
+                    %reason,
+                    "message dead-lettered; redrive it with POST /dead-letters/redrive on the admin port"
+                );
+                Finish::Done
+            }
+            Err(e) => {
+                tracing::error!(target = label, message_id = %outgoing.id, error = %e, "cannot dead-letter; will retry");
+                Finish::Retry(self.backoff.max)
+            }
+        }
+    }
+
+    fn load(&self, pending: &Pending) -> Result<Option<Outgoing>, crate::store::StoreError> {
+        Ok(match pending.target {
+            Target::Bot => self.store.inbound(pending.seq)?.map(|m| Outgoing {
+                body: wire::bot_request(&m),
+                id: m.id,
+                conversation_id: m.conversation_id,
+                user_id: m.user_id,
+                caller_conversation_id: m.caller_conversation_id,
+            }),
+            Target::Response => self.store.outbound(pending.seq)?.map(|m| Outgoing {
+                body: wire::response_request(&m),
+                id: m.id,
+                conversation_id: m.conversation_id,
+                user_id: m.user_id,
+                caller_conversation_id: m.caller_conversation_id,
+            }),
+        })
+    }
+
+    /// The bot's synchronous replies as messages for the response endpoint.
+    fn replies(&self, answer: &[u8], to: &Outgoing) -> Vec<OutboundMessage> {
+        let replies = match wire::parse_sync_replies(answer) {
+            Ok(replies) => replies,
+            Err(problem) => {
+                // The bot took the message (2xx); sending it again would duplicate
+                // it, so the unreadable answer is logged and dropped.
+                tracing::warn!(message_id = %to.id, %problem, "bot answered 2xx with unreadable replies; ignoring them");
+                return Vec::new();
+            }
+        };
+        let now = now_ms();
+        replies
+            .into_iter()
+            .map(|reply| OutboundMessage {
+                id: ids::message_id(),
+                conversation_id: to.conversation_id.clone(),
+                caller_conversation_id: to.caller_conversation_id.clone(),
+                user_id: to.user_id.clone(),
+                kind: reply.kind,
+                payload: reply.payload,
+                created_at_ms: now,
+                queued_at_ms: now,
+            })
+            .collect()
+    }
+}

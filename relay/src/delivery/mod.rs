@@ -1,0 +1,314 @@
+//! The delivery engine: one scheduler per target (the bot, the response
+//! endpoint). Messages wait in per-conversation lanes: a lane delivers its head
+//! message and nothing else until that one is done (delivered or
+//! dead-lettered), which keeps each conversation in order, while a failing
+//! conversation holds back only itself. Up to `--max-in-flight` lanes deliver
+//! at once per target.
+
+pub mod backoff;
+mod deliver;
+pub mod http;
+
+pub use deliver::Deliverer;
+
+use crate::metrics::Metrics;
+use crate::store::{Pending, Target};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+/// How an attempt ended, as the scheduler needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The message left the queue (delivered, dead-lettered, or already gone).
+    Done,
+    /// Try the same message again after the delay.
+    Retry(Duration),
+}
+
+enum Event {
+    Due(Pending),
+    Finished { lane: Arc<str>, finish: Finish },
+}
+
+/// The entry points of both schedulers, handed to the store writer.
+#[derive(Clone)]
+pub struct Queues {
+    bot: mpsc::UnboundedSender<Event>,
+    response: mpsc::UnboundedSender<Event>,
+    /// Messages waiting in both directions, for back-pressure on intake.
+    pending: Arc<AtomicUsize>,
+}
+
+impl Queues {
+    /// Queues a message that is now durable.
+    pub fn push(&self, pending: Pending) {
+        let tx = match pending.target {
+            Target::Bot => &self.bot,
+            Target::Response => &self.response,
+        };
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        if tx.send(Event::Due(pending)).is_err() {
+            // Shutting down: the message is stored and is delivered after the restart.
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Messages waiting in both directions.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+/// The receiving ends, until `Engine::start` takes them.
+pub struct Inboxes {
+    bot: mpsc::UnboundedReceiver<Event>,
+    response: mpsc::UnboundedReceiver<Event>,
+}
+
+pub fn queues() -> (Queues, Inboxes) {
+    let (bot, bot_rx) = mpsc::unbounded_channel();
+    let (response, response_rx) = mpsc::unbounded_channel();
+    (
+        Queues {
+            bot,
+            response,
+            pending: Arc::default(),
+        },
+        Inboxes {
+            bot: bot_rx,
+            response: response_rx,
+        },
+    )
+}
+
+/// Starts both schedulers; they run until `stop` turns true, then wait up to
+/// `drain` for deliveries under way.
+pub fn start(
+    inboxes: Inboxes,
+    queues: &Queues,
+    deliverer: Deliverer,
+    max_in_flight: usize,
+    stop: watch::Receiver<bool>,
+    drain: Duration,
+) -> JoinSet<()> {
+    let deliverer = Arc::new(deliverer);
+    let mut set = JoinSet::new();
+    for (target, inbox, tx) in [
+        (Target::Bot, inboxes.bot, queues.bot.clone()),
+        (Target::Response, inboxes.response, queues.response.clone()),
+    ] {
+        let scheduler = Scheduler {
+            target,
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            in_flight: 0,
+            max_in_flight,
+            depth: 0,
+            deliverer: deliverer.clone(),
+            metrics: deliverer.metrics().clone(),
+            events: tx,
+            pending: queues.pending.clone(),
+            tasks: JoinSet::new(),
+        };
+        set.spawn(scheduler.run(inbox, stop.clone(), drain));
+    }
+    set
+}
+
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<Pending>,
+    /// Failed attempts of the head message.
+    failures: u32,
+    busy: bool,
+}
+
+struct Scheduler {
+    target: Target,
+    lanes: HashMap<Arc<str>, Lane>,
+    /// Lanes with a head message that may be attempted now.
+    ready: VecDeque<Arc<str>>,
+    /// Lanes waiting for a retry, by due time.
+    timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
+    in_flight: usize,
+    max_in_flight: usize,
+    depth: usize,
+    deliverer: Arc<Deliverer>,
+    metrics: Metrics,
+    events: mpsc::UnboundedSender<Event>,
+    pending: Arc<AtomicUsize>,
+    tasks: JoinSet<()>,
+}
+
+impl Scheduler {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::UnboundedReceiver<Event>,
+        mut stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
+        let mut gauges = tokio::time::interval(Duration::from_secs(1));
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.dispatch();
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|stop| *stop) => break,
+                event = inbox.recv() => match event {
+                    Some(event) => {
+                        self.handle(event);
+                        // Take whatever else is waiting before dispatching again.
+                        while let Ok(event) = inbox.try_recv() {
+                            self.handle(event);
+                        }
+                    }
+                    None => break,
+                },
+                _ = sleep_until(next_timer) => self.wake_due_lanes(),
+                _ = gauges.tick() => self.update_gauges(),
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+            }
+        }
+        // Draining: no new attempts; let those under way finish (their messages
+        // stay stored either way and are retried after a restart if cut short).
+        let target = self.target.as_str();
+        if !self.tasks.is_empty() {
+            tracing::info!(
+                target,
+                in_flight = self.tasks.len(),
+                "waiting for deliveries under way"
+            );
+            if tokio::time::timeout(drain, async {
+                while self.tasks.join_next().await.is_some() {}
+            })
+            .await
+            .is_err()
+            {
+                tracing::warn!(
+                    target,
+                    "deliveries still under way at the drain timeout; they will be retried after restart"
+                );
+                self.tasks.abort_all();
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Due(pending) => {
+                let key: Arc<str> = Arc::from(pending.conversation_id.as_str());
+                let lane = self.lanes.entry(key.clone()).or_default();
+                lane.queue.push_back(pending);
+                self.depth += 1;
+                if lane.queue.len() == 1 && !lane.busy {
+                    self.ready.push_back(key);
+                }
+            }
+            Event::Finished { lane: key, finish } => {
+                self.in_flight -= 1;
+                let Some(lane) = self.lanes.get_mut(&key) else {
+                    return;
+                };
+                lane.busy = false;
+                match finish {
+                    Finish::Done => {
+                        lane.queue.pop_front();
+                        lane.failures = 0;
+                        self.depth -= 1;
+                        self.pending.fetch_sub(1, Ordering::Relaxed);
+                        if lane.queue.is_empty() {
+                            self.lanes.remove(&key);
+                        } else {
+                            self.ready.push_back(key);
+                        }
+                    }
+                    Finish::Retry(delay) => {
+                        lane.failures += 1;
+                        lane.busy = true; // waiting counts as busy: nothing else of this lane goes
+                        self.timers.push(Reverse((Instant::now() + delay, key)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn wake_due_lanes(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((_, key)) = self.timers.pop().expect("peeked");
+            if let Some(lane) = self.lanes.get_mut(&key) {
+                lane.busy = false;
+                self.ready.push_back(key);
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        while self.in_flight < self.max_in_flight {
+            let Some(key) = self.ready.pop_front() else {
+                return;
+            };
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            let Some(head) = lane.queue.front().cloned() else {
+                continue;
+            };
+            lane.busy = true;
+            self.in_flight += 1;
+            let failures = lane.failures;
+            let deliverer = self.deliverer.clone();
+            let events = self.events.clone();
+            self.tasks.spawn(async move {
+                let finish = deliverer.attempt(&head, failures).await;
+                let _ = events.send(Event::Finished { lane: key, finish });
+            });
+        }
+    }
+
+    fn update_gauges(&self) {
+        let target = self.target.as_str();
+        self.metrics
+            .queue_depth
+            .with_label_values(&[target])
+            .set(self.depth as i64);
+        let now_ms = now_ms();
+        let oldest = self
+            .lanes
+            .values()
+            .filter_map(|lane| lane.queue.front())
+            .map(|p| p.created_at_ms)
+            .min()
+            .map_or(0.0, |created| {
+                now_ms.saturating_sub(created) as f64 / 1000.0
+            });
+        self.metrics
+            .oldest_pending_age
+            .with_label_values(&[target])
+            .set(oldest);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}

@@ -1,0 +1,257 @@
+//! The meaning of each [`Op`], written once over a small table interface that
+//! both stores provide, so that `memory` and `embedded` cannot drift apart.
+
+use super::{
+    DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome, Pending, Recovered,
+    Redriven, Seq, StoreError, Target, dead_letter_of, redriven,
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// The tables of a store, as seen from inside one write transaction.
+pub(super) trait Tables {
+    fn put(&mut self, table: Table, seq: Seq, value: &[u8]) -> Result<(), StoreError>;
+    fn remove(&mut self, table: Table, seq: Seq) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Dedupe entry of a caller message id: (accepted at, first answer).
+    fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, String)>, StoreError>;
+    fn dedupe_put(&mut self, key: &str, accepted_ms: u64, answer: &str) -> Result<(), StoreError>;
+    /// Removes the dedupe entries accepted before `before_ms`; returns how many.
+    fn dedupe_prune(&mut self, before_ms: u64) -> Result<u64, StoreError>;
+    fn conversation_get(&mut self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn conversation_put(&mut self, id: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Every key of a table, in order.
+    fn keys(&mut self, table: Table) -> Result<Vec<Seq>, StoreError>;
+}
+
+/// The seq-keyed tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Table {
+    Inbound,
+    Outbound,
+    DeadLetters,
+}
+
+impl Table {
+    pub(super) fn of(target: Target) -> Table {
+        match target {
+            Target::Bot => Table::Inbound,
+            Target::Response => Table::Outbound,
+        }
+    }
+}
+
+pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("stored records serialize")
+}
+
+pub(super) fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// Applies `ops` in order. `next_seq` hands out positions; the caller persists
+/// nothing about it: on open, a store resumes after its highest key.
+pub(super) fn apply(
+    tables: &mut impl Tables,
+    ops: Vec<Op>,
+    next_seq: &mut Seq,
+) -> Result<(Vec<Outcome>, DeadLetterDelta), StoreError> {
+    let mut outcomes = Vec::with_capacity(ops.len());
+    let mut delta = DeadLetterDelta::default();
+    let mut take_seq = || {
+        let seq = *next_seq;
+        *next_seq += 1;
+        seq
+    };
+    for op in ops {
+        let outcome = match op {
+            Op::Accept {
+                message,
+                answer,
+                dedupe_window_ms,
+            } => {
+                let key = &message.caller_message_id;
+                let now = message.created_at_ms;
+                match tables.dedupe_get(key)? {
+                    Some((accepted, first)) if now.saturating_sub(accepted) < dedupe_window_ms => {
+                        Outcome::Duplicate { answer: first }
+                    }
+                    _ => {
+                        let seq = take_seq();
+                        tables.dedupe_put(key, now, &answer)?;
+                        remember_conversation(
+                            tables,
+                            &message.conversation_id,
+                            &message.caller_conversation_id,
+                            &message.user_id,
+                        )?;
+                        tables.put(Table::Inbound, seq, &encode(&message))?;
+                        Outcome::Accepted {
+                            id: message.id.clone(),
+                            pending: message.pending(seq),
+                        }
+                    }
+                }
+            }
+            Op::CompleteInbound { seq, replies } => {
+                if tables.remove(Table::Inbound, seq)?.is_none() {
+                    Outcome::Missing
+                } else {
+                    let mut due = Vec::with_capacity(replies.len());
+                    for reply in replies {
+                        let seq = take_seq();
+                        tables.put(Table::Outbound, seq, &encode(&reply))?;
+                        due.push(reply.pending(seq));
+                    }
+                    Outcome::Queued(due)
+                }
+            }
+            Op::AddOutbound { message } => {
+                let seq = take_seq();
+                tables.put(Table::Outbound, seq, &encode(&message))?;
+                Outcome::Queued(vec![message.pending(seq)])
+            }
+            Op::CompleteOutbound { seq } => match tables.remove(Table::Outbound, seq)? {
+                Some(_) => Outcome::Done,
+                None => Outcome::Missing,
+            },
+            Op::DeadLetter {
+                target,
+                seq,
+                reason,
+                now_ms,
+            } => match tables.remove(Table::of(target), seq)? {
+                None => Outcome::Missing,
+                Some(bytes) => {
+                    let letter = match target {
+                        Target::Bot => {
+                            let m: InboundMessage = decode("inbound message", &bytes)?;
+                            dead_letter_of(
+                                &m,
+                                seq,
+                                target,
+                                (&m.id, &m.conversation_id),
+                                reason,
+                                now_ms,
+                            )
+                        }
+                        Target::Response => {
+                            let m: OutboundMessage = decode("outbound message", &bytes)?;
+                            dead_letter_of(
+                                &m,
+                                seq,
+                                target,
+                                (&m.id, &m.conversation_id),
+                                reason,
+                                now_ms,
+                            )
+                        }
+                    };
+                    tables.put(Table::DeadLetters, seq, &encode(&letter))?;
+                    delta.add(target, 1);
+                    Outcome::Done
+                }
+            },
+            Op::Redrive { seqs, now_ms } => {
+                let seqs = match seqs {
+                    Some(seqs) => seqs,
+                    None => tables.keys(Table::DeadLetters)?,
+                };
+                let mut due = Vec::new();
+                for old in seqs {
+                    let Some(bytes) = tables.remove(Table::DeadLetters, old)? else {
+                        continue;
+                    };
+                    let letter: DeadLetter = decode("dead letter", &bytes)?;
+                    let seq = take_seq();
+                    match redriven(&letter, seq, now_ms)? {
+                        Redriven::Inbound(pending, message) => {
+                            tables.put(Table::Inbound, seq, &encode(&message))?;
+                            due.push(pending);
+                        }
+                        Redriven::Outbound(pending, message) => {
+                            tables.put(Table::Outbound, seq, &encode(&message))?;
+                            due.push(pending);
+                        }
+                    }
+                    delta.add(letter.target, -1);
+                }
+                Outcome::Queued(due)
+            }
+            Op::PruneDedupe { before_ms } => {
+                tables.dedupe_prune(before_ms)?;
+                Outcome::Done
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Ok((outcomes, delta))
+}
+
+fn remember_conversation(
+    tables: &mut impl Tables,
+    id: &str,
+    caller_id: &str,
+    user_id: &str,
+) -> Result<(), StoreError> {
+    if let Some(bytes) = tables.conversation_get(id)? {
+        let known: super::Conversation = decode("conversation", &bytes)?;
+        if known.user_id == user_id {
+            return Ok(());
+        }
+    }
+    let conversation = super::Conversation {
+        id: id.to_owned(),
+        caller_id: caller_id.to_owned(),
+        user_id: user_id.to_owned(),
+    };
+    tables.conversation_put(id, &encode(&conversation))
+}
+
+/// How a commit changed the number of dead letters, for the store's running count.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct DeadLetterDelta {
+    bot: i64,
+    response: i64,
+}
+
+impl DeadLetterDelta {
+    fn add(&mut self, target: Target, n: i64) {
+        match target {
+            Target::Bot => self.bot += n,
+            Target::Response => self.response += n,
+        }
+    }
+
+    pub(super) fn apply_to(self, counts: &mut DeadLetterCounts) {
+        counts.add(Target::Bot, self.bot);
+        counts.add(Target::Response, self.response);
+    }
+}
+
+/// Rebuilds the queues from stored records: every waiting message, in seq order.
+pub(super) fn recover(
+    mut scan: impl FnMut(
+        Table,
+        &mut dyn FnMut(Seq, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>,
+) -> Result<Recovered, StoreError> {
+    let mut recovered = Recovered::default();
+    scan(Table::Inbound, &mut |seq, bytes| {
+        let m: InboundMessage = decode("inbound message", bytes)?;
+        recovered.pending.push(m.pending(seq));
+        Ok(())
+    })?;
+    scan(Table::Outbound, &mut |seq, bytes| {
+        let m: OutboundMessage = decode("outbound message", bytes)?;
+        recovered.pending.push(m.pending(seq));
+        Ok(())
+    })?;
+    let mut counts = DeadLetterCounts::default();
+    scan(Table::DeadLetters, &mut |_, bytes| {
+        let letter: DeadLetter = decode("dead letter", bytes)?;
+        counts.add(letter.target, 1);
+        Ok(())
+    })?;
+    recovered.dead_letters = counts;
+    recovered.pending.sort_by_key(|p: &Pending| p.seq);
+    Ok(recovered)
+}

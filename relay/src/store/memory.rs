@@ -1,0 +1,239 @@
+//! `--store memory`: the same semantics as the embedded store while the process
+//! lives; nothing survives a restart.
+
+use super::apply::{self, Table, Tables, decode};
+use super::{
+    Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
+    Recovered, Seq, Store, StoreError,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    inbound: BTreeMap<Seq, Vec<u8>>,
+    outbound: BTreeMap<Seq, Vec<u8>>,
+    dead_letters: BTreeMap<Seq, Vec<u8>>,
+    dedupe: HashMap<String, (u64, String)>,
+    /// (accepted at, key) in acceptance order, for pruning.
+    dedupe_expiry: BTreeMap<(u64, String), ()>,
+    conversations: HashMap<String, Vec<u8>>,
+    next_seq: Seq,
+    dead_letter_counts: DeadLetterCounts,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave a half-applied batch: `commit` works on a copy.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    fn table(&mut self, table: Table) -> &mut BTreeMap<Seq, Vec<u8>> {
+        match table {
+            Table::Inbound => &mut self.inbound,
+            Table::Outbound => &mut self.outbound,
+            Table::DeadLetters => &mut self.dead_letters,
+        }
+    }
+}
+
+/// A write transaction over the in-memory tables: changes are recorded in an
+/// undo log and rolled back if an op fails, so a batch is all or nothing.
+struct Txn<'a> {
+    state: &'a mut State,
+    undo: Vec<Undo>,
+}
+
+enum Undo {
+    Row(Table, Seq, Option<Vec<u8>>),
+    Dedupe(String, Option<(u64, String)>),
+    Conversation(String, Option<Vec<u8>>),
+}
+
+impl Txn<'_> {
+    fn rollback(self) {
+        for undo in self.undo.into_iter().rev() {
+            match undo {
+                Undo::Row(table, seq, Some(v)) => {
+                    self.state.table(table).insert(seq, v);
+                }
+                Undo::Row(table, seq, None) => {
+                    self.state.table(table).remove(&seq);
+                }
+                Undo::Dedupe(key, Some(v)) => {
+                    self.state.dedupe.insert(key, v);
+                }
+                Undo::Dedupe(key, None) => {
+                    self.state.dedupe.remove(&key);
+                }
+                Undo::Conversation(id, Some(v)) => {
+                    self.state.conversations.insert(id, v);
+                }
+                Undo::Conversation(id, None) => {
+                    self.state.conversations.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+impl Tables for Txn<'_> {
+    fn put(&mut self, table: Table, seq: Seq, value: &[u8]) -> Result<(), StoreError> {
+        let old = self.state.table(table).insert(seq, value.to_vec());
+        self.undo.push(Undo::Row(table, seq, old));
+        Ok(())
+    }
+
+    fn remove(&mut self, table: Table, seq: Seq) -> Result<Option<Vec<u8>>, StoreError> {
+        let old = self.state.table(table).remove(&seq);
+        if let Some(v) = &old {
+            self.undo.push(Undo::Row(table, seq, Some(v.clone())));
+        }
+        Ok(old)
+    }
+
+    fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.state.dedupe.get(key).cloned())
+    }
+
+    fn dedupe_put(&mut self, key: &str, accepted_ms: u64, answer: &str) -> Result<(), StoreError> {
+        let old = self
+            .state
+            .dedupe
+            .insert(key.to_owned(), (accepted_ms, answer.to_owned()));
+        self.undo.push(Undo::Dedupe(key.to_owned(), old));
+        // An expiry entry left behind by a rollback only causes a harmless extra check.
+        self.state
+            .dedupe_expiry
+            .insert((accepted_ms, key.to_owned()), ());
+        Ok(())
+    }
+
+    fn dedupe_prune(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+        let keep = self
+            .state
+            .dedupe_expiry
+            .split_off(&(before_ms, String::new()));
+        let expired = std::mem::replace(&mut self.state.dedupe_expiry, keep);
+        let mut removed = 0;
+        for (accepted, key) in expired.into_keys() {
+            // The key may have been accepted again since; only the old entry goes.
+            if self
+                .state
+                .dedupe
+                .get(&key)
+                .is_some_and(|(at, _)| *at == accepted)
+            {
+                let old = self.state.dedupe.remove(&key);
+                self.undo.push(Undo::Dedupe(key, old));
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn conversation_get(&mut self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state.conversations.get(id).cloned())
+    }
+
+    fn conversation_put(&mut self, id: &str, value: &[u8]) -> Result<(), StoreError> {
+        let old = self
+            .state
+            .conversations
+            .insert(id.to_owned(), value.to_vec());
+        self.undo.push(Undo::Conversation(id.to_owned(), old));
+        Ok(())
+    }
+
+    fn keys(&mut self, table: Table) -> Result<Vec<Seq>, StoreError> {
+        Ok(self.state.table(table).keys().copied().collect())
+    }
+}
+
+impl Store for MemoryStore {
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
+        let mut state = self.lock();
+        let mut next_seq = state.next_seq;
+        let mut txn = Txn {
+            state: &mut state,
+            undo: Vec::new(),
+        };
+        match apply::apply(&mut txn, ops, &mut next_seq) {
+            Ok((outcomes, delta)) => {
+                state.next_seq = next_seq;
+                delta.apply_to(&mut state.dead_letter_counts);
+                Ok(outcomes)
+            }
+            Err(e) => {
+                txn.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        let mut state = self.lock();
+        let recovered = apply::recover(|table, f| {
+            for (seq, bytes) in state.table(table).iter() {
+                f(*seq, bytes)?;
+            }
+            Ok(())
+        })?;
+        state.dead_letter_counts = recovered.dead_letters;
+        Ok(recovered)
+    }
+
+    fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError> {
+        let state = self.lock();
+        state
+            .inbound
+            .get(&seq)
+            .map(|b| decode("inbound message", b))
+            .transpose()
+    }
+
+    fn outbound(&self, seq: Seq) -> Result<Option<OutboundMessage>, StoreError> {
+        let state = self.lock();
+        state
+            .outbound
+            .get(&seq)
+            .map(|b| decode("outbound message", b))
+            .transpose()
+    }
+
+    fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        let state = self.lock();
+        state
+            .conversations
+            .get(id)
+            .map(|b| decode("conversation", b))
+            .transpose()
+    }
+
+    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let state = self.lock();
+        state
+            .dead_letters
+            .values()
+            .take(limit)
+            .map(|b| decode("dead letter", b))
+            .collect()
+    }
+
+    fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
+        Ok(self.lock().dead_letter_counts)
+    }
+}

@@ -1,0 +1,288 @@
+//! Where accepted messages wait until they are delivered.
+//!
+//! Every change of durable state is an [`Op`]; a [`Store`] applies a batch of
+//! them in one transaction that is durable when [`Store::commit`] returns. The
+//! group-commit writer (`crate::writer`) is the only caller of `commit`, so the
+//! stores need no ordering logic of their own, and the HTTP layer and the
+//! delivery engine never see which store is behind the trait.
+
+mod apply;
+mod embedded;
+mod memory;
+
+pub use embedded::EmbeddedStore;
+pub use memory::MemoryStore;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Position of a message in the store; gives the delivery order within a conversation.
+pub type Seq = u64;
+
+/// Who a waiting message is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// A user's message on its way to the bot.
+    Bot,
+    /// A bot's message on its way to the back-end's response endpoint.
+    Response,
+}
+
+impl Target {
+    pub const ALL: [Target; 2] = [Target::Bot, Target::Response];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Bot => "bot",
+            Target::Response => "response",
+        }
+    }
+}
+
+/// A user's message, accepted from the back-end and waiting for the bot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InboundMessage {
+    pub id: String,
+    pub conversation_id: String,
+    pub user_id: String,
+    pub caller_conversation_id: String,
+    pub caller_user_id: String,
+    pub caller_message_id: String,
+    pub kind: String,
+    pub text: String,
+    pub payload: Box<RawValue>,
+    /// When the relay accepted it (ms since the Unix epoch).
+    pub created_at_ms: u64,
+    /// When it (re)entered the queue; the age limit counts from here.
+    pub queued_at_ms: u64,
+}
+
+/// A bot's message, waiting for the response endpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutboundMessage {
+    pub id: String,
+    pub conversation_id: String,
+    pub caller_conversation_id: String,
+    pub user_id: String,
+    pub kind: String,
+    pub payload: Box<RawValue>,
+    pub created_at_ms: u64,
+    pub queued_at_ms: u64,
+}
+
+/// What the relay remembers of a conversation, so that a bot can write to it later.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub id: String,
+    pub caller_id: String,
+    /// The relay id of the user who wrote last.
+    pub user_id: String,
+}
+
+/// A message that is waiting, as the delivery engine tracks it: no body, so that
+/// a long queue costs little memory; the body is read from the store when due.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub target: Target,
+    pub seq: Seq,
+    pub conversation_id: String,
+    pub created_at_ms: u64,
+    pub queued_at_ms: u64,
+}
+
+impl InboundMessage {
+    pub fn pending(&self, seq: Seq) -> Pending {
+        Pending {
+            target: Target::Bot,
+            seq,
+            conversation_id: self.conversation_id.clone(),
+            created_at_ms: self.created_at_ms,
+            queued_at_ms: self.queued_at_ms,
+        }
+    }
+}
+
+impl OutboundMessage {
+    pub fn pending(&self, seq: Seq) -> Pending {
+        Pending {
+            target: Target::Response,
+            seq,
+            conversation_id: self.conversation_id.clone(),
+            created_at_ms: self.created_at_ms,
+            queued_at_ms: self.queued_at_ms,
+        }
+    }
+}
+
+/// A message that ran out of attempts or age, kept until it is redriven.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub seq: Seq,
+    pub target: Target,
+    pub reason: String,
+    pub dead_at_ms: u64,
+    pub message_id: String,
+    pub conversation_id: String,
+    /// The stored message (an [`InboundMessage`] or [`OutboundMessage`] as JSON).
+    pub message: Box<RawValue>,
+}
+
+/// One change of durable state.
+#[derive(Debug)]
+pub enum Op {
+    /// Store a user's message unless its `caller_message_id` was accepted within
+    /// the dedupe window; `answer` is what the client got and gets again.
+    Accept {
+        message: InboundMessage,
+        answer: String,
+        dedupe_window_ms: u64,
+    },
+    /// The bot took an inbound message; its synchronous replies wait for the response endpoint.
+    CompleteInbound {
+        seq: Seq,
+        replies: Vec<OutboundMessage>,
+    },
+    /// A bot sent a message on its own.
+    AddOutbound { message: OutboundMessage },
+    /// The response endpoint took a message.
+    CompleteOutbound { seq: Seq },
+    /// Give up on a message: move it to the dead letters.
+    DeadLetter {
+        target: Target,
+        seq: Seq,
+        reason: String,
+        now_ms: u64,
+    },
+    /// Put dead letters back in their queues (all of them, or those listed).
+    Redrive { seqs: Option<Vec<Seq>>, now_ms: u64 },
+    /// Forget dedupe entries accepted before `before_ms`.
+    PruneDedupe { before_ms: u64 },
+}
+
+/// What an [`Op`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new message was stored.
+    Accepted { id: String, pending: Pending },
+    /// The message id was seen within the window: the first answer.
+    Duplicate { answer: String },
+    /// The op stored messages that are now due for delivery (possibly none).
+    Queued(Vec<Pending>),
+    /// The op changed nothing that needs delivering.
+    Done,
+    /// A completion or dead-lettering found nothing to act on (already done).
+    Missing,
+}
+
+impl Outcome {
+    /// The deliveries this outcome makes due, in the order they must happen.
+    pub fn due(&self) -> &[Pending] {
+        match self {
+            Outcome::Accepted { pending, .. } => std::slice::from_ref(pending),
+            Outcome::Queued(pending) => pending,
+            _ => &[],
+        }
+    }
+}
+
+/// Everything waiting, in delivery order, read when the relay starts.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub pending: Vec<Pending>,
+    pub dead_letters: DeadLetterCounts,
+}
+
+/// How many dead letters are held per target.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterCounts {
+    pub bot: u64,
+    pub response: u64,
+}
+
+impl DeadLetterCounts {
+    pub fn get(&self, target: Target) -> u64 {
+        match target {
+            Target::Bot => self.bot,
+            Target::Response => self.response,
+        }
+    }
+
+    fn add(&mut self, target: Target, n: i64) {
+        let slot = match target {
+            Target::Bot => &mut self.bot,
+            Target::Response => &mut self.response,
+        };
+        *slot = slot.saturating_add_signed(n);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("embedded store: {0}")]
+    Embedded(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Durable state behind one interface. Implementations apply a batch atomically:
+/// either every op's effect is durable when `commit` returns `Ok`, or none is.
+pub trait Store: Send + Sync + 'static {
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError>;
+    fn recover(&self) -> Result<Recovered, StoreError>;
+    fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError>;
+    fn outbound(&self, seq: Seq) -> Result<Option<OutboundMessage>, StoreError>;
+    fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
+    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+    fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError>;
+}
+
+/// Rebuilds a dead letter's queue entry and stored record for a redrive.
+fn redriven(letter: &DeadLetter, seq: Seq, now_ms: u64) -> Result<Redriven, StoreError> {
+    let corrupt =
+        |e: serde_json::Error| StoreError::Corrupt(format!("dead letter {}: {e}", letter.seq));
+    Ok(match letter.target {
+        Target::Bot => {
+            let mut message: InboundMessage =
+                serde_json::from_str(letter.message.get()).map_err(corrupt)?;
+            message.queued_at_ms = now_ms;
+            Redriven::Inbound(message.pending(seq), message)
+        }
+        Target::Response => {
+            let mut message: OutboundMessage =
+                serde_json::from_str(letter.message.get()).map_err(corrupt)?;
+            message.queued_at_ms = now_ms;
+            Redriven::Outbound(message.pending(seq), message)
+        }
+    })
+}
+
+enum Redriven {
+    Inbound(Pending, InboundMessage),
+    Outbound(Pending, OutboundMessage),
+}
+
+fn dead_letter_of<M: Serialize>(
+    message: &M,
+    seq: Seq,
+    target: Target,
+    ids: (&str, &str),
+    reason: String,
+    now_ms: u64,
+) -> DeadLetter {
+    let json = serde_json::to_string(message).expect("stored messages serialize");
+    DeadLetter {
+        seq,
+        target,
+        reason,
+        dead_at_ms: now_ms,
+        message_id: ids.0.to_owned(),
+        conversation_id: ids.1.to_owned(),
+        message: RawValue::from_string(json).expect("serde_json output is JSON"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

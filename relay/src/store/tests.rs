@@ -1,0 +1,262 @@
+//! One suite, run against both stores: they must mean the same thing.
+
+use super::*;
+
+fn raw(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_owned()).unwrap()
+}
+
+fn inbound(caller_message_id: &str, conversation: &str, at: u64) -> InboundMessage {
+    InboundMessage {
+        id: format!("id-{caller_message_id}"),
+        conversation_id: format!("conv-{conversation}"),
+        user_id: "user-1".into(),
+        caller_conversation_id: conversation.into(),
+        caller_user_id: "u1".into(),
+        caller_message_id: caller_message_id.into(),
+        kind: "text".into(),
+        text: "hi".into(),
+        payload: raw(r#"{"text":"hi"}"#),
+        created_at_ms: at,
+        queued_at_ms: at,
+    }
+}
+
+fn reply(n: u32, conversation: &str) -> OutboundMessage {
+    OutboundMessage {
+        id: format!("reply-{n}"),
+        conversation_id: format!("conv-{conversation}"),
+        caller_conversation_id: conversation.into(),
+        user_id: "user-1".into(),
+        kind: "text".into(),
+        payload: raw(&format!(r#"{{"n":{n}}}"#)),
+        created_at_ms: 10,
+        queued_at_ms: 10,
+    }
+}
+
+fn accept(store: &dyn Store, id: &str, at: u64) -> Outcome {
+    let op = Op::Accept {
+        message: inbound(id, "c1", at),
+        answer: format!("answer-{id}-{at}"),
+        dedupe_window_ms: 1000,
+    };
+    store.commit(vec![op]).unwrap().pop().unwrap()
+}
+
+fn dedupe_returns_the_first_answer_within_the_window(store: &dyn Store) {
+    let Outcome::Accepted { pending, .. } = accept(store, "m1", 100) else {
+        panic!("first is accepted")
+    };
+    assert_eq!(pending.target, Target::Bot);
+    assert_eq!(
+        accept(store, "m1", 900),
+        Outcome::Duplicate {
+            answer: "answer-m1-100".into()
+        }
+    );
+    // Two of the same id in one batch: the second is the duplicate.
+    let ops = (0..2)
+        .map(|_| Op::Accept {
+            message: inbound("m2", "c1", 100),
+            answer: "a2".into(),
+            dedupe_window_ms: 1000,
+        })
+        .collect();
+    let outcomes = store.commit(ops).unwrap();
+    assert!(matches!(outcomes[0], Outcome::Accepted { .. }));
+    assert_eq!(
+        outcomes[1],
+        Outcome::Duplicate {
+            answer: "a2".into()
+        }
+    );
+    // Past the window the id is new again.
+    assert!(matches!(
+        accept(store, "m1", 1100),
+        Outcome::Accepted { .. }
+    ));
+    assert_eq!(store.recover().unwrap().pending.len(), 3);
+}
+
+fn completion_queues_replies_in_order(store: &dyn Store) {
+    let Outcome::Accepted { pending, id } = accept(store, "m1", 100) else {
+        panic!()
+    };
+    assert_eq!(store.inbound(pending.seq).unwrap().unwrap().id, id);
+    assert_eq!(
+        store.conversation("conv-c1").unwrap().unwrap(),
+        Conversation {
+            id: "conv-c1".into(),
+            caller_id: "c1".into(),
+            user_id: "user-1".into()
+        }
+    );
+    let outcome = store
+        .commit(vec![Op::CompleteInbound {
+            seq: pending.seq,
+            replies: vec![reply(1, "c1"), reply(2, "c1")],
+        }])
+        .unwrap()
+        .pop()
+        .unwrap();
+    let due = outcome.due().to_vec();
+    assert_eq!(due.len(), 2);
+    assert!(due[0].seq < due[1].seq);
+    assert!(due.iter().all(|p| p.target == Target::Response));
+    assert!(store.inbound(pending.seq).unwrap().is_none());
+    assert_eq!(store.outbound(due[1].seq).unwrap().unwrap().id, "reply-2");
+    // Completing again finds nothing: a late duplicate completion is harmless.
+    let again = store
+        .commit(vec![Op::CompleteInbound {
+            seq: pending.seq,
+            replies: vec![reply(3, "c1")],
+        }])
+        .unwrap();
+    assert_eq!(again, vec![Outcome::Missing]);
+    assert_eq!(store.recover().unwrap().pending, due);
+    store
+        .commit(vec![Op::CompleteOutbound { seq: due[0].seq }])
+        .unwrap();
+    assert_eq!(store.recover().unwrap().pending, due[1..]);
+}
+
+fn dead_letters_are_kept_counted_and_redriven(store: &dyn Store) {
+    let Outcome::Accepted { pending, .. } = accept(store, "m1", 100) else {
+        panic!()
+    };
+    let op = Op::DeadLetter {
+        target: Target::Bot,
+        seq: pending.seq,
+        reason: "25 attempts failed".into(),
+        now_ms: 5000,
+    };
+    assert_eq!(store.commit(vec![op]).unwrap(), vec![Outcome::Done]);
+    assert!(store.recover().unwrap().pending.is_empty());
+    assert_eq!(store.dead_letter_counts().unwrap().bot, 1);
+    let letters = store.dead_letters(10).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].message_id, "id-m1");
+    assert_eq!(letters[0].reason, "25 attempts failed");
+
+    let outcome = store
+        .commit(vec![Op::Redrive {
+            seqs: None,
+            now_ms: 7000,
+        }])
+        .unwrap()
+        .pop()
+        .unwrap();
+    let due = outcome.due().to_vec();
+    assert_eq!(due.len(), 1);
+    assert!(
+        due[0].seq > pending.seq,
+        "a redriven message queues behind what is waiting"
+    );
+    assert_eq!(
+        due[0].queued_at_ms, 7000,
+        "the age limit counts from the redrive"
+    );
+    assert_eq!(due[0].created_at_ms, 100);
+    assert_eq!(store.dead_letter_counts().unwrap().bot, 0);
+    assert!(store.dead_letters(10).unwrap().is_empty());
+    assert_eq!(
+        store
+            .inbound(due[0].seq)
+            .unwrap()
+            .unwrap()
+            .caller_message_id,
+        "m1"
+    );
+}
+
+fn prune_forgets_only_expired_entries(store: &dyn Store) {
+    accept(store, "old", 100);
+    accept(store, "new", 2000);
+    store
+        .commit(vec![Op::PruneDedupe { before_ms: 1000 }])
+        .unwrap();
+    // "old" is forgotten even though a window of a day would still hold it.
+    let op = |id: &str| Op::Accept {
+        message: inbound(id, "c1", 2500),
+        answer: "x".into(),
+        dedupe_window_ms: 86_400_000,
+    };
+    let outcomes = store.commit(vec![op("old"), op("new")]).unwrap();
+    assert!(matches!(outcomes[0], Outcome::Accepted { .. }));
+    assert!(matches!(outcomes[1], Outcome::Duplicate { .. }));
+}
+
+macro_rules! suite {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+            #[test]
+            fn dedupe() {
+                let (store, _dir) = $make;
+                dedupe_returns_the_first_answer_within_the_window(&store);
+            }
+            #[test]
+            fn completion() {
+                let (store, _dir) = $make;
+                completion_queues_replies_in_order(&store);
+            }
+            #[test]
+            fn dead_letters() {
+                let (store, _dir) = $make;
+                dead_letters_are_kept_counted_and_redriven(&store);
+            }
+            #[test]
+            fn prune() {
+                let (store, _dir) = $make;
+                prune_forgets_only_expired_entries(&store);
+            }
+        }
+    };
+}
+
+suite!(memory, (MemoryStore::new(), ()));
+suite!(embedded, {
+    let dir = tempfile::tempdir().unwrap();
+    (EmbeddedStore::open(dir.path(), 1 << 20).unwrap(), dir)
+});
+
+#[test]
+fn embedded_store_keeps_everything_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, dead) = {
+        let store = EmbeddedStore::open(dir.path(), 1 << 20).unwrap();
+        let Outcome::Accepted { pending: first, .. } = accept(&store, "m1", 100) else {
+            panic!()
+        };
+        let Outcome::Accepted { pending: dead, .. } = accept(&store, "m2", 100) else {
+            panic!()
+        };
+        store
+            .commit(vec![Op::DeadLetter {
+                target: Target::Bot,
+                seq: dead.seq,
+                reason: "r".into(),
+                now_ms: 1,
+            }])
+            .unwrap();
+        (first, dead)
+    };
+    let store = EmbeddedStore::open(dir.path(), 1 << 20).unwrap();
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered.pending, vec![first.clone()]);
+    assert_eq!(recovered.dead_letters.bot, 1);
+    assert_eq!(
+        accept(&store, "m1", 200),
+        Outcome::Duplicate {
+            answer: "answer-m1-100".into()
+        }
+    );
+    let Outcome::Accepted { pending, .. } = accept(&store, "m3", 200) else {
+        panic!()
+    };
+    assert!(
+        pending.seq > dead.seq,
+        "positions are never reused after a reopen"
+    );
+}

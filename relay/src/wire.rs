@@ -1,0 +1,411 @@
+//! The JSON bodies of the HTTP contracts (see DESIGN.md): what clients and bots
+//! send, and what the relay sends to the bot and to the response endpoint.
+
+use crate::store::{InboundMessage, OutboundMessage};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// A request body that breaks the contract; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// `POST /v1/messages` as read: every field optional so that a missing or
+/// mistyped one can be named in the error rather than reported by serde.
+#[derive(Deserialize)]
+struct ClientBody<'a> {
+    #[serde(rename = "userId", borrow, default)]
+    user_id: Option<&'a RawValue>,
+    #[serde(rename = "messageId", borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(rename = "conversationId", borrow, default)]
+    conversation_id: Option<&'a RawValue>,
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+/// A valid client message.
+#[derive(Debug, Clone)]
+pub struct ClientMessage {
+    pub user_id: String,
+    pub message_id: String,
+    pub conversation_id: String,
+    pub kind: String,
+    pub text: String,
+    pub payload: Box<RawValue>,
+}
+
+/// Parses a body as a JSON object, or says why it is not one.
+fn object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Invalid> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        Invalid(format!(
+            "body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        return Err(Invalid("body is empty; expected a JSON object".into()));
+    }
+    // Checked here because serde would read an array into a struct field by field.
+    if !trimmed.starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => Invalid("body must be a JSON object".into()),
+            Err(e) => Invalid(format!("body is not valid JSON: {e}")),
+        });
+    }
+    match serde_json::from_str::<T>(text) {
+        Ok(v) => Ok(v),
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            Err(Invalid("body must be a JSON object".into()))
+        }
+        Err(e) => Err(Invalid(format!("body is not valid JSON: {e}"))),
+    }
+}
+
+fn string_field(name: &str, raw: Option<&RawValue>, allow_empty: bool) -> Result<String, Invalid> {
+    let raw = raw.ok_or_else(|| Invalid(format!("field `{name}` is required")))?;
+    let value: Value = serde_json::from_str(raw.get()).expect("RawValue holds JSON");
+    match value {
+        Value::String(s) if s.is_empty() && !allow_empty => {
+            Err(Invalid(format!("field `{name}` must not be empty")))
+        }
+        Value::String(s) => Ok(s),
+        Value::Null => Err(Invalid(format!("field `{name}` is required"))),
+        other => Err(Invalid(format!(
+            "field `{name}` must be a string, not {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl ClientMessage {
+    pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
+        let b: ClientBody = object(body)?;
+        let user_id = string_field("userId", b.user_id, false)?;
+        let message_id = string_field("messageId", b.message_id, false)?;
+        let conversation_id = string_field("conversationId", b.conversation_id, false)?;
+        let kind = string_field("type", b.kind, false)?;
+        let text = string_field("text", b.text, true)?;
+        let payload = match b.payload {
+            Some(raw) if raw.get() != "null" => raw.to_owned(),
+            // As the reference does: a message without payload carries its text.
+            _ => RawValue::from_string(json!({ "text": text }).to_string()).expect("JSON"),
+        };
+        Ok(Self {
+            user_id,
+            message_id,
+            conversation_id,
+            kind,
+            text,
+            payload,
+        })
+    }
+}
+
+/// `POST /v1/bot/messages`.
+#[derive(Debug, Clone)]
+pub struct BotMessage {
+    pub conversation_id: String,
+    pub kind: String,
+    pub payload: Box<RawValue>,
+}
+
+#[derive(Deserialize)]
+struct BotBody<'a> {
+    #[serde(rename = "conversationId", borrow, default)]
+    conversation_id: Option<&'a RawValue>,
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+impl BotMessage {
+    pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
+        let b: BotBody = object(body)?;
+        Ok(Self {
+            conversation_id: string_field("conversationId", b.conversation_id, false)?,
+            kind: string_field("type", b.kind, false)?,
+            payload: payload_field(b.payload)?,
+        })
+    }
+}
+
+fn payload_field(raw: Option<&RawValue>) -> Result<Box<RawValue>, Invalid> {
+    match raw {
+        Some(raw) if raw.get() != "null" => Ok(raw.to_owned()),
+        _ => Err(Invalid("field `payload` is required".into())),
+    }
+}
+
+/// One reply in a bot's synchronous answer: `{"responses": [{"type", "payload"}, ...]}`.
+#[derive(Debug, Clone)]
+pub struct BotReply {
+    pub kind: String,
+    pub payload: Box<RawValue>,
+}
+
+#[derive(Deserialize)]
+struct SyncAnswer<'a> {
+    #[serde(borrow, default)]
+    responses: Option<Vec<&'a RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct ReplyBody<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+/// Reads the replies from a bot's 2xx answer. An empty body means no replies.
+pub fn parse_sync_replies(body: &[u8]) -> Result<Vec<BotReply>, Invalid> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let answer: SyncAnswer = object(body)?;
+    let mut replies = Vec::new();
+    for (i, raw) in answer.responses.unwrap_or_default().into_iter().enumerate() {
+        let reply: ReplyBody = serde_json::from_str(raw.get())
+            .map_err(|_| Invalid(format!("responses[{i}] must be an object")))?;
+        replies.push(BotReply {
+            kind: string_field(&format!("responses[{i}].type"), reply.kind, false)?,
+            payload: payload_field(reply.payload)
+                .map_err(|_| Invalid(format!("field `responses[{i}].payload` is required")))?,
+        });
+    }
+    Ok(replies)
+}
+
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// The `200` answer to an accepted message; stored, and sent again to a duplicate.
+pub fn accept_answer(m: &InboundMessage) -> String {
+    #[derive(Serialize)]
+    struct Tags<'a> {
+        id: &'a str,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct MessageObj<'a> {
+        id: &'a str,
+        conversation_id: &'a str,
+        user_id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        payload: &'a RawValue,
+        created_at: String,
+        tags: Tags<'a>,
+    }
+    #[derive(Serialize)]
+    struct Obj<'a> {
+        id: &'a str,
+        tags: Tags<'a>,
+    }
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        message: MessageObj<'a>,
+        user: Obj<'a>,
+        conversation: Obj<'a>,
+    }
+    serde_json::to_string(&Answer {
+        message: MessageObj {
+            id: &m.id,
+            conversation_id: &m.conversation_id,
+            user_id: &m.user_id,
+            kind: &m.kind,
+            payload: &m.payload,
+            created_at: rfc3339(m.created_at_ms),
+            tags: Tags {
+                id: &m.caller_message_id,
+            },
+        },
+        user: Obj {
+            id: &m.user_id,
+            tags: Tags {
+                id: &m.caller_user_id,
+            },
+        },
+        conversation: Obj {
+            id: &m.conversation_id,
+            tags: Tags {
+                id: &m.caller_conversation_id,
+            },
+        },
+    })
+    .expect("answer serializes")
+}
+
+/// What the bot receives for a user's message.
+pub fn bot_request(m: &InboundMessage) -> Vec<u8> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Tags<'a> {
+        conversation_id: &'a str,
+        user_id: &'a str,
+        message_id: &'a str,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        id: &'a str,
+        conversation_id: &'a str,
+        user_id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        text: &'a str,
+        payload: &'a RawValue,
+        created_at: String,
+        tags: Tags<'a>,
+    }
+    serde_json::to_vec(&Body {
+        id: &m.id,
+        conversation_id: &m.conversation_id,
+        user_id: &m.user_id,
+        kind: &m.kind,
+        text: &m.text,
+        payload: &m.payload,
+        created_at: rfc3339(m.created_at_ms),
+        tags: Tags {
+            conversation_id: &m.caller_conversation_id,
+            user_id: &m.caller_user_id,
+            message_id: &m.caller_message_id,
+        },
+    })
+    .expect("bot request serializes")
+}
+
+/// What the response endpoint receives for one bot message.
+pub fn response_request(m: &OutboundMessage) -> Vec<u8> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        payload: &'a RawValue,
+        conversation_id: &'a str,
+        botpress_user_id: &'a str,
+        botpress_message_id: &'a str,
+        botpress_conversation_id: &'a str,
+    }
+    serde_json::to_vec(&Body {
+        kind: &m.kind,
+        payload: &m.payload,
+        conversation_id: &m.caller_conversation_id,
+        botpress_user_id: &m.user_id,
+        botpress_message_id: &m.id,
+        botpress_conversation_id: &m.conversation_id,
+    })
+    .expect("response request serializes")
+}
+
+/// `{"error": {"code", "message"}}`.
+pub fn error_body(code: &str, message: &str) -> String {
+    json!({ "error": { "code": code, "message": message } }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> String {
+        ClientMessage::parse(body.as_bytes()).unwrap_err().0
+    }
+
+    #[test]
+    fn a_complete_message_parses_and_payload_defaults_to_the_text() {
+        let m = ClientMessage::parse(
+            br#"{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"hi"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (m.user_id.as_str(), m.kind.as_str(), m.text.as_str()),
+            ("u", "text", "hi")
+        );
+        assert_eq!(m.payload.get(), r#"{"text":"hi"}"#);
+        let m = ClientMessage::parse(
+            br#"{"userId":"u","messageId":"m","conversationId":"c","type":"image","text":"","payload":{"url":"x"},"extra":1}"#,
+        )
+        .unwrap();
+        assert_eq!(m.payload.get(), r#"{"url":"x"}"#);
+    }
+
+    #[test]
+    fn each_broken_rule_names_its_field() {
+        let base = r#""messageId":"m","conversationId":"c","type":"text","text":"hi""#;
+        assert_eq!(err(&format!("{{{base}}}")), "field `userId` is required");
+        assert_eq!(
+            err(&format!(r#"{{"userId":"",{base}}}"#)),
+            "field `userId` must not be empty"
+        );
+        assert_eq!(
+            err(&format!(r#"{{"userId":7,{base}}}"#)),
+            "field `userId` must be a string, not a number"
+        );
+        assert_eq!(
+            err(r#"{"userId":"u","messageId":"m","conversationId":"c","type":"text"}"#),
+            "field `text` is required"
+        );
+        assert_eq!(
+            err(r#"{"userId":"u","messageId":["m"],"conversationId":"c","type":"text","text":""}"#),
+            "field `messageId` must be a string, not an array"
+        );
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_objects_are_refused_clearly() {
+        assert_eq!(err("[1,2]"), "body must be a JSON object");
+        assert_eq!(err("\"x\""), "body must be a JSON object");
+        assert_eq!(err(""), "body is empty; expected a JSON object");
+        assert!(err("{\"userId\":").starts_with("body is not valid JSON"));
+        assert!(
+            ClientMessage::parse(b"{\"userId\":\"\xff\"}")
+                .unwrap_err()
+                .0
+                .contains("UTF-8")
+        );
+        let deep = "[".repeat(100_000);
+        assert!(err(&format!("{{\"payload\":{deep}")).starts_with("body is not valid JSON"));
+    }
+
+    #[test]
+    fn sync_replies_are_read_and_checked() {
+        assert!(parse_sync_replies(b"").unwrap().is_empty());
+        assert!(parse_sync_replies(b"{}").unwrap().is_empty());
+        let r = parse_sync_replies(br#"{"responses":[{"type":"text","payload":{"text":"a"}},{"type":"image","payload":{"u":1}}]}"#).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1].kind, "image");
+        assert_eq!(
+            parse_sync_replies(br#"{"responses":[{"payload":{}}]}"#)
+                .unwrap_err()
+                .0,
+            "field `responses[0].type` is required"
+        );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(1_614_265_330_123), "2021-02-25T15:02:10.123Z");
+    }
+}
