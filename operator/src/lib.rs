@@ -7,7 +7,10 @@
 //! status), `metrics`, `admin` (the `/metrics` `/healthz` `/readyz` server),
 //! `leader` (Lease-based leader election), `config` (flags), `telemetry` (logs).
 
+pub mod build;
 pub mod crd;
+pub mod status;
+pub mod validate;
 
 /// The CRD as the API server takes it.
 pub fn crd()

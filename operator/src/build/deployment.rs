@@ -1,0 +1,470 @@
+//! The relay Deployment `<name>-relay`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use sha2::{Digest, Sha256};
+
+use super::credentials::hex;
+use super::{
+    BuildSettings, CREDENTIALS_DIR, Credentials, DATA_DIR, HTTP_PORT, METRICS_PORT,
+    deployment_name, labels, owned_metadata, pvc_name, selector_labels,
+};
+use crate::crd::{MessagingEndpoint, StorageType};
+
+/// Pod-template annotation holding a digest of everything that must roll the
+/// pods when it changes: image, flags, pod settings and the credentials.
+pub const CHECKSUM_ANNOTATION: &str = "botrelay.dev/checksum";
+
+/// The uid/gid the relay runs as (distroless `nonroot`).
+const RELAY_UID: i64 = 65532;
+
+/// The relay's command-line flags for this endpoint (DESIGN.md, "Flags").
+pub fn relay_args(endpoint: &MessagingEndpoint) -> Vec<String> {
+    let spec = &endpoint.spec;
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        format!("0.0.0.0:{HTTP_PORT}"),
+        "--admin-listen".into(),
+        format!("0.0.0.0:{METRICS_PORT}"),
+        "--bot-url".into(),
+        spec.bot.url.clone(),
+        "--response-url".into(),
+        spec.response_endpoint.url.clone(),
+        "--credentials-dir".into(),
+        CREDENTIALS_DIR.into(),
+        "--store".into(),
+        spec.storage.type_.as_flag().into(),
+        "--data-dir".into(),
+        DATA_DIR.into(),
+        "--endpoint-name".into(),
+        endpoint.name_any(),
+    ];
+    if let Some(d) = &spec.delivery {
+        let optional = [
+            ("--bot-timeout", d.bot_timeout.clone()),
+            ("--response-timeout", d.response_timeout.clone()),
+            ("--connect-timeout", d.connect_timeout.clone()),
+            ("--retry-initial-backoff", d.retry_initial_backoff.clone()),
+            ("--retry-max-backoff", d.retry_max_backoff.clone()),
+            ("--max-attempts", d.max_attempts.map(|n| n.to_string())),
+            ("--max-message-age", d.max_message_age.clone()),
+            ("--dedupe-window", d.dedupe_window.clone()),
+            ("--max-body-bytes", d.max_body_bytes.map(|n| n.to_string())),
+        ];
+        for (flag, value) in optional {
+            if let Some(value) = value {
+                args.push(flag.into());
+                args.push(value);
+            }
+        }
+    }
+    args
+}
+
+fn default_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("50m")),
+            ("memory".to_string(), q("64Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), q("256Mi"))])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("metrics".to_string()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The relay Deployment. `credentials` are the values the pods will mount; their
+/// digest (not the values) goes into the checksum annotation.
+pub fn build_deployment(
+    endpoint: &MessagingEndpoint,
+    settings: &BuildSettings,
+    credentials_secret: &str,
+    credentials: &Credentials,
+) -> Deployment {
+    let name = endpoint.name_any();
+    let spec = &endpoint.spec;
+    let image = spec
+        .image
+        .clone()
+        .unwrap_or_else(|| settings.relay_image.clone());
+    let args = relay_args(endpoint);
+
+    let data_volume = match spec.storage.type_ {
+        StorageType::Embedded => Volume {
+            name: "data".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc_name(&name),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        },
+        StorageType::Memory => Volume {
+            name: "data".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    };
+    let volumes = vec![
+        Volume {
+            name: "credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(credentials_secret.to_string()),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        data_volume,
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.to_string(),
+        mount_path: path.to_string(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    };
+    let port = |name: &str, number: i32| ContainerPort {
+        name: Some(name.to_string()),
+        container_port: number,
+        protocol: Some("TCP".to_string()),
+        ..ContainerPort::default()
+    };
+
+    let container = Container {
+        name: "relay".into(),
+        image: Some(image),
+        args: Some(args),
+        ports: Some(vec![port("http", HTTP_PORT), port("metrics", METRICS_PORT)]),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        readiness_probe: Some(probe("/readyz", 5, 2)),
+        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RELAY_UID),
+            run_as_group: Some(RELAY_UID),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("credentials", CREDENTIALS_DIR, true),
+            mount("data", DATA_DIR, false),
+            mount("tmp", "/tmp", false),
+        ]),
+        ..Container::default()
+    };
+
+    let pod_spec = PodSpec {
+        containers: vec![container],
+        volumes: Some(volumes),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(30),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RELAY_UID),
+            run_as_group: Some(RELAY_UID),
+            fs_group: Some(RELAY_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_string(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        node_selector: spec.node_selector.clone(),
+        tolerations: spec.tolerations.clone(),
+        affinity: spec.affinity.clone(),
+        priority_class_name: spec.priority_class_name.clone(),
+        ..PodSpec::default()
+    };
+
+    // The digest covers the pod spec as built (image, flags, mounts, scheduling)
+    // and the credential values, so any of them changing rolls the pods.
+    let mut hasher = Sha256::new();
+    hasher.update(serde_json::to_vec(&pod_spec).expect("a PodSpec serializes"));
+    hasher.update(credentials.digest().as_bytes());
+    let checksum = hex(&hasher.finalize());
+
+    Deployment {
+        metadata: owned_metadata(endpoint, deployment_name(&name)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..LabelSelector::default()
+            },
+            // One writer at a time: the embedded store is a single file on a
+            // ReadWriteOnce volume, so the old pod must stop before the new starts.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".to_string()),
+                ..DeploymentStrategy::default()
+            }),
+            revision_history_limit: Some(3),
+            progress_deadline_seconds: Some(600),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&name)),
+                    annotations: Some(BTreeMap::from([(
+                        CHECKSUM_ANNOTATION.to_string(),
+                        checksum,
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::tests::{endpoint, settings};
+    use crate::crd::DeliverySpec;
+
+    fn build(ep: &MessagingEndpoint, creds: &Credentials) -> Deployment {
+        build_deployment(ep, &settings(), "support-credentials", creds)
+    }
+
+    fn pod(d: &Deployment) -> &PodSpec {
+        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    fn checksum(d: &Deployment) -> String {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CHECKSUM_ANNOTATION]
+            .clone()
+    }
+
+    #[test]
+    fn relay_runs_with_the_contract_flags() {
+        let d = build(&endpoint(), &Credentials::generate());
+        let c = &pod(&d).containers[0];
+        assert_eq!(c.image.as_deref(), Some("botrelay/relay:0.1.0"));
+        assert_eq!(
+            c.args.as_ref().unwrap().join(" "),
+            "--listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090 \
+             --bot-url http://support-bot.shop.svc:8080/events \
+             --response-url https://backend.example/bot-responses \
+             --credentials-dir /var/run/botrelay/credentials --store embedded \
+             --data-dir /var/lib/botrelay --endpoint-name support"
+        );
+    }
+
+    #[test]
+    fn delivery_settings_become_flags_and_image_can_be_overridden() {
+        let mut ep = endpoint();
+        ep.spec.image = Some("registry.example/relay:dev".into());
+        ep.spec.delivery = Some(DeliverySpec {
+            bot_timeout: Some("10s".into()),
+            response_timeout: Some("15s".into()),
+            connect_timeout: Some("2s".into()),
+            retry_initial_backoff: Some("1s".into()),
+            retry_max_backoff: Some("5m".into()),
+            max_attempts: Some(20),
+            max_message_age: Some("24h".into()),
+            dedupe_window: Some("48h".into()),
+            max_body_bytes: Some(65536),
+        });
+        let d = build(&ep, &Credentials::generate());
+        let c = &pod(&d).containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.example/relay:dev"));
+        let args = c.args.as_ref().unwrap().join(" ");
+        assert!(
+            args.ends_with(
+                "--endpoint-name support --bot-timeout 10s --response-timeout 15s \
+                 --connect-timeout 2s --retry-initial-backoff 1s --retry-max-backoff 5m \
+                 --max-attempts 20 --max-message-age 24h --dedupe-window 48h --max-body-bytes 65536"
+            ),
+            "{args}"
+        );
+    }
+
+    #[test]
+    fn pod_is_locked_down_and_probed_on_the_admin_port() {
+        let d = build(&endpoint(), &Credentials::generate());
+        let pod = pod(&d);
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+            &["ALL"]
+        );
+        let live = c
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(live.path.as_deref(), Some("/healthz"));
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        assert_eq!(live.port, IntOrString::String("metrics".into()));
+        let ports: Vec<(&str, i32)> = c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(ports, [("http", 8080), ("metrics", 9090)]);
+        let res = c.resources.as_ref().unwrap();
+        assert!(res.requests.as_ref().unwrap().contains_key("memory"));
+        assert!(res.limits.as_ref().unwrap().contains_key("memory"));
+    }
+
+    #[test]
+    fn credentials_and_data_are_mounted_and_the_store_gets_recreate() {
+        let d = build(&endpoint(), &Credentials::generate());
+        let spec = d.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.strategy.as_ref().unwrap().type_.as_deref(),
+            Some("Recreate")
+        );
+        assert_eq!(spec.replicas, Some(1));
+        let pod = pod(&d);
+        let volumes = pod.volumes.as_ref().unwrap();
+        let creds = volumes.iter().find(|v| v.name == "credentials").unwrap();
+        assert_eq!(
+            creds.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("support-credentials")
+        );
+        let data = volumes.iter().find(|v| v.name == "data").unwrap();
+        assert_eq!(
+            data.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "support-data"
+        );
+        let mounts: Vec<(&str, &str, Option<bool>)> = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+            .collect();
+        assert!(mounts.contains(&("credentials", "/var/run/botrelay/credentials", Some(true))));
+        assert!(mounts.contains(&("data", "/var/lib/botrelay", Some(false))));
+    }
+
+    #[test]
+    fn pods_carry_the_monitoring_labels_and_the_selector_matches_them() {
+        let d = build(&endpoint(), &Credentials::generate());
+        let spec = d.spec.as_ref().unwrap();
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(pod_labels["app.kubernetes.io/name"], "botrelay-relay");
+        assert_eq!(pod_labels["app.kubernetes.io/instance"], "support");
+        assert_eq!(pod_labels["app.kubernetes.io/component"], "relay");
+        assert_eq!(pod_labels["app.kubernetes.io/part-of"], "botrelay");
+        assert_eq!(
+            pod_labels["app.kubernetes.io/managed-by"],
+            "botrelay-operator"
+        );
+        assert_eq!(pod_labels["botrelay.dev/endpoint"], "support");
+        for (k, v) in spec.selector.match_labels.as_ref().unwrap() {
+            assert_eq!(pod_labels.get(k), Some(v));
+        }
+        assert_eq!(d.owner_references()[0].name, "support");
+    }
+
+    #[test]
+    fn checksum_changes_with_config_or_credentials_and_only_then() {
+        let creds = Credentials::generate();
+        let base = checksum(&build(&endpoint(), &creds));
+        assert_eq!(base, checksum(&build(&endpoint(), &creds)), "stable");
+
+        let mut ep = endpoint();
+        ep.spec.bot.url = "http://other-bot.shop.svc/events".into();
+        assert_ne!(base, checksum(&build(&ep, &creds)), "config change rolls");
+
+        assert_ne!(
+            base,
+            checksum(&build(&endpoint(), &Credentials::generate())),
+            "credential change rolls"
+        );
+
+        let mut ep = endpoint();
+        ep.spec.replicas = 0;
+        assert_eq!(base, checksum(&build(&ep, &creds)), "scaling does not roll");
+    }
+
+    #[test]
+    fn memory_store_uses_an_empty_dir() {
+        let mut ep = endpoint();
+        ep.spec.storage.type_ = StorageType::Memory;
+        let d = build(&ep, &Credentials::generate());
+        let args = pod(&d).containers[0].args.as_ref().unwrap().join(" ");
+        assert!(args.contains("--store memory"));
+        let data = pod(&d)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "data")
+            .unwrap();
+        assert!(data.empty_dir.is_some());
+    }
+}

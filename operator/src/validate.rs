@@ -1,0 +1,310 @@
+//! Spec rules checked by the operator itself.
+//!
+//! The CRD schema and its CEL rules reject most bad input at the API server,
+//! but not every cluster evaluates CEL and a URL pattern cannot tell whether a
+//! URL parses. Whatever fails here becomes an `InvalidSpec` condition naming
+//! the field, and nothing is applied.
+
+use std::time::Duration;
+
+use crate::crd::{DeliverySpec, MessagingEndpointSpec, StorageType};
+
+/// Every problem found in a spec, each naming its field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSpec(pub Vec<String>);
+
+impl std::fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
+}
+
+/// Checks a spec; returns all problems at once so a user fixes them in one go.
+pub fn validate_spec(spec: &MessagingEndpointSpec) -> Result<(), InvalidSpec> {
+    let mut problems = vec![];
+    if let Err(e) = check_url(&spec.bot.url) {
+        problems.push(format!("spec.bot.url: {e}"));
+    }
+    if let Err(e) = check_url(&spec.response_endpoint.url) {
+        problems.push(format!("spec.responseEndpoint.url: {e}"));
+    }
+    if !(0..=10).contains(&spec.replicas) {
+        problems.push(format!("spec.replicas: {} is outside 0..10", spec.replicas));
+    } else if spec.replicas > 1 {
+        let store = match spec.storage.type_ {
+            StorageType::Embedded => "embedded",
+            StorageType::Memory => "memory",
+        };
+        problems.push(format!(
+            "spec.replicas: {} replicas need a shared store; the {store} store serves one replica",
+            spec.replicas
+        ));
+    }
+    if let Some(delivery) = &spec.delivery {
+        check_delivery(delivery, &mut problems);
+    }
+    if !is_quantity(&spec.storage.size) {
+        problems.push(format!(
+            "spec.storage.size: {:?} is not a quantity like 1Gi",
+            spec.storage.size
+        ));
+    }
+    if let Some(reference) = &spec.credentials_secret_ref
+        && !is_dns_subdomain(&reference.name)
+    {
+        problems.push(format!(
+            "spec.credentialsSecretRef.name: {:?} is not a valid Secret name",
+            reference.name
+        ));
+    }
+    if let Some(image) = &spec.image
+        && (image.trim().is_empty() || image.contains(char::is_whitespace))
+    {
+        problems.push(format!("spec.image: {image:?} is not an image reference"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec(problems))
+    }
+}
+
+fn check_delivery(d: &DeliverySpec, problems: &mut Vec<String>) {
+    let durations = [
+        ("botTimeout", &d.bot_timeout),
+        ("responseTimeout", &d.response_timeout),
+        ("connectTimeout", &d.connect_timeout),
+        ("retryInitialBackoff", &d.retry_initial_backoff),
+        ("retryMaxBackoff", &d.retry_max_backoff),
+        ("maxMessageAge", &d.max_message_age),
+        ("dedupeWindow", &d.dedupe_window),
+    ];
+    for (field, value) in durations {
+        if let Some(v) = value
+            && let Err(e) = parse_duration(v)
+        {
+            problems.push(format!("spec.delivery.{field}: {e}"));
+        }
+    }
+    if let (Some(initial), Some(max)) = (&d.retry_initial_backoff, &d.retry_max_backoff)
+        && let (Ok(initial), Ok(max)) = (parse_duration(initial), parse_duration(max))
+        && initial > max
+    {
+        problems.push("spec.delivery.retryInitialBackoff: exceeds retryMaxBackoff".to_string());
+    }
+    if let Some(n) = d.max_attempts
+        && !(1..=1000).contains(&n)
+    {
+        problems.push(format!("spec.delivery.maxAttempts: {n} is outside 1..1000"));
+    }
+    if let Some(n) = d.max_body_bytes
+        && !(1024..=16 * 1024 * 1024).contains(&n)
+    {
+        problems.push(format!(
+            "spec.delivery.maxBodyBytes: {n} is outside 1024..16777216"
+        ));
+    }
+}
+
+/// An absolute http(s) URL with a host, as the relay will dial it.
+fn check_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => return Err(format!("{url:?} has scheme {other:?}; use http or https")),
+        None => {
+            return Err(format!(
+                "{url:?} is not absolute; start it with http:// or https://"
+            ));
+        }
+    }
+    match uri.host() {
+        Some(host) if !host.is_empty() => Ok(()),
+        _ => Err(format!("{url:?} has no host")),
+    }
+}
+
+/// A duration in the subset both the relay (humantime) and CEL's `duration()` read:
+/// `<integer><unit>` groups with units ms, s, m, h.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".to_string());
+    }
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(char::is_ascii_digit).count();
+        let unit_len = ["ms", "s", "m", "h"]
+            .iter()
+            .find(|u| rest[digits..].starts_with(*u))
+            .map(|u| u.len());
+        match unit_len {
+            Some(len) if digits > 0 => rest = &rest[digits + len..],
+            _ => {
+                return Err(format!(
+                    "{s:?} is not a duration like 10s, 5m, 24h or 1h30m"
+                ));
+            }
+        }
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A Kubernetes quantity as used for storage sizes (`1Gi`, `500Mi`, `10G`, `1.5Gi`).
+fn is_quantity(s: &str) -> bool {
+    let number_len = s
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .count();
+    let (number, suffix) = s.split_at(number_len);
+    let number_ok = !number.is_empty()
+        && !number.starts_with('.')
+        && !number.ends_with('.')
+        && number.matches('.').count() <= 1;
+    number_ok && ["", "Ki", "Mi", "Gi", "Ti", "k", "M", "G", "T"].contains(&suffix)
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{BotSpec, ResponseEndpointSpec, SecretReference, StorageSpec};
+
+    pub(crate) fn spec() -> MessagingEndpointSpec {
+        MessagingEndpointSpec {
+            bot: BotSpec {
+                url: "http://support-bot.shop.svc:8080/events".into(),
+            },
+            response_endpoint: ResponseEndpointSpec {
+                url: "https://backend.example/bot-responses".into(),
+            },
+            replicas: 1,
+            delivery: None,
+            storage: StorageSpec::default(),
+            credentials_secret_ref: None,
+            image: None,
+            resources: None,
+            node_selector: None,
+            tolerations: None,
+            affinity: None,
+            priority_class_name: None,
+        }
+    }
+
+    fn problems(spec: &MessagingEndpointSpec) -> String {
+        validate_spec(spec).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn accepts_the_design_example() {
+        assert_eq!(validate_spec(&spec()), Ok(()));
+    }
+
+    #[test]
+    fn rejects_urls_that_do_not_parse_or_are_not_http() {
+        let mut s = spec();
+        s.bot.url = "ftp://bot/events".into();
+        s.response_endpoint.url = "backend.example/x".into();
+        let p = problems(&s);
+        assert!(
+            p.contains("spec.bot.url: \"ftp://bot/events\" has scheme \"ftp\""),
+            "{p}"
+        );
+        assert!(p.contains("spec.responseEndpoint.url:"), "{p}");
+
+        s = spec();
+        s.bot.url = "http://exa mple/".into();
+        assert!(problems(&s).starts_with("spec.bot.url: \"http://exa mple/\" is not a URL"));
+    }
+
+    #[test]
+    fn more_replicas_than_the_store_serves_is_named() {
+        let mut s = spec();
+        s.replicas = 3;
+        assert_eq!(
+            problems(&s),
+            "spec.replicas: 3 replicas need a shared store; the embedded store serves one replica"
+        );
+        s.replicas = 0;
+        assert_eq!(validate_spec(&s), Ok(()));
+    }
+
+    #[test]
+    fn durations_counts_and_backoff_order() {
+        let mut s = spec();
+        s.delivery = Some(DeliverySpec {
+            bot_timeout: Some("10s".into()),
+            dedupe_window: Some("24h".into()),
+            connect_timeout: Some("1h30m".into()),
+            ..Default::default()
+        });
+        assert_eq!(validate_spec(&s), Ok(()));
+
+        s.delivery = Some(DeliverySpec {
+            bot_timeout: Some("ten seconds".into()),
+            retry_initial_backoff: Some("10m".into()),
+            retry_max_backoff: Some("1m".into()),
+            max_attempts: Some(0),
+            max_body_bytes: Some(10),
+            ..Default::default()
+        });
+        let p = problems(&s);
+        assert!(
+            p.contains("spec.delivery.botTimeout: \"ten seconds\" is not a duration"),
+            "{p}"
+        );
+        assert!(
+            p.contains("spec.delivery.retryInitialBackoff: exceeds retryMaxBackoff"),
+            "{p}"
+        );
+        assert!(
+            p.contains("spec.delivery.maxAttempts: 0 is outside 1..1000"),
+            "{p}"
+        );
+        assert!(
+            p.contains("spec.delivery.maxBodyBytes: 10 is outside"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn duration_subset_matches_the_schema_pattern() {
+        for ok in ["1ms", "10s", "5m", "24h", "1h30m"] {
+            assert!(parse_duration(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "10", "s", "1d", "1.5s", "10 s", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn storage_size_and_secret_name() {
+        let mut s = spec();
+        s.storage.size = "lots".into();
+        s.credentials_secret_ref = Some(SecretReference {
+            name: "My_Secret".into(),
+        });
+        let p = problems(&s);
+        assert!(p.contains("spec.storage.size: \"lots\""), "{p}");
+        assert!(
+            p.contains("spec.credentialsSecretRef.name: \"My_Secret\""),
+            "{p}"
+        );
+        for ok in ["1Gi", "500Mi", "10G", "1.5Gi"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+    }
+}
