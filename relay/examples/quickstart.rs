@@ -1,0 +1,167 @@
+//! The quick start: a relay on its embedded store, a sample bot that echoes
+//! each message back, and a sample response endpoint that prints what it gets.
+//!
+//!     cargo run --release -p botrelay --example quickstart
+//!
+//! Then send a message with the curl line it prints.
+
+use botrelay::config::{Config, LogFormat, StoreKind};
+use botrelay::credentials::{BOT_SIGNING_SECRET, BOT_TOKEN, CLIENT_TOKEN, RESPONSE_SIGNING_SECRET};
+use botrelay::signing::SigningKey;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use rand::RngCore;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+const RELAY: &str = "127.0.0.1:8080";
+const ADMIN: &str = "127.0.0.1:9090";
+const BOT: &str = "127.0.0.1:8081";
+const RESPONSES: &str = "127.0.0.1:8082";
+const DATA: &str = "quickstart-data";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let credentials = Path::new(DATA).join("credentials");
+    let client_token = write_credentials(&credentials)?;
+    let bot_key = read_key(&credentials.join(BOT_SIGNING_SECRET))?;
+    let response_key = read_key(&credentials.join(RESPONSE_SIGNING_SECRET))?;
+
+    let bot = TcpListener::bind(BOT).await?;
+    tokio::spawn(serve(bot, move |req| echo_bot(req, bot_key.clone())));
+    let responses = TcpListener::bind(RESPONSES).await?;
+    tokio::spawn(serve(responses, move |req| print_response(req, response_key.clone())));
+
+    let config = Config {
+        listen: RELAY.parse()?,
+        admin_listen: ADMIN.parse()?,
+        bot_url: format!("http://{BOT}/").parse()?,
+        response_url: format!("http://{RESPONSES}/").parse()?,
+        credentials_dir: credentials,
+        store: StoreKind::Embedded,
+        data_dir: Path::new(DATA).join("store"),
+        endpoint_name: "quickstart".into(),
+        bot_timeout: Duration::from_secs(10),
+        response_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+        retry_initial_backoff: Duration::from_secs(1),
+        retry_max_backoff: Duration::from_secs(60),
+        max_attempts: 25,
+        max_message_age: Duration::from_secs(24 * 3600),
+        dedupe_window: Duration::from_secs(24 * 3600),
+        max_body_bytes: 256 * 1024,
+        max_pending: 1_000_000,
+        max_in_flight: 256,
+        max_connections: 10_000,
+        header_read_timeout: Duration::from_secs(10),
+        body_read_timeout: Duration::from_secs(30),
+        drain_timeout: Duration::from_secs(5),
+        credentials_poll_interval: Duration::from_secs(2),
+        store_cache_bytes: 16 << 20,
+        log_level: "warn".into(),
+        log_format: LogFormat::Text,
+    };
+    botrelay::logging::init(&config.log_level, config.log_format).map_err(anyhow::Error::msg)?;
+    println!(
+        "\nbotrelay is running on http://{RELAY} (metrics on http://{ADMIN}/metrics), store in ./{DATA}/store\n\
+         sample bot on http://{BOT}/ (echoes your text back), sample response endpoint on http://{RESPONSES}/\n\n\
+         Send a message from another terminal:\n\n  \
+         curl -s http://{RELAY}/v1/messages -H 'Authorization: Bearer {client_token}' \\\n    \
+         -d '{{\"userId\":\"user-1\",\"conversationId\":\"conv-1\",\"messageId\":\"msg-1\",\"type\":\"text\",\"text\":\"hello\"}}'\n\n\
+         The bot's reply arrives at the response endpoint and is printed here. Ctrl-C stops everything.\n"
+    );
+    botrelay::app::run(config, botrelay::app::shutdown_signal()).await
+}
+
+/// Writes fresh credentials on the first run; returns the client token.
+fn write_credentials(dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let random = |n: usize| {
+        let mut bytes = vec![0u8; n];
+        rand::rng().fill_bytes(&mut bytes);
+        bytes
+    };
+    let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    use base64::Engine;
+    let whsec = |b: Vec<u8>| format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(b));
+    for (name, value) in [
+        (CLIENT_TOKEN, hex(random(32))),
+        (BOT_TOKEN, hex(random(32))),
+        (BOT_SIGNING_SECRET, whsec(random(32))),
+        (RESPONSE_SIGNING_SECRET, whsec(random(32))),
+    ] {
+        let path = dir.join(name);
+        if !path.exists() {
+            std::fs::write(&path, format!("{value}\n"))?;
+        }
+    }
+    Ok(std::fs::read_to_string(dir.join(CLIENT_TOKEN))?.trim().to_owned())
+}
+
+fn read_key(path: &Path) -> anyhow::Result<SigningKey> {
+    SigningKey::parse(std::fs::read_to_string(path)?.trim()).map_err(anyhow::Error::msg)
+}
+
+/// Checks the Standard Webhooks signature as a receiver would.
+fn verified(headers: &http::HeaderMap, body: &[u8], key: &SigningKey) -> bool {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Ok(timestamp) = get("webhook-timestamp").parse::<u64>() else {
+        return false;
+    };
+    let expected = key.sign(get("webhook-id"), timestamp, body);
+    get("webhook-signature").split(' ').any(|s| s == expected)
+}
+
+async fn echo_bot(req: Request<Incoming>, key: SigningKey) -> Response<Full<Bytes>> {
+    let headers = req.headers().clone();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    if !verified(&headers, &body, &key) {
+        return reply(StatusCode::UNAUTHORIZED, "bad signature".into());
+    }
+    let message: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let text = message["text"].as_str().unwrap_or_default();
+    println!("[bot] got {:?} in conversation {}", text, message["tags"]["conversationId"]);
+    let answer = json!({ "responses": [{ "type": "text", "payload": { "text": format!("echo: {text}") } }] });
+    reply(StatusCode::OK, answer.to_string())
+}
+
+async fn print_response(req: Request<Incoming>, key: SigningKey) -> Response<Full<Bytes>> {
+    let headers = req.headers().clone();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let signed = if verified(&headers, &body, &key) { "signature ok" } else { "BAD SIGNATURE" };
+    println!("[response endpoint] {signed}: {}", String::from_utf8_lossy(&body));
+    reply(StatusCode::OK, String::new())
+}
+
+fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+async fn serve<H, F>(listener: TcpListener, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let Ok((stream, _)): std::io::Result<(_, SocketAddr)> = listener.accept().await else {
+            continue;
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
