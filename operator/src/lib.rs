@@ -7,9 +7,14 @@
 //! status), `metrics`, `admin` (the `/metrics` `/healthz` `/readyz` server),
 //! `leader` (Lease-based leader election), `config` (flags), `telemetry` (logs).
 
+pub mod admin;
 pub mod build;
+pub mod config;
+pub mod controller;
 pub mod crd;
+pub mod metrics;
 pub mod status;
+pub mod telemetry;
 pub mod validate;
 
 /// The CRD as the API server takes it.
