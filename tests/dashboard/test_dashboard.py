@@ -1,0 +1,467 @@
+"""The Grafana dashboard and the alerts against a real Prometheus.
+
+The test starts the real relay (target/debug/botrelay) on loopback with a bot
+and a response endpoint that are HTTP servers in this process, drives traffic
+through it that has every kind of outcome (accepted, duplicate, invalid,
+unauthorized, too large, unknown conversation; deliveries that succeed, fail
+once and are retried, or fail until they are dead-lettered; one delivery held
+open so that the queue is not empty), and has Debian's Prometheus scrape it
+with tests/dashboard/prometheus.yml and load the chart's alert rules. Then every
+query of every panel is evaluated through Prometheus's HTTP API, with the
+dashboard's variables set as Grafana would: each must be valid PromQL and
+return data.
+
+The operator's panels need operator metrics. The operator cannot run here
+without a Kubernetes API server it can reach over HTTP, so a stand-in serves
+the operator's metric names (the team's contract) with counters that move.
+That proves the operator panels' and alerts' PromQL and names, not that the
+operator exports them: the operator's own tests must check its /metrics.
+
+The values Prometheus returned are written to target/dashboard-query-results.json.
+"""
+
+import base64
+import http.server
+import json
+import os
+import pathlib
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+import yaml
+
+HERE = pathlib.Path(__file__).resolve().parent
+NAMESPACE = "botrelay-test"
+ENDPOINT = "support"
+CLIENT_TOKEN = "client-" + secrets.token_hex(8)
+BOT_TOKEN = "bot-" + secrets.token_hex(8)
+RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for in the test
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, check, timeout=30.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as e:  # noqa: BLE001 - report the last error on timeout
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}" + (f": {last!r}" if last else ""))
+
+
+# --- the bot and the response endpoint ----------------------------------------
+
+
+class Receivers:
+    """Behaviour of the bot and the response endpoint, chosen by the message text:
+    ok, fail-once (500 then 200), fail-always (500 until dead-lettered),
+    reply-flaky / reply-reject (the bot's reply then gets 503 once / always at
+    the response endpoint), hold (the bot answers only when the test releases it)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.seen = {}
+        self.release = threading.Event()
+        self.bot_requests = 0
+        self.response_requests = 0
+
+    def first_time(self, key) -> bool:
+        with self.lock:
+            n = self.seen.get(key, 0)
+            self.seen[key] = n + 1
+            return n == 0
+
+    def bot(self, body: dict):
+        with self.lock:
+            self.bot_requests += 1
+        text = body.get("text", "")
+        if text == "fail-always":
+            return 500, {"error": "bot is broken"}
+        if text == "fail-once" and self.first_time(("bot", body["tags"]["messageId"])):
+            return 500, {"error": "bot hiccup"}
+        if text == "hold":
+            self.release.wait(60)
+        reply = {"reply-flaky": "flaky", "reply-reject": "reject"}.get(text, "echo")
+        return 200, {"responses": [{"type": "text", "payload": {"text": reply}}]}
+
+    def response(self, body: dict, headers):
+        with self.lock:
+            self.response_requests += 1
+        text = (body.get("payload") or {}).get("text", "")
+        if text == "reject":
+            return 503, {"error": "back-end down"}
+        if text == "flaky" and self.first_time(("response", headers.get("webhook-id"))):
+            return 503, {"error": "back-end busy"}
+        return 200, {}
+
+
+def serve(handler_fn) -> tuple[http.server.ThreadingHTTPServer, int]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            length = int(self.headers.get("content-length", 0))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            status, answer = handler_fn(body, self.headers)
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+# --- the operator stand-in ----------------------------------------------------
+
+
+class OperatorStandIn:
+    """Serves the operator's contracted metrics; every scrape adds a few
+    reconciliations, one of them failed, so that rates are not zero."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self):
+        self.scrapes = 0
+        self.lock = threading.Lock()
+
+    def exposition(self) -> str:
+        with self.lock:
+            self.scrapes += 1
+            n = self.scrapes
+        ok, err = 3 * n, n
+        durations = [0.02] * ok + [0.3] * err
+        lines = [
+            "# TYPE botrelay_operator_reconciliations_total counter",
+            f'botrelay_operator_reconciliations_total{{result="success"}} {ok}',
+            f'botrelay_operator_reconciliations_total{{result="error"}} {err}',
+            "# TYPE botrelay_operator_reconcile_errors_total counter",
+            f'botrelay_operator_reconcile_errors_total{{reason="invalid_spec"}} {err}',
+            "# TYPE botrelay_operator_reconcile_duration_seconds histogram",
+        ]
+        for b in self.BUCKETS:
+            lines.append(f'botrelay_operator_reconcile_duration_seconds_bucket{{le="{b}"}} '
+                         f'{sum(1 for d in durations if d <= b)}')
+        lines += [
+            f'botrelay_operator_reconcile_duration_seconds_bucket{{le="+Inf"}} {len(durations)}',
+            f"botrelay_operator_reconcile_duration_seconds_sum {sum(durations)}",
+            f"botrelay_operator_reconcile_duration_seconds_count {len(durations)}",
+            "# TYPE botrelay_operator_endpoints gauge",
+            'botrelay_operator_endpoints{ready="true"} 3',
+            'botrelay_operator_endpoints{ready="false"} 1',
+            "# TYPE botrelay_operator_leader gauge",
+            "botrelay_operator_leader 1",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> tuple[http.server.ThreadingHTTPServer, int]:
+        standin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                data = standin.exposition().encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/plain; version=0.0.4")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server, server.server_address[1]
+
+
+# --- the relay's traffic ------------------------------------------------------
+
+
+class Client:
+    def __init__(self, base: str):
+        self.base = base
+        self.http = requests.Session()
+
+    def send(self, text, message_id=None, conversation=None, token=CLIENT_TOKEN, path="/v1/messages", **override):
+        body = {"userId": "user-1", "messageId": message_id or str(uuid.uuid4()),
+                "conversationId": conversation or f"conv-{uuid.uuid4()}", "type": "text", "text": text}
+        body.update(override)
+        body = {k: v for k, v in body.items() if v is not None}
+        return self.http.post(self.base + path, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def drive_traffic(client: Client, hold: bool):
+    """One round of every kind of request; asserts the relay answers as the
+    contract says, so that the metrics mean what the test thinks they mean."""
+    ok = [client.send("hello") for _ in range(5)]
+    assert all(r.status_code == 200 for r in ok), [r.text for r in ok]
+    first = ok[0].json()
+    # Same messageId again: a duplicate, answered like the first time.
+    dup = client.send("hello", message_id=first["message"]["tags"]["id"],
+                      conversation=first["conversation"]["tags"]["id"])
+    assert dup.status_code == 200, dup.text
+    assert client.send("hello", path="/").status_code == 200
+    for text in ("fail-once", "fail-always", "reply-flaky", "reply-reject"):
+        r = client.send(text)
+        assert r.status_code == 200, r.text
+    if hold:
+        assert client.send("hold").status_code == 200
+    assert client.send("hello", token="wrong-token").status_code == 401
+    assert client.send("hello", userId=None).status_code == 400
+    assert client.send("x" * (300 * 1024)).status_code == 413
+    assert client.http.post(client.base + "/no/such/path", json={}, timeout=10).status_code == 404
+    # The bot's own asynchronous replies: one to a known conversation, one not.
+    bot_auth = {"Authorization": f"Bearer {BOT_TOKEN}"}
+    r = client.http.post(client.base + "/v1/bot/messages", headers=bot_auth, timeout=10,
+                         json={"conversationId": first["conversation"]["id"], "type": "text",
+                               "payload": {"text": "async hello"}})
+    assert r.status_code == 202, r.text
+    r = client.http.post(client.base + "/v1/bot/messages", headers=bot_auth, timeout=10,
+                         json={"conversationId": "no-such-conversation", "type": "text",
+                               "payload": {"text": "lost"}})
+    assert r.status_code == 404, r.text
+
+
+def relay_metric(admin: str, name: str, **labels) -> float:
+    text = requests.get(f"http://{admin}/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- Prometheus -----------------------------------------------------------------
+
+
+class Prometheus:
+    def __init__(self, base: str):
+        self.base = base
+
+    def api(self, path, **params):
+        r = requests.get(self.base + "/api/v1/" + path, params=params, timeout=10)
+        body = r.json()
+        assert body.get("status") == "success", f"{path} {params}: {body}"
+        return body["data"]
+
+    def query(self, expr: str):
+        return self.api("query", query=expr)["result"]
+
+
+def render_rules(helm: str, chart_dir: pathlib.Path) -> dict:
+    out = subprocess.run([helm, "template", "botrelay", str(chart_dir), "-n", "botrelay",
+                          "--set", "monitoring.enabled=true", "--show-only", "templates/prometheusrule.yaml"],
+                         check=True, capture_output=True, text=True).stdout
+    return yaml.safe_load(out)["spec"]
+
+
+@pytest.fixture(scope="module")
+def stack(repo, helm, chart_dir, tmp_path_factory):
+    relay_bin = repo / "target" / "debug" / "botrelay"
+    assert relay_bin.exists(), f"{relay_bin} is missing: build it first (cargo build -p botrelay; tests/run does)"
+    prometheus_bin = shutil.which("prometheus")
+    assert prometheus_bin, "prometheus not found: install Debian's prometheus package (.ci/run does)"
+    tmp = tmp_path_factory.mktemp("dashboard")
+    processes = []
+    servers = []
+    receivers = Receivers()
+    try:
+        bot, bot_port = serve(lambda body, headers: receivers.bot(body))
+        response, response_port = serve(receivers.response)
+        standin, operator_port = OperatorStandIn().start()
+        servers += [bot, response, standin]
+
+        creds = tmp / "credentials"
+        creds.mkdir()
+        (creds / "client-token").write_text(CLIENT_TOKEN + "\n")
+        (creds / "bot-token").write_text(BOT_TOKEN + "\n")
+        for name in ("bot-signing-secret", "response-signing-secret"):
+            (creds / name).write_text("whsec_" + base64.b64encode(os.urandom(32)).decode() + "\n")
+
+        api, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        relay_log = open(tmp / "relay.log", "w")
+        processes.append(subprocess.Popen(
+            [str(relay_bin), "--listen", api, "--admin-listen", admin,
+             "--bot-url", f"http://127.0.0.1:{bot_port}/", "--response-url", f"http://127.0.0.1:{response_port}/",
+             "--credentials-dir", str(creds), "--store", "embedded", "--data-dir", str(tmp / "data"),
+             "--endpoint-name", ENDPOINT, "--retry-initial-backoff", "100ms", "--retry-max-backoff", "1s",
+             "--max-attempts", "3", "--bot-timeout", "60s"],
+            stdout=relay_log, stderr=subprocess.STDOUT))
+        wait_for("the relay to be ready", lambda: requests.get(f"http://{admin}/readyz", timeout=1).ok)
+
+        rules_file = tmp / "botrelay.rules.yaml"
+        rules_file.write_text(yaml.safe_dump(render_rules(helm, chart_dir)))
+        config = (HERE / "prometheus.yml").read_text()
+        for key, value in {"@RULES_FILE@": str(rules_file), "@RELAY_ADMIN@": admin, "@NAMESPACE@": NAMESPACE,
+                           "@ENDPOINT@": ENDPOINT, "@OPERATOR_ADMIN@": f"127.0.0.1:{operator_port}"}.items():
+            config = config.replace(key, value)
+        assert not re.search(r"@[A-Z_]+@", config), config
+        (tmp / "prometheus.yml").write_text(config)
+        prom_addr = f"127.0.0.1:{free_port()}"
+        prom_log = open(tmp / "prometheus.log", "w")
+        processes.append(subprocess.Popen(
+            [prometheus_bin, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+             f"--web.listen-address={prom_addr}", "--log.level=warn"],
+            stdout=prom_log, stderr=subprocess.STDOUT))
+        prom = Prometheus(f"http://{prom_addr}")
+        wait_for("Prometheus to be ready", lambda: requests.get(f"http://{prom_addr}/-/ready", timeout=1).ok)
+        wait_for("both targets to be up", lambda: len(prom.query("up == 1")) == 2, timeout=30)
+
+        # Two rounds of traffic with scrapes in between, so that every counter
+        # exists before it grows and rate() sees the growth.
+        client = Client(f"http://{api}")
+        drive_traffic(client, hold=False)
+        time.sleep(3)
+        drive_traffic(client, hold=True)
+        # Wait for the relay to be done with everything but the held message:
+        # 2 rounds x (fail-always to the bot, reply-reject to the response).
+        wait_for("dead letters for the bot and the response endpoint",
+                 lambda: relay_metric(admin, "botrelay_messages_dead_lettered_total", target="bot") >= 2
+                 and relay_metric(admin, "botrelay_messages_dead_lettered_total", target="response") >= 2,
+                 timeout=60)
+        wait_for("the held message to be the only one pending",
+                 lambda: relay_metric(admin, "botrelay_queue_depth", target="bot") == 1
+                 and relay_metric(admin, "botrelay_queue_depth", target="response") == 0, timeout=60)
+        time.sleep(4)  # a few scrapes and rule evaluations after the traffic
+        yield prom
+    finally:
+        receivers.release.set()
+        for p in reversed(processes):
+            p.terminate()
+        for p in processes:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for s in servers:
+            s.shutdown()
+
+
+# --- the dashboard's queries ----------------------------------------------------
+
+
+def load_dashboard(chart_dir):
+    return json.loads((chart_dir / "dashboards" / "botrelay.json").read_text())
+
+
+def as_grafana_would(expr: str) -> str:
+    """The dashboard's variables, set to the test's namespace and endpoint."""
+    return (expr.replace("$__rate_interval", RATE_INTERVAL)
+            .replace("$namespace", NAMESPACE)
+            .replace("$endpoint", ENDPOINT))
+
+
+def panel_queries(dashboard):
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            yield panel["title"], target["refId"], target["expr"]
+
+
+def summarize(result) -> list:
+    return [{"labels": {k: v for k, v in r["metric"].items()}, "value": r["value"][1]} for r in result]
+
+
+def test_every_panel_query_returns_data(stack, chart_dir, repo):
+    results, empty = [], []
+    for title, ref, expr in panel_queries(load_dashboard(chart_dir)):
+        result = stack.query(as_grafana_would(expr))
+        results.append({"panel": title, "refId": ref, "expr": expr, "result": summarize(result)})
+        if not result:
+            empty.append(f"{title} [{ref}]: {expr}")
+    out = repo / "target" / "dashboard-query-results.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    assert not empty, "panel queries that returned no data:\n" + "\n".join(empty)
+    # NaN means a ratio or quantile of nothing: no data in disguise.
+    nan = [f"{r['panel']} [{r['refId']}]" for r in results for v in r["result"] if v["value"] == "NaN"]
+    assert not nan, f"panel queries that returned NaN: {nan}"
+
+
+def test_dashboard_variables_find_the_namespace_and_endpoint(stack, chart_dir):
+    variables = {v["name"]: v for v in load_dashboard(chart_dir)["templating"]["list"]}
+    for name, expected in (("namespace", NAMESPACE), ("endpoint", ENDPOINT)):
+        query = variables[name]["query"]["query"]
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)
+        assert m and m.group(2) == name, query
+        values = stack.api(f"label/{name}/values", **{"match[]": as_grafana_would(m.group(1))})
+        assert values == [expected], f"{query}: {values}"
+
+
+def test_relay_endpoint_label_survives_the_scrape(stack):
+    """honor_labels (honorLabels in the chart's PodMonitor) keeps the relay's own
+    endpoint label; without it Prometheus would rename it exported_endpoint."""
+    assert stack.query('count({exported_endpoint!=""})') == []
+    assert stack.query(f'botrelay_build_info{{endpoint="{ENDPOINT}", namespace="{NAMESPACE}"}}')
+
+
+def test_panels_show_the_traffic_that_was_sent(stack):
+    """Spot checks that the panels mean what they say: the outcomes the test
+    caused are there, with sensible values."""
+    def values(expr):
+        return {tuple(sorted(r["metric"].items())): float(r["value"][1])
+                for r in stack.query(as_grafana_would(expr))}
+
+    received = values('sum by (source, outcome) (increase(botrelay_messages_received_total'
+                      '{namespace=~"$namespace", endpoint=~"$endpoint"}[5m]))')
+    outcomes = {dict(k)["outcome"] for k, v in received.items() if v > 0}
+    assert {"accepted", "duplicate", "invalid", "unauthorized", "too_large", "unknown_conversation"} <= outcomes, received
+    attempts = values('sum by (target, outcome) (botrelay_delivery_attempts_total{endpoint=~"$endpoint"})')
+    for target in ("bot", "response"):
+        assert attempts.get((("outcome", "http_error"), ("target", target)), 0) > 0, attempts
+        assert attempts.get((("outcome", "success"), ("target", target)), 0) > 0, attempts
+    retries = values('sum by (target) (botrelay_delivery_retries_total{endpoint=~"$endpoint"})')
+    assert retries[(("target", "bot"),)] > 0 and retries[(("target", "response"),)] > 0, retries
+    held = values('sum by (target) (botrelay_dead_letters{endpoint=~"$endpoint"})')
+    assert held[(("target", "bot"),)] >= 2 and held[(("target", "response"),)] >= 2, held
+    depth = values('sum by (target) (botrelay_queue_depth{endpoint=~"$endpoint"})')
+    assert depth[(("target", "bot"),)] == 1, depth
+    oldest = values('max by (target) (botrelay_oldest_pending_age_seconds{endpoint=~"$endpoint"})')
+    assert oldest[(("target", "bot"),)] > 0, oldest
+    ratio = values('sum by (target) (rate(botrelay_delivery_attempts_total{endpoint=~"$endpoint", outcome="success"}[1m]))'
+                   ' / sum by (target) (rate(botrelay_delivery_attempts_total{endpoint=~"$endpoint"}[1m]))')
+    assert all(0 < v < 1 for v in ratio.values()), ratio
+
+
+# --- the alerts -------------------------------------------------------------------
+
+
+def test_alert_rules_load_and_evaluate(stack):
+    groups = wait_for("the rules to be evaluated", lambda: [
+        g for g in stack.api("rules", type="alert")["groups"]
+        if all(r.get("lastEvaluation", "").startswith("2") and not r["lastEvaluation"].startswith("0001")
+               for r in g["rules"])] or None, timeout=20)
+    rules = [r for g in stack.api("rules", type="alert")["groups"] for r in g["rules"]]
+    assert len(rules) >= 5 and groups
+    bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not bad, bad
+    for r in rules:
+        stack.query(r["query"])  # valid PromQL, as a query too
+    firing_or_pending = {r["name"] for r in rules if r["state"] != "inactive"}
+    # The test's dead letters make this one fire at once ("for: 0m").
+    assert "BotrelayDeadLettersGrowing" in firing_or_pending, firing_or_pending
+    # The stand-in operator reports a leader, so this one must stay quiet.
+    assert "BotrelayOperatorNoLeader" not in firing_or_pending
