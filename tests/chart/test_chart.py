@@ -175,7 +175,7 @@ def test_operator_gets_its_configuration(render):
     assert "BOTRELAY_WATCH_NAMESPACES" not in env, "empty means all namespaces: the variable is left out"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    assert "--lease-name=botrelay-operator" in container["args"]
+    assert env["BOTRELAY_LEASE_NAME"]["value"] == "botrelay-operator"
     # The admin server listens where the probes and the Service look.
     port = int(env["BOTRELAY_ADMIN_LISTEN"]["value"].rsplit(":", 1)[1])
     (admin,) = [p for p in container["ports"] if p["name"] == "admin"]
