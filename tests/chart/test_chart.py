@@ -455,3 +455,15 @@ def test_values_file_documents_every_value(chart_dir):
                     if line.strip() and not line.strip().startswith("#") and not documented(i)
                     and not line.rstrip().endswith(":")]
     assert not undocumented, f"values without a comment: {undocumented}"
+
+
+def test_dashboard_panels_fit_the_grid_without_overlapping(chart_dir):
+    panels = json.loads((chart_dir / "dashboards" / "botrelay.json").read_text())["panels"]
+    cells = {}
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = p["title"]
