@@ -35,7 +35,9 @@ async fn main() -> anyhow::Result<()> {
     let bot = TcpListener::bind(BOT).await?;
     tokio::spawn(serve(bot, move |req| echo_bot(req, bot_key.clone())));
     let responses = TcpListener::bind(RESPONSES).await?;
-    tokio::spawn(serve(responses, move |req| print_response(req, response_key.clone())));
+    tokio::spawn(serve(responses, move |req| {
+        print_response(req, response_key.clone())
+    }));
 
     let config = Config {
         listen: RELAY.parse()?,
@@ -88,7 +90,12 @@ fn write_credentials(dir: &Path) -> anyhow::Result<String> {
     };
     let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     use base64::Engine;
-    let whsec = |b: Vec<u8>| format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(b));
+    let whsec = |b: Vec<u8>| {
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(b)
+        )
+    };
     for (name, value) in [
         (CLIENT_TOKEN, hex(random(32))),
         (BOT_TOKEN, hex(random(32))),
@@ -100,7 +107,9 @@ fn write_credentials(dir: &Path) -> anyhow::Result<String> {
             std::fs::write(&path, format!("{value}\n"))?;
         }
     }
-    Ok(std::fs::read_to_string(dir.join(CLIENT_TOKEN))?.trim().to_owned())
+    Ok(std::fs::read_to_string(dir.join(CLIENT_TOKEN))?
+        .trim()
+        .to_owned())
 }
 
 fn read_key(path: &Path) -> anyhow::Result<SigningKey> {
@@ -109,7 +118,12 @@ fn read_key(path: &Path) -> anyhow::Result<SigningKey> {
 
 /// Checks the Standard Webhooks signature as a receiver would.
 fn verified(headers: &http::HeaderMap, body: &[u8], key: &SigningKey) -> bool {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
     let Ok(timestamp) = get("webhook-timestamp").parse::<u64>() else {
         return false;
     };
@@ -119,22 +133,42 @@ fn verified(headers: &http::HeaderMap, body: &[u8], key: &SigningKey) -> bool {
 
 async fn echo_bot(req: Request<Incoming>, key: SigningKey) -> Response<Full<Bytes>> {
     let headers = req.headers().clone();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     if !verified(&headers, &body, &key) {
         return reply(StatusCode::UNAUTHORIZED, "bad signature".into());
     }
     let message: Value = serde_json::from_slice(&body).unwrap_or_default();
     let text = message["text"].as_str().unwrap_or_default();
-    println!("[bot] got {:?} in conversation {}", text, message["tags"]["conversationId"]);
+    println!(
+        "[bot] got {:?} in conversation {}",
+        text, message["tags"]["conversationId"]
+    );
     let answer = json!({ "responses": [{ "type": "text", "payload": { "text": format!("echo: {text}") } }] });
     reply(StatusCode::OK, answer.to_string())
 }
 
 async fn print_response(req: Request<Incoming>, key: SigningKey) -> Response<Full<Bytes>> {
     let headers = req.headers().clone();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let signed = if verified(&headers, &body, &key) { "signature ok" } else { "BAD SIGNATURE" };
-    println!("[response endpoint] {signed}: {}", String::from_utf8_lossy(&body));
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let signed = if verified(&headers, &body, &key) {
+        "signature ok"
+    } else {
+        "BAD SIGNATURE"
+    };
+    println!(
+        "[response endpoint] {signed}: {}",
+        String::from_utf8_lossy(&body)
+    );
     reply(StatusCode::OK, String::new())
 }
 

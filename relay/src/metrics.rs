@@ -171,6 +171,30 @@ impl Metrics {
             registry,
         };
         // Series that should exist from the start, so that rates and alerts have a baseline.
+        for outcome in [
+            "accepted",
+            "duplicate",
+            "invalid",
+            "unauthorized",
+            "too_large",
+            "rejected",
+        ] {
+            metrics
+                .messages_received
+                .with_label_values(&["client", outcome]);
+        }
+        for outcome in [
+            "accepted",
+            "invalid",
+            "unauthorized",
+            "too_large",
+            "rejected",
+            "unknown_conversation",
+        ] {
+            metrics
+                .messages_received
+                .with_label_values(&["bot", outcome]);
+        }
         for target in crate::store::Target::ALL {
             let t = target.as_str();
             metrics.queue_depth.with_label_values(&[t]).set(0);

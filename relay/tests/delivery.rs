@@ -1,0 +1,481 @@
+//! Delivery: order per conversation, retries, Retry-After, timeouts, dead
+//! letters and their redrive, back-pressure.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The caller message ids (bot) or echoed texts (endpoint) of one conversation, in arrival order, first arrival only.
+fn first_arrivals(
+    received: &[Received],
+    conversation: impl Fn(&Value) -> String,
+    item: impl Fn(&Value) -> String,
+) -> HashMap<String, Vec<String>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut by_conversation: HashMap<String, Vec<String>> = HashMap::new();
+    for r in received {
+        let it = item(&r.body);
+        if seen.insert(it.clone()) {
+            by_conversation
+                .entry(conversation(&r.body))
+                .or_default()
+                .push(it);
+        }
+    }
+    by_conversation
+}
+
+#[tokio::test]
+async fn order_holds_per_conversation_under_concurrency_and_failures() {
+    const CONVERSATIONS: usize = 8;
+    const PER_CONVERSATION: usize = 25;
+    // The bot fails one request in four and the endpoint one in three: retries
+    // must not let a later message overtake an earlier one.
+    let n = Arc::new(AtomicUsize::new(0));
+    let bot = {
+        let n = n.clone();
+        Peer::start(move |r| {
+            if n.fetch_add(1, Ordering::Relaxed) % 4 == 3 {
+                Answer::status(500)
+            } else {
+                echo(r)
+            }
+        })
+        .await
+    };
+    let m = Arc::new(AtomicUsize::new(0));
+    let endpoint = {
+        let m = m.clone();
+        Peer::start(move |_| {
+            if m.fetch_add(1, Ordering::Relaxed) % 3 == 2 {
+                Answer::status(503)
+            } else {
+                Answer::ok()
+            }
+        })
+        .await
+    };
+    let relay = Arc::new(
+        Relay::start(
+            &bot.url(),
+            &endpoint.url(),
+            &["--retry-initial-backoff=5ms", "--retry-max-backoff=20ms"],
+        )
+        .await,
+    );
+
+    let mut senders = Vec::new();
+    for c in 0..CONVERSATIONS {
+        let relay = relay.clone();
+        senders.push(tokio::spawn(async move {
+            for i in 0..PER_CONVERSATION {
+                let (status, _) = relay
+                    .send(&message(
+                        "u",
+                        &format!("conv-{c}"),
+                        &format!("{c}-{i}"),
+                        &format!("{c}-{i}"),
+                    ))
+                    .await;
+                assert_eq!(status, 200);
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let total = CONVERSATIONS * PER_CONVERSATION;
+    let replies = endpoint
+        .wait_until("every reply", WAIT, |r| {
+            r.iter()
+                .filter(|x| x.body["payload"]["text"].is_string())
+                .map(|x| x.header("webhook-id").to_owned())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                >= total
+        })
+        .await;
+    let expected = |c: usize| {
+        (0..PER_CONVERSATION)
+            .map(|i| format!("{c}-{i}"))
+            .collect::<Vec<_>>()
+    };
+
+    let at_bot = first_arrivals(
+        &bot.received(),
+        |b| b["tags"]["conversationId"].as_str().unwrap().into(),
+        |b| b["tags"]["messageId"].as_str().unwrap().into(),
+    );
+    let at_endpoint = first_arrivals(
+        &replies,
+        |b| b["conversationId"].as_str().unwrap().into(),
+        |b| {
+            b["payload"]["text"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("echo: ")
+                .into()
+        },
+    );
+    for c in 0..CONVERSATIONS {
+        let key = format!("conv-{c}");
+        assert_eq!(at_bot[&key], expected(c), "bot order of {key}");
+        assert_eq!(at_endpoint[&key], expected(c), "endpoint order of {key}");
+    }
+    // Stronger: counting every attempt, retries included, no message of a
+    // conversation is sent again once the next one went out.
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for r in bot.received() {
+        assert!(r.signed_with(BOT_SECRET));
+        let conversation = r.body["tags"]["conversationId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let index: usize = r.body["tags"]["messageId"]
+            .as_str()
+            .unwrap()
+            .split('-')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let previous = last.insert(conversation.clone(), index).unwrap_or(0);
+        assert!(
+            index >= previous,
+            "{conversation}: message {index} sent after {previous}"
+        );
+    }
+    let retries = relay.metric("botrelay_delivery_retries_total", &[]).await;
+    assert!(retries > 0.0, "failures were retried");
+}
+
+#[tokio::test]
+async fn a_response_endpoint_that_fails_then_recovers_gets_everything_with_stable_ids() {
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::status(503).header("retry-after", "1")).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    for i in 0..3 {
+        assert_eq!(
+            relay
+                .send(&message("u", "c", &format!("m{i}"), &format!("t{i}")))
+                .await
+                .0,
+            200
+        );
+    }
+    // The first reply is retried (honouring Retry-After: 1s) and holds back the others.
+    let failing = endpoint
+        .wait_until("two attempts", WAIT, |r| r.len() >= 2)
+        .await;
+    assert_eq!(
+        failing[0].header("webhook-id"),
+        failing[1].header("webhook-id"),
+        "webhook-id is stable across retries"
+    );
+    assert_eq!(failing[0].body, failing[1].body);
+    assert!(!failing[0].header("webhook-timestamp").is_empty());
+    let gap = failing[1].at - failing[0].at;
+    assert!(
+        gap >= Duration::from_millis(950),
+        "Retry-After honoured: {gap:?}"
+    );
+    assert!(
+        failing
+            .iter()
+            .all(|r| r.body["payload"]["text"] == "echo: t0"),
+        "later replies wait for the first"
+    );
+
+    endpoint.set(|_| Answer::ok());
+    let before = endpoint.received().len();
+    let got = endpoint
+        .wait_until("all replies after recovery", WAIT, |r| {
+            r.len() >= before + 3
+        })
+        .await;
+    let texts: Vec<_> = got[before - 1..]
+        .iter()
+        .map(|r| r.body["payload"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    // The first message may be attempted once more before the endpoint recovers.
+    let mut deduped = texts.clone();
+    deduped.dedup();
+    assert_eq!(deduped, ["echo: t0", "echo: t1", "echo: t2"]);
+    let metrics = relay.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "botrelay_delivery_attempts_total",
+            &[("target", "response"), ("outcome", "http_error")]
+        ) >= 2.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "botrelay_messages_delivered_total",
+            &[("target", "response")]
+        ),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn a_failing_conversation_holds_back_only_itself() {
+    let bot = Peer::start(|r| {
+        if r.body["tags"]["conversationId"] == "stuck" {
+            Answer::status(500)
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    relay.send(&message("u", "stuck", "s1", "x")).await;
+    for i in 0..5 {
+        relay
+            .send(&message("u", "flowing", &format!("f{i}"), "x"))
+            .await;
+    }
+    bot.wait_until("the healthy conversation", WAIT, |r| {
+        r.iter()
+            .filter(|x| x.body["tags"]["conversationId"] == "flowing")
+            .count()
+            == 5
+    })
+    .await;
+    assert!(
+        relay
+            .metric("botrelay_queue_depth", &[("target", "bot")])
+            .await
+            <= 1.0 + 5.0
+    );
+}
+
+#[tokio::test]
+async fn a_slow_bot_times_out_and_is_retried() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let bot = {
+        let calls = calls.clone();
+        Peer::start(move |r| {
+            if calls.fetch_add(1, Ordering::Relaxed) == 0 {
+                Answer::ok().after(Duration::from_secs(3))
+            } else {
+                echo(r)
+            }
+        })
+        .await
+    };
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &["--bot-timeout=300ms"]).await;
+    relay.send(&message("u", "c", "m", "slow")).await;
+    endpoint
+        .wait_until("the reply after the retry", WAIT, |r| r.len() == 1)
+        .await;
+    assert_eq!(
+        relay
+            .metric(
+                "botrelay_delivery_attempts_total",
+                &[("target", "bot"), ("outcome", "timeout")]
+            )
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_target_is_a_network_error_and_is_retried() {
+    let down = free_addr();
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&format!("http://{down}/"), &endpoint.url(), &[]).await;
+    relay.send(&message("u", "c", "m", "x")).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        relay
+            .metric(
+                "botrelay_delivery_attempts_total",
+                &[("target", "bot"), ("outcome", "network_error")]
+            )
+            .await
+            >= 2.0
+    );
+    let bot = Peer::start_on(down, echo).await;
+    bot.wait_until("delivery once the bot is up", WAIT, |r| r.len() == 1)
+        .await;
+    endpoint
+        .wait_until("the reply", WAIT, |r| r.len() == 1)
+        .await;
+}
+
+#[tokio::test]
+async fn exhausted_messages_are_dead_lettered_listed_and_redriven() {
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::status(500)).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &["--max-attempts=3"]).await;
+    relay.send(&message("u", "c", "m1", "first")).await;
+    relay.send(&message("u", "c", "m2", "second")).await;
+    endpoint
+        .wait_until("3 attempts for each reply", WAIT, |r| r.len() >= 6)
+        .await;
+    let deadline = Instant::now() + WAIT;
+    while relay
+        .metric("botrelay_dead_letters", &[("target", "response")])
+        .await
+        < 2.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "dead letters not counted:\n{}",
+            relay.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(endpoint.received().len(), 6, "no attempt past the limit");
+    assert_eq!(
+        relay
+            .metric(
+                "botrelay_messages_dead_lettered_total",
+                &[("target", "response")]
+            )
+            .await,
+        2.0
+    );
+    assert!(relay.logs().contains("dead-lettered"));
+
+    let admin = |p: &str| format!("http://{}{p}", relay.admin);
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    let (status, _, body) = request(
+        "GET",
+        &admin("/dead-letters"),
+        &[("authorization", &auth)],
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let listed: Value = serde_json::from_slice(&body).unwrap();
+    let letters = listed["deadLetters"].as_array().unwrap();
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0]["target"], "response");
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 attempts failed")
+    );
+
+    endpoint.set(|_| Answer::ok());
+    // Redrive one by id, then the rest.
+    let first = letters[0]["id"].as_str().unwrap();
+    let (status, _, body) = request(
+        "POST",
+        &admin("/dead-letters/redrive"),
+        &[("authorization", &auth)],
+        json!({"ids": [first]}).to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            status,
+            serde_json::from_slice::<Value>(&body).unwrap()["redriven"].clone()
+        ),
+        (200, json!(1))
+    );
+    let got = endpoint
+        .wait_until("the redriven reply", WAIT, |r| r.len() >= 7)
+        .await;
+    assert_eq!(
+        got[6].header("webhook-id"),
+        first,
+        "a redriven message keeps its id"
+    );
+    let (status, _, body) = request(
+        "POST",
+        &admin("/dead-letters/redrive"),
+        &[("authorization", &auth)],
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            status,
+            serde_json::from_slice::<Value>(&body).unwrap()["redriven"].clone()
+        ),
+        (200, json!(1))
+    );
+    endpoint
+        .wait_until("the second redriven reply", WAIT, |r| r.len() >= 8)
+        .await;
+    assert_eq!(
+        relay
+            .metric("botrelay_dead_letters", &[("target", "response")])
+            .await,
+        0.0
+    );
+    let (status, _, _) = request(
+        "POST",
+        &admin("/dead-letters/redrive"),
+        &[("authorization", "Bearer nope")],
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after_and_loses_nothing() {
+    let down = free_addr();
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(
+        &format!("http://{down}/"),
+        &endpoint.url(),
+        &["--max-pending=5"],
+    )
+    .await;
+    for i in 0..5 {
+        assert_eq!(
+            relay
+                .send(&message("u", &format!("c{i}"), &format!("m{i}"), "x"))
+                .await
+                .0,
+            200
+        );
+    }
+    let (status, headers, body) = post(
+        &relay.url("/v1/messages"),
+        Some(CLIENT_TOKEN),
+        message("u", "c", "m-late", "x").to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 429);
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["error"]["code"],
+        "queue_full"
+    );
+    let bot = Peer::start_on(down, |_| Answer::ok()).await;
+    bot.wait_until("the five accepted messages", WAIT, |r| r.len() == 5)
+        .await;
+    // Room again: the late message is taken now.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if relay.send(&message("u", "c", "m-late", "x")).await.0 == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bot.wait_until("the late message", WAIT, |r| r.len() == 6)
+        .await;
+}

@@ -1,0 +1,291 @@
+//! What must survive: a SIGKILL under load, a SIGTERM, rotating credentials,
+//! and clients that are slow or hostile.
+
+mod common;
+
+use common::*;
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Sends messages to `url` from several tasks; returns the messageIds that got a 200.
+async fn load(url: String, tasks: usize, per_task: usize) -> Vec<String> {
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let url = url.clone();
+        handles.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for i in 0..per_task {
+                let id = format!("t{t}-{i}");
+                let body = message("u", &format!("conv-{}", i % 7), &id, &id)
+                    .to_string()
+                    .into_bytes();
+                match post(&url, Some(CLIENT_TOKEN), body).await {
+                    Ok((200, _, _)) => accepted.push(id),
+                    // Refused, reset or cut off by the kill: not acknowledged, so not owed.
+                    _ => {}
+                }
+            }
+            accepted
+        }));
+    }
+    let mut accepted = Vec::new();
+    for h in handles {
+        accepted.extend(h.await.unwrap());
+    }
+    accepted
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_acknowledged_message() {
+    // The bot is slow so that messages pile up and many are pending at the kill;
+    // its replies go to an endpoint that fails half the time.
+    let bot = Peer::start(|r| echo(r).after(Duration::from_millis(20))).await;
+    let flaky = std::sync::atomic::AtomicUsize::new(0);
+    let endpoint = Peer::start(move |_| {
+        if flaky.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0 {
+            Answer::status(503)
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
+    let mut relay = Relay::start(&bot.url(), &endpoint.url(), &["--max-in-flight=4"]).await;
+    let api = relay.api;
+
+    let sender = tokio::spawn(load(relay.url("/v1/messages"), 8, 250));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    relay.kill();
+    let accepted = sender.await.unwrap();
+    let at_kill = bot.received().len();
+    assert!(
+        !accepted.is_empty(),
+        "some messages were acknowledged before the kill"
+    );
+    assert!(
+        accepted.len() > at_kill / 2,
+        "messages were pending at the kill: {} acknowledged, {} at the bot",
+        accepted.len(),
+        at_kill
+    );
+
+    relay.restart().await;
+    assert_eq!(relay.api, api);
+    let accepted_set: HashSet<_> = accepted.iter().cloned().collect();
+    let delivered = |r: &[Received]| {
+        r.iter()
+            .map(|x| {
+                x.body["tags"]["messageId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect::<HashSet<_>>()
+    };
+    bot.wait_until("every acknowledged message at the bot", WAIT, |r| {
+        accepted_set.is_subset(&delivered(r))
+    })
+    .await;
+    let replied = |r: &[Received]| {
+        r.iter()
+            .filter_map(|x| x.body["payload"]["text"].as_str())
+            .map(|t| t.trim_start_matches("echo: ").to_owned())
+            .collect::<HashSet<_>>()
+    };
+    endpoint
+        .wait_until("a reply for every acknowledged message", WAIT, |r| {
+            accepted_set.is_subset(&replied(r))
+        })
+        .await;
+    println!(
+        "crash test: {} messages acknowledged before SIGKILL, {} had reached the bot at the kill; after restart all {} reached the bot and all {} replies reached the endpoint",
+        accepted.len(),
+        at_kill,
+        accepted.len(),
+        accepted.len()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero_and_the_rest_is_delivered_after_restart() {
+    let down = free_addr();
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let mut relay = Relay::start(&format!("http://{down}/"), &endpoint.url(), &[]).await;
+    for i in 0..20 {
+        assert_eq!(
+            relay
+                .send(&message("u", "c", &format!("m{i}"), "x"))
+                .await
+                .0,
+            200
+        );
+    }
+    assert_eq!(relay.terminate(), Some(0));
+    let logs = relay.logs();
+    assert!(logs.contains("shutting down"), "{logs}");
+    let bot = Peer::start_on(down, echo).await;
+    relay.restart().await;
+    let got = bot
+        .wait_until("the 20 messages", WAIT, |r| r.len() >= 20)
+        .await;
+    let ids: Vec<_> = got
+        .iter()
+        .map(|r| r.body["tags"]["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>(),
+        "in order, once each"
+    );
+}
+
+#[tokio::test]
+async fn tokens_rotate_without_a_restart() {
+    let bot = Peer::start(|_| Answer::ok()).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    let creds = relay.credentials_dir();
+    let send_with = |token: &'static str, id: &str| {
+        let body = message("u", "c", id, "x").to_string().into_bytes();
+        let url = relay.url("/v1/messages");
+        async move { post(&url, Some(token), body).await.unwrap().0 }
+    };
+    assert_eq!(send_with("new-token", "1").await, 401);
+    // Both tokens during the rotation...
+    write(
+        &creds,
+        "client-token",
+        &format!("{CLIENT_TOKEN}\nnew-token"),
+    );
+    wait_for_status(|| send_with("new-token", "2"), 200).await;
+    assert_eq!(send_with(CLIENT_TOKEN, "3").await, 200);
+    // ...then only the new one.
+    write(&creds, "client-token", "new-token");
+    wait_for_status(|| send_with(CLIENT_TOKEN, "4"), 401).await;
+    // A broken file keeps the last good credentials in force.
+    std::fs::write(creds.join("bot-signing-secret"), "not a secret").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(send_with("new-token", "5").await, 200);
+    let has = |r: &[Received], id: &str| r.iter().any(|x| x.body["tags"]["messageId"] == id);
+    bot.wait_until("messages 2, 3 and 5", WAIT, |r| {
+        ["2", "3", "5"].iter().all(|id| has(r, id))
+    })
+    .await;
+    assert!(bot.received().iter().all(|r| r.signed_with(BOT_SECRET)));
+    // The signing secret rotates too: with two secrets, both signatures are sent.
+    let second = format!("whsec_{}", base64_of(&[9u8; 32]));
+    write(
+        &creds,
+        "bot-signing-secret",
+        &format!("{BOT_SECRET}\n{second}"),
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(send_with("new-token", "6").await, 200);
+    let got = bot.wait_until("message 6", WAIT, |r| has(r, "6")).await;
+    let six = got
+        .iter()
+        .find(|x| x.body["tags"]["messageId"] == "6")
+        .unwrap();
+    assert!(six.signed_with(BOT_SECRET) && six.signed_with(&second));
+    assert!(
+        !relay.logs().contains("new-token"),
+        "tokens never reach the logs"
+    );
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn wait_for_status<F, Fut>(attempt: F, want: u16)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u16>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while attempt().await != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status {want} never came"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn slow_and_hostile_clients_cannot_pin_the_relay() {
+    let bot = Peer::start(|_| Answer::ok()).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(
+        &bot.url(),
+        &endpoint.url(),
+        &[
+            "--header-read-timeout=500ms",
+            "--body-read-timeout=500ms",
+            "--max-body-bytes=4096",
+        ],
+    )
+    .await;
+
+    // Headers that never finish: the connection is closed.
+    let mut slow_headers = TcpStream::connect(relay.api).await.unwrap();
+    slow_headers
+        .write_all(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // A body that never finishes: 408.
+    let mut slow_body = TcpStream::connect(relay.api).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\nContent-Length: 100\r\n\r\n{{\"userId\""
+    );
+    slow_body.write_all(head.as_bytes()).await.unwrap();
+    // A body larger than declared limit sent in chunks without Content-Length: 413.
+    let mut chunked = TcpStream::connect(relay.api).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    chunked.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..3 {
+        chunked
+            .write_all(format!("800\r\n{}\r\n", "a".repeat(0x800)).as_bytes())
+            .await
+            .unwrap();
+    }
+
+    // Meanwhile, normal traffic flows.
+    assert_eq!(relay.send(&message("u", "c", "m", "x")).await.0, 200);
+
+    let read_all = |mut s: TcpStream| async move {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("the relay closes the connection");
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let answer = read_all(chunked).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let answer = read_all(slow_body).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let answer = read_all(slow_headers).await;
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Garbage instead of HTTP.
+    let mut garbage = TcpStream::connect(relay.api).await.unwrap();
+    garbage.write_all(&[0xff; 512]).await.unwrap();
+    let _ = read_all(garbage).await;
+
+    assert_eq!(relay.send(&message("u", "c", "m2", "x")).await.0, 200);
+    bot.wait_until("both good messages", WAIT, |r| r.len() == 2)
+        .await;
+    assert_eq!(
+        get(&format!("http://{}/healthz", relay.admin))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+}
