@@ -195,8 +195,8 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, ctx: &Context) -> Resu
                     let status =
                         desired_status(endpoint, &observation, Some(reference.name.clone()), now());
                     update_status(endpoint, status, ctx).await?;
-                    // A user's Secret is not watched: look again soon.
-                    return Ok(Action::requeue(Duration::from_secs(30)));
+                    // The Secret watch brings us back when it is created or fixed.
+                    return Ok(Action::requeue(Duration::from_secs(300)));
                 }
             }
         }
@@ -450,9 +450,12 @@ pub fn controller(
             None => Api::all(client.clone()),
         }
     }
-    // Owned objects are watched through our label only, to keep the caches small.
+    // Owned objects are watched through our label only, to keep traffic small.
     let owned_config = watcher::Config::default().labels(MANAGED_BY_SELECTOR);
-    let controller = Controller::new(endpoints, watcher::Config::default())
+    let controller = Controller::new(endpoints, watcher::Config::default());
+    let store = controller.store();
+    let endpoints_by_secret = store.clone();
+    let controller = controller
         .owns(
             owned::<Deployment>(&client, namespace.as_ref()),
             owned_config.clone(),
@@ -462,16 +465,18 @@ pub fn controller(
             owned_config.clone(),
         )
         .owns(
-            owned::<Secret>(&client, namespace.as_ref()),
-            owned_config.clone(),
-        )
-        .owns(
             owned::<PersistentVolumeClaim>(&client, namespace.as_ref()),
             owned_config,
         )
+        // Every Secret, not only ours: a user's Secret named by credentialsSecretRef
+        // being created or fixed must reconcile the endpoints that use it.
+        .watches(
+            owned::<Secret>(&client, namespace.as_ref()),
+            watcher::Config::default(),
+            move |secret| endpoints_for_secret(&secret, &endpoints_by_secret),
+        )
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown);
-    let store = controller.store();
     let run = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -481,6 +486,34 @@ pub fn controller(
             }
         });
     (store, run)
+}
+
+/// The endpoints a Secret matters to: its controller (our generated Secret)
+/// and every endpoint in its namespace whose credentialsSecretRef names it.
+fn endpoints_for_secret(secret: &Secret, store: &Store<Guarded>) -> Vec<ObjectRef<Guarded>> {
+    let Some(namespace) = secret.namespace() else {
+        return vec![];
+    };
+    let name = secret.name_any();
+    let mut refs: Vec<ObjectRef<Guarded>> = secret
+        .owner_references()
+        .iter()
+        .filter(|r| r.controller == Some(true) && r.kind == "MessagingEndpoint")
+        .map(|r| ObjectRef::new(&r.name).within(&namespace))
+        .collect();
+    for object in store.state() {
+        if let Ok(endpoint) = &object.0
+            && endpoint.namespace().as_deref() == Some(namespace.as_str())
+            && endpoint
+                .spec
+                .credentials_secret_ref
+                .as_ref()
+                .is_some_and(|r| r.name == name)
+        {
+            refs.push(ObjectRef::from_obj(object.as_ref()));
+        }
+    }
+    refs
 }
 
 /// Counts ready and not-ready endpoints in the controllers' caches.

@@ -1,1 +1,1127 @@
-//! Test API server (not written yet).
+//! A small, stateful Kubernetes API server over plain HTTP, for running the
+//! real `botrelay-operator` binary in tests (no real API server can be
+//! installed on our CI machines).
+//!
+//! What it does:
+//! - stores any resource under `/api/v1/...` and `/apis/{group}/{version}/...`,
+//!   namespaced or cluster-wide; kinds and plurals are taken from the request;
+//! - `get`, `list` (equality label selectors, `metadata.name`/`metadata.namespace`
+//!   field selectors), `watch` (chunked JSON lines, replayed from any
+//!   `resourceVersion` because the whole history is kept), `create`
+//!   (`generateName` too), `update` (optimistic concurrency on
+//!   `resourceVersion`), `patch` and `delete`;
+//! - one global `resourceVersion` counter; `metadata.generation` starts at 1
+//!   and is bumped when anything outside `metadata` and `status` changes; a
+//!   write that changes nothing is not stored again (no new resourceVersion, no
+//!   watch event), as on a real server;
+//! - patches: server-side apply (`application/apply-patch+yaml`, JSON bodies
+//!   only — kube sends JSON), JSON merge patch, and strategic merge patch
+//!   treated as a JSON merge patch (no patch directives);
+//! - server-side apply tracks, per field manager, the leaf fields it applied:
+//!   fields a manager applied before and omits now are removed; without
+//!   `force=true` a changed value of a field another manager owns is a 409
+//!   Conflict. Lists are atomic (no list-map merging);
+//! - `status` is a subresource for messagingendpoints, deployments, services
+//!   and persistentvolumeclaims: writes to the main resource keep the stored
+//!   status, writes to `/status` change only the status;
+//! - deleting an object deletes, in the background, every object whose
+//!   `ownerReferences` names its uid (like the garbage collector);
+//! - optionally plays the Deployment controller: every Deployment write is
+//!   followed by a status saying all replicas are up to date and ready;
+//! - records every distinct (verb, API group, resource[/subresource]) called.
+//!
+//! Limits: no authentication or authorization, no admission, no schema
+//! validation or defaulting (so a malformed object can be stored and served on
+//! purpose), no CEL, no discovery endpoints, no pagination (`limit` is
+//! ignored: lists are complete), no bookmarks, no protobuf, no finalizers, no
+//! `deletecollection`, no JSON patch, no YAML bodies, HTTP/1.1 only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+
+/// One distinct API call, as RBAC names it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Call {
+    pub verb: String,
+    /// API group; `""` for the core group.
+    pub group: String,
+    /// Resource, with `/subresource` when one was addressed.
+    pub resource: String,
+}
+
+impl Call {
+    pub fn new(verb: &str, group: &str, resource: &str) -> Self {
+        Call {
+            verb: verb.into(),
+            group: group.into(),
+            resource: resource.into(),
+        }
+    }
+}
+
+/// Identifies a stored object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub group: String,
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Key {
+    pub fn new(group: &str, resource: &str, namespace: &str, name: &str) -> Self {
+        Key {
+            group: group.into(),
+            resource: resource.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct WatchEvent {
+    rv: u64,
+    key: Key,
+    type_: &'static str,
+    object: Arc<Value>,
+}
+
+#[derive(Default)]
+struct Entry {
+    object: Arc<Value>,
+    /// Field manager (with `/status` for status applies) → leaf paths it owns.
+    owners: BTreeMap<String, BTreeSet<Vec<String>>>,
+}
+
+#[derive(Default)]
+struct Store {
+    rv: u64,
+    uid: u64,
+    objects: BTreeMap<Key, Entry>,
+    history: Vec<WatchEvent>,
+    calls: BTreeSet<Call>,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    events: broadcast::Sender<WatchEvent>,
+    simulate_deployments: AtomicBool,
+}
+
+/// A running test API server; it stops when dropped.
+pub struct TestApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Error of a direct (in-process) call, mirroring the HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn err(code: u16, reason: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        code,
+        reason,
+        message: message.into(),
+    }
+}
+
+const STATUS_SUBRESOURCE: [&str; 4] = [
+    "messagingendpoints",
+    "deployments",
+    "services",
+    "persistentvolumeclaims",
+];
+
+impl TestApiServer {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().unwrap();
+        let (events, _) = broadcast::channel(1 << 16);
+        let shared = Arc::new(Shared {
+            store: Mutex::default(),
+            events,
+            simulate_deployments: AtomicBool::new(true),
+        });
+        let server_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let shared = server_shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TestApiServer { addr, shared, task }
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig that points at this server, with `namespace` as the default.
+    pub fn write_kubeconfig(&self, path: &Path, namespace: &str) -> std::io::Result<()> {
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n\
+             users:\n- name: test\n  user:\n    token: test-token\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: {namespace}\n\
+             current-context: test\n",
+            url = self.url()
+        );
+        std::fs::write(path, config)
+    }
+
+    /// When on (the default), every Deployment write is followed by a status
+    /// reporting all replicas updated, ready and available.
+    pub fn simulate_deployments(&self, on: bool) {
+        self.shared
+            .simulate_deployments
+            .store(on, Ordering::Relaxed);
+    }
+
+    /// Every distinct (verb, group, resource) called over HTTP so far.
+    pub fn calls(&self) -> BTreeSet<Call> {
+        self.shared.store.lock().unwrap().calls.clone()
+    }
+
+    /// The current resourceVersion: it grows with every stored change.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.store.lock().unwrap().rv
+    }
+
+    /// The resourceVersion of the latest change to an object `filter` accepts
+    /// (e.g. everything but Leases, which their holder renews).
+    pub fn last_change(&self, filter: impl Fn(&Key) -> bool) -> u64 {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .history
+            .iter()
+            .rev()
+            .find(|e| filter(&e.key))
+            .map(|e| e.rv)
+            .unwrap_or(0)
+    }
+
+    pub fn get(&self, key: &Key) -> Option<Value> {
+        let store = self.shared.store.lock().unwrap();
+        store.objects.get(key).map(|e| (*e.object).clone())
+    }
+
+    /// Objects of one resource, in one namespace or all.
+    pub fn list(&self, group: &str, resource: &str, namespace: Option<&str>) -> Vec<Value> {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .objects
+            .iter()
+            .filter(|(k, _)| {
+                k.group == group
+                    && k.resource == resource
+                    && namespace.is_none_or(|ns| k.namespace == ns)
+            })
+            .map(|(_, e)| (*e.object).clone())
+            .collect()
+    }
+
+    /// Stores a new object as is (no validation: malformed objects welcome).
+    pub fn create(&self, group: &str, resource: &str, object: Value) -> Result<Value, ApiError> {
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let mut store = self.shared.store.lock().unwrap();
+        create(
+            &self.shared,
+            &mut store,
+            group,
+            resource,
+            &namespace,
+            object,
+        )
+    }
+
+    /// Applies a JSON merge patch to an object (or to its status with `status = true`).
+    pub fn merge_patch(&self, key: &Key, patch: Value, status: bool) -> Result<Value, ApiError> {
+        let mut store = self.shared.store.lock().unwrap();
+        let sub = if status { Some("status") } else { None };
+        patch_object(
+            &self.shared,
+            &mut store,
+            key,
+            sub,
+            "merge",
+            &patch,
+            "test",
+            false,
+        )
+    }
+
+    /// Deletes an object and, like the garbage collector, everything it owns.
+    pub fn delete(&self, key: &Key) -> Result<Value, ApiError> {
+        let mut store = self.shared.store.lock().unwrap();
+        delete(&self.shared, &mut store, key)
+    }
+}
+
+// ---------------------------------------------------------------- storage
+
+fn now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Everything but metadata and status: what `generation` tracks.
+fn desired_part(object: &Value) -> Value {
+    let mut o = object.clone();
+    if let Some(map) = o.as_object_mut() {
+        for k in ["metadata", "status", "apiVersion", "kind"] {
+            map.remove(k);
+        }
+    }
+    o
+}
+
+/// Stores `object` under `key` (new or changed), assigning resourceVersion and
+/// generation, and publishes the watch event. Unchanged writes are skipped.
+fn commit(shared: &Shared, store: &mut Store, key: &Key, object: Value) -> Arc<Value> {
+    let stored = store_object(shared, store, key, object);
+    if key.group == "apps"
+        && key.resource == "deployments"
+        && shared.simulate_deployments.load(Ordering::Relaxed)
+    {
+        simulate_deployment_status(shared, store, key);
+    }
+    stored
+}
+
+fn store_object(shared: &Shared, store: &mut Store, key: &Key, mut object: Value) -> Arc<Value> {
+    let old = store.objects.get(key).map(|e| e.object.clone());
+    if let Some(old) = &old {
+        let mut a = (**old).clone();
+        let mut b = object.clone();
+        for v in [&mut a, &mut b] {
+            if let Some(m) = v["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+                m.remove("managedFields");
+            }
+        }
+        if a == b {
+            return old.clone();
+        }
+        let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+        let bumped = if desired_part(old) != desired_part(&object) {
+            generation + 1
+        } else {
+            generation
+        };
+        object["metadata"]["generation"] = json!(bumped);
+    }
+    store.rv += 1;
+    let rv = store.rv;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let object = Arc::new(object);
+    let type_ = if old.is_some() { "MODIFIED" } else { "ADDED" };
+    let entry = store.objects.entry(key.clone()).or_default();
+    entry.object = object.clone();
+    let event = WatchEvent {
+        rv,
+        key: key.clone(),
+        type_,
+        object: object.clone(),
+    };
+    store.history.push(event.clone());
+    let _ = shared.events.send(event);
+    object
+}
+
+/// What the Deployment controller and the kubelet would eventually report.
+fn simulate_deployment_status(shared: &Shared, store: &mut Store, key: &Key) {
+    let Some(entry) = store.objects.get(key) else {
+        return;
+    };
+    let object = &entry.object;
+    let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
+    let generation = object["metadata"]["generation"].clone();
+    let status = json!({
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "updatedReplicas": replicas,
+        "readyReplicas": replicas,
+        "availableReplicas": replicas,
+        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
+    });
+    if object["status"] == status {
+        return;
+    }
+    let mut updated = (**object).clone();
+    updated["status"] = status;
+    store_object(shared, store, key, updated);
+}
+
+fn create(
+    shared: &Shared,
+    store: &mut Store,
+    group: &str,
+    resource: &str,
+    namespace: &str,
+    mut object: Value,
+) -> Result<Value, ApiError> {
+    if !object.is_object() {
+        return Err(err(400, "BadRequest", "body is not a JSON object"));
+    }
+    if !object["metadata"].is_object() {
+        object["metadata"] = json!({});
+    }
+    let name = match (
+        object["metadata"]["name"].as_str(),
+        object["metadata"]["generateName"].as_str(),
+    ) {
+        (Some(n), _) if !n.is_empty() => n.to_string(),
+        (_, Some(prefix)) => format!("{prefix}{:05x}", store.uid + 1),
+        _ => return Err(err(422, "Invalid", "metadata.name: Required value")),
+    };
+    let key = Key::new(group, resource, namespace, &name);
+    if store.objects.contains_key(&key) {
+        return Err(err(
+            409,
+            "AlreadyExists",
+            format!("{resource} \"{name}\" already exists"),
+        ));
+    }
+    store.uid += 1;
+    let meta = object["metadata"].as_object_mut().unwrap();
+    meta.insert("name".into(), json!(name));
+    if !namespace.is_empty() {
+        meta.insert("namespace".into(), json!(namespace));
+    }
+    meta.insert(
+        "uid".into(),
+        json!(format!("00000000-0000-4000-8000-{:012x}", store.uid)),
+    );
+    meta.insert("creationTimestamp".into(), json!(now()));
+    meta.insert("generation".into(), json!(1));
+    meta.remove("resourceVersion");
+    if STATUS_SUBRESOURCE.contains(&resource)
+        && let Some(map) = object.as_object_mut()
+    {
+        map.remove("status");
+    }
+    Ok((*commit(shared, store, &key, object)).clone())
+}
+
+fn delete(shared: &Shared, store: &mut Store, key: &Key) -> Result<Value, ApiError> {
+    let Some(entry) = store.objects.remove(key) else {
+        return Err(not_found(key));
+    };
+    store.rv += 1;
+    let mut gone = (*entry.object).clone();
+    gone["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+    let event = WatchEvent {
+        rv: store.rv,
+        key: key.clone(),
+        type_: "DELETED",
+        object: Arc::new(gone.clone()),
+    };
+    store.history.push(event.clone());
+    let _ = shared.events.send(event);
+    // Background cascading deletion of dependents.
+    let uid = gone["metadata"]["uid"].clone();
+    let dependents: Vec<Key> = store
+        .objects
+        .iter()
+        .filter(|(_, e)| {
+            e.object["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for dependent in dependents {
+        let _ = delete(shared, store, &dependent);
+    }
+    Ok(gone)
+}
+
+fn not_found(key: &Key) -> ApiError {
+    err(
+        404,
+        "NotFound",
+        format!("{} \"{}\" not found", key.resource, key.name),
+    )
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// Leaf paths of a JSON object: arrays, scalars and empty objects are leaves.
+fn leaf_paths(value: &Value, prefix: &mut Vec<String>, out: &mut BTreeSet<Vec<String>>) {
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                prefix.push(k.clone());
+                leaf_paths(v, prefix, out);
+                prefix.pop();
+            }
+        }
+        Value::Null => {}
+        _ => {
+            out.insert(prefix.clone());
+        }
+    }
+}
+
+/// Paths a merge patch sets to null (deletes).
+fn null_paths(value: &Value, prefix: &mut Vec<String>, out: &mut BTreeSet<Vec<String>>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                prefix.push(k.clone());
+                null_paths(v, prefix, out);
+                prefix.pop();
+            }
+        }
+        Value::Null => {
+            out.insert(prefix.clone());
+        }
+        _ => {}
+    }
+}
+
+fn value_at<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(value, |v, k| v.get(k))
+}
+
+fn remove_at(value: &mut Value, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut v = value;
+    for k in parents {
+        match v.get_mut(k) {
+            Some(next) => v = next,
+            None => return,
+        }
+    }
+    if let Some(map) = v.as_object_mut() {
+        map.remove(last);
+    }
+}
+
+/// Paths an apply body may own: not the identity of the object.
+fn ownable(path: &[String]) -> bool {
+    !matches!(
+        path.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["apiVersion"] | ["kind"] | ["metadata", "name"] | ["metadata", "namespace"]
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn patch_object(
+    shared: &Shared,
+    store: &mut Store,
+    key: &Key,
+    subresource: Option<&str>,
+    kind: &str,
+    patch: &Value,
+    manager: &str,
+    force: bool,
+) -> Result<Value, ApiError> {
+    if !patch.is_object() {
+        return Err(err(400, "BadRequest", "patch body is not a JSON object"));
+    }
+    let status_only = subresource == Some("status");
+    let has_status = STATUS_SUBRESOURCE.contains(&key.resource.as_str());
+    let existing = store.objects.get(key).map(|e| (*e.object).clone());
+    let manager_key = if status_only {
+        format!("{manager}/status")
+    } else {
+        manager.to_string()
+    };
+    let current = match (&existing, kind) {
+        (Some(o), _) => o.clone(),
+        (None, "apply") if !status_only => Value::Null,
+        (None, _) => return Err(not_found(key)),
+    };
+
+    let mut paths = BTreeSet::new();
+    leaf_paths(patch, &mut vec![], &mut paths);
+    paths.retain(|p| ownable(p) && (!status_only || p.first().is_some_and(|k| k == "status")));
+
+    let mut updated = if current.is_null() {
+        json!({"metadata": {}})
+    } else {
+        current.clone()
+    };
+    let mut owners = store
+        .objects
+        .get(key)
+        .map(|e| e.owners.clone())
+        .unwrap_or_default();
+
+    if kind == "apply" {
+        if !force {
+            let conflicts: Vec<String> = owners
+                .iter()
+                .filter(|(m, _)| **m != manager_key)
+                .flat_map(|(m, owned)| {
+                    owned
+                        .intersection(&paths)
+                        .filter(|p| {
+                            let now = value_at(&current, p);
+                            now.is_some() && now != value_at(patch, p)
+                        })
+                        .map(move |p| format!("{m}: .{}", p.join(".")))
+                })
+                .collect();
+            if !conflicts.is_empty() {
+                return Err(err(
+                    409,
+                    "Conflict",
+                    format!("Apply failed with conflicts: {}", conflicts.join(", ")),
+                ));
+            }
+        }
+        // Fields this manager applied before and dropped now go away, unless
+        // someone else owns them too.
+        let before = owners.get(&manager_key).cloned().unwrap_or_default();
+        for gone in before.difference(&paths) {
+            let shared_with_others = owners
+                .iter()
+                .any(|(m, owned)| *m != manager_key && owned.contains(gone));
+            if !shared_with_others {
+                remove_at(&mut updated, gone);
+            }
+        }
+    }
+    merge_patch(&mut updated, patch);
+    // Fields a patch deleted (null) are owned by no one any more.
+    let mut deleted = BTreeSet::new();
+    null_paths(patch, &mut vec![], &mut deleted);
+    for owned in owners.values_mut() {
+        owned.retain(|p| !deleted.iter().any(|d| p.starts_with(d)));
+    }
+
+    // Ownership: the writer owns what it wrote; forced applies and plain
+    // patches take fields over from others.
+    let take_over = kind != "apply" || force;
+    for (m, owned) in owners.iter_mut() {
+        if *m != manager_key && take_over {
+            owned.retain(|p| !paths.contains(p));
+        }
+    }
+    if kind == "apply" {
+        owners.insert(manager_key.clone(), paths);
+    } else {
+        owners.entry(manager_key.clone()).or_default().extend(paths);
+    }
+
+    // Subresource rules.
+    if has_status {
+        let old_status = current.get("status").cloned();
+        if status_only {
+            let mut restored = current.clone();
+            match updated.get("status") {
+                Some(s) => restored["status"] = s.clone(),
+                None => {
+                    restored.as_object_mut().map(|m| m.remove("status"));
+                }
+            }
+            updated = restored;
+        } else {
+            match old_status {
+                Some(s) => updated["status"] = s,
+                None => {
+                    updated.as_object_mut().map(|m| m.remove("status"));
+                }
+            }
+        }
+    }
+
+    let result = if existing.is_none() {
+        let namespace = key.namespace.clone();
+        updated["metadata"]["name"] = json!(key.name);
+        create(
+            shared,
+            store,
+            &key.group,
+            &key.resource,
+            &namespace,
+            updated,
+        )?
+    } else {
+        (*commit(shared, store, key, updated)).clone()
+    };
+    if let Some(entry) = store.objects.get_mut(key) {
+        entry.owners = owners;
+    }
+    Ok(result)
+}
+
+// ---------------------------------------------------------------- HTTP
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn json_response(code: u16, value: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(value.to_string())).boxed())
+        .unwrap()
+}
+
+fn status_response(e: &ApiError) -> Response<Body> {
+    json_response(
+        e.code,
+        &json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": e.message, "reason": e.reason, "code": e.code,
+        }),
+    )
+}
+
+struct Target {
+    group: String,
+    version: String,
+    namespace: Option<String>,
+    resource: String,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    let (resource, name, subresource) = match rest {
+        [resource] => (*resource, None, None),
+        [resource, name] => (*resource, Some(name.to_string()), None),
+        [resource, name, sub] => (*resource, Some(name.to_string()), Some(sub.to_string())),
+        _ => return None,
+    };
+    Some(Target {
+        group: group.into(),
+        version: version.into(),
+        namespace,
+        resource: resource.into(),
+        name,
+        subresource,
+    })
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Equality-based label selector (`a=b`, `a==b`, `a!=b`, `a`, `!a`) and
+/// `metadata.name` / `metadata.namespace` field selectors.
+fn matches(object: &Value, labels: Option<&String>, fields: Option<&String>) -> bool {
+    let object_labels = &object["metadata"]["labels"];
+    let label_ok = labels.is_none_or(|sel| {
+        sel.split(',').filter(|s| !s.is_empty()).all(|term| {
+            if let Some((k, v)) = term.split_once("!=") {
+                object_labels[k.trim()].as_str() != Some(v.trim())
+            } else if let Some((k, v)) = term.split_once('=') {
+                object_labels[k.trim()].as_str() == Some(v.trim_start_matches('=').trim())
+            } else if let Some(k) = term.strip_prefix('!') {
+                object_labels.get(k.trim()).is_none()
+            } else {
+                object_labels.get(term.trim()).is_some()
+            }
+        })
+    });
+    let field_ok = fields.is_none_or(|sel| {
+        sel.split(',').filter(|s| !s.is_empty()).all(|term| {
+            let (k, v) = term.split_once('=').unwrap_or((term, ""));
+            let v = v.trim_start_matches('=');
+            match k {
+                "metadata.name" => object["metadata"]["name"].as_str() == Some(v),
+                "metadata.namespace" => object["metadata"]["namespace"].as_str() == Some(v),
+                _ => true,
+            }
+        })
+    });
+    label_ok && field_ok
+}
+
+fn verb(method: &Method, target: &Target, query: &BTreeMap<String, String>) -> &'static str {
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    match (method.as_str(), target.name.is_some()) {
+        ("GET", true) => "get",
+        ("GET", false) if watch => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => "unknown",
+    }
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let Some(target) = parse_path(req.uri().path()) else {
+        return status_response(&err(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
+    };
+    let query = query(&req);
+    let verb = verb(req.method(), &target, &query);
+    let resource_label = match &target.subresource {
+        Some(sub) => format!("{}/{sub}", target.resource),
+        None => target.resource.clone(),
+    };
+    shared
+        .store
+        .lock()
+        .unwrap()
+        .calls
+        .insert(Call::new(verb, &target.group, &resource_label));
+
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return status_response(&err(400, "BadRequest", "could not read the body")),
+    };
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let key = |name: &str| Key::new(&target.group, &target.resource, &namespace, name);
+    let parse_body = || -> Result<Value, ApiError> {
+        serde_json::from_slice(&body)
+            .map_err(|e| err(400, "BadRequest", format!("body is not JSON: {e}")))
+    };
+
+    let result: Result<Value, ApiError> = match verb {
+        "get" => {
+            let store = shared.store.lock().unwrap();
+            store
+                .objects
+                .get(&key(target.name.as_deref().unwrap()))
+                .map(|e| (*e.object).clone())
+                .ok_or_else(|| not_found(&key(target.name.as_deref().unwrap())))
+        }
+        "list" => {
+            let store = shared.store.lock().unwrap();
+            let items: Vec<Value> = store
+                .objects
+                .iter()
+                .filter(|(k, e)| {
+                    k.group == target.group
+                        && k.resource == target.resource
+                        && target.namespace.as_ref().is_none_or(|ns| &k.namespace == ns)
+                        && matches(&e.object, query.get("labelSelector"), query.get("fieldSelector"))
+                })
+                .map(|(_, e)| (*e.object).clone())
+                .collect();
+            let kind = items
+                .first()
+                .and_then(|i| i["kind"].as_str())
+                .map(|k| format!("{k}List"))
+                .unwrap_or_else(|| "List".into());
+            let api_version = if target.group.is_empty() {
+                target.version.clone()
+            } else {
+                format!("{}/{}", target.group, target.version)
+            };
+            Ok(json!({
+                "kind": kind, "apiVersion": api_version,
+                "metadata": {"resourceVersion": store.rv.to_string()},
+                "items": items,
+            }))
+        }
+        "watch" => return watch(shared, target, query),
+        "create" => parse_body().and_then(|object| {
+            let mut store = shared.store.lock().unwrap();
+            create(&shared, &mut store, &target.group, &target.resource, &namespace, object)
+        }),
+        "update" => parse_body().and_then(|mut object| {
+            let mut store = shared.store.lock().unwrap();
+            let k = key(target.name.as_deref().unwrap());
+            let Some(current) = store.objects.get(&k).map(|e| (*e.object).clone()) else {
+                return Err(not_found(&k));
+            };
+            if let Some(rv) = object["metadata"]["resourceVersion"].as_str()
+                && Some(rv) != current["metadata"]["resourceVersion"].as_str()
+            {
+                return Err(err(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again"));
+            }
+            for field in ["uid", "creationTimestamp", "generation"] {
+                object["metadata"][field] = current["metadata"][field].clone();
+            }
+            if STATUS_SUBRESOURCE.contains(&target.resource.as_str()) {
+                let status_only = target.subresource.as_deref() == Some("status");
+                let mut merged = current.clone();
+                if status_only {
+                    merged["status"] = object["status"].clone();
+                } else {
+                    let status = current["status"].clone();
+                    merged = object;
+                    merged["status"] = status;
+                }
+                object = merged;
+            }
+            Ok((*commit(&shared, &mut store, &k, object)).clone())
+        }),
+        "patch" => parse_body().and_then(|patch| {
+            let kind = if content_type.starts_with("application/apply-patch") {
+                "apply"
+            } else if content_type.starts_with("application/merge-patch+json")
+                || content_type.starts_with("application/strategic-merge-patch+json")
+            {
+                "merge"
+            } else {
+                return Err(err(415, "UnsupportedMediaType", format!("unsupported patch type {content_type}")));
+            };
+            let manager = query.get("fieldManager").cloned().unwrap_or_else(|| "unknown".into());
+            if kind == "apply" && !query.contains_key("fieldManager") {
+                return Err(err(422, "Invalid", "fieldManager is required for apply patches"));
+            }
+            let force = query.get("force").map(String::as_str) == Some("true");
+            let mut store = shared.store.lock().unwrap();
+            patch_object(
+                &shared,
+                &mut store,
+                &key(target.name.as_deref().unwrap()),
+                target.subresource.as_deref(),
+                kind,
+                &patch,
+                &manager,
+                force,
+            )
+        }),
+        "delete" => {
+            let mut store = shared.store.lock().unwrap();
+            delete(&shared, &mut store, &key(target.name.as_deref().unwrap()))
+        }
+        _ => Err(err(405, "MethodNotAllowed", "not supported by the test API server")),
+    };
+    match result {
+        Ok(value) => json_response(if verb == "create" { 201 } else { 200 }, &value),
+        Err(e) => status_response(&e),
+    }
+}
+
+fn watch(shared: Arc<Shared>, target: Target, query: BTreeMap<String, String>) -> Response<Body> {
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|rv| rv.parse().ok())
+        .unwrap_or(0);
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let wanted = move |e: &WatchEvent| {
+        e.key.group == target.group
+            && e.key.resource == target.resource
+            && target
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| &e.key.namespace == ns)
+            && matches(
+                &e.object,
+                query.get("labelSelector"),
+                query.get("fieldSelector"),
+            )
+    };
+    let (backlog, mut live) = {
+        let store = shared.store.lock().unwrap();
+        let backlog: Vec<WatchEvent> = if from == 0 {
+            store
+                .objects
+                .iter()
+                .map(|(k, e)| WatchEvent {
+                    rv: store.rv,
+                    key: k.clone(),
+                    type_: "ADDED",
+                    object: e.object.clone(),
+                })
+                .filter(&wanted)
+                .collect()
+        } else {
+            let start = store.history.partition_point(|e| e.rv <= from);
+            store.history[start..]
+                .iter()
+                .filter(|e| wanted(e))
+                .cloned()
+                .collect()
+        };
+        // Subscribing under the lock: no event falls between backlog and live.
+        (backlog, shared.events.subscribe())
+    };
+    let last = backlog.last().map(|e| e.rv).unwrap_or(from);
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    tokio::spawn(async move {
+        let line = |e: &WatchEvent| {
+            let mut s = json!({"type": e.type_, "object": *e.object}).to_string();
+            s.push('\n');
+            Bytes::from(s)
+        };
+        for e in &backlog {
+            if tx.send(line(e)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+                event = live.recv() => match event {
+                    Ok(e) if e.rv > last && wanted(&e) => {
+                        if tx.send(line(&e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Fell behind: end the watch; the client re-lists.
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<_, Infallible>(Frame::data(bytes)), rx))
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}

@@ -1,0 +1,535 @@
+//! The real operator binary against the test API server, over HTTP, with a
+//! kubeconfig — what a user would check with kubectl.
+
+mod support;
+
+use std::time::Duration;
+
+use botrelay_test_apiserver::{Key, TestApiServer};
+use serde_json::{Value, json};
+use support::*;
+
+fn args(deployment: &Value) -> Vec<String> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn checksum(deployment: &Value) -> String {
+    deployment["spec"]["template"]["metadata"]["annotations"]["botrelay.dev/checksum"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .map(|i| args[i + 1].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_becomes_a_ready_relay_with_owned_objects_and_status() {
+    let server = TestApiServer::start().await;
+    let operator = Operator::start(&server, "op-1", &[]);
+    let created = server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint(
+                "support",
+                json!({"delivery": {"botTimeout": "10s", "maxAttempts": 5}}),
+            ),
+        )
+        .unwrap();
+    let uid = created["metadata"]["uid"].clone();
+
+    let ep = wait_reason(&server, &operator, "support", "RelayReady").await;
+    let status = &ep["status"];
+    assert_eq!(
+        status["webhookUrl"],
+        "http://support-relay.shop.svc:8080/v1/messages"
+    );
+    assert_eq!(status["credentialsSecret"], "support-credentials");
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(status["readyReplicas"], 1);
+    assert_eq!(condition(&ep, "Ready").unwrap()["status"], "True");
+    assert_eq!(condition(&ep, "Progressing").unwrap()["status"], "False");
+    assert_eq!(condition(&ep, "Degraded").unwrap()["status"], "False");
+
+    // The four objects exist, are controlled by the endpoint, and carry the labels.
+    for key in [
+        secret_key("support-credentials"),
+        deployment_key("support-relay"),
+        service_key("support-relay"),
+        pvc_key("support-data"),
+    ] {
+        let object = server.get(&key).unwrap_or_else(|| panic!("{key:?} exists"));
+        let owner = &object["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "MessagingEndpoint", "{key:?}");
+        assert_eq!(owner["uid"], uid, "{key:?}");
+        assert_eq!(owner["controller"], true, "{key:?}");
+        assert_eq!(
+            object["metadata"]["labels"]["app.kubernetes.io/instance"],
+            "support"
+        );
+        assert_eq!(
+            object["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "botrelay-operator"
+        );
+    }
+    let secret = server.get(&secret_key("support-credentials")).unwrap();
+    let mut keys: Vec<&String> = secret["data"].as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "bot-signing-secret",
+            "bot-token",
+            "client-token",
+            "response-signing-secret"
+        ]
+    );
+    let deployment = server.get(&deployment_key("support-relay")).unwrap();
+    let a = args(&deployment);
+    assert_eq!(
+        flag(&a, "--bot-url").unwrap(),
+        "http://support-bot.shop.svc:8080/events"
+    );
+    assert_eq!(flag(&a, "--bot-timeout").unwrap(), "10s");
+    assert_eq!(flag(&a, "--max-attempts").unwrap(), "5");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        "botrelay/relay:0.1.0"
+    );
+    let service = server.get(&service_key("support-relay")).unwrap();
+    let ports: Vec<(&str, i64)> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["port"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(ports, [("http", 8080), ("metrics", 9090)]);
+
+    // Events tell the story.
+    let events = server.list("events.k8s.io", "events", Some(NS));
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+    assert!(reasons.contains(&"CredentialsGenerated"), "{reasons:?}");
+    assert!(reasons.contains(&"RelayReady"), "{reasons:?}");
+
+    // Steady state: nothing but the Lease renewal is written again (no reconcile storm).
+    let not_lease = |k: &Key| k.resource != "leases";
+    let rv = server.last_change(not_lease);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        server.last_change(not_lease),
+        rv,
+        "the operator keeps writing in steady state"
+    );
+
+    // Admin server: health, readiness and the metrics the chart relies on.
+    assert_eq!(operator.admin_get("/healthz").await.0, 200);
+    assert_eq!(operator.admin_get("/readyz").await.0, 200);
+    assert_eq!(operator.metric("botrelay_operator_leader").await, Some(1.0));
+    assert_eq!(
+        operator
+            .metric("botrelay_operator_endpoints{ready=\"true\"}")
+            .await,
+        Some(1.0)
+    );
+    assert!(
+        operator
+            .metric("botrelay_operator_reconciliations_total{result=\"success\"}")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert!(
+        operator
+            .metric("botrelay_operator_reconcile_duration_seconds_count")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_change_rolls_the_deployment_but_never_regenerates_the_secret() {
+    let server = TestApiServer::start().await;
+    let operator = Operator::start(&server, "op-1", &[]);
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("support", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "support", "RelayReady").await;
+    let secret_before = server.get(&secret_key("support-credentials")).unwrap()["data"].clone();
+    let checksum_before = checksum(&server.get(&deployment_key("support-relay")).unwrap());
+
+    server
+        .merge_patch(
+            &ep_key("support"),
+            json!({"spec": {"bot": {"url": "http://new-bot.shop.svc/events"}, "delivery": {"dedupeWindow": "48h"}}}),
+            false,
+        )
+        .unwrap();
+    let deployment = eventually(20, "Deployment with the new bot URL", &operator, || {
+        let d = server.get(&deployment_key("support-relay"))?;
+        (flag(&args(&d), "--bot-url")? == "http://new-bot.shop.svc/events").then_some(d)
+    })
+    .await;
+    assert_eq!(flag(&args(&deployment), "--dedupe-window").unwrap(), "48h");
+    assert_ne!(
+        checksum(&deployment),
+        checksum_before,
+        "config change must roll the pods"
+    );
+    let ep = eventually(20, "status of generation 2", &operator, || {
+        let ep = server.get(&ep_key("support"))?;
+        (ep["status"]["observedGeneration"] == 2 && condition(&ep, "Ready")?["status"] == "True")
+            .then_some(ep)
+    })
+    .await;
+    assert_eq!(ep["metadata"]["generation"], 2);
+    assert_eq!(
+        server.get(&secret_key("support-credentials")).unwrap()["data"],
+        secret_before,
+        "the generated Secret must never be regenerated"
+    );
+
+    // Someone deletes one key: only that key is generated again, the others stay.
+    let mut data = secret_before.clone();
+    data.as_object_mut().unwrap().remove("bot-token");
+    server
+        .merge_patch(
+            &secret_key("support-credentials"),
+            json!({"data": {"bot-token": null}}),
+            false,
+        )
+        .unwrap();
+    let repaired = eventually(20, "bot-token regenerated", &operator, || {
+        let s = server.get(&secret_key("support-credentials"))?;
+        s["data"]["bot-token"].is_string().then_some(s)
+    })
+    .await;
+    assert_ne!(repaired["data"]["bot-token"], secret_before["bot-token"]);
+    assert_eq!(
+        repaired["data"]["client-token"],
+        secret_before["client-token"]
+    );
+    assert_eq!(
+        repaired["data"]["bot-signing-secret"],
+        secret_before["bot-signing-secret"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_secret_missing_a_key_gets_a_condition_until_fixed() {
+    let server = TestApiServer::start().await;
+    let operator = Operator::start(&server, "op-1", &[]);
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint(
+                "byo",
+                json!({"credentialsSecretRef": {"name": "my-tokens"}}),
+            ),
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "byo", "SecretNotFound").await;
+    assert!(
+        condition(&ep, "Ready").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("my-tokens")
+    );
+    assert_eq!(condition(&ep, "Degraded").unwrap()["status"], "True");
+
+    server
+        .create(
+            "",
+            "secrets",
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "my-tokens", "namespace": NS},
+                   "data": {"client-token": b64("c"), "bot-token": b64("b"), "bot-signing-secret": b64("whsec_x")}}),
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "byo", "MissingSecretKey").await;
+    assert_eq!(
+        condition(&ep, "Ready").unwrap()["message"],
+        "Secret my-tokens lacks response-signing-secret"
+    );
+    assert!(
+        server.get(&deployment_key("byo-relay")).is_none(),
+        "no relay without credentials"
+    );
+    assert!(
+        server.get(&secret_key("byo-credentials")).is_none(),
+        "no generated Secret"
+    );
+
+    server
+        .merge_patch(
+            &secret_key("my-tokens"),
+            json!({"data": {"response-signing-secret": b64("whsec_y")}}),
+            false,
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "byo", "RelayReady").await;
+    assert_eq!(ep["status"]["credentialsSecret"], "my-tokens");
+    let deployment = server.get(&deployment_key("byo-relay")).unwrap();
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
+        "my-tokens"
+    );
+    // The user's Secret is left as the user wrote it.
+    let secret = server.get(&secret_key("my-tokens")).unwrap();
+    assert!(secret["metadata"]["ownerReferences"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_get_a_condition_naming_the_field_and_nothing_is_applied() {
+    let server = TestApiServer::start().await;
+    let operator = Operator::start(&server, "op-1", &[]);
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("bad-url", json!({"bot": {"url": "ftp://bot.example/x"}})),
+        )
+        .unwrap();
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("too-many", json!({"replicas": 3})),
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "bad-url", "InvalidSpec").await;
+    let message = condition(&ep, "Ready").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.starts_with("spec.bot.url: \"ftp://bot.example/x\" has scheme \"ftp\""),
+        "{message}"
+    );
+    let ep = wait_reason(&server, &operator, "too-many", "InvalidSpec").await;
+    assert!(
+        condition(&ep, "Degraded").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.replicas: 3 replicas need a shared store")
+    );
+    for name in ["bad-url", "too-many"] {
+        assert!(
+            server
+                .get(&deployment_key(&format!("{name}-relay")))
+                .is_none()
+        );
+    }
+    // Fixing the spec brings the relay up.
+    server
+        .merge_patch(&ep_key("too-many"), json!({"spec": {"replicas": 1}}), false)
+        .unwrap();
+    wait_reason(&server, &operator, "too-many", "RelayReady").await;
+    // The operator never crashed.
+    assert_eq!(operator.admin_get("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_endpoint_gets_a_condition_and_the_others_still_reconcile() {
+    let server = TestApiServer::start().await;
+    // The malformed object is there before the operator's first list.
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint(
+                "broken",
+                json!({"bot": "not-an-object", "replicas": "many"}),
+            ),
+        )
+        .unwrap();
+    let operator = Operator::start(&server, "op-1", &[]);
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("fine", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "fine", "RelayReady").await;
+    let broken = wait_reason(&server, &operator, "broken", "InvalidObject").await;
+    assert!(
+        condition(&broken, "Ready").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match the MessagingEndpoint schema")
+    );
+    // And endpoints created later are still seen.
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("later", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "later", "RelayReady").await;
+    assert!(
+        operator
+            .metric("botrelay_operator_reconcile_errors_total{reason=\"undecodable_object\"}")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_not_ready_is_reported_then_ready_when_pods_come_up() {
+    let server = TestApiServer::start().await;
+    server.simulate_deployments(false);
+    let operator = Operator::start(&server, "op-1", &[]);
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("slow", json!({})),
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "slow", "RelayNotReady").await;
+    assert_eq!(condition(&ep, "Progressing").unwrap()["status"], "True");
+    let not_ready_since = condition(&ep, "Ready").unwrap()["lastTransitionTime"].clone();
+    // Times have one-second precision: let the clock move on.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The Deployment controller reports the pod ready.
+    let key = deployment_key("slow-relay");
+    let generation = server.get(&key).unwrap()["metadata"]["generation"].clone();
+    server
+        .merge_patch(
+            &key,
+            json!({"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1}}),
+            true,
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "slow", "RelayReady").await;
+    assert_ne!(
+        condition(&ep, "Ready").unwrap()["lastTransitionTime"],
+        not_ready_since
+    );
+
+    // A rollout that exceeds its deadline is Degraded with the reason.
+    server
+        .merge_patch(
+            &key,
+            json!({"status": {"readyReplicas": 0, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet has timed out progressing."}]}}),
+            true,
+        )
+        .unwrap();
+    let ep = eventually(20, "RolloutStuck", &operator, || {
+        let ep = server.get(&ep_key("slow"))?;
+        (condition(&ep, "Degraded")?["reason"] == "RolloutStuck").then_some(ep)
+    })
+    .await;
+    assert_eq!(condition(&ep, "Ready").unwrap()["status"], "False");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_endpoint_deletes_everything_it_owns() {
+    let server = TestApiServer::start().await;
+    let operator = Operator::start(&server, "op-1", &[]);
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("gone", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "gone", "RelayReady").await;
+    server.delete(&ep_key("gone")).unwrap();
+    // The test server's garbage collector follows ownerReferences, as the real one does.
+    for key in [
+        secret_key("gone-credentials"),
+        deployment_key("gone-relay"),
+        service_key("gone-relay"),
+        pvc_key("gone-data"),
+    ] {
+        assert!(server.get(&key).is_none(), "{key:?} still exists");
+    }
+    // And the operator does not bring them back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(server.get(&deployment_key("gone-relay")).is_none());
+    assert_eq!(operator.admin_get("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_leader_and_a_clean_handover_on_sigterm() {
+    let server = TestApiServer::start().await;
+    let mut first = Operator::start(&server, "op-a", &[]);
+    eventually(20, "op-a leading", &first, || {
+        let lease = server.get(&Key::new(
+            "coordination.k8s.io",
+            "leases",
+            LEASE_NS,
+            "botrelay-operator",
+        ))?;
+        (lease["spec"]["holderIdentity"] == "op-a").then_some(())
+    })
+    .await;
+    let second = Operator::start(&server, "op-b", &[]);
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("one", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &first, "one", "RelayReady").await;
+    // The standby is healthy and ready, but not leading and not reconciling.
+    eventually(10, "op-b admin up", &second, || Some(())).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(second.admin_get("/readyz").await.0, 200);
+    assert_eq!(second.metric("botrelay_operator_leader").await, Some(0.0));
+    assert_eq!(
+        second
+            .metric("botrelay_operator_reconciliations_total{result=\"success\"}")
+            .await,
+        Some(0.0)
+    );
+
+    assert_eq!(
+        first.terminate(),
+        Some(0),
+        "SIGTERM ends the operator cleanly"
+    );
+    eventually(20, "op-b leading", &second, || {
+        let lease = server.get(&Key::new(
+            "coordination.k8s.io",
+            "leases",
+            LEASE_NS,
+            "botrelay-operator",
+        ))?;
+        (lease["spec"]["holderIdentity"] == "op-b").then_some(())
+    })
+    .await;
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("two", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &second, "two", "RelayReady").await;
+    assert_eq!(second.metric("botrelay_operator_leader").await, Some(1.0));
+}

@@ -1,0 +1,128 @@
+//! Records every (verb, API group, resource) the real operator calls while it
+//! goes through every code path, checks it is exactly the expected set, and
+//! writes it to `<workspace>/target/rbac-observed.json`, where the chart's
+//! test compares it with the rendered ClusterRole and Role.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use botrelay_test_apiserver::{Call, TestApiServer};
+use serde_json::json;
+use support::*;
+
+fn expected() -> BTreeSet<Call> {
+    let mut set = BTreeSet::new();
+    let mut add = |group: &str, resource: &str, verbs: &[&str]| {
+        for verb in verbs {
+            set.insert(Call::new(verb, group, resource));
+        }
+    };
+    // get: only to read an object that does not decode (to avoid rewriting its condition).
+    add(
+        "botrelay.dev",
+        "messagingendpoints",
+        &["get", "list", "watch"],
+    );
+    add("botrelay.dev", "messagingendpoints/status", &["patch"]);
+    add("", "secrets", &["get", "list", "watch", "patch"]);
+    add("", "services", &["list", "watch", "patch"]);
+    add("", "persistentvolumeclaims", &["list", "watch", "patch"]);
+    add("apps", "deployments", &["list", "watch", "patch"]);
+    // patch: the event recorder turns a repeated event into a series.
+    add("events.k8s.io", "events", &["create", "patch"]);
+    add("coordination.k8s.io", "leases", &["get", "create", "patch"]);
+    set
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_calls_exactly_the_expected_verbs_and_resources() {
+    let server = TestApiServer::start().await;
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("broken", json!({"bot": 42})),
+        )
+        .unwrap();
+    let mut operator = Operator::start(&server, "op-rbac", &[]);
+
+    // A generated Secret, the full relay, and a spec update.
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("gen", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "gen", "RelayReady").await;
+    server
+        .merge_patch(&ep_key("gen"), json!({"spec": {"replicas": 0}}), false)
+        .unwrap();
+    wait_reason(&server, &operator, "gen", "ScaledToZero").await;
+
+    // A user's Secret, missing first.
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("byo", json!({"credentialsSecretRef": {"name": "mine"}})),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "byo", "SecretNotFound").await;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    server
+        .create(
+            "",
+            "secrets",
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS},
+                   "data": {"client-token": b64("a"), "bot-token": b64("b"),
+                            "bot-signing-secret": b64("whsec_c"), "response-signing-secret": b64("whsec_d")}}),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "byo", "RelayReady").await;
+
+    // An invalid spec, fixed, then broken the same way again (a repeated event).
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("flappy", json!({"replicas": 3})),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "flappy", "InvalidSpec").await;
+    server
+        .merge_patch(&ep_key("flappy"), json!({"spec": {"replicas": 1}}), false)
+        .unwrap();
+    wait_reason(&server, &operator, "flappy", "RelayReady").await;
+    server
+        .merge_patch(&ep_key("flappy"), json!({"spec": {"replicas": 3}}), false)
+        .unwrap();
+    wait_reason(&server, &operator, "flappy", "InvalidSpec").await;
+
+    // The undecodable object got its condition.
+    wait_reason(&server, &operator, "broken", "InvalidObject").await;
+
+    // Deletion, then a clean stop (which releases the Lease).
+    server.delete(&ep_key("gen")).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(operator.terminate(), Some(0));
+
+    let observed = server.calls();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/rbac-observed.json");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let sorted: Vec<&Call> = observed.iter().collect();
+    std::fs::write(&path, serde_json::to_string_pretty(&sorted).unwrap() + "\n").unwrap();
+
+    let missing: Vec<_> = expected().difference(&observed).cloned().collect();
+    let unexpected: Vec<_> = observed.difference(&expected()).cloned().collect();
+    assert!(
+        missing.is_empty() && unexpected.is_empty(),
+        "RBAC drift (written to {}):\n  not called: {missing:?}\n  not expected: {unexpected:?}\noperator log:\n{}",
+        path.display(),
+        operator.logs()
+    );
+}
