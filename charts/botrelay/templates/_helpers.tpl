@@ -76,36 +76,37 @@ app.kubernetes.io/component: operator
 {{/* The rules the operator needs in every namespace whose MessagingEndpoints it
 manages. Keep this list equal to what the operator really calls: the chart test
 compares it with target/rbac-observed.json, written by the operator's
-integration test. Secrets: the operator creates and patches the credentials
-Secret of each endpoint and watches the Secrets it owns to roll relays when they
-change; it never deletes them (owner references do). */}}
+integration test (operator/tests/rbac.rs). The operator creates and updates its
+objects with server-side apply, which is a patch (also when the object does not
+exist yet): no create or update verbs. It never deletes anything; owner
+references do. Secrets: get for a user's own credentials Secret
+(credentialsSecretRef), patch for the generated one, list/watch to roll a relay
+when its Secret changes. */}}
 {{- define "botrelay.operatorRules" -}}
 - apiGroups: [botrelay.dev]
   resources: [messagingendpoints]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch]
 - apiGroups: [botrelay.dev]
   resources: [messagingendpoints/status]
-  verbs: [get, patch]
+  verbs: [patch]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [""]
-  resources: [services]
-  verbs: [get, list, watch, create, patch]
-- apiGroups: [""]
-  resources: [persistentvolumeclaims]
-  verbs: [get, list, watch, create, patch]
+  resources: [services, persistentvolumeclaims]
+  verbs: [list, watch, patch]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch]
+  verbs: [list, watch, patch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
 {{- end -}}
 
-{{/* Leader election: only the Lease, only in the release namespace. */}}
+{{/* Leader election: only the Lease, only in the release namespace. The lease
+manager reads it, creates it once and patches it to acquire and renew. */}}
 {{- define "botrelay.leaseRules" -}}
 - apiGroups: [coordination.k8s.io]
   resources: [leases]
-  verbs: [get, list, watch, create, update, patch]
+  verbs: [get, create, patch]
 {{- end -}}
