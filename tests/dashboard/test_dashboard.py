@@ -158,7 +158,7 @@ class OperatorStandIn:
             f'botrelay_operator_reconciliations_total{{result="success"}} {ok}',
             f'botrelay_operator_reconciliations_total{{result="error"}} {err}',
             "# TYPE botrelay_operator_reconcile_errors_total counter",
-            f'botrelay_operator_reconcile_errors_total{{reason="invalid_spec"}} {err}',
+            f'botrelay_operator_reconcile_errors_total{{reason="apply_deployment"}} {err}',
             "# TYPE botrelay_operator_reconcile_duration_seconds histogram",
         ]
         for b in self.BUCKETS:
