@@ -5,10 +5,13 @@ calls the operator really makes), the CRD, the monitors, the alerts and the
 dashboard."""
 
 import json
-import pathlib
+import re
 import shutil
 import subprocess
+import textwrap
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -467,3 +470,57 @@ def test_dashboard_panels_fit_the_grid_without_overlapping(chart_dir):
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
                 cells[(x, y)] = p["title"]
+
+
+# --- against the Kubernetes API schemas -----------------------------------------
+
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
+KUBE_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
+MONITORING_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}  # prometheus-operator CRDs: checked above
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", [None, ALL_ON, {"operator": {"watchNamespaces": ["shop", "support"]}}],
+                         ids=["defaults", "all-on", "watch-namespaces"])
+def test_rendered_objects_match_the_kubernetes_api_schemas(render, kube_version, values):
+    """Strict: a misspelt field (say runAsNonroot) or a wrong type fails here,
+    where a real API server would reject or silently drop it."""
+    objs = render(values=values, extra=("--include-crds",))
+    checked = 0
+    for obj in objs:
+        if obj["kind"] in MONITORING_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']} is not valid for Kubernetes {kube_version}: {e.message}")
+        checked += 1
+    assert checked >= 7
+
+
+def crd_schema(chart_dir):
+    crd = yaml.safe_load((chart_dir / "crds" / "messagingendpoints.botrelay.dev.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["served"] and v["storage"]]
+    return crd["spec"]["group"] + "/" + version["name"], version["schema"]["openAPIV3Schema"]
+
+
+def heredoc_yaml(text: str) -> list:
+    """The YAML documents between `<<'YAML'` and `YAML` in a shell snippet."""
+    blocks = re.findall(r"<<'YAML'[^\n]*\n(.*?)\n\s*YAML\n", text, flags=re.S)
+    assert blocks, "no example MessagingEndpoint found"
+    return [yaml.safe_load(textwrap.dedent(b)) for b in blocks]
+
+
+def test_readme_and_notes_examples_are_valid_messaging_endpoints(helm, chart_dir):
+    api_version, schema = crd_schema(chart_dir)
+    notes = subprocess.run([helm, "install", "botrelay", str(chart_dir), "-n", "botrelay", "--dry-run=client"],
+                           check=True, capture_output=True, text=True).stdout
+    examples = heredoc_yaml(notes.split("NOTES:", 1)[1]) + heredoc_yaml((chart_dir / "README.md").read_text())
+    assert len(examples) == 2, examples
+    for example in examples:
+        assert example["apiVersion"] == api_version
+        assert example["kind"] == "MessagingEndpoint"
+        jsonschema.validate(example["spec"], schema["properties"]["spec"])
+    # The check can fail: a misspelt field is refused by the CRD's schema.
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"bot": {"url": 42}}, schema["properties"]["spec"])
