@@ -409,3 +409,76 @@ mod tests {
         assert_eq!(rfc3339(1_614_265_330_123), "2021-02-25T15:02:10.123Z");
     }
 }
+
+/// Random and mutated bodies against the parsers: whatever comes in, the
+/// answer is a value or a named error, never a panic, and an accepted message
+/// satisfies the contract's rules.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    const SEED_BODIES: &[&str] = &[
+        r#"{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"hi","payload":{"a":[1,2,{"b":null}]}}"#,
+        r#"{"conversationId":"c","type":"text","payload":{"text":"x"}}"#,
+        r#"{"responses":[{"type":"text","payload":{"text":"a"}},{"type":"image","payload":"x"}]}"#,
+    ];
+
+    fn mutate(rng: &mut StdRng, body: &[u8]) -> Vec<u8> {
+        let mut out = body.to_vec();
+        for _ in 0..rng.random_range(1..6) {
+            let at = rng.random_range(0..=out.len());
+            match rng.random_range(0..5) {
+                0 if !out.is_empty() => {
+                    out.remove(at.min(out.len() - 1));
+                }
+                1 => out.insert(at, rng.random()),
+                2 => {
+                    let structural = b"{}[]\",:\\0e-";
+                    out.insert(at, structural[rng.random_range(0..structural.len())]);
+                }
+                3 => out.truncate(at),
+                _ => {
+                    let start = rng.random_range(0..=out.len());
+                    let end = rng.random_range(start..=out.len());
+                    let piece = out[start..end].to_vec();
+                    out.splice(at.min(out.len())..at.min(out.len()), piece);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn parsers_never_panic_and_accept_only_valid_messages() {
+        let mut rng = StdRng::seed_from_u64(0x0b07_7e1a);
+        let mut accepted = 0;
+        for i in 0..30_000 {
+            let body = if i % 10 == 0 {
+                (0..rng.random_range(0..64)).map(|_| rng.random()).collect()
+            } else {
+                mutate(&mut rng, SEED_BODIES[i % SEED_BODIES.len()].as_bytes())
+            };
+            match ClientMessage::parse(&body) {
+                Ok(m) => {
+                    accepted += 1;
+                    assert!(!m.user_id.is_empty() && !m.message_id.is_empty());
+                    assert!(!m.conversation_id.is_empty() && !m.kind.is_empty());
+                    serde_json::from_str::<Value>(m.payload.get()).expect("payload is JSON");
+                }
+                Err(Invalid(message)) => assert!(!message.is_empty()),
+            }
+            if let Err(Invalid(message)) = BotMessage::parse(&body) {
+                assert!(!message.is_empty());
+            }
+            if let Ok(replies) = parse_sync_replies(&body) {
+                assert!(replies.iter().all(|r| !r.kind.is_empty()));
+            }
+        }
+        assert!(
+            accepted > 0,
+            "some mutations stay valid, so the accepting path is exercised too"
+        );
+    }
+}
