@@ -128,23 +128,23 @@ pub struct ResponseEndpointSpec {
 pub struct DeliverySpec {
     /// Time limit of one delivery to the bot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub bot_timeout: Option<String>,
     /// Time limit of one delivery to the response endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub response_timeout: Option<String>,
     /// Time limit for opening a connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub connect_timeout: Option<String>,
     /// Wait before the first retry; doubles (with jitter) up to retryMaxBackoff.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub retry_initial_backoff: Option<String>,
     /// Longest wait between two retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub retry_max_backoff: Option<String>,
     /// Attempts per message before it is dead-lettered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,11 +152,11 @@ pub struct DeliverySpec {
     pub max_attempts: Option<i32>,
     /// Age after which an undelivered message is dead-lettered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub max_message_age: Option<String>,
     /// How long a `messageId` is remembered for deduplication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub dedupe_window: Option<String>,
     /// Largest accepted request body, in bytes (1 KiB to 16 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]

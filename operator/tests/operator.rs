@@ -114,11 +114,19 @@ async fn endpoint_becomes_a_ready_relay_with_owned_objects_and_status() {
         .collect();
     assert_eq!(ports, [("http", 8080), ("metrics", 9090)]);
 
-    // Events tell the story.
-    let events = server.list("events.k8s.io", "events", Some(NS));
-    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
-    assert!(reasons.contains(&"CredentialsGenerated"), "{reasons:?}");
-    assert!(reasons.contains(&"RelayReady"), "{reasons:?}");
+    // Events tell the story (published right after the status write).
+    eventually(
+        10,
+        "CredentialsGenerated and RelayReady events",
+        &operator,
+        || {
+            let events = server.list("events.k8s.io", "events", Some(NS));
+            let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+            (reasons.contains(&"CredentialsGenerated") && reasons.contains(&"RelayReady"))
+                .then_some(())
+        },
+    )
+    .await;
 
     // Steady state: nothing but the Lease renewal is written again (no reconcile storm).
     let not_lease = |k: &Key| k.resource != "leases";
@@ -532,4 +540,99 @@ async fn two_replicas_one_leader_and_a_clean_handover_on_sigterm() {
         .unwrap();
     wait_reason(&server, &second, "two", "RelayReady").await;
     assert_eq!(second.metric("botrelay_operator_leader").await, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_applies_are_reported_retried_with_backoff_and_recover() {
+    let server = TestApiServer::start().await;
+    server.inject_failure("patch", "apps", "deployments", 500, 2);
+    let operator = Operator::start(&server, "op-1", &[]);
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("flaky", json!({})),
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "flaky", "ApplyFailed").await;
+    assert!(
+        condition(&ep, "Degraded").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("apply_deployment")
+    );
+    wait_reason(&server, &operator, "flaky", "RelayReady").await;
+    assert_eq!(
+        operator
+            .metric("botrelay_operator_reconcile_errors_total{reason=\"apply_deployment\"}")
+            .await,
+        Some(2.0)
+    );
+    assert!(
+        operator
+            .metric("botrelay_operator_reconciliations_total{result=\"error\"}")
+            .await
+            .unwrap()
+            >= 2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_watched_namespaces_are_reconciled() {
+    let server = TestApiServer::start().await;
+    let operator = Operator::start(
+        &server,
+        "op-1",
+        &[("BOTRELAY_WATCH_NAMESPACES", "shop,other")],
+    );
+    let mut elsewhere = endpoint("ignored", json!({}));
+    elsewhere["metadata"]["namespace"] = json!("not-watched");
+    server
+        .create("botrelay.dev", "messagingendpoints", elsewhere)
+        .unwrap();
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("seen", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "seen", "RelayReady").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ignored = server
+        .get(&Key::new(
+            "botrelay.dev",
+            "messagingendpoints",
+            "not-watched",
+            "ignored",
+        ))
+        .unwrap();
+    assert!(ignored["status"].is_null());
+    assert!(
+        server
+            .get(&Key::new(
+                "apps",
+                "deployments",
+                "not-watched",
+                "ignored-relay"
+            ))
+            .is_none()
+    );
+    // Namespaced lists and watches only (a Role per namespace suffices), in both namespaces.
+    let scopes: std::collections::BTreeSet<Option<String>> = server
+        .scoped_calls()
+        .into_iter()
+        .filter(|(c, _)| c.verb == "list" || c.verb == "watch")
+        .map(|(_, ns)| ns)
+        .collect();
+    assert_eq!(
+        scopes,
+        [Some("other".to_string()), Some("shop".to_string())].into()
+    );
+    assert_eq!(
+        operator
+            .metric("botrelay_operator_endpoints{ready=\"true\"}")
+            .await,
+        Some(1.0)
+    );
 }

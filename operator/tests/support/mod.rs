@@ -30,13 +30,14 @@ impl Operator {
         std::fs::create_dir_all(&dir).unwrap();
         let kubeconfig = dir.join("kubeconfig");
         server.write_kubeconfig(&kubeconfig, "default").unwrap();
-        let admin = free_port();
         let log = dir.join("operator.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_botrelay-operator"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("KUBECONFIG", &kubeconfig)
-            .env("BOTRELAY_ADMIN_LISTEN", &admin)
+            // Port 0: the kernel picks a free port, which the log then names
+            // (a port picked here could be taken by a client socket meanwhile).
+            .env("BOTRELAY_ADMIN_LISTEN", "127.0.0.1:0")
             .env("BOTRELAY_LOG_LEVEL", "info,botrelay_operator=debug")
             .env("BOTRELAY_LEASE_DURATION_SECONDS", "3")
             .env("POD_NAMESPACE", LEASE_NS)
@@ -49,6 +50,26 @@ impl Operator {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start botrelay-operator");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let admin = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let addr = text
+                .lines()
+                .filter(|l| l.contains("admin server listening"))
+                .find_map(|l| {
+                    serde_json::from_str::<Value>(l).ok()?["addr"]
+                        .as_str()
+                        .map(String::from)
+                });
+            if let Some(addr) = addr {
+                break addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "operator did not start its admin server:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         Operator { child, admin, log }
     }
 
@@ -77,7 +98,14 @@ impl Operator {
 
     /// GET on the admin server: (status code, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        let mut stream = tokio::net::TcpStream::connect(&self.admin).await.unwrap();
+        let mut stream = match tokio::net::TcpStream::connect(&self.admin).await {
+            Ok(s) => s,
+            Err(e) => panic!(
+                "admin server at {} unreachable ({e}); operator log:\n{}",
+                self.admin,
+                self.logs()
+            ),
+        };
         stream
             .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
             .await
@@ -111,11 +139,6 @@ fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
-}
-
-fn free_port() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
 }
 
 pub fn endpoint(name: &str, extra_spec: Value) -> Value {

@@ -24,10 +24,12 @@
 //! - `status` is a subresource for messagingendpoints, deployments, services
 //!   and persistentvolumeclaims: writes to the main resource keep the stored
 //!   status, writes to `/status` change only the status;
-//! - deleting an object deletes, in the background, every object whose
-//!   `ownerReferences` names its uid (like the garbage collector);
+//! - deleting an object deletes every object whose `ownerReferences` names its
+//!   uid, and an object created with owners that all no longer exist is
+//!   deleted right away (like the garbage collector, but synchronously);
 //! - optionally plays the Deployment controller: every Deployment write is
 //!   followed by a status saying all replicas are up to date and ready;
+//! - can fail chosen calls on purpose (`inject_failure`);
 //! - records every distinct (verb, API group, resource[/subresource]) called.
 //!
 //! Limits: no authentication or authorization, no admission, no schema
@@ -118,10 +120,22 @@ struct Store {
     objects: BTreeMap<Key, Entry>,
     history: Vec<WatchEvent>,
     calls: BTreeSet<Call>,
+    /// The same calls with the namespace they addressed (None: all namespaces / cluster scope).
+    scoped_calls: BTreeSet<(Call, Option<String>)>,
+    /// uids of stored objects, for the garbage collector's owner lookups.
+    uids: std::collections::HashSet<String>,
+}
+
+/// An injected failure: the next `times` calls matching (verb, group, resource) fail with `code`.
+struct Fault {
+    call: Call,
+    code: u16,
+    times: u32,
 }
 
 struct Shared {
     store: Mutex<Store>,
+    faults: Mutex<Vec<Fault>>,
     events: broadcast::Sender<WatchEvent>,
     simulate_deployments: AtomicBool,
 }
@@ -172,6 +186,7 @@ impl TestApiServer {
         let (events, _) = broadcast::channel(1 << 16);
         let shared = Arc::new(Shared {
             store: Mutex::default(),
+            faults: Mutex::default(),
             events,
             simulate_deployments: AtomicBool::new(true),
         });
@@ -221,9 +236,24 @@ impl TestApiServer {
             .store(on, Ordering::Relaxed);
     }
 
+    /// Makes the next `times` HTTP calls of (verb, group, resource) fail with
+    /// `code` (a Status body with reason `InternalError` or `ServiceUnavailable`).
+    pub fn inject_failure(&self, verb: &str, group: &str, resource: &str, code: u16, times: u32) {
+        self.shared.faults.lock().unwrap().push(Fault {
+            call: Call::new(verb, group, resource),
+            code,
+            times,
+        });
+    }
+
     /// Every distinct (verb, group, resource) called over HTTP so far.
     pub fn calls(&self) -> BTreeSet<Call> {
         self.shared.store.lock().unwrap().calls.clone()
+    }
+
+    /// Every distinct call with the namespace it addressed (`None` = all namespaces).
+    pub fn scoped_calls(&self) -> BTreeSet<(Call, Option<String>)> {
+        self.shared.store.lock().unwrap().scoped_calls.clone()
     }
 
     /// The current resourceVersion: it grows with every stored change.
@@ -459,6 +489,15 @@ fn create(
         json!(format!("00000000-0000-4000-8000-{:012x}", store.uid)),
     );
     meta.insert("creationTimestamp".into(), json!(now()));
+    let owner_uids: Vec<String> = meta
+        .get("ownerReferences")
+        .and_then(Value::as_array)
+        .map(|refs| {
+            refs.iter()
+                .filter_map(|r| r["uid"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
     meta.insert("generation".into(), json!(1));
     meta.remove("resourceVersion");
     if STATUS_SUBRESOURCE.contains(&resource)
@@ -466,13 +505,26 @@ fn create(
     {
         map.remove("status");
     }
-    Ok((*commit(shared, store, &key, object)).clone())
+    let uid = object["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    store.uids.insert(uid);
+    let stored = (*commit(shared, store, &key, object)).clone();
+    // Like the garbage collector: an object all of whose owners are gone is deleted.
+    if !owner_uids.is_empty() && owner_uids.iter().all(|u| !store.uids.contains(u)) {
+        let _ = delete(shared, store, &key);
+    }
+    Ok(stored)
 }
 
 fn delete(shared: &Shared, store: &mut Store, key: &Key) -> Result<Value, ApiError> {
     let Some(entry) = store.objects.remove(key) else {
         return Err(not_found(key));
     };
+    if let Some(uid) = entry.object["metadata"]["uid"].as_str() {
+        store.uids.remove(uid);
+    }
     store.rv += 1;
     let mut gone = (*entry.object).clone();
     gone["metadata"]["resourceVersion"] = json!(store.rv.to_string());
@@ -900,12 +952,26 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Some(sub) => format!("{}/{sub}", target.resource),
         None => target.resource.clone(),
     };
-    shared
-        .store
-        .lock()
-        .unwrap()
-        .calls
-        .insert(Call::new(verb, &target.group, &resource_label));
+    let call = Call::new(verb, &target.group, &resource_label);
+    {
+        let mut store = shared.store.lock().unwrap();
+        store.calls.insert(call.clone());
+        store
+            .scoped_calls
+            .insert((call.clone(), target.namespace.clone()));
+    }
+    {
+        let mut faults = shared.faults.lock().unwrap();
+        if let Some(fault) = faults.iter_mut().find(|f| f.call == call && f.times > 0) {
+            fault.times -= 1;
+            let reason = if fault.code == 503 {
+                "ServiceUnavailable"
+            } else {
+                "InternalError"
+            };
+            return status_response(&err(fault.code, reason, "injected failure"));
+        }
+    }
 
     let content_type = req
         .headers()
@@ -1124,4 +1190,213 @@ fn watch(shared: Arc<Shared>, target: Target, query: BTreeMap<String, String>) -
         .header("content-type", "application/json")
         .body(BodyExt::boxed(StreamBody::new(stream)))
         .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment_key() -> Key {
+        Key::new("apps", "deployments", "ns", "d")
+    }
+
+    async fn server() -> TestApiServer {
+        let s = TestApiServer::start().await;
+        s.simulate_deployments(false);
+        s
+    }
+
+    fn apply(
+        s: &TestApiServer,
+        key: &Key,
+        body: Value,
+        manager: &str,
+        force: bool,
+    ) -> Result<Value, ApiError> {
+        let mut store = s.shared.store.lock().unwrap();
+        patch_object(
+            &s.shared, &mut store, key, None, "apply", &body, manager, force,
+        )
+    }
+
+    #[tokio::test]
+    async fn apply_creates_then_removes_fields_the_manager_dropped() {
+        let s = server().await;
+        let key = deployment_key();
+        let first = apply(
+            &s,
+            &key,
+            json!({"metadata": {"labels": {"a": "1", "b": "2"}}, "spec": {"replicas": 1}}),
+            "op",
+            true,
+        )
+        .unwrap();
+        assert_eq!(first["metadata"]["generation"], 1);
+        assert!(first["metadata"]["uid"].is_string());
+        let second = apply(
+            &s,
+            &key,
+            json!({"metadata": {"labels": {"a": "1"}}, "spec": {"replicas": 2}}),
+            "op",
+            true,
+        )
+        .unwrap();
+        assert_eq!(second["metadata"]["labels"], json!({"a": "1"}));
+        assert_eq!(second["metadata"]["generation"], 2);
+    }
+
+    #[tokio::test]
+    async fn unchanged_writes_are_not_stored_again() {
+        let s = server().await;
+        let key = deployment_key();
+        apply(&s, &key, json!({"spec": {"replicas": 1}}), "op", true).unwrap();
+        let rv = s.resource_version();
+        apply(&s, &key, json!({"spec": {"replicas": 1}}), "op", true).unwrap();
+        assert_eq!(s.resource_version(), rv);
+        // A metadata-only change bumps resourceVersion but not generation.
+        let v = apply(
+            &s,
+            &key,
+            json!({"metadata": {"labels": {"x": "y"}}, "spec": {"replicas": 1}}),
+            "op",
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.resource_version(), rv + 1);
+        assert_eq!(v["metadata"]["generation"], 1);
+    }
+
+    #[tokio::test]
+    async fn apply_without_force_conflicts_on_another_managers_value() {
+        let s = server().await;
+        let key = Key::new("coordination.k8s.io", "leases", "ns", "l");
+        apply(
+            &s,
+            &key,
+            json!({"spec": {"holderIdentity": "a"}}),
+            "a",
+            false,
+        )
+        .unwrap();
+        let e = apply(
+            &s,
+            &key,
+            json!({"spec": {"holderIdentity": "b"}}),
+            "b",
+            false,
+        )
+        .unwrap_err();
+        assert_eq!((e.code, e.reason), (409, "Conflict"));
+        // Same value: shared ownership, no conflict. Field removed: no conflict either.
+        apply(
+            &s,
+            &key,
+            json!({"spec": {"holderIdentity": "a"}}),
+            "b",
+            false,
+        )
+        .unwrap();
+        s.merge_patch(&key, json!({"spec": {"holderIdentity": null}}), false)
+            .unwrap();
+        let v = apply(
+            &s,
+            &key,
+            json!({"spec": {"holderIdentity": "c"}}),
+            "c",
+            false,
+        )
+        .unwrap();
+        assert_eq!(v["spec"]["holderIdentity"], "c");
+    }
+
+    #[tokio::test]
+    async fn status_is_a_subresource() {
+        let s = server().await;
+        let key = Key::new("botrelay.dev", "messagingendpoints", "ns", "e");
+        s.create("botrelay.dev", "messagingendpoints", json!({"metadata": {"name": "e", "namespace": "ns"}, "spec": {"a": 1}, "status": {"x": 1}})).unwrap();
+        assert!(
+            s.get(&key).unwrap()["status"].is_null(),
+            "create drops status"
+        );
+        s.merge_patch(&key, json!({"status": {"x": 2}, "spec": {"a": 5}}), true)
+            .unwrap();
+        let v = s.get(&key).unwrap();
+        assert_eq!(
+            (v["status"]["x"].clone(), v["spec"]["a"].clone()),
+            (json!(2), json!(1))
+        );
+        s.merge_patch(&key, json!({"status": {"x": 3}, "spec": {"a": 2}}), false)
+            .unwrap();
+        let v = s.get(&key).unwrap();
+        assert_eq!(
+            (v["status"]["x"].clone(), v["spec"]["a"].clone()),
+            (json!(2), json!(2))
+        );
+        assert_eq!(v["metadata"]["generation"], 2);
+    }
+
+    #[tokio::test]
+    async fn deleting_an_owner_deletes_its_dependents() {
+        let s = server().await;
+        let owner = s
+            .create(
+                "botrelay.dev",
+                "messagingendpoints",
+                json!({"metadata": {"name": "e", "namespace": "ns"}}),
+            )
+            .unwrap();
+        let uid = owner["metadata"]["uid"].clone();
+        s.create("", "secrets", json!({"metadata": {"name": "owned", "namespace": "ns", "ownerReferences": [{"uid": uid}]}})).unwrap();
+        s.create(
+            "",
+            "secrets",
+            json!({"metadata": {"name": "free", "namespace": "ns"}}),
+        )
+        .unwrap();
+        s.delete(&Key::new("botrelay.dev", "messagingendpoints", "ns", "e"))
+            .unwrap();
+        assert!(s.get(&Key::new("", "secrets", "ns", "owned")).is_none());
+        assert!(s.get(&Key::new("", "secrets", "ns", "free")).is_some());
+        // An object created for an owner that is gone is collected at once.
+        s.create("", "secrets", json!({"metadata": {"name": "late", "namespace": "ns", "ownerReferences": [{"uid": uid}]}})).unwrap();
+        assert!(s.get(&Key::new("", "secrets", "ns", "late")).is_none());
+    }
+
+    #[test]
+    fn paths_selectors_and_queries_parse() {
+        let t = parse_path("/apis/apps/v1/namespaces/shop/deployments/x/status").unwrap();
+        assert_eq!(
+            (
+                t.group.as_str(),
+                t.namespace.as_deref(),
+                t.resource.as_str(),
+                t.name.as_deref(),
+                t.subresource.as_deref()
+            ),
+            (
+                "apps",
+                Some("shop"),
+                "deployments",
+                Some("x"),
+                Some("status")
+            )
+        );
+        let t = parse_path("/api/v1/secrets").unwrap();
+        assert_eq!(
+            (t.group.as_str(), t.namespace, t.resource.as_str()),
+            ("", None, "secrets")
+        );
+        let obj = json!({"metadata": {"name": "n", "labels": {"a": "1", "b": "2"}}});
+        assert!(matches(
+            &obj,
+            Some(&"a=1,b".to_string()),
+            Some(&"metadata.name=n".to_string())
+        ));
+        assert!(!matches(&obj, Some(&"a!=1".to_string()), None));
+        assert!(!matches(&obj, Some(&"c".to_string()), None));
+        assert_eq!(
+            decode("app.kubernetes.io%2Fmanaged-by%3Dx"),
+            "app.kubernetes.io/managed-by=x"
+        );
+    }
 }
