@@ -636,3 +636,52 @@ async fn only_the_watched_namespaces_are_reconciled() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_once_its_lease_expires() {
+    let server = TestApiServer::start().await;
+    let lease = Key::new(
+        "coordination.k8s.io",
+        "leases",
+        LEASE_NS,
+        "botrelay-operator",
+    );
+    let holder = |server: &TestApiServer| {
+        server
+            .get(&lease)
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
+    };
+    let mut first = Operator::start(&server, "op-a", &[]);
+    eventually(20, "op-a leading", &first, || {
+        (holder(&server)? == "op-a").then_some(())
+    })
+    .await;
+    let second = Operator::start(&server, "op-b", &[]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        holder(&server).as_deref(),
+        Some("op-a"),
+        "the leader keeps its Lease"
+    );
+
+    // SIGKILL: no release; the Lease (3 s in these tests) must expire first.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let killed_at = std::time::Instant::now();
+    eventually(30, "op-b leading", &second, || {
+        (holder(&server)? == "op-b").then_some(())
+    })
+    .await;
+    assert!(
+        killed_at.elapsed() >= Duration::from_secs(1),
+        "op-b took over before the dead leader's Lease could expire"
+    );
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("after", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &second, "after", "RelayReady").await;
+}

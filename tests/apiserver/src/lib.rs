@@ -669,6 +669,13 @@ fn patch_object(
     } else {
         manager.to_string()
     };
+    if kind == "apply" && (!patch["apiVersion"].is_string() || !patch["kind"].is_string()) {
+        return Err(err(
+            400,
+            "BadRequest",
+            "apply patches must set apiVersion and kind",
+        ));
+    }
     let current = match (&existing, kind) {
         (Some(o), _) => o.clone(),
         (None, "apply") if !status_only => Value::Null,
@@ -1209,10 +1216,12 @@ mod tests {
     fn apply(
         s: &TestApiServer,
         key: &Key,
-        body: Value,
+        mut body: Value,
         manager: &str,
         force: bool,
     ) -> Result<Value, ApiError> {
+        body["apiVersion"] = json!("v1");
+        body["kind"] = json!("Thing");
         let mut store = s.shared.store.lock().unwrap();
         patch_object(
             &s.shared, &mut store, key, None, "apply", &body, manager, force,
@@ -1243,6 +1252,24 @@ mod tests {
         .unwrap();
         assert_eq!(second["metadata"]["labels"], json!({"a": "1"}));
         assert_eq!(second["metadata"]["generation"], 2);
+    }
+
+    #[tokio::test]
+    async fn apply_needs_api_version_and_kind() {
+        let s = server().await;
+        let mut store = s.shared.store.lock().unwrap();
+        let e = patch_object(
+            &s.shared,
+            &mut store,
+            &deployment_key(),
+            None,
+            "apply",
+            &json!({"spec": {}}),
+            "op",
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 400);
     }
 
     #[tokio::test]
