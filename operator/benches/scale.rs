@@ -135,6 +135,7 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let peak_kib = vm_hwm_kib(pid).unwrap_or(0);
         let objects = server.resource_version();
+        let changes = server.changes_by_resource();
         let _ = operator.kill();
         let _ = operator.wait();
 
@@ -157,5 +158,8 @@ fn main() {
             idle_kib as f64 / 1024.0
         );
         println!("  API server writes (resourceVersion) {objects}");
+        for (what, count) in changes {
+            println!("    {what:<48} {count}");
+        }
     });
 }

@@ -261,6 +261,21 @@ impl TestApiServer {
         self.shared.store.lock().unwrap().rv
     }
 
+    /// Stored changes (watch events) so far, per `group/resource` (`resource` for core).
+    pub fn changes_by_resource(&self) -> BTreeMap<String, usize> {
+        let store = self.shared.store.lock().unwrap();
+        let mut counts = BTreeMap::new();
+        for e in &store.history {
+            let name = if e.key.group.is_empty() {
+                e.key.resource.clone()
+            } else {
+                format!("{}/{}", e.key.group, e.key.resource)
+            };
+            *counts.entry(format!("{name} {}", e.type_)).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// The resourceVersion of the latest change to an object `filter` accepts
     /// (e.g. everything but Leases, which their holder renews).
     pub fn last_change(&self, filter: impl Fn(&Key) -> bool) -> u64 {
