@@ -272,6 +272,38 @@ class Prometheus:
         return self.api("query", query=expr)["result"]
 
 
+def start_relay(relay_bin, args, log_path, tries=5):
+    """Start the relay on free loopback ports; (process, api, admin).
+
+    A port found free can be taken by another process before the relay binds
+    it (other test suites run on this machine too). The relay then exits, and
+    the port may even answer for someone else's server; so a start counts only
+    when our process is still alive and its API port accepts our token (a body
+    that breaks a rule gets a 400 from our relay, a 401 from any other)."""
+    for _ in range(tries):
+        api, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        log = open(log_path, "a")
+        proc = subprocess.Popen([str(relay_bin), "--listen", api, "--admin-listen", admin, *args],
+                                stdout=log, stderr=subprocess.STDOUT)
+
+        def ready():
+            assert proc.poll() is None, f"relay exited with {proc.returncode}"
+            return requests.get(f"http://{admin}/readyz", timeout=1).ok
+
+        try:
+            wait_for("the relay to be ready", ready, timeout=20)
+            time.sleep(0.3)
+            ours = requests.post(f"http://{api}/v1/messages", json={"probe": True}, timeout=5,
+                                 headers={"Authorization": f"Bearer {CLIENT_TOKEN}"})
+            if proc.poll() is None and ours.status_code == 400:
+                return proc, api, admin
+        except (AssertionError, requests.RequestException):
+            pass
+        proc.kill()
+        proc.wait()
+    raise AssertionError(f"the relay did not start in {tries} tries; log:\n" + log_path.read_text()[-3000:])
+
+
 def render_rules(helm: str, chart_dir: pathlib.Path) -> dict:
     out = subprocess.run([helm, "template", "botrelay", str(chart_dir), "-n", "botrelay",
                           "--set", "monitoring.enabled=true", "--show-only", "templates/prometheusrule.yaml"],
@@ -302,16 +334,13 @@ def stack(repo, helm, chart_dir, tmp_path_factory):
         for name in ("bot-signing-secret", "response-signing-secret"):
             (creds / name).write_text("whsec_" + base64.b64encode(os.urandom(32)).decode() + "\n")
 
-        api, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        relay_log = open(tmp / "relay.log", "w")
-        processes.append(subprocess.Popen(
-            [str(relay_bin), "--listen", api, "--admin-listen", admin,
-             "--bot-url", f"http://127.0.0.1:{bot_port}/", "--response-url", f"http://127.0.0.1:{response_port}/",
-             "--credentials-dir", str(creds), "--store", "embedded", "--data-dir", str(tmp / "data"),
-             "--endpoint-name", ENDPOINT, "--retry-initial-backoff", "100ms", "--retry-max-backoff", "1s",
-             "--max-attempts", "3", "--bot-timeout", "60s"],
-            stdout=relay_log, stderr=subprocess.STDOUT))
-        wait_for("the relay to be ready", lambda: requests.get(f"http://{admin}/readyz", timeout=1).ok)
+        relay_args = ["--bot-url", f"http://127.0.0.1:{bot_port}/",
+                      "--response-url", f"http://127.0.0.1:{response_port}/",
+                      "--credentials-dir", str(creds), "--store", "embedded", "--data-dir", str(tmp / "data"),
+                      "--endpoint-name", ENDPOINT, "--retry-initial-backoff", "100ms",
+                      "--retry-max-backoff", "1s", "--max-attempts", "3", "--bot-timeout", "60s"]
+        relay, api, admin = start_relay(relay_bin, relay_args, tmp / "relay.log")
+        processes.append(relay)
 
         rules_file = tmp / "botrelay.rules.yaml"
         rules_file.write_text(yaml.safe_dump(render_rules(helm, chart_dir)))
@@ -329,7 +358,13 @@ def stack(repo, helm, chart_dir, tmp_path_factory):
             stdout=prom_log, stderr=subprocess.STDOUT))
         prom = Prometheus(f"http://{prom_addr}")
         wait_for("Prometheus to be ready", lambda: requests.get(f"http://{prom_addr}/-/ready", timeout=1).ok)
-        wait_for("both targets to be up", lambda: len(prom.query("up == 1")) == 2, timeout=30)
+        try:
+            wait_for("both targets to be up", lambda: len(prom.query("up == 1")) == 2, timeout=30)
+        except AssertionError:
+            targets = prom.api("targets")["activeTargets"]
+            raise AssertionError("targets not up: " + "; ".join(
+                f"{t['labels'].get('job')} {t['scrapeUrl']}: {t['health']} {t['lastError']}" for t in targets)
+                + f"\nrelay exit status: {relay.poll()}\nrelay log:\n" + (tmp / "relay.log").read_text()[-3000:])
 
         # Two rounds of traffic with scrapes in between, so that every counter
         # exists before it grows and rate() sees the growth.
