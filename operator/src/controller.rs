@@ -73,6 +73,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// Consecutive failures per endpoint, for per-object backoff.
     failures: Mutex<HashMap<ObjectRef<DeserializeGuard<MessagingEndpoint>>, u32>>,
+    /// The Ready (status, reason) last announced by an Event, per endpoint uid:
+    /// the cached object can lag behind our own status write, and must not
+    /// make us announce the same transition twice.
+    announced: Mutex<HashMap<String, (String, String)>>,
 }
 
 impl Context {
@@ -90,6 +94,7 @@ impl Context {
             metrics,
             recorder,
             failures: Mutex::default(),
+            announced: Mutex::default(),
         }
     }
 }
@@ -334,10 +339,21 @@ async fn update_status(
     .map_err(kube_err("patch_status"))?;
 
     if let Some(after) = after {
-        let changed = before
+        let now = (after.status.clone(), after.reason.clone());
+        let cached_differs = before
             .as_ref()
-            .is_none_or(|b| b.status != after.status || b.reason != after.reason);
-        if changed {
+            .is_none_or(|b| (&b.status, &b.reason) != (&now.0, &now.1));
+        let uid = endpoint.uid().unwrap_or_default();
+        let newly_announced = {
+            let mut announced = ctx.announced.lock().unwrap();
+            // Deleted endpoints leave entries behind; forgetting all is cheap
+            // (at worst one repeated Event).
+            if announced.len() > 10_000 {
+                announced.clear();
+            }
+            announced.insert(uid, now.clone()) != Some(now)
+        };
+        if cached_differs && newly_announced {
             let type_ = if after.status == "True" {
                 EventType::Normal
             } else {
