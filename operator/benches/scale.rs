@@ -1,28 +1,123 @@
 //! Scale benchmark: N MessagingEndpoints (default 1,000) against the test API
-//! server. Prints the time from the first create until every endpoint has a
-//! Ready status for its generation, and the operator's peak RSS (VmHWM).
+//! server, in two phases:
 //!
-//!     cargo bench -p botrelay-operator --bench scale
-//!     BOTRELAY_BENCH_ENDPOINTS=200 cargo bench -p botrelay-operator --bench scale
+//! 1. load: the endpoints are created while the operator runs; prints the time
+//!    from the first create until every endpoint has a Ready status for its
+//!    generation, and the operator's peak RSS (VmHWM);
+//! 2. takeover: the operator is killed and a new one starts with all N
+//!    endpoints in place (what a new leader does); prints the time until it
+//!    has reconciled each of them once, and its peak RSS.
+//!
+//! ```sh
+//! cargo bench -p botrelay-operator --bench scale
+//! BOTRELAY_BENCH_ENDPOINTS=200 cargo bench -p botrelay-operator --bench scale
+//! ```
 //!
 //! The test API server runs in this process (its CPU is not the operator's);
 //! the operator is the release binary, with leader election on, as deployed.
 //! Target (issue 3): all reconciled within 60 s, peak RSS under 100 MiB.
 
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use botrelay_test_apiserver::TestApiServer;
-use serde_json::json;
+use botrelay_test_apiserver::{Key, TestApiServer};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAMESPACES: usize = 10;
 
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+struct Operator {
+    child: Child,
+    admin: String,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Operator {
+    /// Starts the release binary; its admin port (0 = any) is read from its log.
+    fn start(kubeconfig: &Path, dir: &Path, identity: &str) -> Operator {
+        let log = dir.join(format!("{identity}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_botrelay-operator"))
+            .env("KUBECONFIG", kubeconfig)
+            .env("BOTRELAY_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("BOTRELAY_LOG_LEVEL", "warn,botrelay_operator::admin=info")
+            .env("BOTRELAY_LEASE_DURATION_SECONDS", "3")
+            .env("POD_NAMESPACE", "botrelay-system")
+            .env("POD_NAME", identity)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start botrelay-operator");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let admin = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(addr) = text.lines().find_map(|l| {
+                serde_json::from_str::<Value>(l).ok()?["addr"]
+                    .as_str()
+                    .map(String::from)
+            }) {
+                break addr;
+            }
+            assert!(Instant::now() < deadline, "no admin server:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Operator { child, admin }
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+
+    async fn successful_reconciliations(&self) -> f64 {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(&self.admin).await else {
+            return 0.0;
+        };
+        let _ = stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await;
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text).await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("botrelay_operator_reconciliations_total{result=\"success\"} ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+async fn wait_leading(server: &TestApiServer, identity: &str) {
+    let lease = Key::new(
+        "coordination.k8s.io",
+        "leases",
+        "botrelay-system",
+        "botrelay-operator",
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server
+        .get(&lease)
+        .is_none_or(|l| l["spec"]["holderIdentity"] != identity)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{identity} did not start leading"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn ready_count(server: &TestApiServer) -> usize {
@@ -40,7 +135,7 @@ fn ready_count(server: &TestApiServer) -> usize {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: only run under bench.
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not: only run under bench.
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
@@ -55,44 +150,16 @@ fn main() {
         .unwrap();
     runtime.block_on(async move {
         let server = TestApiServer::start().await;
-        let dir = std::env::temp_dir().join(format!("botrelay-scale-{}", std::process::id()));
+        let dir: PathBuf = std::env::temp_dir().join(format!("botrelay-scale-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let kubeconfig = dir.join("kubeconfig");
         server.write_kubeconfig(&kubeconfig, "default").unwrap();
-        let admin = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().to_string()
-        };
-        let mut operator = Command::new(env!("CARGO_BIN_EXE_botrelay-operator"))
-            .env("KUBECONFIG", &kubeconfig)
-            .env("BOTRELAY_ADMIN_LISTEN", &admin)
-            .env("BOTRELAY_LOG_LEVEL", "warn")
-            .env("POD_NAMESPACE", "botrelay-system")
-            .env("POD_NAME", "bench")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start botrelay-operator");
-        let pid = operator.id();
 
-        // Wait until the operator leads (its Lease names it).
-        let lease = botrelay_test_apiserver::Key::new(
-            "coordination.k8s.io",
-            "leases",
-            "botrelay-system",
-            "botrelay-operator",
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while server
-            .get(&lease)
-            .is_none_or(|l| l["spec"]["holderIdentity"] != "bench")
-        {
-            assert!(Instant::now() < deadline, "operator did not start leading");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Phase 1: load.
+        let first = Operator::start(&kubeconfig, &dir, "bench-1");
+        wait_leading(&server, "bench-1").await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle_kib = vm_hwm_kib(pid).unwrap_or(0);
-
+        let idle_mib = first.peak_rss_mib();
         let started = Instant::now();
         for i in 0..n {
             let namespace = format!("team-{}", i % NAMESPACES);
@@ -115,16 +182,9 @@ fn main() {
         let created = started.elapsed();
         let mut last_report = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let ready = ready_count(&server);
-            if ready == n {
-                break;
-            }
+        while ready_count(&server) < n {
             if last_report.elapsed() > Duration::from_secs(5) {
-                eprintln!(
-                    "  {ready}/{n} ready after {:.1} s",
-                    started.elapsed().as_secs_f64()
-                );
+                eprintln!("  {}/{n} ready after {:.1} s", ready_count(&server), started.elapsed().as_secs_f64());
                 last_report = Instant::now();
             }
             assert!(Instant::now() < deadline, "not all endpoints ready after 600 s");
@@ -133,33 +193,49 @@ fn main() {
         let all_ready = started.elapsed();
         // Let the follow-up reconciles triggered by our own writes settle.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let peak_kib = vm_hwm_kib(pid).unwrap_or(0);
-        let objects = server.resource_version();
+        let load_peak_mib = first.peak_rss_mib();
+        let writes = server.resource_version();
         let changes = server.changes_by_resource();
-        let _ = operator.kill();
-        let _ = operator.wait();
+        drop(first); // SIGKILL: the Lease is not released
+
+        // Phase 2: a new leader takes over N existing endpoints.
+        let second = Operator::start(&kubeconfig, &dir, "bench-2");
+        wait_leading(&server, "bench-2").await;
+        let leading = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while second.successful_reconciliations().await < n as f64 {
+            assert!(Instant::now() < deadline, "the new leader did not reconcile all endpoints in 600 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let resynced = leading.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let takeover_peak_mib = second.peak_rss_mib();
+        let takeover_writes = server.resource_version() - writes;
 
         println!("scale benchmark: {n} MessagingEndpoints in {NAMESPACES} namespaces");
+        println!("load (endpoints created while the operator runs):");
+        println!("  created in                         {:>8.2} s", created.as_secs_f64());
         println!(
-            "  created in                       {:>8.2} s",
-            created.as_secs_f64()
-        );
-        println!(
-            "  all Ready (status written) after {:>8.2} s   (target: 60 s)",
+            "  all Ready (status written) after   {:>8.2} s   (target: 60 s)",
             all_ready.as_secs_f64()
         );
         println!(
-            "  throughput                       {:>8.1} endpoints/s",
+            "  throughput                         {:>8.1} endpoints/s",
             n as f64 / all_ready.as_secs_f64()
         );
         println!(
-            "  operator peak RSS (VmHWM)        {:>8.1} MiB (idle before load: {:.1} MiB; target: 100 MiB)",
-            peak_kib as f64 / 1024.0,
-            idle_kib as f64 / 1024.0
+            "  operator peak RSS (VmHWM)          {load_peak_mib:>8.1} MiB (idle before load: {idle_mib:.1} MiB; target: 100 MiB)"
         );
-        println!("  API server writes (resourceVersion) {objects}");
+        println!("  API server writes                  {writes:>8}");
         for (what, count) in changes {
             println!("    {what:<48} {count}");
         }
+        println!("takeover (a new leader with {n} endpoints in place):");
+        println!(
+            "  all reconciled once after          {:>8.2} s from leading",
+            resynced.as_secs_f64()
+        );
+        println!("  operator peak RSS (VmHWM)          {takeover_peak_mib:>8.1} MiB");
+        println!("  API server writes meanwhile        {takeover_writes:>8} (Lease and Events only: nothing changed)");
     });
 }
