@@ -71,6 +71,16 @@ impl Writer {
         wait.await.map_err(|_| CommitError::Closed)?
     }
 
+    /// Queues `op` for the next commit without waiting for it to be durable; a
+    /// failure to commit is logged by the writer.
+    pub async fn submit(&self, op: Op) -> Result<(), CommitError> {
+        let (done, _) = oneshot::channel();
+        self.tx
+            .send(Message::Commit(Request { op, done }))
+            .await
+            .map_err(|_| CommitError::Closed)
+    }
+
     /// Commits `op`, or fails at once with `Busy` when the queue is full, so a
     /// client can be told to come back rather than pile up in memory.
     pub async fn try_commit(&self, op: Op) -> Result<Outcome, CommitError> {

@@ -90,16 +90,28 @@ impl Deliverer {
                     .delivery_attempts
                     .with_label_values(&[label, "success"])
                     .inc();
-                let completion = match target {
-                    Target::Bot => Op::CompleteInbound {
-                        seq: pending.seq,
-                        replies: self.replies(&answer, &outgoing),
-                    },
-                    Target::Response => Op::CompleteOutbound { seq: pending.seq },
+                let recorded = match target {
+                    // Wait for the completion to be durable before the lane moves on:
+                    // the bot's replies must be queued before those of the next message.
+                    Target::Bot => {
+                        let replies = self.replies(&answer, &outgoing);
+                        let op = Op::CompleteInbound {
+                            seq: pending.seq,
+                            replies,
+                        };
+                        self.writer.commit(op).await.map(drop)
+                    }
+                    // Nothing follows from a response delivery, so the lane goes on at
+                    // once. Completions are committed in the order they are sent, so
+                    // after a crash the unrecorded ones are the last few, sent again
+                    // in order with the same webhook-id.
+                    Target::Response => {
+                        self.writer
+                            .submit(Op::CompleteOutbound { seq: pending.seq })
+                            .await
+                    }
                 };
-                // Wait for the completion to be durable before the lane moves on:
-                // a bot's replies must be queued before those of the next message.
-                return match self.writer.commit(completion).await {
+                return match recorded {
                     Ok(_) => {
                         self.metrics
                             .messages_delivered
