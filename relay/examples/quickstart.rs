@@ -5,10 +5,11 @@
 //!
 //! Then send a message with the curl line it prints.
 
-use botrelay::config::{Config, LogFormat, StoreKind};
+use botrelay::config::Config;
 use botrelay::credentials::{BOT_SIGNING_SECRET, BOT_TOKEN, CLIENT_TOKEN, RESPONSE_SIGNING_SECRET};
 use botrelay::signing::SigningKey;
 use bytes::Bytes;
+use clap::Parser;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -16,7 +17,6 @@ use rand::RngCore;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 use tokio::net::TcpListener;
 
 const RELAY: &str = "127.0.0.1:8080";
@@ -39,35 +39,21 @@ async fn main() -> anyhow::Result<()> {
         print_response(req, response_key.clone())
     }));
 
-    let config = Config {
-        listen: RELAY.parse()?,
-        admin_listen: ADMIN.parse()?,
-        bot_url: format!("http://{BOT}/").parse()?,
-        response_url: format!("http://{RESPONSES}/").parse()?,
-        credentials_dir: credentials,
-        store: StoreKind::Embedded,
-        data_dir: Path::new(DATA).join("store"),
-        endpoint_name: "quickstart".into(),
-        bot_timeout: Duration::from_secs(10),
-        response_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(5),
-        retry_initial_backoff: Duration::from_secs(1),
-        retry_max_backoff: Duration::from_secs(60),
-        max_attempts: 25,
-        max_message_age: Duration::from_secs(24 * 3600),
-        dedupe_window: Duration::from_secs(24 * 3600),
-        max_body_bytes: 256 * 1024,
-        max_pending: 1_000_000,
-        max_in_flight: 256,
-        max_connections: 10_000,
-        header_read_timeout: Duration::from_secs(10),
-        body_read_timeout: Duration::from_secs(30),
-        drain_timeout: Duration::from_secs(5),
-        credentials_poll_interval: Duration::from_secs(2),
-        store_cache_bytes: 16 << 20,
-        log_level: "warn".into(),
-        log_format: LogFormat::Text,
-    };
+    // The relay's own defaults, with the addresses and folders of the quick start.
+    let config = Config::try_parse_from([
+        "botrelay".to_string(),
+        format!("--listen={RELAY}"),
+        format!("--admin-listen={ADMIN}"),
+        format!("--bot-url=http://{BOT}/"),
+        format!("--response-url=http://{RESPONSES}/"),
+        format!("--credentials-dir={}", credentials.display()),
+        "--store=embedded".into(),
+        format!("--data-dir={DATA}/store"),
+        "--endpoint-name=quickstart".into(),
+        "--drain-timeout=5s".into(),
+        "--log-level=warn".into(),
+        "--log-format=text".into(),
+    ])?;
     botrelay::logging::init(&config.log_level, config.log_format).map_err(anyhow::Error::msg)?;
     println!(
         "\nbotrelay is running on http://{RELAY} (metrics on http://{ADMIN}/metrics), store in ./{DATA}/store\n\

@@ -118,7 +118,8 @@ pub struct Config {
     pub max_in_flight: u32,
 
     /// Connections served at once on the API port; more wait in the kernel's backlog.
-    #[arg(long, env = "BOTRELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    /// Each open connection can hold a request body of up to --max-body-bytes.
+    #[arg(long, env = "BOTRELAY_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
     /// Time allowed for a client to send a request's headers (also the keep-alive idle limit).
