@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
-use kube::core::{DeserializeGuard, error_boundary::InvalidObject};
+use kube::core::{DeserializeGuard, PartialObjectMeta, error_boundary::InvalidObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -454,42 +455,47 @@ pub fn controller(
     concurrency: u16,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> (Store<Guarded>, impl Future<Output = ()>) {
-    fn owned<K: Resource<Scope = kube::core::NamespaceResourceScope>>(
+    fn meta_stream<K>(
         client: &Client,
         namespace: Option<&String>,
-    ) -> Api<K>
+        config: watcher::Config,
+    ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
     where
-        K::DynamicType: Default,
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
     {
-        match namespace {
+        // An Api of PartialObjectMeta makes metadata-only list and watch requests.
+        let api: Api<PartialObjectMeta<K>> = match namespace {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
-        }
+        };
+        watcher(api, config).touched_objects()
     }
-    // Owned objects are watched through our label only, to keep traffic small.
+    // Owned objects and Secrets are watched as metadata only: the controller
+    // needs names and owner references, never their specs or Secret values.
     let owned_config = watcher::Config::default().labels(MANAGED_BY_SELECTOR);
     let controller = Controller::new(endpoints, watcher::Config::default());
     let store = controller.store();
     let endpoints_by_secret = store.clone();
+    let ns = namespace.as_ref();
     let controller = controller
-        .owns(
-            owned::<Deployment>(&client, namespace.as_ref()),
-            owned_config.clone(),
-        )
-        .owns(
-            owned::<Service>(&client, namespace.as_ref()),
-            owned_config.clone(),
-        )
-        .owns(
-            owned::<PersistentVolumeClaim>(&client, namespace.as_ref()),
+        .owns_stream(meta_stream::<Deployment>(&client, ns, owned_config.clone()))
+        .owns_stream(meta_stream::<Service>(&client, ns, owned_config.clone()))
+        .owns_stream(meta_stream::<PersistentVolumeClaim>(
+            &client,
+            ns,
             owned_config,
-        )
+        ))
         // Every Secret, not only ours: a user's Secret named by credentialsSecretRef
         // being created or fixed must reconcile the endpoints that use it.
-        .watches(
-            owned::<Secret>(&client, namespace.as_ref()),
-            watcher::Config::default(),
-            move |secret| endpoints_for_secret(&secret, &endpoints_by_secret),
+        .watches_stream(
+            meta_stream::<Secret>(&client, ns, watcher::Config::default()),
+            move |secret| endpoints_for_secret(&secret.metadata, &endpoints_by_secret),
         )
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown);
@@ -506,14 +512,14 @@ pub fn controller(
 
 /// The endpoints a Secret matters to: its controller (our generated Secret)
 /// and every endpoint in its namespace whose credentialsSecretRef names it.
-fn endpoints_for_secret(secret: &Secret, store: &Store<Guarded>) -> Vec<ObjectRef<Guarded>> {
-    let Some(namespace) = secret.namespace() else {
+fn endpoints_for_secret(secret: &ObjectMeta, store: &Store<Guarded>) -> Vec<ObjectRef<Guarded>> {
+    let (Some(namespace), Some(name)) = (secret.namespace.clone(), secret.name.clone()) else {
         return vec![];
     };
-    let name = secret.name_any();
     let mut refs: Vec<ObjectRef<Guarded>> = secret
-        .owner_references()
+        .owner_references
         .iter()
+        .flatten()
         .filter(|r| r.controller == Some(true) && r.kind == "MessagingEndpoint")
         .map(|r| ObjectRef::new(&r.name).within(&namespace))
         .collect();

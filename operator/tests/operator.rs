@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use botrelay_test_apiserver::{Key, TestApiServer};
+use botrelay_test_apiserver::{Call, Key, TestApiServer};
 use serde_json::{Value, json};
 use support::*;
 
@@ -138,6 +138,19 @@ async fn endpoint_becomes_a_ready_relay_with_owned_objects_and_status() {
         "the operator keeps writing in steady state"
     );
 
+    // Secrets (anyone's) and owned objects are listed and watched as metadata
+    // only: the operator never streams Secret values it does not need.
+    let metadata_only = server.metadata_only_calls();
+    for call in server.calls() {
+        if matches!(call.verb.as_str(), "list" | "watch") && call.resource != "messagingendpoints" {
+            assert!(
+                metadata_only.contains(&call),
+                "{call:?} fetched whole objects"
+            );
+        }
+    }
+    assert!(metadata_only.contains(&Call::new("watch", "", "secrets")));
+
     // Admin server: health, readiness and the metrics the chart relies on.
     assert_eq!(operator.admin_get("/healthz").await.0, 200);
     assert_eq!(operator.admin_get("/readyz").await.0, 200);
@@ -209,6 +222,13 @@ async fn spec_change_rolls_the_deployment_but_never_regenerates_the_secret() {
         secret_before,
         "the generated Secret must never be regenerated"
     );
+
+    // Someone deletes the Service: it comes back.
+    server.delete(&service_key("support-relay")).unwrap();
+    eventually(20, "Service re-created", &operator, || {
+        server.get(&service_key("support-relay"))
+    })
+    .await;
 
     // Someone deletes one key: only that key is generated again, the others stay.
     let mut data = secret_before.clone();

@@ -30,6 +30,7 @@
 //! - optionally plays the Deployment controller: every Deployment write is
 //!   followed by a status saying all replicas are up to date and ready;
 //! - can fail chosen calls on purpose (`inject_failure`);
+//! - answers metadata-only lists and watches (`Accept: ...;as=PartialObjectMetadata`);
 //! - records every distinct (verb, API group, resource[/subresource]) called.
 //!
 //! Limits: no authentication or authorization, no admission, no schema
@@ -122,6 +123,8 @@ struct Store {
     calls: BTreeSet<Call>,
     /// The same calls with the namespace they addressed (None: all namespaces / cluster scope).
     scoped_calls: BTreeSet<(Call, Option<String>)>,
+    /// Calls made with a metadata-only `Accept` header.
+    metadata_calls: BTreeSet<Call>,
     /// uids of stored objects, for the garbage collector's owner lookups.
     uids: std::collections::HashSet<String>,
 }
@@ -249,6 +252,11 @@ impl TestApiServer {
     /// Every distinct (verb, group, resource) called over HTTP so far.
     pub fn calls(&self) -> BTreeSet<Call> {
         self.shared.store.lock().unwrap().calls.clone()
+    }
+
+    /// The calls that asked for metadata only (`PartialObjectMetadata`).
+    pub fn metadata_only_calls(&self) -> BTreeSet<Call> {
+        self.shared.store.lock().unwrap().metadata_calls.clone()
     }
 
     /// Every distinct call with the namespace it addressed (`None` = all namespaces).
@@ -813,6 +821,15 @@ fn patch_object(
 
 // ---------------------------------------------------------------- HTTP
 
+/// What a metadata-only request gets instead of the object.
+fn partial_metadata(object: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": object["metadata"],
+    })
+}
+
 type Body = BoxBody<Bytes, Infallible>;
 
 fn json_response(code: u16, value: &Value) -> Response<Body> {
@@ -975,12 +992,21 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         None => target.resource.clone(),
     };
     let call = Call::new(verb, &target.group, &resource_label);
+    // `Accept: application/json;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1`
+    let metadata_only = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
     {
         let mut store = shared.store.lock().unwrap();
         store.calls.insert(call.clone());
         store
             .scoped_calls
             .insert((call.clone(), target.namespace.clone()));
+        if metadata_only {
+            store.metadata_calls.insert(call.clone());
+        }
     }
     {
         let mut faults = shared.faults.lock().unwrap();
@@ -1032,14 +1058,27 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                         && target.namespace.as_ref().is_none_or(|ns| &k.namespace == ns)
                         && matches(&e.object, query.get("labelSelector"), query.get("fieldSelector"))
                 })
-                .map(|(_, e)| (*e.object).clone())
+                .map(|(_, e)| {
+                    if metadata_only {
+                        partial_metadata(&e.object)
+                    } else {
+                        (*e.object).clone()
+                    }
+                })
                 .collect();
             let kind = items
                 .first()
                 .and_then(|i| i["kind"].as_str())
                 .map(|k| format!("{k}List"))
                 .unwrap_or_else(|| "List".into());
-            let api_version = if target.group.is_empty() {
+            let (kind, api_version) = if metadata_only {
+                ("PartialObjectMetadataList".to_string(), "meta.k8s.io/v1".to_string())
+            } else {
+                (kind, String::new())
+            };
+            let api_version = if metadata_only {
+                api_version
+            } else if target.group.is_empty() {
                 target.version.clone()
             } else {
                 format!("{}/{}", target.group, target.version)
@@ -1050,7 +1089,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 "items": items,
             }))
         }
-        "watch" => return watch(shared, target, query),
+        "watch" => return watch(shared, target, query, metadata_only),
         "create" => parse_body().and_then(|object| {
             let mut store = shared.store.lock().unwrap();
             create(&shared, &mut store, &target.group, &target.resource, &namespace, object)
@@ -1122,7 +1161,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-fn watch(shared: Arc<Shared>, target: Target, query: BTreeMap<String, String>) -> Response<Body> {
+fn watch(
+    shared: Arc<Shared>,
+    target: Target,
+    query: BTreeMap<String, String>,
+    metadata_only: bool,
+) -> Response<Body> {
     let from: u64 = query
         .get("resourceVersion")
         .and_then(|rv| rv.parse().ok())
@@ -1174,7 +1218,12 @@ fn watch(shared: Arc<Shared>, target: Target, query: BTreeMap<String, String>) -
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
         let line = |e: &WatchEvent| {
-            let mut s = json!({"type": e.type_, "object": *e.object}).to_string();
+            let object = if metadata_only {
+                partial_metadata(&e.object)
+            } else {
+                (*e.object).clone()
+            };
+            let mut s = json!({"type": e.type_, "object": object}).to_string();
             s.push('\n');
             Bytes::from(s)
         };
