@@ -705,3 +705,24 @@ async fn a_killed_leader_is_replaced_once_its_lease_expires() {
         .unwrap();
     wait_reason(&server, &second, "after", "RelayReady").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_leader_election_it_reconciles_at_once_and_never_touches_a_lease() {
+    let server = TestApiServer::start().await;
+    let mut operator = Operator::start(&server, "solo", &[("BOTRELAY_LEADER_ELECTION", "false")]);
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint("solo", json!({})),
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "solo", "RelayReady").await;
+    assert_eq!(operator.metric("botrelay_operator_leader").await, Some(1.0));
+    assert_eq!(operator.terminate(), Some(0));
+    assert!(
+        server.calls().iter().all(|c| c.resource != "leases"),
+        "{:?}",
+        server.calls()
+    );
+}
