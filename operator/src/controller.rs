@@ -62,6 +62,22 @@ impl Error {
     }
 }
 
+impl Error {
+    /// A one-line message for a condition: the API server's own words when it answered.
+    pub fn condition_message(&self) -> String {
+        match self {
+            Error::Kube {
+                action,
+                source: kube::Error::Api(status),
+            } => format!(
+                "{action}: {} ({}, HTTP {})",
+                status.message, status.reason, status.code
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
 fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Kube { action, source }
 }
@@ -233,7 +249,7 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, ctx: &Context) -> Resu
     let result = apply_relay(endpoint, &namespace, &secret_name, &credentials, ctx).await;
     let observation = match &result {
         Ok(deployment) => Observation::Applied(Box::new(deployment.clone())),
-        Err(e) => Observation::ApplyFailed(e.to_string()),
+        Err(e) => Observation::ApplyFailed(e.condition_message()),
     };
 
     // 4. Status.
@@ -585,6 +601,19 @@ mod tests {
         assert_eq!(
             Error::UndecodableObject("x".into()).metric_label(),
             "undecodable_object"
+        );
+        let api = Error::Kube {
+            action: "apply_pvc",
+            source: kube::Error::Api(Box::new(kube::core::Status {
+                message: "spec is immutable after creation".into(),
+                reason: "Invalid".into(),
+                code: 422,
+                ..Default::default()
+            })),
+        };
+        assert_eq!(
+            api.condition_message(),
+            "apply_pvc: spec is immutable after creation (Invalid, HTTP 422)"
         );
     }
 }

@@ -575,11 +575,9 @@ async fn failed_applies_are_reported_retried_with_backoff_and_recover() {
         )
         .unwrap();
     let ep = wait_reason(&server, &operator, "flaky", "ApplyFailed").await;
-    assert!(
-        condition(&ep, "Degraded").unwrap()["message"]
-            .as_str()
-            .unwrap()
-            .contains("apply_deployment")
+    assert_eq!(
+        condition(&ep, "Degraded").unwrap()["message"],
+        "apply_deployment: injected failure (InternalError, HTTP 500)"
     );
     wait_reason(&server, &operator, "flaky", "RelayReady").await;
     assert_eq!(
