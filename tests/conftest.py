@@ -21,13 +21,24 @@ def chart_dir() -> pathlib.Path:
     return CHART
 
 
-@pytest.fixture(scope="session")
-def helm() -> str:
+def fetch_helm(major: str) -> str:
     out = subprocess.run(
-        [str(REPO / "tests" / "tools" / "fetch-helm")],
+        [str(REPO / "tests" / "tools" / "fetch-helm"), major],
         check=True, capture_output=True, text=True,
     )
     return out.stdout.strip()
+
+
+@pytest.fixture(scope="session", params=["4", "3"], ids=["helm4", "helm3"])
+def helm(request) -> str:
+    """Each test that uses helm runs with Helm 4 and with Helm 3."""
+    return fetch_helm(request.param)
+
+
+@pytest.fixture(scope="session")
+def helm4() -> str:
+    """Helm 4 only, for tests that use helm as a tool rather than test the chart with it."""
+    return fetch_helm("4")
 
 
 class Rendered(list):

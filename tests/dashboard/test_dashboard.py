@@ -319,7 +319,7 @@ def render_rules(helm: str, chart_dir: pathlib.Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stack(repo, helm, chart_dir, tmp_path_factory):
+def stack(repo, helm4, chart_dir, tmp_path_factory):
     relay_bin = repo / "target" / "debug" / "botrelay"
     assert relay_bin.exists(), f"{relay_bin} is missing: build it first (cargo build -p botrelay; tests/run does)"
     prometheus_bin = shutil.which("prometheus")
@@ -350,7 +350,7 @@ def stack(repo, helm, chart_dir, tmp_path_factory):
         processes.append(relay)
 
         rules_file = tmp / "botrelay.rules.yaml"
-        rules_file.write_text(yaml.safe_dump(render_rules(helm, chart_dir)))
+        rules_file.write_text(yaml.safe_dump(render_rules(helm4, chart_dir)))
         config = (HERE / "prometheus.yml").read_text()
         for key, value in {"@RULES_FILE@": str(rules_file), "@RELAY_ADMIN@": admin, "@NAMESPACE@": NAMESPACE,
                            "@ENDPOINT@": ENDPOINT, "@OPERATOR_ADMIN@": f"127.0.0.1:{operator_port}"}.items():
