@@ -17,7 +17,8 @@ the operator's metric names (the team's contract) with counters that move.
 That proves the operator panels' and alerts' PromQL and names, not that the
 operator exports them: the operator's own tests must check its /metrics.
 
-The values Prometheus returned are written to target/dashboard-query-results.json.
+The values Prometheus returned are written to target/dashboard-query-results.json,
+the alerts' states and values to target/dashboard-alert-states.json.
 """
 
 import base64
@@ -491,7 +492,7 @@ def test_panels_show_the_traffic_that_was_sent(stack):
 # --- the alerts -------------------------------------------------------------------
 
 
-def test_alert_rules_load_and_evaluate(stack):
+def test_alert_rules_load_and_evaluate(stack, repo):
     def evaluated_rules():
         rules = [r for g in stack.api("rules", type="alert")["groups"] for r in g["rules"]]
         # A rule never evaluated has the zero time as its last evaluation.
@@ -501,8 +502,11 @@ def test_alert_rules_load_and_evaluate(stack):
     assert len(rules) >= 5, [r["name"] for r in rules]
     bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not bad, bad
+    states = []
     for r in rules:
-        stack.query(r["query"])  # valid PromQL, as a query too
+        result = stack.query(r["query"])  # valid PromQL, as a query too
+        states.append({"alert": r["name"], "state": r["state"], "expr": r["query"], "result": summarize(result)})
+    (repo / "target" / "dashboard-alert-states.json").write_text(json.dumps(states, indent=2) + "\n")
     firing_or_pending = {r["name"] for r in rules if r["state"] != "inactive"}
     # The test's dead letters make this one fire at once ("for: 0m").
     assert "BotrelayDeadLettersGrowing" in firing_or_pending, firing_or_pending
