@@ -232,3 +232,50 @@ fn schema_carries_validation_and_defaults() {
         r.contains("duration(self.retryInitialBackoff) <= duration(self.retryMaxBackoff)")
     }));
 }
+
+#[test]
+fn readme_example_is_a_valid_endpoint_that_uses_every_field() {
+    use botrelay_operator::crd::MessagingEndpoint;
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README.md has a yaml example");
+    let raw: Value = serde_saphyr::from_str(block).expect("the example is YAML");
+    let endpoint: MessagingEndpoint =
+        serde_json::from_value(raw.clone()).expect("the example decodes");
+    botrelay_operator::validate::validate_spec(&endpoint.spec).expect("the example is valid");
+    // Nothing in the example is silently ignored: it survives a round trip.
+    let back = serde_json::to_value(&endpoint.spec).unwrap();
+    fn keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
+        if let Some(map) = v.as_object() {
+            for (k, child) in map {
+                let path = format!("{prefix}.{k}");
+                out.push(path.clone());
+                keys(child, &path, out);
+            }
+        }
+    }
+    let (mut written, mut kept) = (vec![], vec![]);
+    keys(&raw["spec"], "spec", &mut written);
+    keys(&back, "spec", &mut kept);
+    for key in &written {
+        assert!(
+            kept.contains(key),
+            "{key} in the README example is not a field"
+        );
+    }
+    // Every top-level spec field of the schema appears in the example or its comment.
+    let crd = crd_json();
+    let props =
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            .as_object()
+            .unwrap();
+    for field in props.keys() {
+        assert!(
+            block.contains(field.as_str()),
+            "the README example does not mention spec.{field}"
+        );
+    }
+}
