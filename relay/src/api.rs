@@ -40,6 +40,9 @@ pub struct Refusal {
     retry_after: Option<u64>,
     /// The `outcome` label of `botrelay_messages_received_total`, when the request counts as a message.
     outcome: Option<&'static str>,
+    /// Whether the request body was read in full. When it was not, the
+    /// connection cannot carry another request, and the answer says so.
+    body_read: bool,
 }
 
 impl Refusal {
@@ -50,7 +53,13 @@ impl Refusal {
             message: message.into(),
             retry_after: None,
             outcome: None,
+            body_read: false,
         }
+    }
+
+    fn after_body(mut self) -> Self {
+        self.body_read = true;
+        self
     }
 
     fn counted(mut self, outcome: &'static str) -> Self {
@@ -70,6 +79,11 @@ impl Refusal {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if !self.body_read {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -86,7 +100,9 @@ impl Refusal {
 
 impl From<Invalid> for Refusal {
     fn from(invalid: Invalid) -> Self {
-        Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", invalid.0).counted("invalid")
+        Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", invalid.0)
+            .counted("invalid")
+            .after_body()
     }
 }
 
@@ -327,6 +343,7 @@ impl Api {
                     format!("no conversation {}; use the relay's conversationId from the message the bot received", m.conversation_id),
                 )
                 .counted("unknown_conversation")
+                .after_body()
             })?;
         let now = now_ms();
         let message = OutboundMessage {
@@ -373,5 +390,6 @@ fn unavailable(e: CommitError) -> Refusal {
             )
         }
     };
-    refusal.retry_after(1).counted("rejected")
+    // Only reached once the body was read.
+    refusal.retry_after(1).counted("rejected").after_body()
 }

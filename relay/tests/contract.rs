@@ -457,3 +457,36 @@ async fn admin_port_serves_health_readiness_and_metrics() {
         "dead letters need a token"
     );
 }
+
+#[tokio::test]
+async fn a_refused_request_on_a_kept_alive_connection_does_not_break_the_next_one() {
+    let bot = Peer::start(|_| Answer::ok()).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &["--max-body-bytes=1024"]).await;
+    // One client with a connection pool, as a back-end has: refusals that leave
+    // the body unread close the connection and say so, so the pool opens a new
+    // one instead of failing the next request.
+    let client = keep_alive_client();
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    for i in 0..20 {
+        let big = message("u", "c", "big", &"x".repeat(4096)).to_string();
+        let (status, headers) = client_post(&client, &relay.url("/v1/messages"), &auth, big).await;
+        assert_eq!(status, 413);
+        assert_eq!(headers.get("connection").unwrap(), "close");
+        let (status, _) = client_post(
+            &client,
+            &relay.url("/v1/messages"),
+            "Bearer wrong",
+            "{}".into(),
+        )
+        .await;
+        assert_eq!(status, 401);
+        let ok = message("u", "c", &format!("m{i}"), "x").to_string();
+        let (status, headers) = client_post(&client, &relay.url("/v1/messages"), &auth, ok).await;
+        assert_eq!(status, 200, "request {i} after refusals");
+        assert!(
+            headers.get("connection").is_none(),
+            "a read body keeps the connection"
+        );
+    }
+}

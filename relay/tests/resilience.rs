@@ -268,10 +268,19 @@ async fn slow_and_hostile_clients_cannot_pin_the_relay() {
             .expect("the relay closes the connection");
         String::from_utf8_lossy(&out).into_owned()
     };
+    // Both say the connection ends, since the rest of their body was never read.
     let answer = read_all(chunked).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
     let answer = read_all(slow_body).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
     let answer = read_all(slow_headers).await;
     assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
 

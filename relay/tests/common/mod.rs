@@ -466,3 +466,28 @@ pub async fn post(
 pub async fn get(url: &str) -> Result<(u16, HeaderMap, Bytes), String> {
     request("GET", url, &[], Vec::new()).await
 }
+
+/// A client that keeps connections alive between requests, as a back-end's would.
+pub fn keep_alive_client() -> Client<HttpConnector, Full<Bytes>> {
+    client()
+}
+
+pub async fn client_post(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    auth: &str,
+    body: String,
+) -> (u16, HeaderMap) {
+    let req = Request::post(url)
+        .header("authorization", auth)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = client
+        .request(req)
+        .await
+        .expect("the pooled client gets an answer");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let _ = response.into_body().collect().await;
+    (status, headers)
+}
