@@ -219,6 +219,8 @@ fn main() {
         }
         takeover_changes.retain(|_, count| *count > 0);
 
+        drop(second);
+        let _ = std::fs::remove_dir_all(&dir);
         println!("scale benchmark: {n} MessagingEndpoints in {NAMESPACES} namespaces");
         println!("load (endpoints created while the operator runs):");
         println!("  created in                         {:>8.2} s", created.as_secs_f64());

@@ -17,6 +17,7 @@ pub struct Operator {
     pub child: Child,
     pub admin: String,
     pub log: PathBuf,
+    dir: PathBuf,
 }
 
 impl Operator {
@@ -70,7 +71,12 @@ impl Operator {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        Operator { child, admin, log }
+        Operator {
+            child,
+            admin,
+            log,
+            dir,
+        }
     }
 
     pub fn logs(&self) -> String {
@@ -132,6 +138,10 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Keep the kubeconfig and log of a failed test for a look.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
