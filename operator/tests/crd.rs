@@ -279,3 +279,41 @@ fn readme_example_is_a_valid_endpoint_that_uses_every_field() {
         );
     }
 }
+
+/// The CEL rules, evaluated as the API server would (schema defaults applied first).
+#[test]
+fn cel_rules_accept_good_specs_and_reject_cross_field_mistakes() {
+    let crd = crd_json();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let validator = kube_cel::Validator::new();
+    let object = |spec: Value| {
+        let mut base = serde_json::json!({
+            "bot": {"url": "http://bot.shop.svc/events"},
+            "responseEndpoint": {"url": "https://backend.example/r"},
+        });
+        for (k, v) in spec.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        serde_json::json!({"apiVersion": "botrelay.dev/v1alpha1", "kind": "MessagingEndpoint",
+                           "metadata": {"name": "x"}, "spec": base})
+    };
+    let check = |spec: Value| validator.validate(schema, &object(spec), None);
+
+    assert!(check(serde_json::json!({})).is_ok(), "defaults pass");
+    assert!(check(serde_json::json!({"replicas": 1, "delivery": {"retryInitialBackoff": "1s", "retryMaxBackoff": "5m"}})).is_ok());
+    assert!(check(serde_json::json!({"delivery": {"retryInitialBackoff": "90s", "retryMaxBackoff": "1h30m"}})).is_ok());
+
+    let too_many = check(serde_json::json!({"replicas": 2})).unwrap_err();
+    assert!(
+        format!("{too_many:?}").contains("replicas above 1 need a shared store"),
+        "{too_many:?}"
+    );
+    let backwards = check(
+        serde_json::json!({"delivery": {"retryInitialBackoff": "10m", "retryMaxBackoff": "1m"}}),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{backwards:?}").contains("retryInitialBackoff must not exceed retryMaxBackoff"),
+        "{backwards:?}"
+    );
+}
