@@ -11,11 +11,15 @@ query of every panel is evaluated through Prometheus's HTTP API, with the
 dashboard's variables set as Grafana would: each must be valid PromQL and
 return data.
 
-The operator's panels need operator metrics. The operator cannot run here
-without a Kubernetes API server it can reach over HTTP, so a stand-in serves
-the operator's metric names (the team's contract) with counters that move.
-That proves the operator panels' and alerts' PromQL and names, not that the
-operator exports them: the operator's own tests must check its /metrics.
+The operator's panels read the real operator (target/debug/botrelay-operator,
+leader election on), run through a kubeconfig against the test API server
+(target/debug/botrelay-test-apiserver). The test creates MessagingEndpoints
+through that server's HTTP API, as kubectl would: two valid ones, which become
+Ready (the test server plays the Deployment controller), and one that does not
+match the CRD's schema (a real API server would refuse it; the test server
+stores it on purpose), which the operator fails to reconcile with reason
+undecodable_object and counts as not ready. Prometheus scrapes the operator's
+/metrics as the chart's ServiceMonitor would.
 
 The values Prometheus returned are written to target/dashboard-query-results.json,
 the alerts' states and values to target/dashboard-alert-states.json.
@@ -135,67 +139,70 @@ def serve(handler_fn) -> tuple[http.server.ThreadingHTTPServer, int]:
     return server, server.server_address[1]
 
 
-# --- the operator stand-in ----------------------------------------------------
+# --- the operator and its API server --------------------------------------------
 
 
-class OperatorStandIn:
-    """Serves the operator's contracted metrics; every scrape adds a few
-    reconciliations, one of them failed, so that rates are not zero."""
+class ApiServer:
+    """The test API server's HTTP API, used as kubectl would use a real one."""
 
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    ENDPOINTS = f"/apis/botrelay.dev/v1alpha1/namespaces/{NAMESPACE}/messagingendpoints"
 
-    def __init__(self):
-        self.scrapes = 0
-        self.lock = threading.Lock()
+    def __init__(self, url: str):
+        self.url = url
+        self.http = requests.Session()
 
-    def exposition(self) -> str:
-        with self.lock:
-            self.scrapes += 1
-            n = self.scrapes
-        ok, err = 3 * n, n
-        durations = [0.02] * ok + [0.3] * err
-        lines = [
-            "# TYPE botrelay_operator_reconciliations_total counter",
-            f'botrelay_operator_reconciliations_total{{result="success"}} {ok}',
-            f'botrelay_operator_reconciliations_total{{result="error"}} {err}',
-            "# TYPE botrelay_operator_reconcile_errors_total counter",
-            f'botrelay_operator_reconcile_errors_total{{reason="apply_deployment"}} {err}',
-            "# TYPE botrelay_operator_reconcile_duration_seconds histogram",
-        ]
-        for b in self.BUCKETS:
-            lines.append(f'botrelay_operator_reconcile_duration_seconds_bucket{{le="{b}"}} '
-                         f'{sum(1 for d in durations if d <= b)}')
-        lines += [
-            f'botrelay_operator_reconcile_duration_seconds_bucket{{le="+Inf"}} {len(durations)}',
-            f"botrelay_operator_reconcile_duration_seconds_sum {sum(durations)}",
-            f"botrelay_operator_reconcile_duration_seconds_count {len(durations)}",
-            "# TYPE botrelay_operator_endpoints gauge",
-            'botrelay_operator_endpoints{ready="true"} 3',
-            'botrelay_operator_endpoints{ready="false"} 1',
-            "# TYPE botrelay_operator_leader gauge",
-            "botrelay_operator_leader 1",
-        ]
-        return "\n".join(lines) + "\n"
+    def create_endpoint(self, name: str, spec: dict) -> dict:
+        body = {"apiVersion": "botrelay.dev/v1alpha1", "kind": "MessagingEndpoint",
+                "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
+        r = self.http.post(self.url + self.ENDPOINTS, json=body, timeout=10)
+        assert r.status_code == 201, r.text
+        return r.json()
 
-    def start(self) -> tuple[http.server.ThreadingHTTPServer, int]:
-        standin = self
+    def patch_endpoint(self, name: str, patch: dict) -> dict:
+        r = self.http.patch(f"{self.url}{self.ENDPOINTS}/{name}", data=json.dumps(patch), timeout=10,
+                            headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status_code == 200, r.text
+        return r.json()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                data = standin.exposition().encode()
-                self.send_response(200)
-                self.send_header("content-type", "text/plain; version=0.0.4")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    def ready_reason(self, name: str) -> str | None:
+        """The reason of the endpoint's Ready condition (what kubectl get mep -o wide shows)."""
+        r = self.http.get(f"{self.url}{self.ENDPOINTS}/{name}", timeout=10)
+        assert r.status_code == 200, r.text
+        conditions = r.json().get("status", {}).get("conditions", [])
+        return next((c["reason"] for c in conditions if c["type"] == "Ready"), None)
 
-            def log_message(self, *args):
-                pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server, server.server_address[1]
+def start_apiserver(apiserver_bin, tmp) -> tuple[subprocess.Popen, str, pathlib.Path]:
+    """The test API server on a port the kernel picks; (process, URL, kubeconfig)."""
+    kubeconfig = tmp / "kubeconfig"
+    proc = subprocess.Popen([str(apiserver_bin), "--kubeconfig", str(kubeconfig), "--namespace", NAMESPACE],
+                            stdout=subprocess.PIPE, stderr=open(tmp / "apiserver.log", "w"), text=True)
+    url = proc.stdout.readline().strip()  # printed once it listens and the kubeconfig is written
+    assert url.startswith("http://127.0.0.1:"), (
+        f"the test API server did not start (exit status {proc.poll()}):\n" + (tmp / "apiserver.log").read_text())
+    return proc, url, kubeconfig
+
+
+def start_operator(operator_bin, kubeconfig, log_path) -> tuple[subprocess.Popen, str]:
+    """The operator with leader election on and its admin server on a port the
+    kernel picks (a port picked here could be taken meanwhile); (process, admin)."""
+    env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kubeconfig),
+           "BOTRELAY_ADMIN_LISTEN": "127.0.0.1:0", "BOTRELAY_LEADER_ELECTION": "true",
+           "POD_NAMESPACE": "botrelay", "POD_NAME": "botrelay-operator-0", "BOTRELAY_LOG_LEVEL": "info"}
+    proc = subprocess.Popen([str(operator_bin)], env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
+
+    def admin_addr():
+        assert proc.poll() is None, f"the operator exited with {proc.returncode}"
+        for line in log_path.read_text().splitlines():
+            if "admin server listening" in line:
+                return json.loads(line)["addr"]
+        return None
+
+    try:
+        return proc, wait_for("the operator's admin server", admin_addr, timeout=20)
+    except AssertionError as e:
+        proc.kill()
+        raise AssertionError(f"{e}; operator log:\n" + log_path.read_text()[-3000:]) from None
 
 
 # --- the relay's traffic ------------------------------------------------------
@@ -253,7 +260,8 @@ def drive_traffic(client: Client, hold: bool):
     assert r.status_code == 404, r.text
 
 
-def relay_metric(admin: str, name: str, **labels) -> float:
+def scraped(admin: str, name: str, **labels) -> float:
+    """The sum of the samples of `name` with `labels` on a /metrics page."""
     text = requests.get(f"http://{admin}/metrics", timeout=5).text
     total = 0.0
     for line in text.splitlines():
@@ -319,10 +327,46 @@ def render_rules(helm: str, chart_dir: pathlib.Path) -> dict:
     return yaml.safe_load(out)["spec"]
 
 
+def reconcile_endpoints(cluster: ApiServer, operator_admin: str, operator_log: pathlib.Path, create: dict,
+                        patch: dict | None = None):
+    """Creates MessagingEndpoints (name -> (spec, the Ready reason it must reach)),
+    optionally patches the malformed one, and waits until the operator has
+    reconciled all of it and counted one more failed reconciliation."""
+    errors_before = scraped(operator_admin, "botrelay_operator_reconcile_errors_total")
+    for name, (spec, _) in create.items():
+        cluster.create_endpoint(name, spec)
+    if patch:
+        for name, body in patch.items():
+            cluster.patch_endpoint(name, body)
+    wanted = {name: reason for name, (_, reason) in create.items()}
+    try:
+        wait_for(f"Ready reasons {wanted}",
+                 lambda: all(cluster.ready_reason(n) == r for n, r in wanted.items()), timeout=30)
+        wait_for("a failed reconciliation counted",
+                 lambda: scraped(operator_admin, "botrelay_operator_reconcile_errors_total") > errors_before,
+                 timeout=30)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; operator log:\n" + operator_log.read_text()[-3000:]) from None
+
+
+def stop(processes):
+    """SIGTERM in reverse order of start, each in turn: the operator hands its
+    Lease back to an API server that is still there."""
+    for p in reversed(processes):
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 @pytest.fixture(scope="module")
 def stack(repo, helm4, chart_dir, tmp_path_factory):
-    relay_bin = repo / "target" / "debug" / "botrelay"
-    assert relay_bin.exists(), f"{relay_bin} is missing: build it first (cargo build -p botrelay; tests/run does)"
+    binaries = {name: repo / "target" / "debug" / name
+                for name in ("botrelay", "botrelay-operator", "botrelay-test-apiserver")}
+    for name, path in binaries.items():
+        assert path.exists(), f"{path} is missing: build it first (cargo build -p {name}; tests/run does)"
     prometheus_bin = shutil.which("prometheus")
     assert prometheus_bin, "prometheus not found: install Debian's prometheus package (.ci/run does)"
     tmp = tmp_path_factory.mktemp("dashboard")
@@ -332,8 +376,16 @@ def stack(repo, helm4, chart_dir, tmp_path_factory):
     try:
         bot, bot_port = serve(lambda body, headers: receivers.bot(body))
         response, response_port = serve(receivers.response)
-        standin, operator_port = OperatorStandIn().start()
-        servers += [bot, response, standin]
+        servers += [bot, response]
+
+        apiserver, apiserver_url, kubeconfig = start_apiserver(binaries["botrelay-test-apiserver"], tmp)
+        processes.append(apiserver)
+        operator_log = tmp / "operator.log"
+        operator, operator_admin = start_operator(binaries["botrelay-operator"], kubeconfig, operator_log)
+        processes.append(operator)
+        cluster = ApiServer(apiserver_url)
+        # Alone against a fresh API server, the operator takes the Lease at once.
+        wait_for("the operator to lead", lambda: scraped(operator_admin, "botrelay_operator_leader") == 1, timeout=30)
 
         creds = tmp / "credentials"
         creds.mkdir()
@@ -342,19 +394,19 @@ def stack(repo, helm4, chart_dir, tmp_path_factory):
         for name in ("bot-signing-secret", "response-signing-secret"):
             (creds / name).write_text("whsec_" + base64.b64encode(os.urandom(32)).decode() + "\n")
 
-        relay_args = ["--bot-url", f"http://127.0.0.1:{bot_port}/",
-                      "--response-url", f"http://127.0.0.1:{response_port}/",
+        bot_url, response_url = f"http://127.0.0.1:{bot_port}/", f"http://127.0.0.1:{response_port}/"
+        relay_args = ["--bot-url", bot_url, "--response-url", response_url,
                       "--credentials-dir", str(creds), "--store", "embedded", "--data-dir", str(tmp / "data"),
                       "--endpoint-name", ENDPOINT, "--retry-initial-backoff", "100ms",
                       "--retry-max-backoff", "1s", "--max-attempts", "3", "--bot-timeout", "60s"]
-        relay, api, admin = start_relay(relay_bin, relay_args, tmp / "relay.log")
+        relay, api, admin = start_relay(binaries["botrelay"], relay_args, tmp / "relay.log")
         processes.append(relay)
 
         rules_file = tmp / "botrelay.rules.yaml"
         rules_file.write_text(yaml.safe_dump(render_rules(helm4, chart_dir)))
         config = (HERE / "prometheus.yml").read_text()
         for key, value in {"@RULES_FILE@": str(rules_file), "@RELAY_ADMIN@": admin, "@NAMESPACE@": NAMESPACE,
-                           "@ENDPOINT@": ENDPOINT, "@OPERATOR_ADMIN@": f"127.0.0.1:{operator_port}"}.items():
+                           "@ENDPOINT@": ENDPOINT, "@OPERATOR_ADMIN@": operator_admin}.items():
             config = config.replace(key, value)
         assert not re.search(r"@[A-Z_]+@", config), config
         (tmp / "prometheus.yml").write_text(config)
@@ -372,7 +424,19 @@ def stack(repo, helm4, chart_dir, tmp_path_factory):
             targets = prom.api("targets")["activeTargets"]
             raise AssertionError("targets not up: " + "; ".join(
                 f"{t['labels'].get('job')} {t['scrapeUrl']}: {t['health']} {t['lastError']}" for t in targets)
-                + f"\nrelay exit status: {relay.poll()}\nrelay log:\n" + (tmp / "relay.log").read_text()[-3000:])
+                + f"\nrelay exit status: {relay.poll()}\nrelay log:\n" + (tmp / "relay.log").read_text()[-3000:]
+                + f"\noperator exit status: {operator.poll()}\noperator log:\n" + operator_log.read_text()[-3000:])
+
+        # The operator's work, in two rounds with scrapes in between (as the
+        # relay's traffic below), so that rate() sees its counters grow: the
+        # endpoint this relay stands for and a malformed one first; then a
+        # second endpoint, and a change to the malformed one that leaves it
+        # malformed (so it is reconciled, and fails, again).
+        reconcile_endpoints(cluster, operator_admin, operator_log, {
+            ENDPOINT: ({"bot": {"url": bot_url}, "responseEndpoint": {"url": response_url}}, "RelayReady"),
+            "broken": ({"bot": "not-an-object", "responseEndpoint": {"url": response_url}, "replicas": "many"},
+                       "InvalidObject"),
+        })
 
         # Two rounds of traffic with scrapes in between, so that every counter
         # exists before it grows and rate() sees the growth.
@@ -383,23 +447,21 @@ def stack(repo, helm4, chart_dir, tmp_path_factory):
         # Wait for the relay to be done with everything but the held message:
         # 2 rounds x (fail-always to the bot, reply-reject to the response).
         wait_for("dead letters for the bot and the response endpoint",
-                 lambda: relay_metric(admin, "botrelay_messages_dead_lettered_total", target="bot") >= 2
-                 and relay_metric(admin, "botrelay_messages_dead_lettered_total", target="response") >= 2,
+                 lambda: scraped(admin, "botrelay_messages_dead_lettered_total", target="bot") >= 2
+                 and scraped(admin, "botrelay_messages_dead_lettered_total", target="response") >= 2,
                  timeout=60)
         wait_for("the held message to be the only one pending",
-                 lambda: relay_metric(admin, "botrelay_queue_depth", target="bot") == 1
-                 and relay_metric(admin, "botrelay_queue_depth", target="response") == 0, timeout=60)
+                 lambda: scraped(admin, "botrelay_queue_depth", target="bot") == 1
+                 and scraped(admin, "botrelay_queue_depth", target="response") == 0, timeout=60)
+
+        reconcile_endpoints(cluster, operator_admin, operator_log, {
+            "orders": ({"bot": {"url": bot_url}, "responseEndpoint": {"url": response_url}}, "RelayReady"),
+        }, patch={"broken": {"spec": {"bot": {"url": bot_url}}}})
         time.sleep(4)  # a few scrapes and rule evaluations after the traffic
         yield prom
     finally:
         receivers.release.set()
-        for p in reversed(processes):
-            p.terminate()
-        for p in processes:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(processes)
         for s in servers:
             s.shutdown()
 
@@ -489,6 +551,31 @@ def test_panels_show_the_traffic_that_was_sent(stack):
     assert all(0 < v < 1 for v in ratio.values()), ratio
 
 
+def test_operator_panels_show_what_the_operator_did(stack, chart_dir):
+    """The operator panels' queries, answered from the real operator's metrics:
+    it leads, reconciled both rounds, failed on the malformed endpoint with the
+    reason the alert names, and counts two ready endpoints and one not ready."""
+    def values(expr):
+        return {tuple(sorted(r["metric"].items())): float(r["value"][1])
+                for r in stack.query(as_grafana_would(expr))}
+
+    panel = {(title, ref): expr for title, ref, expr in panel_queries(load_dashboard(chart_dir))}
+    results = values(panel["Reconciliations per second by result", "A"])
+    assert results[(("result", "success"),)] > 0 and results[(("result", "error"),)] > 0, results
+    errors = values(panel["Reconcile errors per second by reason", "A"])
+    assert list(errors) == [(("reason", "undecodable_object"),)] and all(v > 0 for v in errors.values()), errors
+    readiness = values(panel["Endpoints by readiness", "A"])
+    assert readiness == {(("ready", "true"),): 2.0, (("ready", "false"),): 1.0}, readiness
+    leader = values(panel["Operator leader", "A"])
+    assert leader == {(): 1.0}, leader
+    quantiles = [values(panel["Reconcile duration p50 / p95 / p99", ref])[()] for ref in "ABC"]
+    # An API server on loopback answers in milliseconds: well under the last bucket (10 s).
+    assert 0 < quantiles[0] <= quantiles[1] <= quantiles[2] < 10, quantiles
+    # Every operator series comes from the operator's own scrape job.
+    jobs = values('count by (job) ({__name__=~"botrelay_operator_.*"})')
+    assert list(jobs) == [(("job", "botrelay-operator"),)], jobs
+
+
 # --- the alerts -------------------------------------------------------------------
 
 
@@ -507,8 +594,13 @@ def test_alert_rules_load_and_evaluate(stack, repo):
         result = stack.query(r["query"])  # valid PromQL, as a query too
         states.append({"alert": r["name"], "state": r["state"], "expr": r["query"], "result": summarize(result)})
     (repo / "target" / "dashboard-alert-states.json").write_text(json.dumps(states, indent=2) + "\n")
-    firing_or_pending = {r["name"] for r in rules if r["state"] != "inactive"}
+    state = {r["name"]: r["state"] for r in rules}
     # The test's dead letters make this one fire at once ("for: 0m").
-    assert "BotrelayDeadLettersGrowing" in firing_or_pending, firing_or_pending
-    # The stand-in operator reports a leader, so this one must stay quiet.
-    assert "BotrelayOperatorNoLeader" not in firing_or_pending
+    assert state["BotrelayDeadLettersGrowing"] == "firing", state
+    # The operator's failed reconciliations and its not-ready endpoint: true
+    # at once, pending until their "for" has passed.
+    assert state["BotrelayReconcileErrors"] == "pending", state
+    assert state["BotrelayEndpointsNotReady"] == "pending", state
+    # The operator leads and is scraped: these must stay quiet.
+    assert state["BotrelayOperatorNoLeader"] == "inactive", state
+    assert state["BotrelayOperatorDown"] == "inactive", state

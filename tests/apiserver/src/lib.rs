@@ -182,10 +182,14 @@ const STATUS_SUBRESOURCE: [&str; 4] = [
 impl TestApiServer {
     /// Starts on an ephemeral loopback port.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().unwrap();
+        Self::start_on_port(0).await.expect("bind loopback")
+    }
+
+    /// Starts on `127.0.0.1:port`; port 0 lets the kernel pick a free one
+    /// (`url()` then says which).
+    pub async fn start_on_port(port: u16) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
         let (events, _) = broadcast::channel(1 << 16);
         let shared = Arc::new(Shared {
             store: Mutex::default(),
@@ -211,7 +215,7 @@ impl TestApiServer {
                 });
             }
         });
-        TestApiServer { addr, shared, task }
+        Ok(TestApiServer { addr, shared, task })
     }
 
     /// `http://127.0.0.1:<port>`
