@@ -1,0 +1,191 @@
+//! The relay accepts the arguments the operator gives it: the relay
+//! container's args of a Deployment built by the operator's pure builders,
+//! parsed and checked by the relay's own flag parser. A flag renamed or
+//! dropped on one side, or a value one side writes and the other cannot read,
+//! fails here rather than as a crash-looping pod.
+
+use std::path::Path;
+use std::time::Duration;
+
+use botrelay::config::{Config, StoreKind};
+use botrelay_operator::build::{BuildSettings, Credentials, build_deployment};
+use botrelay_operator::crd::MessagingEndpoint;
+use botrelay_operator::validate::validate_spec;
+use clap::Parser;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+/// An endpoint as a user writes it, decoded as the operator decodes it.
+fn endpoint(name: &str, spec: Value) -> MessagingEndpoint {
+    serde_json::from_value(json!({
+        "apiVersion": "botrelay.dev/v1alpha1",
+        "kind": "MessagingEndpoint",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": spec,
+    }))
+    .expect("the endpoint decodes")
+}
+
+/// The relay pod the operator builds for `endpoint`.
+fn relay_pod(endpoint: &MessagingEndpoint) -> PodSpec {
+    validate_spec(&endpoint.spec).expect("the operator accepts the spec");
+    let settings = BuildSettings {
+        relay_image: "botrelay/relay:test".into(),
+    };
+    let credentials = Credentials::generate();
+    let deployment = build_deployment(endpoint, &settings, "credentials", &credentials);
+    deployment.spec.unwrap().template.spec.unwrap()
+}
+
+fn relay_container(pod: &PodSpec) -> &Container {
+    pod.containers
+        .iter()
+        .find(|c| c.name == "relay")
+        .expect("a relay container")
+}
+
+/// What the relay makes of the container's arguments, as its `main` does.
+fn relay_config(container: &Container) -> Config {
+    // The image's entrypoint is the relay and the args are its whole
+    // configuration: a command or environment variables would need parsing too.
+    assert_eq!(container.command, None);
+    assert_eq!(container.env, None);
+    let args = container.args.clone().expect("the relay gets args");
+    let config =
+        Config::try_parse_from(std::iter::once("botrelay".to_string()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("the relay refuses {args:?}:\n{e}"));
+    config
+        .validate()
+        .unwrap_or_else(|e| panic!("the relay refuses {args:?}: {e}"));
+    config
+}
+
+fn mount_path<'a>(container: &'a Container, volume: &str) -> &'a Path {
+    let mounts = container.volume_mounts.as_deref().unwrap_or_default();
+    let mount = mounts
+        .iter()
+        .find(|m| m.name == volume)
+        .unwrap_or_else(|| panic!("volume {volume} is mounted"));
+    Path::new(&mount.mount_path)
+}
+
+fn container_port(container: &Container, name: &str) -> u16 {
+    let ports = container.ports.as_deref().unwrap_or_default();
+    let port = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("port {name} is declared"));
+    port.container_port as u16
+}
+
+/// Where the relay listens, reads its credentials and keeps its store is where
+/// the pod declares its ports and mounts its volumes.
+fn assert_matches_the_pod(config: &Config, container: &Container) {
+    assert_eq!(config.listen.port(), container_port(container, "http"));
+    assert_eq!(
+        config.admin_listen.port(),
+        container_port(container, "metrics")
+    );
+    assert!(config.listen.ip().is_unspecified() && config.admin_listen.ip().is_unspecified());
+    assert_eq!(config.credentials_dir, mount_path(container, "credentials"));
+    assert_eq!(config.data_dir, mount_path(container, "data"));
+}
+
+/// What the relay makes of the pod the operator builds for `endpoint`, after
+/// checking what every spec has: the URLs, the endpoint's name, ports and mounts.
+fn relay_config_for(endpoint: &MessagingEndpoint) -> Config {
+    let pod = relay_pod(endpoint);
+    let container = relay_container(&pod);
+    let config = relay_config(container);
+    assert_eq!(config.bot_url.to_string(), endpoint.spec.bot.url);
+    assert_eq!(
+        config.response_url.to_string(),
+        endpoint.spec.response_endpoint.url
+    );
+    assert_eq!(config.endpoint_name, endpoint.name_any());
+    assert_matches_the_pod(&config, container);
+    config
+}
+
+#[test]
+fn a_minimal_spec_leaves_delivery_to_the_relays_defaults() {
+    let ep = endpoint(
+        "support",
+        json!({
+            "bot": {"url": "http://support-bot.shop.svc:8080/events"},
+            "responseEndpoint": {"url": "https://backend.example/bot-responses"},
+        }),
+    );
+    let config = relay_config_for(&ep);
+    assert_eq!(config.store, StoreKind::Embedded);
+
+    // Nothing about delivery in the spec: the relay's own defaults, as if run by hand.
+    let defaults = Config::try_parse_from([
+        "botrelay",
+        "--bot-url=http://bot/",
+        "--response-url=http://response/",
+        "--credentials-dir=/c",
+    ])
+    .unwrap();
+    assert_eq!(
+        (
+            config.bot_timeout,
+            config.response_timeout,
+            config.connect_timeout,
+            config.retry_initial_backoff,
+            config.retry_max_backoff,
+            config.max_attempts,
+            config.max_message_age,
+            config.dedupe_window,
+            config.max_body_bytes,
+        ),
+        (
+            defaults.bot_timeout,
+            defaults.response_timeout,
+            defaults.connect_timeout,
+            defaults.retry_initial_backoff,
+            defaults.retry_max_backoff,
+            defaults.max_attempts,
+            defaults.max_message_age,
+            defaults.dedupe_window,
+            defaults.max_body_bytes,
+        )
+    );
+}
+
+#[test]
+fn every_delivery_field_reaches_the_relay_with_its_value() {
+    // Values unlike the relay's defaults, in every duration form the CRD allows
+    // (milliseconds, compound units), and URLs with a port, path and query.
+    let ep = endpoint(
+        "orders",
+        json!({
+            "bot": {"url": "https://bot.example:8443/hooks/orders?team=shop"},
+            "responseEndpoint": {"url": "http://backend.shop.svc/bot/responses"},
+            "storage": {"type": "memory"},
+            "delivery": {
+                "botTimeout": "45s",
+                "responseTimeout": "1m30s",
+                "connectTimeout": "2500ms",
+                "retryInitialBackoff": "250ms",
+                "retryMaxBackoff": "10m",
+                "maxAttempts": 7,
+                "maxMessageAge": "1h30m",
+                "dedupeWindow": "48h",
+                "maxBodyBytes": 1048576,
+            },
+        }),
+    );
+    let config = relay_config_for(&ep);
+    assert_eq!(config.store, StoreKind::Memory);
+    assert_eq!(config.bot_timeout, Duration::from_secs(45));
+    assert_eq!(config.response_timeout, Duration::from_secs(90));
+    assert_eq!(config.connect_timeout, Duration::from_millis(2500));
+    assert_eq!(config.retry_initial_backoff, Duration::from_millis(250));
+    assert_eq!(config.retry_max_backoff, Duration::from_secs(600));
+    assert_eq!(config.max_attempts, 7);
+    assert_eq!(config.max_message_age, Duration::from_secs(5400));
+    assert_eq!(config.dedupe_window, Duration::from_secs(48 * 3600));
+    assert_eq!(config.max_body_bytes, 1024 * 1024);
+}
