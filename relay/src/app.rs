@@ -60,17 +60,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (queues, inboxes) = delivery::queues();
     let (writer, writer_thread) =
         Writer::start(store.clone(), queues.clone(), metrics.clone(), WRITE_QUEUE);
-    let recovered = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.recover())
-            .await?
-            .context("reading the stored messages")?
-    };
-    let waiting = recovered.pending.len();
-    for pending in recovered.pending {
-        queues.push(pending);
-    }
-
     let (stop_tx, stop) = watch::channel(false);
     let deliverer = Deliverer {
         store: store.clone(),
@@ -97,6 +86,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         stop.clone(),
         config.drain_timeout,
     );
+
+    // The schedulers are running, so they take the recovered messages as they
+    // are read instead of all of them piling up in the queues' channels.
+    let waiting = {
+        let (store, queues) = (store.clone(), queues.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut waiting = 0usize;
+            store
+                .recover(&mut |pending| {
+                    waiting += 1;
+                    queues.push(pending);
+                })
+                .map(|_| waiting)
+        })
+        .await?
+        .context("reading the stored messages")?
+    };
 
     let api_listener = TcpListener::bind(config.listen)
         .await

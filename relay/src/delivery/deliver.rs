@@ -2,10 +2,10 @@
 
 use super::backoff::Backoff;
 use super::http::Sender;
-use super::{Finish, now_ms};
+use super::{Finish, Waiting, now_ms};
 use crate::credentials::CredentialStore;
 use crate::metrics::Metrics;
-use crate::store::{Op, OutboundMessage, Pending, Store, Target};
+use crate::store::{Op, OutboundMessage, Seq, Store, Target};
 use crate::writer::Writer;
 use crate::{ids, wire};
 use std::sync::Arc;
@@ -40,11 +40,10 @@ impl Deliverer {
         &self.metrics
     }
 
-    /// Attempts `pending` once; `failures` attempts of it have failed before.
-    pub async fn attempt(&self, pending: &Pending, failures: u32) -> Finish {
-        let target = pending.target;
+    /// Attempts a message once; `failures` attempts of it have failed before.
+    pub async fn attempt(&self, target: Target, pending: &Waiting, failures: u32) -> Finish {
         let label = target.as_str();
-        let mut outgoing = match self.load(pending) {
+        let mut outgoing = match self.load(target, pending.seq) {
             Ok(Some(outgoing)) => outgoing,
             // Completed by an earlier attempt whose result was not seen (or redriven elsewhere).
             Ok(None) => return Finish::Done,
@@ -197,16 +196,16 @@ impl Deliverer {
         }
     }
 
-    fn load(&self, pending: &Pending) -> Result<Option<Outgoing>, crate::store::StoreError> {
-        Ok(match pending.target {
-            Target::Bot => self.store.inbound(pending.seq)?.map(|m| Outgoing {
+    fn load(&self, target: Target, seq: Seq) -> Result<Option<Outgoing>, crate::store::StoreError> {
+        Ok(match target {
+            Target::Bot => self.store.inbound(seq)?.map(|m| Outgoing {
                 body: wire::bot_request(&m),
                 id: m.id,
                 conversation_id: m.conversation_id,
                 user_id: m.user_id,
                 caller_conversation_id: m.caller_conversation_id,
             }),
-            Target::Response => self.store.outbound(pending.seq)?.map(|m| Outgoing {
+            Target::Response => self.store.outbound(seq)?.map(|m| Outgoing {
                 body: wire::response_request(&m),
                 id: m.id,
                 conversation_id: m.conversation_id,

@@ -121,9 +121,18 @@ pub fn start(
     set
 }
 
+/// A waiting message as a lane holds it: its conversation and target are the
+/// lane's, so 24 bytes a message is all a long queue costs.
+#[derive(Clone, Copy, Debug)]
+pub struct Waiting {
+    pub seq: crate::store::Seq,
+    pub created_at_ms: u64,
+    pub queued_at_ms: u64,
+}
+
 #[derive(Default)]
 struct Lane {
-    queue: VecDeque<Pending>,
+    queue: VecDeque<Waiting>,
     /// Failed attempts of the head message.
     failures: u32,
     busy: bool,
@@ -205,7 +214,11 @@ impl Scheduler {
             Event::Due(pending) => {
                 let key: Arc<str> = Arc::from(pending.conversation_id.as_str());
                 let lane = self.lanes.entry(key.clone()).or_default();
-                lane.queue.push_back(pending);
+                lane.queue.push_back(Waiting {
+                    seq: pending.seq,
+                    created_at_ms: pending.created_at_ms,
+                    queued_at_ms: pending.queued_at_ms,
+                });
                 self.depth += 1;
                 if lane.queue.len() == 1 && !lane.busy {
                     self.ready.push_back(key);
@@ -261,7 +274,7 @@ impl Scheduler {
             let Some(lane) = self.lanes.get_mut(&key) else {
                 continue;
             };
-            let Some(head) = lane.queue.front().cloned() else {
+            let Some(head) = lane.queue.front().copied() else {
                 continue;
             };
             lane.busy = true;
@@ -269,8 +282,9 @@ impl Scheduler {
             let failures = lane.failures;
             let deliverer = self.deliverer.clone();
             let events = self.events.clone();
+            let target = self.target;
             self.tasks.spawn(async move {
-                let finish = deliverer.attempt(&head, failures).await;
+                let finish = deliverer.attempt(target, &head, failures).await;
                 let _ = events.send(Event::Finished { lane: key, finish });
             });
         }

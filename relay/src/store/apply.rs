@@ -2,8 +2,8 @@
 //! both stores provide, so that `memory` and `embedded` cannot drift apart.
 
 use super::{
-    DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome, Pending, Recovered,
-    Redriven, Seq, StoreError, Target, dead_letter_of, redriven,
+    DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome, Pending, Redriven,
+    Seq, StoreError, Target, dead_letter_of, redriven,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -227,22 +227,24 @@ impl DeadLetterDelta {
     }
 }
 
-/// Rebuilds the queues from stored records: every waiting message, in seq order.
+/// Hands every waiting message to `each`, one table at a time in seq order, so
+/// each target's queue is rebuilt in delivery order without holding the whole
+/// backlog twice. Returns the dead-letter counts.
 pub(super) fn recover(
     mut scan: impl FnMut(
         Table,
         &mut dyn FnMut(Seq, &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError>,
-) -> Result<Recovered, StoreError> {
-    let mut recovered = Recovered::default();
+    each: &mut dyn FnMut(Pending),
+) -> Result<DeadLetterCounts, StoreError> {
     scan(Table::Inbound, &mut |seq, bytes| {
         let m: InboundMessage = decode("inbound message", bytes)?;
-        recovered.pending.push(m.pending(seq));
+        each(m.pending(seq));
         Ok(())
     })?;
     scan(Table::Outbound, &mut |seq, bytes| {
         let m: OutboundMessage = decode("outbound message", bytes)?;
-        recovered.pending.push(m.pending(seq));
+        each(m.pending(seq));
         Ok(())
     })?;
     let mut counts = DeadLetterCounts::default();
@@ -251,7 +253,5 @@ pub(super) fn recover(
         counts.add(letter.target, 1);
         Ok(())
     })?;
-    recovered.dead_letters = counts;
-    recovered.pending.sort_by_key(|p: &Pending| p.seq);
-    Ok(recovered)
+    Ok(counts)
 }

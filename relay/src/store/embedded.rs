@@ -5,7 +5,7 @@
 use super::apply::{self, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
-    Recovered, Seq, Store, StoreError,
+    Pending, Seq, Store, StoreError,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
@@ -218,18 +218,21 @@ impl Store for EmbeddedStore {
         Ok(outcomes)
     }
 
-    fn recover(&self) -> Result<Recovered, StoreError> {
+    fn recover(&self, each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
-        let recovered = apply::recover(|table, f| {
-            let rows = txn.open_table(definition(table)).map_err(err)?;
-            for entry in rows.iter().map_err(err)? {
-                let (seq, bytes) = entry.map_err(err)?;
-                f(seq.value(), bytes.value())?;
-            }
-            Ok(())
-        })?;
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = recovered.dead_letters;
-        Ok(recovered)
+        let counts = apply::recover(
+            |table, f| {
+                let rows = txn.open_table(definition(table)).map_err(err)?;
+                for entry in rows.iter().map_err(err)? {
+                    let (seq, bytes) = entry.map_err(err)?;
+                    f(seq.value(), bytes.value())?;
+                }
+                Ok(())
+            },
+            each,
+        )?;
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = counts;
+        Ok(counts)
     }
 
     fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError> {

@@ -4,7 +4,7 @@
 use super::apply::{self, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
-    Recovered, Seq, Store, StoreError,
+    Pending, Seq, Store, StoreError,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -184,16 +184,19 @@ impl Store for MemoryStore {
         }
     }
 
-    fn recover(&self) -> Result<Recovered, StoreError> {
+    fn recover(&self, each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError> {
         let mut state = self.lock();
-        let recovered = apply::recover(|table, f| {
-            for (seq, bytes) in state.table(table).iter() {
-                f(*seq, bytes)?;
-            }
-            Ok(())
-        })?;
-        state.dead_letter_counts = recovered.dead_letters;
-        Ok(recovered)
+        let counts = apply::recover(
+            |table, f| {
+                for (seq, bytes) in state.table(table).iter() {
+                    f(*seq, bytes)?;
+                }
+                Ok(())
+            },
+            each,
+        )?;
+        state.dead_letter_counts = counts;
+        Ok(counts)
     }
 
     fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError> {

@@ -186,13 +186,6 @@ impl Outcome {
     }
 }
 
-/// Everything waiting, in delivery order, read when the relay starts.
-#[derive(Debug, Default)]
-pub struct Recovered {
-    pub pending: Vec<Pending>,
-    pub dead_letters: DeadLetterCounts,
-}
-
 /// How many dead letters are held per target.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DeadLetterCounts {
@@ -231,7 +224,9 @@ pub enum StoreError {
 /// either every op's effect is durable when `commit` returns `Ok`, or none is.
 pub trait Store: Send + Sync + 'static {
     fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError>;
-    fn recover(&self) -> Result<Recovered, StoreError>;
+    /// Hands every waiting message to `each`, in delivery order per target, and
+    /// returns how many dead letters are held; called once, at start.
+    fn recover(&self, each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError>;
     fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError>;
     fn outbound(&self, seq: Seq) -> Result<Option<OutboundMessage>, StoreError>;
     fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
