@@ -9,13 +9,17 @@ use crate::serve::Body;
 use crate::store::{InboundMessage, Op, OutboundMessage, Outcome, Store};
 use crate::wire::{self, BotMessage, ClientMessage, Invalid};
 use crate::writer::{CommitError, Writer};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// A body over the limit by at most this factor is read and dropped before the
+/// `413`, so that the connection survives it.
+const DRAIN_FACTOR: usize = 4;
 
 pub struct Api {
     pub credentials: CredentialStore,
@@ -253,8 +257,14 @@ impl Api {
         Ok(())
     }
 
+    /// Reads the body up to `--max-body-bytes`. A body over the limit but within
+    /// `DRAIN_FACTOR` times it is read to its end and dropped before the `413`,
+    /// so the connection stays usable and the client, still sending, gets the
+    /// answer rather than a reset; a larger one is refused at once and the
+    /// connection closed.
     async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Refusal> {
         let limit = self.max_body_bytes;
+        let drain_limit = limit.saturating_mul(DRAIN_FACTOR);
         let too_large = || {
             Refusal::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -268,19 +278,51 @@ impl Api {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
+        if declared.is_some_and(|n| n > drain_limit as u64) {
             return Err(too_large());
         }
-        let body = Limited::new(req.into_body(), limit).collect();
-        match tokio::time::timeout(self.body_read_timeout, body).await {
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-            Ok(Err(e)) => Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("could not read the body: {e}"),
-            )
-            .counted("invalid")),
+        let read = async {
+            let mut body = req.into_body();
+            let mut first: Option<Bytes> = None;
+            let mut joined = BytesMut::new();
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| {
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        format!("could not read the body: {e}"),
+                    )
+                    .counted("invalid")
+                })?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                total += data.len();
+                if total > drain_limit {
+                    return Err(too_large());
+                }
+                if total > limit {
+                    continue; // read to the end, keep nothing
+                }
+                // Most bodies come in one piece: keep it without copying.
+                match first.take() {
+                    None if joined.is_empty() => first = Some(data),
+                    held => {
+                        if let Some(held) = held {
+                            joined.extend_from_slice(&held);
+                        }
+                        joined.extend_from_slice(&data);
+                    }
+                }
+            }
+            if total > limit {
+                return Err(too_large().after_body());
+            }
+            Ok(first.unwrap_or_else(|| joined.freeze()))
+        };
+        match tokio::time::timeout(self.body_read_timeout, read).await {
+            Ok(result) => result,
             Err(_) => Err(Refusal::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",

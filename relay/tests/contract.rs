@@ -463,14 +463,22 @@ async fn a_refused_request_on_a_kept_alive_connection_does_not_break_the_next_on
     let bot = Peer::start(|_| Answer::ok()).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
     let relay = Relay::start(&bot.url(), &endpoint.url(), &["--max-body-bytes=1024"]).await;
-    // One client with a connection pool, as a back-end has: refusals that leave
-    // the body unread close the connection and say so, so the pool opens a new
-    // one instead of failing the next request.
+    // One client with a connection pool, as a back-end has: a body somewhat over
+    // the limit is read and dropped, so the connection goes on; refusals that
+    // leave the body unread close the connection and say so, so the pool opens
+    // a new one instead of failing the next request.
     let client = keep_alive_client();
     let auth = format!("Bearer {CLIENT_TOKEN}");
     for i in 0..20 {
-        let big = message("u", "c", "big", &"x".repeat(4096)).to_string();
+        let big = message("u", "c", "big", &"x".repeat(2000)).to_string();
         let (status, headers) = client_post(&client, &relay.url("/v1/messages"), &auth, big).await;
+        assert_eq!(status, 413);
+        assert!(
+            headers.get("connection").is_none(),
+            "a drained body keeps the connection"
+        );
+        let huge = message("u", "c", "huge", &"x".repeat(64 * 1024)).to_string();
+        let (status, headers) = client_post(&client, &relay.url("/v1/messages"), &auth, huge).await;
         assert_eq!(status, 413);
         assert_eq!(headers.get("connection").unwrap(), "close");
         let (status, _) = client_post(
