@@ -117,14 +117,18 @@ fn verified(headers: &http::HeaderMap, body: &[u8], key: &SigningKey) -> bool {
     get("webhook-signature").split(' ').any(|s| s == expected)
 }
 
-async fn echo_bot(req: Request<Incoming>, key: SigningKey) -> Response<Full<Bytes>> {
-    let headers = req.headers().clone();
-    let body = req
-        .into_body()
+async fn read(req: Request<Incoming>) -> (http::HeaderMap, Bytes) {
+    let (parts, body) = req.into_parts();
+    let body = body
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    (parts.headers, body)
+}
+
+async fn echo_bot(req: Request<Incoming>, key: SigningKey) -> Response<Full<Bytes>> {
+    let (headers, body) = read(req).await;
     if !verified(&headers, &body, &key) {
         return reply(StatusCode::UNAUTHORIZED, "bad signature".into());
     }
@@ -139,13 +143,7 @@ async fn echo_bot(req: Request<Incoming>, key: SigningKey) -> Response<Full<Byte
 }
 
 async fn print_response(req: Request<Incoming>, key: SigningKey) -> Response<Full<Bytes>> {
-    let headers = req.headers().clone();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (headers, body) = read(req).await;
     let signed = if verified(&headers, &body, &key) {
         "signature ok"
     } else {

@@ -3,7 +3,7 @@
 
 use super::{
     DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome, Pending, Redriven,
-    Seq, StoreError, Target, dead_letter_of, redriven,
+    Seq, StoreError, Target, redriven,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -121,29 +121,24 @@ pub(super) fn apply(
             } => match tables.remove(Table::of(target), seq)? {
                 None => Outcome::Missing,
                 Some(bytes) => {
-                    let letter = match target {
-                        Target::Bot => {
-                            let m: InboundMessage = decode("inbound message", &bytes)?;
-                            dead_letter_of(
-                                &m,
-                                seq,
-                                target,
-                                (&m.id, &m.conversation_id),
-                                reason,
-                                now_ms,
-                            )
-                        }
-                        Target::Response => {
-                            let m: OutboundMessage = decode("outbound message", &bytes)?;
-                            dead_letter_of(
-                                &m,
-                                seq,
-                                target,
-                                (&m.id, &m.conversation_id),
-                                reason,
-                                now_ms,
-                            )
-                        }
+                    // Both kinds of message carry these; the record itself is kept as it is.
+                    #[derive(serde::Deserialize)]
+                    struct Ids {
+                        id: String,
+                        conversation_id: String,
+                    }
+                    let ids: Ids = decode("waiting message", &bytes)?;
+                    let json = String::from_utf8(bytes)
+                        .map_err(|e| StoreError::Corrupt(format!("waiting message: {e}")))?;
+                    let letter = DeadLetter {
+                        seq,
+                        target,
+                        reason,
+                        dead_at_ms: now_ms,
+                        message_id: ids.id,
+                        conversation_id: ids.conversation_id,
+                        message: serde_json::value::RawValue::from_string(json)
+                            .map_err(|e| StoreError::Corrupt(format!("waiting message: {e}")))?,
                     };
                     tables.put(Table::DeadLetters, seq, &encode(&letter))?;
                     delta.add(target, 1);

@@ -259,25 +259,5 @@ enum Redriven {
     Outbound(Pending, OutboundMessage),
 }
 
-fn dead_letter_of<M: Serialize>(
-    message: &M,
-    seq: Seq,
-    target: Target,
-    ids: (&str, &str),
-    reason: String,
-    now_ms: u64,
-) -> DeadLetter {
-    let json = serde_json::to_string(message).expect("stored messages serialize");
-    DeadLetter {
-        seq,
-        target,
-        reason,
-        dead_at_ms: now_ms,
-        message_id: ids.0.to_owned(),
-        conversation_id: ids.1.to_owned(),
-        message: RawValue::from_string(json).expect("serde_json output is JSON"),
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests;
