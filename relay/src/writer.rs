@@ -10,7 +10,7 @@ use crate::delivery::Queues;
 use crate::metrics::Metrics;
 use crate::store::{Op, Outcome, Store};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most ops in one transaction; bounds the latency a huge backlog can add.
@@ -101,14 +101,34 @@ impl Writer {
     }
 }
 
-fn run(mut rx: mpsc::Receiver<Message>, store: Arc<dyn Store>, queues: Queues, metrics: Metrics) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut open = true;
-    while open {
+/// Gathers a batch. Under load, the requests answered by the last commit come
+/// back a moment after it: starting the next commit at once would take only the
+/// first few and make the rest wait a whole commit. So, while a batch is smaller
+/// than recent ones, the writer waits a little for the rest: at most half the
+/// last commit's duration, and never more than `MAX_GATHER`. Under light load
+/// recent batches are small and the writer does not wait.
+struct Gatherer {
+    /// Moving average of recent batch sizes.
+    typical: f64,
+    /// Duration of the last commit.
+    last_commit: Duration,
+    /// The longest the writer waits for a batch to fill.
+    max_wait: Duration,
+}
+
+/// `Gatherer::max_wait` of the writer: well under a commit's usual duration.
+const MAX_GATHER: Duration = Duration::from_micros(1500);
+
+impl Gatherer {
+    /// Fills `batch`; returns false when the writer is asked to close.
+    fn gather(&mut self, rx: &mut mpsc::Receiver<Message>, batch: &mut Vec<Request>) -> bool {
         match rx.blocking_recv() {
             Some(Message::Commit(first)) => batch.push(first),
-            Some(Message::Close) | None => break,
+            Some(Message::Close) | None => return false,
         }
+        let want = ((self.typical * 0.8) as usize).clamp(1, MAX_BATCH);
+        let deadline = Instant::now() + (self.last_commit / 2).min(self.max_wait);
+        let mut open = true;
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Message::Commit(request)) => batch.push(request),
@@ -116,16 +136,40 @@ fn run(mut rx: mpsc::Receiver<Message>, store: Arc<dyn Store>, queues: Queues, m
                     open = false;
                     break;
                 }
+                Err(mpsc::error::TryRecvError::Empty)
+                    if batch.len() < want && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_micros(20));
+                }
                 Err(_) => break,
             }
+        }
+        self.typical = self.typical * 0.7 + batch.len() as f64 * 0.3;
+        open
+    }
+}
+
+fn run(mut rx: mpsc::Receiver<Message>, store: Arc<dyn Store>, queues: Queues, metrics: Metrics) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut gatherer = Gatherer {
+        typical: 1.0,
+        last_commit: Duration::ZERO,
+        max_wait: MAX_GATHER,
+    };
+    let mut open = true;
+    while open {
+        open = gatherer.gather(&mut rx, &mut batch);
+        if batch.is_empty() {
+            break;
         }
         let (ops, waiters): (Vec<Op>, Vec<_>) = batch.drain(..).map(|r| (r.op, r.done)).unzip();
         metrics.store_batch_size.observe(ops.len() as f64);
         let started = Instant::now();
         let result = store.commit(ops);
+        gatherer.last_commit = started.elapsed();
         metrics
             .store_commit_duration
-            .observe(started.elapsed().as_secs_f64());
+            .observe(gatherer.last_commit.as_secs_f64());
         match result {
             Ok(outcomes) => {
                 for (outcome, done) in outcomes.into_iter().zip(waiters) {
@@ -146,4 +190,85 @@ fn run(mut rx: mpsc::Receiver<Message>, store: Arc<dyn Store>, queues: Queues, m
         }
     }
     tracing::debug!("store writer stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Message {
+        let (done, _) = oneshot::channel();
+        Message::Commit(Request {
+            op: Op::PruneDedupe { before_ms: 0 },
+            done,
+        })
+    }
+
+    #[test]
+    fn a_lone_request_under_light_load_is_not_held() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tx.try_send(request()).unwrap();
+        let mut gatherer = Gatherer {
+            typical: 1.0,
+            last_commit: Duration::from_millis(50),
+            max_wait: Duration::from_secs(5),
+        };
+        let mut batch = Vec::new();
+        let started = Instant::now();
+        assert!(gatherer.gather(&mut rx, &mut batch));
+        assert_eq!(batch.len(), 1);
+        assert!(
+            started.elapsed() < Duration::from_millis(20),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn under_load_the_writer_waits_a_bounded_moment_for_the_batch_to_fill() {
+        let (tx, mut rx) = mpsc::channel(256);
+        // A long allowed wait, so that a slow machine cannot make this test flaky:
+        // the wait ends as soon as the batch is near its typical size.
+        let mut gatherer = Gatherer {
+            typical: 40.0,
+            last_commit: Duration::from_secs(10),
+            max_wait: Duration::from_secs(5),
+        };
+        tx.try_send(request()).unwrap();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            for _ in 0..39 {
+                tx.try_send(request()).unwrap();
+            }
+            tx
+        });
+        let mut batch = Vec::new();
+        let started = Instant::now();
+        assert!(gatherer.gather(&mut rx, &mut batch));
+        assert!(
+            batch.len() >= 32,
+            "gathered {} of the 40 that arrived",
+            batch.len()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "stopped waiting once the batch was full"
+        );
+        let tx = sender.join().unwrap();
+        while rx.try_recv().is_ok() {}
+        // Nothing more comes: the wait ends at max_wait.
+        gatherer.max_wait = Duration::from_millis(30);
+        tx.try_send(request()).unwrap();
+        let mut batch = Vec::new();
+        let started = Instant::now();
+        assert!(gatherer.gather(&mut rx, &mut batch));
+        assert_eq!(batch.len(), 1);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(30) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        tx.try_send(Message::Close).unwrap();
+        assert!(!gatherer.gather(&mut rx, &mut Vec::new()));
+    }
 }
