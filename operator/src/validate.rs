@@ -179,7 +179,7 @@ fn is_dns_subdomain(s: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::crd::{BotSpec, ResponseEndpointSpec, SecretReference, StorageSpec};
 

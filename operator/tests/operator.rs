@@ -501,18 +501,23 @@ async fn deleting_the_endpoint_deletes_everything_it_owns() {
     assert_eq!(operator.admin_get("/healthz").await.0, 200);
 }
 
+/// Who holds the operator's Lease now.
+fn lease_holder(server: &TestApiServer) -> Option<String> {
+    let lease = server.get(&Key::new(
+        "coordination.k8s.io",
+        "leases",
+        LEASE_NS,
+        "botrelay-operator",
+    ))?;
+    lease["spec"]["holderIdentity"].as_str().map(String::from)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_leader_and_a_clean_handover_on_sigterm() {
     let server = TestApiServer::start().await;
     let mut first = Operator::start(&server, "op-a", &[]);
     eventually(20, "op-a leading", &first, || {
-        let lease = server.get(&Key::new(
-            "coordination.k8s.io",
-            "leases",
-            LEASE_NS,
-            "botrelay-operator",
-        ))?;
-        (lease["spec"]["holderIdentity"] == "op-a").then_some(())
+        (lease_holder(&server)? == "op-a").then_some(())
     })
     .await;
     let second = Operator::start(&server, "op-b", &[]);
@@ -542,13 +547,7 @@ async fn two_replicas_one_leader_and_a_clean_handover_on_sigterm() {
         "SIGTERM ends the operator cleanly"
     );
     eventually(20, "op-b leading", &second, || {
-        let lease = server.get(&Key::new(
-            "coordination.k8s.io",
-            "leases",
-            LEASE_NS,
-            "botrelay-operator",
-        ))?;
-        (lease["spec"]["holderIdentity"] == "op-b").then_some(())
+        (lease_holder(&server)? == "op-b").then_some(())
     })
     .await;
     server
@@ -658,26 +657,15 @@ async fn only_the_watched_namespaces_are_reconciled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_once_its_lease_expires() {
     let server = TestApiServer::start().await;
-    let lease = Key::new(
-        "coordination.k8s.io",
-        "leases",
-        LEASE_NS,
-        "botrelay-operator",
-    );
-    let holder = |server: &TestApiServer| {
-        server
-            .get(&lease)
-            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
-    };
     let mut first = Operator::start(&server, "op-a", &[]);
     eventually(20, "op-a leading", &first, || {
-        (holder(&server)? == "op-a").then_some(())
+        (lease_holder(&server)? == "op-a").then_some(())
     })
     .await;
     let second = Operator::start(&server, "op-b", &[]);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        holder(&server).as_deref(),
+        lease_holder(&server).as_deref(),
         Some("op-a"),
         "the leader keeps its Lease"
     );
@@ -687,7 +675,7 @@ async fn a_killed_leader_is_replaced_once_its_lease_expires() {
     first.child.wait().unwrap();
     let killed_at = std::time::Instant::now();
     eventually(30, "op-b leading", &second, || {
-        (holder(&server)? == "op-b").then_some(())
+        (lease_holder(&server)? == "op-b").then_some(())
     })
     .await;
     assert!(

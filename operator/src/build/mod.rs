@@ -120,30 +120,9 @@ fn owned_metadata(endpoint: &MessagingEndpoint, name: String) -> ObjectMeta {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::crd::{BotSpec, MessagingEndpointSpec, ResponseEndpointSpec, StorageSpec};
 
     pub(crate) fn endpoint() -> MessagingEndpoint {
-        let mut ep = MessagingEndpoint::new(
-            "support",
-            MessagingEndpointSpec {
-                bot: BotSpec {
-                    url: "http://support-bot.shop.svc:8080/events".into(),
-                },
-                response_endpoint: ResponseEndpointSpec {
-                    url: "https://backend.example/bot-responses".into(),
-                },
-                replicas: 1,
-                delivery: None,
-                storage: StorageSpec::default(),
-                credentials_secret_ref: None,
-                image: None,
-                resources: None,
-                node_selector: None,
-                tolerations: None,
-                affinity: None,
-                priority_class_name: None,
-            },
-        );
+        let mut ep = MessagingEndpoint::new("support", crate::validate::tests::spec());
         ep.metadata.namespace = Some("shop".into());
         ep.metadata.uid = Some("0b4e6f1c-uid".into());
         ep.metadata.generation = Some(1);
