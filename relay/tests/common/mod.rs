@@ -233,11 +233,22 @@ pub struct Relay {
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Relay {
     /// Starts the relay with `extra` flags, fast retries, the embedded store in a temp dir.
     pub async fn start(bot_url: &str, response_url: &str, extra: &[&str]) -> Relay {
+        Self::start_with_env(bot_url, response_url, extra, &[]).await
+    }
+
+    /// As `start`, with environment variables for the relay process.
+    pub async fn start_with_env(
+        bot_url: &str,
+        response_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("credentials");
         std::fs::create_dir_all(&creds).unwrap();
@@ -271,6 +282,10 @@ impl Relay {
             admin,
             dir,
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         relay.spawn().await;
         relay
@@ -292,6 +307,7 @@ impl Relay {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_botrelay"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
