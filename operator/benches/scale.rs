@@ -17,94 +17,43 @@
 //! the operator is the release binary, with leader election on, as deployed.
 //! Target (issue 3): all reconciled within 60 s, peak RSS under 100 MiB.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use botrelay_test_apiserver::{Key, TestApiServer};
-use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use serde_json::json;
+
+// The integration tests' harness: starts the real binary against the server.
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::{LEASE_NS, Operator};
 
 const NAMESPACES: usize = 10;
+/// Quiet logs while measuring; the admin line tells the harness its address.
+const LOG_LEVEL: (&str, &str) = ("BOTRELAY_LOG_LEVEL", "warn,botrelay_operator::admin=info");
 
-struct Operator {
-    child: Child,
-    admin: String,
+fn peak_rss_mib(operator: &Operator) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", operator.child.id()))
+        .unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
 }
 
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Operator {
-    /// Starts the release binary; its admin port (0 = any) is read from its log.
-    fn start(kubeconfig: &Path, dir: &Path, identity: &str) -> Operator {
-        let log = dir.join(format!("{identity}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_botrelay-operator"))
-            .env("KUBECONFIG", kubeconfig)
-            .env("BOTRELAY_ADMIN_LISTEN", "127.0.0.1:0")
-            .env("BOTRELAY_LOG_LEVEL", "warn,botrelay_operator::admin=info")
-            .env("BOTRELAY_LEASE_DURATION_SECONDS", "3")
-            .env("POD_NAMESPACE", "botrelay-system")
-            .env("POD_NAME", identity)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start botrelay-operator");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let admin = loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(addr) = text.lines().find_map(|l| {
-                serde_json::from_str::<Value>(l).ok()?["addr"]
-                    .as_str()
-                    .map(String::from)
-            }) {
-                break addr;
-            }
-            assert!(Instant::now() < deadline, "no admin server:\n{text}");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Operator { child, admin }
-    }
-
-    fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map(|kib| kib / 1024.0)
-            .unwrap_or(f64::NAN)
-    }
-
-    async fn successful_reconciliations(&self) -> f64 {
-        let Ok(mut stream) = tokio::net::TcpStream::connect(&self.admin).await else {
-            return 0.0;
-        };
-        let _ = stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await;
-        let mut text = String::new();
-        let _ = stream.read_to_string(&mut text).await;
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix("botrelay_operator_reconciliations_total{result=\"success\"} ")?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
-    }
+async fn successful_reconciliations(operator: &Operator) -> f64 {
+    operator
+        .metric("botrelay_operator_reconciliations_total{result=\"success\"}")
+        .await
+        .unwrap_or(0.0)
 }
 
 async fn wait_leading(server: &TestApiServer, identity: &str) {
     let lease = Key::new(
         "coordination.k8s.io",
         "leases",
-        "botrelay-system",
+        LEASE_NS,
         "botrelay-operator",
     );
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -150,16 +99,12 @@ fn main() {
         .unwrap();
     runtime.block_on(async move {
         let server = TestApiServer::start().await;
-        let dir: PathBuf = std::env::temp_dir().join(format!("botrelay-scale-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let kubeconfig = dir.join("kubeconfig");
-        server.write_kubeconfig(&kubeconfig, "default").unwrap();
 
         // Phase 1: load.
-        let first = Operator::start(&kubeconfig, &dir, "bench-1");
+        let first = Operator::start(&server, "bench-1", &[LOG_LEVEL]);
         wait_leading(&server, "bench-1").await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle_mib = first.peak_rss_mib();
+        let idle_mib = peak_rss_mib(&first);
         let started = Instant::now();
         for i in 0..n {
             let namespace = format!("team-{}", i % NAMESPACES);
@@ -193,23 +138,23 @@ fn main() {
         let all_ready = started.elapsed();
         // Let the follow-up reconciles triggered by our own writes settle.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let load_peak_mib = first.peak_rss_mib();
+        let load_peak_mib = peak_rss_mib(&first);
         let writes = server.resource_version();
         let changes = server.changes_by_resource();
         drop(first); // SIGKILL: the Lease is not released
 
         // Phase 2: a new leader takes over N existing endpoints.
-        let second = Operator::start(&kubeconfig, &dir, "bench-2");
+        let second = Operator::start(&server, "bench-2", &[LOG_LEVEL]);
         wait_leading(&server, "bench-2").await;
         let leading = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(600);
-        while second.successful_reconciliations().await < n as f64 {
+        while successful_reconciliations(&second).await < n as f64 {
             assert!(Instant::now() < deadline, "the new leader did not reconcile all endpoints in 600 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let resynced = leading.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let takeover_peak_mib = second.peak_rss_mib();
+        let takeover_peak_mib = peak_rss_mib(&second);
         let takeover_writes = server.resource_version() - writes;
         let mut takeover_changes = server.changes_by_resource();
         for (what, count) in &changes {
@@ -220,7 +165,6 @@ fn main() {
         takeover_changes.retain(|_, count| *count > 0);
 
         drop(second);
-        let _ = std::fs::remove_dir_all(&dir);
         println!("scale benchmark: {n} MessagingEndpoints in {NAMESPACES} namespaces");
         println!("load (endpoints created while the operator runs):");
         println!("  created in                         {:>8.2} s", created.as_secs_f64());
