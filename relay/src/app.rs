@@ -48,9 +48,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let store: Arc<dyn Store> = match config.store {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
         StoreKind::Embedded => {
-            let (dir, cache) = (config.data_dir.clone(), config.store_cache_bytes);
+            let dir = config.data_dir.clone();
             Arc::new(
-                tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir, cache))
+                tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir))
                     .await?
                     .context("opening the embedded store")?,
             )

@@ -138,10 +138,6 @@ pub struct Config {
     #[arg(long, env = "BOTRELAY_CREDENTIALS_POLL_INTERVAL", default_value = "2s", value_parser = duration)]
     pub credentials_poll_interval: Duration,
 
-    /// Page cache of the embedded store, in bytes.
-    #[arg(long, env = "BOTRELAY_STORE_CACHE_BYTES", default_value_t = 16 * 1024 * 1024)]
-    pub store_cache_bytes: usize,
-
     /// Log filter (tracing's EnvFilter syntax, e.g. `info` or `botrelay=debug`).
     #[arg(long, env = "BOTRELAY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

@@ -1,20 +1,22 @@
-//! Group commit: one thread owns all writes to the store. Requests that arrive
-//! while a commit is being made durable wait in the channel and go together
-//! into the next transaction, so one fsync covers a whole batch and throughput
-//! does not pay for durability request by request.
+//! Group commit. A request writes its op to the store itself, under one lock
+//! that orders all writes; the write is visible at once but not yet durable.
+//! One thread, the syncer, makes writes durable: each sync covers every write
+//! made while the previous one was under way, so throughput does not pay for
+//! durability request by request, and no request waits on another thread to
+//! have its op applied.
 //!
-//! The writer also hands what each commit made due to the delivery queues, in
-//! commit order: that is what keeps the messages of a conversation in order.
+//! Nothing is answered before it is durable. Once a sync returns, the syncer
+//! answers the requests it covered and hands what their writes made due to the
+//! delivery queues, in write order: that is what keeps the messages of a
+//! conversation in order. A store whose writes are durable at once (`memory`)
+//! skips the syncer.
 
 use crate::delivery::Queues;
 use crate::metrics::Metrics;
 use crate::store::{Op, Outcome, Store};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
-
-/// Most ops in one transaction; bounds the latency a huge backlog can add.
-const MAX_BATCH: usize = 2048;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::sync::oneshot;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommitError {
@@ -26,249 +28,343 @@ pub enum CommitError {
     Closed,
 }
 
-struct Request {
-    op: Op,
-    done: oneshot::Sender<Result<Outcome, CommitError>>,
+type Done = oneshot::Sender<Result<Outcome, CommitError>>;
+
+/// A write waiting for the sync that makes it durable.
+struct Unsynced {
+    outcome: Outcome,
+    /// None for `submit`, whose caller does not wait.
+    done: Option<Done>,
+    written: Instant,
 }
 
-// `Close` is sent once per process; boxing `Commit` would cost an allocation per write.
-#[allow(clippy::large_enum_variant)]
-enum Message {
-    Commit(Request),
-    /// Commit what came before, then stop.
-    Close,
+struct State {
+    /// Writes since the last sync began, in write order.
+    unsynced: Vec<Unsynced>,
+    closed: bool,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    queues: Queues,
+    metrics: Metrics,
+    /// Taken by every write, so that `unsynced` is in write order.
+    state: Mutex<State>,
+    wake: Condvar,
+    /// Most writes waiting for a sync before `try_commit` answers `Busy`.
+    capacity: usize,
+    /// Whether the store needs a sync to make a write durable.
+    syncs: bool,
 }
 
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
 }
 
 impl Writer {
-    /// Starts the writer thread. It ends at `close` or once every `Writer` clone
-    /// is dropped, after committing the requests already sent.
+    /// Starts the syncer thread. It ends at `close`, after syncing every write made before.
     pub fn start(
         store: Arc<dyn Store>,
         queues: Queues,
         metrics: Metrics,
         capacity: usize,
     ) -> (Writer, std::thread::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let thread = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || run(rx, store, queues, metrics))
-            .expect("spawn the store writer thread");
-        (Writer { tx }, thread)
+        let syncs = store.needs_sync();
+        let shared = Arc::new(Shared {
+            store,
+            queues,
+            metrics,
+            state: Mutex::new(State {
+                unsynced: Vec::new(),
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            capacity,
+            syncs,
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("store-syncer".into())
+                .spawn(move || sync_loop(&shared))
+                .expect("spawn the store syncer thread")
+        };
+        (Writer { shared }, thread)
     }
 
-    /// Commits `op`, waiting for room in the queue if needed.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `op`; `done` is answered once it is durable.
+    fn write(&self, op: Op, done: Option<Done>, bounded: bool) -> Result<(), CommitError> {
+        let shared = &*self.shared;
+        let mut state = self.lock();
+        if state.closed {
+            return Err(CommitError::Closed);
+        }
+        if bounded && state.unsynced.len() >= shared.capacity {
+            return Err(CommitError::Busy);
+        }
+        let written = Instant::now();
+        let outcome = match shared.store.write(vec![op]) {
+            Ok(mut outcomes) => outcomes.pop().expect("one outcome per op"),
+            Err(e) => {
+                tracing::error!(error = %e, "store write failed; the op was not stored");
+                return Err(CommitError::Store(e.to_string()));
+            }
+        };
+        if !shared.syncs {
+            // Durable already; the lock still orders the queue pushes.
+            shared.metrics.store_batch_size.observe(1.0);
+            for pending in outcome.due() {
+                shared.queues.push(pending.clone());
+            }
+            drop(state);
+            if let Some(done) = done {
+                let _ = done.send(Ok(outcome));
+            }
+            return Ok(());
+        }
+        state.unsynced.push(Unsynced {
+            outcome,
+            done,
+            written,
+        });
+        if state.unsynced.len() == 1 {
+            shared.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn wait(&self, op: Op, bounded: bool) -> Result<Outcome, CommitError> {
+        let (done, wait) = oneshot::channel();
+        self.write(op, Some(done), bounded)?;
+        wait.await.map_err(|_| CommitError::Closed)?
+    }
+
+    /// Commits `op` and waits until it is durable.
     pub async fn commit(&self, op: Op) -> Result<Outcome, CommitError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Message::Commit(Request { op, done }))
-            .await
-            .map_err(|_| CommitError::Closed)?;
-        wait.await.map_err(|_| CommitError::Closed)?
+        self.wait(op, false).await
     }
 
-    /// Queues `op` for the next commit without waiting for it to be durable; a
-    /// failure to commit is logged by the writer.
+    /// Writes `op` without waiting for it to be durable; a failure to sync is
+    /// logged by the syncer.
     pub async fn submit(&self, op: Op) -> Result<(), CommitError> {
-        let (done, _) = oneshot::channel();
-        self.tx
-            .send(Message::Commit(Request { op, done }))
-            .await
-            .map_err(|_| CommitError::Closed)
+        self.write(op, None, false)
     }
 
-    /// Commits `op`, or fails at once with `Busy` when the queue is full, so a
-    /// client can be told to come back rather than pile up in memory.
+    /// Commits `op`, or fails at once with `Busy` when too many writes wait for
+    /// the disk, so a client can be told to come back rather than pile up in memory.
     pub async fn try_commit(&self, op: Op) -> Result<Outcome, CommitError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .try_send(Message::Commit(Request { op, done }))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => CommitError::Busy,
-                mpsc::error::TrySendError::Closed(_) => CommitError::Closed,
-            })?;
-        wait.await.map_err(|_| CommitError::Closed)?
+        self.wait(op, true).await
     }
 
-    /// Stops the writer once everything sent before is committed; later
+    /// Stops the syncer once everything written before is durable; later
     /// commits fail with `Closed`.
     pub async fn close(&self) {
-        let _ = self.tx.send(Message::Close).await;
+        self.lock().closed = true;
+        self.shared.wake.notify_one();
     }
 }
 
-/// Gathers a batch. Under load, the requests answered by the last commit come
-/// back a moment after it: starting the next commit at once would take only the
-/// first few and make the rest wait a whole commit. So, while a batch is smaller
-/// than recent ones, the writer waits a little for the rest: at most half the
-/// last commit's duration, and never more than `MAX_GATHER`. Under light load
-/// recent batches are small and the writer does not wait.
-struct Gatherer {
-    /// Moving average of recent batch sizes.
-    typical: f64,
-    /// Duration of the last commit.
-    last_commit: Duration,
-    /// The longest the writer waits for a batch to fill.
-    max_wait: Duration,
-}
-
-/// `Gatherer::max_wait` of the writer: well under a commit's usual duration.
-const MAX_GATHER: Duration = Duration::from_micros(1500);
-
-impl Gatherer {
-    /// Fills `batch`; returns false when the writer is asked to close.
-    fn gather(&mut self, rx: &mut mpsc::Receiver<Message>, batch: &mut Vec<Request>) -> bool {
-        match rx.blocking_recv() {
-            Some(Message::Commit(first)) => batch.push(first),
-            Some(Message::Close) | None => return false,
-        }
-        let want = ((self.typical * 0.8) as usize).clamp(1, MAX_BATCH);
-        let deadline = Instant::now() + (self.last_commit / 2).min(self.max_wait);
-        let mut open = true;
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(Message::Commit(request)) => batch.push(request),
-                Ok(Message::Close) => {
-                    open = false;
-                    break;
-                }
-                Err(mpsc::error::TryRecvError::Empty)
-                    if batch.len() < want && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_micros(20));
-                }
-                Err(_) => break,
+/// Makes writes durable, as many per sync as were made meanwhile, then answers
+/// them and queues their deliveries in write order.
+fn sync_loop(shared: &Shared) {
+    let mut batch = Vec::new();
+    loop {
+        {
+            let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            while state.unsynced.is_empty() && !state.closed {
+                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
             }
+            if state.unsynced.is_empty() {
+                break;
+            }
+            std::mem::swap(&mut batch, &mut state.unsynced);
         }
-        self.typical = self.typical * 0.7 + batch.len() as f64 * 0.3;
-        open
-    }
-}
-
-fn run(mut rx: mpsc::Receiver<Message>, store: Arc<dyn Store>, queues: Queues, metrics: Metrics) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut gatherer = Gatherer {
-        typical: 1.0,
-        last_commit: Duration::ZERO,
-        max_wait: MAX_GATHER,
-    };
-    let mut open = true;
-    while open {
-        open = gatherer.gather(&mut rx, &mut batch);
-        if batch.is_empty() {
-            break;
+        shared.metrics.store_batch_size.observe(batch.len() as f64);
+        let synced = shared.store.sync();
+        if let Some(oldest) = batch.first() {
+            shared
+                .metrics
+                .store_commit_duration
+                .observe(oldest.written.elapsed().as_secs_f64());
         }
-        let (ops, waiters): (Vec<Op>, Vec<_>) = batch.drain(..).map(|r| (r.op, r.done)).unzip();
-        metrics.store_batch_size.observe(ops.len() as f64);
-        let started = Instant::now();
-        let result = store.commit(ops);
-        gatherer.last_commit = started.elapsed();
-        metrics
-            .store_commit_duration
-            .observe(gatherer.last_commit.as_secs_f64());
-        match result {
-            Ok(outcomes) => {
-                for (outcome, done) in outcomes.into_iter().zip(waiters) {
-                    for pending in outcome.due() {
-                        queues.push(pending.clone());
+        match synced {
+            Ok(()) => {
+                for unsynced in batch.drain(..) {
+                    for pending in unsynced.outcome.due() {
+                        shared.queues.push(pending.clone());
                     }
-                    // The requester may have gone (client disconnected); the commit stands.
-                    let _ = done.send(Ok(outcome));
+                    if let Some(done) = unsynced.done {
+                        // The requester may have gone (client disconnected); the commit stands.
+                        let _ = done.send(Ok(unsynced.outcome));
+                    }
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "store commit failed; the batch was not stored");
+                tracing::error!(error = %e, "store sync failed; the writes it covered were not acknowledged");
                 let e = CommitError::Store(e.to_string());
-                for done in waiters {
-                    let _ = done.send(Err(e.clone()));
+                for unsynced in batch.drain(..) {
+                    if let Some(done) = unsynced.done {
+                        let _ = done.send(Err(e.clone()));
+                    }
                 }
             }
         }
     }
-    tracing::debug!("store writer stopped");
+    tracing::debug!("store syncer stopped");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{
+        Conversation, DeadLetter, DeadLetterCounts, InboundMessage, MemoryStore, OutboundMessage,
+        Pending, Seq, StoreError,
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
-    fn request() -> Message {
-        let (done, _) = oneshot::channel();
-        Message::Commit(Request {
-            op: Op::PruneDedupe { before_ms: 0 },
-            done,
-        })
+    /// A memory store whose syncs wait for the test to let them through.
+    struct Gated {
+        inner: MemoryStore,
+        open: Mutex<bool>,
+        opened: Condvar,
+        syncs: AtomicUsize,
     }
 
-    #[test]
-    fn a_lone_request_under_light_load_is_not_held() {
-        let (tx, mut rx) = mpsc::channel(16);
-        tx.try_send(request()).unwrap();
-        let mut gatherer = Gatherer {
-            typical: 1.0,
-            last_commit: Duration::from_millis(50),
-            max_wait: Duration::from_secs(5),
-        };
-        let mut batch = Vec::new();
-        let started = Instant::now();
-        assert!(gatherer.gather(&mut rx, &mut batch));
-        assert_eq!(batch.len(), 1);
-        assert!(
-            started.elapsed() < Duration::from_millis(20),
-            "{:?}",
-            started.elapsed()
-        );
+    impl Gated {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                inner: MemoryStore::new(),
+                open: Mutex::new(false),
+                opened: Condvar::new(),
+                syncs: AtomicUsize::new(0),
+            })
+        }
+
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
     }
 
-    #[test]
-    fn under_load_the_writer_waits_a_bounded_moment_for_the_batch_to_fill() {
-        let (tx, mut rx) = mpsc::channel(256);
-        // A long allowed wait, so that a slow machine cannot make this test flaky:
-        // the wait ends as soon as the batch is near its typical size.
-        let mut gatherer = Gatherer {
-            typical: 40.0,
-            last_commit: Duration::from_secs(10),
-            max_wait: Duration::from_secs(5),
-        };
-        tx.try_send(request()).unwrap();
-        let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(5));
-            for _ in 0..39 {
-                tx.try_send(request()).unwrap();
+    impl Store for Gated {
+        fn needs_sync(&self) -> bool {
+            true
+        }
+        fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
+            self.inner.write(ops)
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
             }
-            tx
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn recover(&self, each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError> {
+            self.inner.recover(each)
+        }
+        fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError> {
+            self.inner.inbound(seq)
+        }
+        fn outbound(&self, seq: Seq) -> Result<Option<OutboundMessage>, StoreError> {
+            self.inner.outbound(seq)
+        }
+        fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+            self.inner.conversation(id)
+        }
+        fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+            self.inner.dead_letters(limit)
+        }
+        fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
+            self.inner.dead_letter_counts()
+        }
+    }
+
+    fn op() -> Op {
+        Op::PruneDedupe { before_ms: 0 }
+    }
+
+    fn start(store: Arc<Gated>, capacity: usize) -> (Writer, std::thread::JoinHandle<()>) {
+        let (queues, _inboxes) = crate::delivery::queues();
+        Writer::start(store, queues, Metrics::new("test"), capacity)
+    }
+
+    #[tokio::test]
+    async fn no_commit_is_answered_before_the_sync_and_one_sync_covers_many() {
+        let store = Gated::new();
+        let (writer, thread) = start(store.clone(), 100);
+        let mut commits = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let writer = writer.clone();
+            commits.spawn(async move { writer.commit(op()).await });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(commits.len(), 20);
+        assert!(
+            commits.try_join_next().is_none(),
+            "a commit was answered while its sync was held back"
+        );
+        store.open();
+        while let Some(done) = commits.join_next().await {
+            assert_eq!(done.unwrap().unwrap(), Outcome::Done);
+        }
+        let syncs = store.syncs.load(Ordering::SeqCst);
+        assert!(
+            (1..=3).contains(&syncs),
+            "20 commits made while a sync was held took {syncs} syncs"
+        );
+        writer.close().await;
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn try_commit_is_refused_while_too_many_writes_wait_for_the_disk() {
+        let store = Gated::new();
+        let (writer, thread) = start(store.clone(), 2);
+        let spawn = |writer: &Writer| {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.try_commit(op()).await })
+        };
+        let first = spawn(&writer);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The syncer took the first write into a sync that is held; the next
+        // two wait for the next sync and fill the queue.
+        let second = spawn(&writer);
+        let third = spawn(&writer);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let fourth = writer.try_commit(op()).await;
+        assert!(matches!(fourth, Err(CommitError::Busy)), "{fourth:?}");
+        store.open();
+        for commit in [first, second, third] {
+            assert_eq!(commit.await.unwrap().unwrap(), Outcome::Done);
+        }
+        writer.close().await;
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn close_syncs_what_came_before_and_refuses_what_comes_after() {
+        let store = Gated::new();
+        let (writer, thread) = start(store.clone(), 100);
+        let before = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.commit(op()).await }
         });
-        let mut batch = Vec::new();
-        let started = Instant::now();
-        assert!(gatherer.gather(&mut rx, &mut batch));
-        assert!(
-            batch.len() >= 32,
-            "gathered {} of the 40 that arrived",
-            batch.len()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "stopped waiting once the batch was full"
-        );
-        let tx = sender.join().unwrap();
-        while rx.try_recv().is_ok() {}
-        // Nothing more comes: the wait ends at max_wait.
-        gatherer.max_wait = Duration::from_millis(30);
-        tx.try_send(request()).unwrap();
-        let mut batch = Vec::new();
-        let started = Instant::now();
-        assert!(gatherer.gather(&mut rx, &mut batch));
-        assert_eq!(batch.len(), 1);
-        let waited = started.elapsed();
-        assert!(
-            waited >= Duration::from_millis(30) && waited < Duration::from_secs(2),
-            "{waited:?}"
-        );
-        tx.try_send(Message::Close).unwrap();
-        assert!(!gatherer.gather(&mut rx, &mut Vec::new()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writer.close().await;
+        assert!(matches!(
+            writer.commit(op()).await,
+            Err(CommitError::Closed)
+        ));
+        store.open();
+        assert_eq!(before.await.unwrap().unwrap(), Outcome::Done);
+        thread.join().unwrap();
     }
 }

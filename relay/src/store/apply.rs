@@ -2,22 +2,25 @@
 //! both stores provide, so that `memory` and `embedded` cannot drift apart.
 
 use super::{
-    DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome, Pending, Redriven,
-    Seq, StoreError, Target, redriven,
+    Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
+    Pending, Redriven, Seq, StoreError, Target, redriven,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
 /// The tables of a store, as seen from inside one write transaction.
 pub(super) trait Tables {
     fn put(&mut self, table: Table, seq: Seq, value: &[u8]) -> Result<(), StoreError>;
-    fn remove(&mut self, table: Table, seq: Seq) -> Result<Option<Vec<u8>>, StoreError>;
+    fn get(&mut self, table: Table, seq: Seq) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Removes a row; whether it was there.
+    fn remove(&mut self, table: Table, seq: Seq) -> Result<bool, StoreError>;
     /// Dedupe entry of a caller message id: (accepted at, first answer).
     fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, String)>, StoreError>;
     fn dedupe_put(&mut self, key: &str, accepted_ms: u64, answer: &str) -> Result<(), StoreError>;
     /// Removes the dedupe entries accepted before `before_ms`; returns how many.
     fn dedupe_prune(&mut self, before_ms: u64) -> Result<u64, StoreError>;
-    fn conversation_get(&mut self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    fn conversation_put(&mut self, id: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Whether the conversation is known with `user_id` as the user who wrote last.
+    fn conversation_is(&mut self, id: &str, user_id: &str) -> Result<bool, StoreError>;
+    fn conversation_put(&mut self, conversation: &Conversation) -> Result<(), StoreError>;
     /// Every key of a table, in order.
     fn keys(&mut self, table: Table) -> Result<Vec<Seq>, StoreError>;
 }
@@ -92,7 +95,7 @@ pub(super) fn apply(
                 }
             }
             Op::CompleteInbound { seq, replies } => {
-                if tables.remove(Table::Inbound, seq)?.is_none() {
+                if !tables.remove(Table::Inbound, seq)? {
                     Outcome::Missing
                 } else {
                     let mut due = Vec::with_capacity(replies.len());
@@ -110,17 +113,18 @@ pub(super) fn apply(
                 Outcome::Queued(vec![message.pending(seq)])
             }
             Op::CompleteOutbound { seq } => match tables.remove(Table::Outbound, seq)? {
-                Some(_) => Outcome::Done,
-                None => Outcome::Missing,
+                true => Outcome::Done,
+                false => Outcome::Missing,
             },
             Op::DeadLetter {
                 target,
                 seq,
                 reason,
                 now_ms,
-            } => match tables.remove(Table::of(target), seq)? {
+            } => match tables.get(Table::of(target), seq)? {
                 None => Outcome::Missing,
                 Some(bytes) => {
+                    tables.remove(Table::of(target), seq)?;
                     // Both kinds of message carry these; the record itself is kept as it is.
                     #[derive(serde::Deserialize)]
                     struct Ids {
@@ -152,9 +156,10 @@ pub(super) fn apply(
                 };
                 let mut due = Vec::new();
                 for old in seqs {
-                    let Some(bytes) = tables.remove(Table::DeadLetters, old)? else {
+                    let Some(bytes) = tables.get(Table::DeadLetters, old)? else {
                         continue;
                     };
+                    tables.remove(Table::DeadLetters, old)?;
                     let letter: DeadLetter = decode("dead letter", &bytes)?;
                     let seq = take_seq();
                     match redriven(&letter, seq, now_ms)? {
@@ -187,18 +192,14 @@ fn remember_conversation(
     caller_id: &str,
     user_id: &str,
 ) -> Result<(), StoreError> {
-    if let Some(bytes) = tables.conversation_get(id)? {
-        let known: super::Conversation = decode("conversation", &bytes)?;
-        if known.user_id == user_id {
-            return Ok(());
-        }
+    if tables.conversation_is(id, user_id)? {
+        return Ok(());
     }
-    let conversation = super::Conversation {
+    tables.conversation_put(&Conversation {
         id: id.to_owned(),
         caller_id: caller_id.to_owned(),
         user_id: user_id.to_owned(),
-    };
-    tables.conversation_put(id, &encode(&conversation))
+    })
 }
 
 /// How a commit changed the number of dead letters, for the store's running count.

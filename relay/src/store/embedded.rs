@@ -1,271 +1,1069 @@
-//! `--store embedded` (the default): one redb file under `--data-dir`. redb's
-//! copy-on-write B-trees make every committed transaction crash-safe; the
-//! writer batches many ops into one transaction, so one fsync covers them all.
+//! `--store embedded` (the default): one append-only journal file,
+//! `botrelay.journal`, under `--data-dir`.
+//!
+//! A commit appends one frame (a length, a CRC-32, and the batch's records) at
+//! the end of the file and syncs it with `fdatasync`. That is one sequential
+//! write, so a commit costs about one disk flush however many messages and
+//! tables it touches, and the writer puts many ops in each commit. The file
+//! grows in zero-filled steps, so that most syncs need not record a new size.
+//!
+//! The tables live in memory as indexes of where each live record sits in the
+//! file; message bodies and dedupe answers stay on disk and are read back when
+//! needed. Opening the store replays the file. A frame that is cut short or
+//! fails its checksum can only be the last one, written by a commit that a
+//! crash interrupted and that was therefore never acknowledged: it is dropped.
+//!
+//! When more than half of a large file is dead records, a background thread
+//! copies the live records to a new file while commits go on; the writer then
+//! appends what was committed meanwhile, renames the new file over the old
+//! one, and points the indexes at the new places.
 
 use super::apply::{self, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
     Pending, Seq, Store, StoreError,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use std::path::Path;
-use std::sync::Mutex;
-
-const INBOUND: TableDefinition<u64, &[u8]> = TableDefinition::new("inbound");
-const OUTBOUND: TableDefinition<u64, &[u8]> = TableDefinition::new("outbound");
-const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
-/// caller message id → accepted-at (8 bytes, little endian) followed by the first answer.
-const DEDUPE: TableDefinition<&str, &[u8]> = TableDefinition::new("dedupe");
-/// (accepted-at, caller message id), to prune the dedupe table in acceptance order.
-const DEDUPE_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("dedupe_expiry");
-const CONVERSATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("conversations");
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 /// The file inside `--data-dir`.
-pub const FILE_NAME: &str = "botrelay.redb";
+pub const FILE_NAME: &str = "botrelay.journal";
+/// A compaction in progress; deleted when found at open.
+const COMPACT_NAME: &str = "botrelay.journal.compact";
+/// The file starts with this (the format's name and version) and 8 reserved bytes.
+const MAGIC: &[u8; 8] = b"BRJRNL\x00\x01";
+const FILE_HEADER: u64 = 16;
+/// A frame starts with the length of its records and their CRC-32.
+const FRAME_HEADER: usize = 8;
+/// Compaction copies live records into frames of about this size.
+const COPY_FRAME: usize = 1 << 20;
+
+/// Record kinds.
+const PUT: u8 = 1;
+const DEL: u8 = 2;
+const DEDUPE: u8 = 3;
+const PRUNE: u8 = 4;
+const CONVERSATION: u8 = 5;
+const NEXT_SEQ: u8 = 6;
+
+/// Sizes that tests shrink to exercise growth and compaction.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// The file is zero-filled this far ahead of the last frame.
+    pub grow_step: u64,
+    /// No compaction below this file size.
+    pub compact_min_bytes: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            grow_step: 4 << 20,
+            compact_min_bytes: 64 << 20,
+        }
+    }
+}
 
 pub struct EmbeddedStore {
-    db: Database,
-    /// Next position to hand out and the running dead-letter counts; only the
-    /// writer commits, so this lock is never contended on the hot path.
-    state: Mutex<(Seq, DeadLetterCounts)>,
+    dir: PathBuf,
+    tuning: Tuning,
+    /// Held for a whole sync.
+    syncing: Mutex<()>,
+    /// Held by a write, and briefly by readers, who take a record's place and
+    /// the file, then read unlocked.
+    inner: Mutex<Inner>,
 }
 
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Embedded(e.to_string())
+struct Inner {
+    index: Index,
+    file: Arc<File>,
+    /// Where the next frame goes.
+    end: u64,
+    /// The file holds zeros from `end` up to here.
+    zeroed_end: u64,
+    /// Frames were written since the last sync.
+    dirty: bool,
+    /// Set when a sync failed: what is on disk is then unknown, so nothing more is written.
+    failed: Option<String>,
+    compaction: Option<Compaction>,
+    /// No compaction starts before the file reaches this size.
+    compact_at: u64,
+    /// The frame being built, kept to reuse its allocation.
+    frame: Vec<u8>,
 }
 
-impl EmbeddedStore {
-    /// Opens (or creates) the store in `dir`. `cache_bytes` bounds redb's page cache.
-    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Embedded(format!("cannot create {}: {e}", dir.display())))?;
-        let path = dir.join(FILE_NAME);
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(&path)
-            .map_err(|e| StoreError::Embedded(format!("cannot open {}: {e}", path.display())))?;
-        // Create every table up front so that readers never meet a missing one.
-        let txn = db.begin_write().map_err(err)?;
-        let mut next_seq = 0;
-        {
-            for def in [INBOUND, OUTBOUND, DEAD_LETTERS] {
-                let table = txn.open_table(def).map_err(err)?;
-                if let Some((last, _)) = table.last().map_err(err)? {
-                    next_seq = next_seq.max(last.value() + 1);
-                }
-            }
-            txn.open_table(DEDUPE).map_err(err)?;
-            txn.open_table(DEDUPE_EXPIRY).map_err(err)?;
-            txn.open_table(CONVERSATIONS).map_err(err)?;
-        }
-        txn.commit().map_err(err)?;
-        Ok(Self {
-            db,
-            state: Mutex::new((next_seq, DeadLetterCounts::default())),
-        })
-    }
-
-    fn read_row(
-        &self,
-        def: TableDefinition<u64, &[u8]>,
-        seq: Seq,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(def).map_err(err)?;
-        Ok(table.get(seq).map_err(err)?.map(|v| v.value().to_vec()))
-    }
+/// Where a whole record sits in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    at: u64,
+    len: u32,
 }
 
-fn definition(table: Table) -> TableDefinition<'static, u64, &'static [u8]> {
+type DedupeKey = [u8; 16];
+
+fn dedupe_key(caller_message_id: &[u8]) -> DedupeKey {
+    let digest = Sha256::digest(caller_message_id);
+    let mut key = [0; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
+#[derive(Clone, Copy, Debug)]
+struct DedupeEntry {
+    accepted_ms: u64,
+    loc: Loc,
+}
+
+#[derive(Clone, Debug)]
+struct ConversationEntry {
+    loc: Loc,
+    /// The relay id of the user who wrote last.
+    user: Box<str>,
+}
+
+/// The live records: what a replay of the file up to `Inner::end` yields.
+#[derive(Default)]
+struct Index {
+    rows: [BTreeMap<Seq, Loc>; 3],
+    dedupe: HashMap<DedupeKey, DedupeEntry>,
+    conversations: HashMap<Box<str>, ConversationEntry>,
+    next_seq: Seq,
+    /// Bytes of live records, to tell when compaction pays.
+    live_bytes: u64,
+    dead_letter_counts: DeadLetterCounts,
+}
+
+/// How to take back one record's effect on the index.
+enum Undo {
+    Row(Table, Seq, Option<Loc>),
+    Dedupe(DedupeKey, Option<DedupeEntry>),
+    Pruned(Vec<(DedupeKey, DedupeEntry)>),
+    Conversation(Box<str>, Option<ConversationEntry>),
+    /// A record with nothing to take back (`next_seq` is restored as a whole).
+    Nothing,
+}
+
+fn table_code(table: Table) -> u8 {
     match table {
-        Table::Inbound => INBOUND,
-        Table::Outbound => OUTBOUND,
-        Table::DeadLetters => DEAD_LETTERS,
+        Table::Inbound => 0,
+        Table::Outbound => 1,
+        Table::DeadLetters => 2,
     }
 }
 
-struct WriteTables<'t> {
-    inbound: redb::Table<'t, u64, &'static [u8]>,
-    outbound: redb::Table<'t, u64, &'static [u8]>,
-    dead_letters: redb::Table<'t, u64, &'static [u8]>,
-    dedupe: redb::Table<'t, &'static str, &'static [u8]>,
-    dedupe_expiry: redb::Table<'t, (u64, &'static str), ()>,
-    conversations: redb::Table<'t, &'static str, &'static [u8]>,
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("journal: {what}"))
 }
 
-impl<'t> WriteTables<'t> {
-    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Self {
-            inbound: txn.open_table(INBOUND).map_err(err)?,
-            outbound: txn.open_table(OUTBOUND).map_err(err)?,
-            dead_letters: txn.open_table(DEAD_LETTERS).map_err(err)?,
-            dedupe: txn.open_table(DEDUPE).map_err(err)?,
-            dedupe_expiry: txn.open_table(DEDUPE_EXPIRY).map_err(err)?,
-            conversations: txn.open_table(CONVERSATIONS).map_err(err)?,
+fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Embedded(format!("{what} {}: {e}", path.display()))
+}
+
+/// One record, borrowed from a frame.
+enum Record<'a> {
+    Put {
+        table: Table,
+        seq: Seq,
+        value: &'a [u8],
+    },
+    Del {
+        table: Table,
+        seq: Seq,
+    },
+    Dedupe {
+        accepted_ms: u64,
+        key: &'a [u8],
+        answer: &'a [u8],
+    },
+    Prune {
+        before_ms: u64,
+    },
+    /// A [`Conversation`] as JSON.
+    Conversation {
+        value: &'a [u8],
+    },
+    NextSeq(Seq),
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|end| *end <= self.buf.len())
+            .ok_or_else(|| corrupt("record runs past its frame"))?;
+        let bytes = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(bytes)
+    }
+
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn table(&mut self) -> Result<Table, StoreError> {
+        match self.u8()? {
+            0 => Ok(Table::Inbound),
+            1 => Ok(Table::Outbound),
+            2 => Ok(Table::DeadLetters),
+            other => Err(corrupt(format!("unknown table {other}"))),
+        }
+    }
+
+    fn record(&mut self) -> Result<Record<'a>, StoreError> {
+        Ok(match self.u8()? {
+            PUT => Record::Put {
+                table: self.table()?,
+                seq: self.u64()?,
+                value: self.bytes()?,
+            },
+            DEL => Record::Del {
+                table: self.table()?,
+                seq: self.u64()?,
+            },
+            DEDUPE => Record::Dedupe {
+                accepted_ms: self.u64()?,
+                key: self.bytes()?,
+                answer: self.bytes()?,
+            },
+            PRUNE => Record::Prune {
+                before_ms: self.u64()?,
+            },
+            CONVERSATION => Record::Conversation {
+                value: self.bytes()?,
+            },
+            NEXT_SEQ => Record::NextSeq(self.u64()?),
+            other => return Err(corrupt(format!("unknown record kind {other}"))),
+        })
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u32::try_from(bytes.len()).expect("a stored value is under 4 GiB");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// The value a record holds, as the tables hand it out.
+fn value_of(record: &[u8]) -> Result<&[u8], StoreError> {
+    match (Reader {
+        buf: record,
+        pos: 0,
+    })
+    .record()?
+    {
+        Record::Put { value, .. } | Record::Conversation { value } => Ok(value),
+        Record::Dedupe { answer, .. } => Ok(answer),
+        _ => Err(corrupt("an index points at a record without a value")),
+    }
+}
+
+fn read_at(file: &File, loc: Loc) -> Result<Vec<u8>, StoreError> {
+    let mut buf = vec![0; loc.len as usize];
+    file.read_exact_at(&mut buf, loc.at)
+        .map_err(|e| StoreError::Embedded(format!("reading the journal at {}: {e}", loc.at)))?;
+    Ok(buf)
+}
+
+impl Index {
+    fn set_row(&mut self, table: Table, seq: Seq, loc: Option<Loc>) -> Option<Loc> {
+        let rows = &mut self.rows[table_code(table) as usize];
+        let old = match loc {
+            Some(loc) => {
+                self.live_bytes += u64::from(loc.len);
+                rows.insert(seq, loc)
+            }
+            None => rows.remove(&seq),
+        };
+        if let Some(old) = old {
+            self.live_bytes -= u64::from(old.len);
+        }
+        old
+    }
+
+    fn set_dedupe(&mut self, key: DedupeKey, entry: Option<DedupeEntry>) -> Option<DedupeEntry> {
+        let old = match entry {
+            Some(entry) => {
+                self.live_bytes += u64::from(entry.loc.len);
+                self.dedupe.insert(key, entry)
+            }
+            None => self.dedupe.remove(&key),
+        };
+        if let Some(old) = old {
+            self.live_bytes -= u64::from(old.loc.len);
+        }
+        old
+    }
+
+    fn set_conversation(
+        &mut self,
+        id: Box<str>,
+        entry: Option<ConversationEntry>,
+    ) -> Option<ConversationEntry> {
+        let old = match entry {
+            Some(entry) => {
+                self.live_bytes += u64::from(entry.loc.len);
+                self.conversations.insert(id, entry)
+            }
+            None => self.conversations.remove(&id),
+        };
+        if let Some(old) = &old {
+            self.live_bytes -= u64::from(old.loc.len);
+        }
+        old
+    }
+
+    /// The effect of one record, the same whether it is being committed or replayed.
+    fn apply(&mut self, record: Record<'_>, loc: Loc) -> Result<Undo, StoreError> {
+        Ok(match record {
+            Record::Put { table, seq, .. } => {
+                self.next_seq = self.next_seq.max(seq + 1);
+                Undo::Row(table, seq, self.set_row(table, seq, Some(loc)))
+            }
+            Record::Del { table, seq } => Undo::Row(table, seq, self.set_row(table, seq, None)),
+            Record::Dedupe {
+                accepted_ms, key, ..
+            } => {
+                let key = dedupe_key(key);
+                let entry = DedupeEntry { accepted_ms, loc };
+                Undo::Dedupe(key, self.set_dedupe(key, Some(entry)))
+            }
+            Record::Prune { before_ms } => {
+                let expired: Vec<DedupeKey> = self
+                    .dedupe
+                    .iter()
+                    .filter(|(_, entry)| entry.accepted_ms < before_ms)
+                    .map(|(key, _)| *key)
+                    .collect();
+                let mut removed = Vec::with_capacity(expired.len());
+                for key in expired {
+                    if let Some(entry) = self.set_dedupe(key, None) {
+                        removed.push((key, entry));
+                    }
+                }
+                Undo::Pruned(removed)
+            }
+            Record::Conversation { value } => {
+                let conversation: Conversation = decode("conversation", value)?;
+                let id: Box<str> = conversation.id.into();
+                let entry = ConversationEntry {
+                    loc,
+                    user: conversation.user_id.into(),
+                };
+                Undo::Conversation(id.clone(), self.set_conversation(id, Some(entry)))
+            }
+            Record::NextSeq(next) => {
+                self.next_seq = self.next_seq.max(next);
+                Undo::Nothing
+            }
         })
     }
 
-    fn rows(&mut self, table: Table) -> &mut redb::Table<'t, u64, &'static [u8]> {
-        match table {
-            Table::Inbound => &mut self.inbound,
-            Table::Outbound => &mut self.outbound,
-            Table::DeadLetters => &mut self.dead_letters,
+    fn undo(&mut self, undo: Vec<Undo>) {
+        for step in undo.into_iter().rev() {
+            match step {
+                Undo::Row(table, seq, loc) => {
+                    self.set_row(table, seq, loc);
+                }
+                Undo::Dedupe(key, entry) => {
+                    self.set_dedupe(key, entry);
+                }
+                Undo::Pruned(removed) => {
+                    for (key, entry) in removed {
+                        self.set_dedupe(key, Some(entry));
+                    }
+                }
+                Undo::Conversation(id, entry) => {
+                    self.set_conversation(id, entry);
+                }
+                Undo::Nothing => {}
+            }
+        }
+    }
+
+    fn rows(&self, table: Table) -> &BTreeMap<Seq, Loc> {
+        &self.rows[table_code(table) as usize]
+    }
+
+    /// Every live record's place, in file order.
+    fn live(&self) -> Vec<Loc> {
+        let mut locs: Vec<Loc> = self
+            .rows
+            .iter()
+            .flat_map(|rows| rows.values().copied())
+            .chain(self.dedupe.values().map(|e| e.loc))
+            .chain(self.conversations.values().map(|e| e.loc))
+            .collect();
+        locs.sort_unstable_by_key(|loc| loc.at);
+        locs
+    }
+
+    /// Points every record at its place in a compacted file.
+    fn relocate(&mut self, mut place: impl FnMut(Loc) -> Loc) {
+        for rows in &mut self.rows {
+            for loc in rows.values_mut() {
+                *loc = place(*loc);
+            }
+        }
+        for entry in self.dedupe.values_mut() {
+            entry.loc = place(entry.loc);
+        }
+        for entry in self.conversations.values_mut() {
+            entry.loc = place(entry.loc);
         }
     }
 }
 
-impl Tables for WriteTables<'_> {
+/// The ops of one commit, turned into records of a frame and applied to the index.
+struct Txn<'a> {
+    index: &'a mut Index,
+    frame: &'a mut Vec<u8>,
+    /// Where the frame will be written.
+    base: u64,
+    file: &'a File,
+    undo: Vec<Undo>,
+}
+
+impl Txn<'_> {
+    /// Appends one record, written by `encode`, and applies it.
+    fn record(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<usize, StoreError> {
+        let start = self.frame.len();
+        encode(self.frame);
+        let loc = Loc {
+            at: self.base + start as u64,
+            len: u32::try_from(self.frame.len() - start)
+                .map_err(|_| StoreError::Embedded("a record over 4 GiB".into()))?,
+        };
+        let record = Reader {
+            buf: &self.frame[start..],
+            pos: 0,
+        }
+        .record()?;
+        let undo = self.index.apply(record, loc)?;
+        let touched = match &undo {
+            Undo::Pruned(removed) => removed.len(),
+            _ => 1,
+        };
+        self.undo.push(undo);
+        Ok(touched)
+    }
+
+    /// A record's value, from this frame or from the file.
+    fn value(&self, loc: Loc) -> Result<Vec<u8>, StoreError> {
+        if loc.at >= self.base {
+            let start = (loc.at - self.base) as usize;
+            let record = &self.frame[start..start + loc.len as usize];
+            return Ok(value_of(record)?.to_vec());
+        }
+        Ok(value_of(&read_at(self.file, loc)?)?.to_vec())
+    }
+}
+
+impl Tables for Txn<'_> {
     fn put(&mut self, table: Table, seq: Seq, value: &[u8]) -> Result<(), StoreError> {
-        self.rows(table).insert(seq, value).map_err(err)?;
+        self.record(|out| {
+            out.push(PUT);
+            out.push(table_code(table));
+            out.extend_from_slice(&seq.to_le_bytes());
+            put_bytes(out, value);
+        })?;
         Ok(())
     }
 
-    fn remove(&mut self, table: Table, seq: Seq) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .rows(table)
-            .remove(seq)
-            .map_err(err)?
-            .map(|v| v.value().to_vec()))
+    fn get(&mut self, table: Table, seq: Seq) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.index.rows(table).get(&seq) {
+            Some(loc) => Ok(Some(self.value(*loc)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn remove(&mut self, table: Table, seq: Seq) -> Result<bool, StoreError> {
+        if !self.index.rows(table).contains_key(&seq) {
+            return Ok(false);
+        }
+        self.record(|out| {
+            out.push(DEL);
+            out.push(table_code(table));
+            out.extend_from_slice(&seq.to_le_bytes());
+        })?;
+        Ok(true)
     }
 
     fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
-        let Some(value) = self.dedupe.get(key).map_err(err)? else {
+        let Some(entry) = self.index.dedupe.get(&dedupe_key(key.as_bytes())).copied() else {
             return Ok(None);
         };
-        let bytes = value.value();
-        if bytes.len() < 8 {
-            return Err(StoreError::Corrupt(format!(
-                "dedupe entry of {key:?} is too short"
-            )));
-        }
-        let accepted = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        let answer = std::str::from_utf8(&bytes[8..])
-            .map_err(|e| StoreError::Corrupt(format!("dedupe entry of {key:?}: {e}")))?;
-        Ok(Some((accepted, answer.to_owned())))
+        let answer = String::from_utf8(self.value(entry.loc)?)
+            .map_err(|e| corrupt(format!("dedupe answer: {e}")))?;
+        Ok(Some((entry.accepted_ms, answer)))
     }
 
     fn dedupe_put(&mut self, key: &str, accepted_ms: u64, answer: &str) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(8 + answer.len());
-        value.extend_from_slice(&accepted_ms.to_le_bytes());
-        value.extend_from_slice(answer.as_bytes());
-        self.dedupe.insert(key, value.as_slice()).map_err(err)?;
-        self.dedupe_expiry
-            .insert((accepted_ms, key), ())
-            .map_err(err)?;
+        self.record(|out| {
+            out.push(DEDUPE);
+            out.extend_from_slice(&accepted_ms.to_le_bytes());
+            put_bytes(out, key.as_bytes());
+            put_bytes(out, answer.as_bytes());
+        })?;
         Ok(())
     }
 
     fn dedupe_prune(&mut self, before_ms: u64) -> Result<u64, StoreError> {
-        let mut expired = Vec::new();
-        for entry in self
-            .dedupe_expiry
-            .range((0, "")..(before_ms, ""))
-            .map_err(err)?
-        {
-            let (key, _) = entry.map_err(err)?;
-            let (accepted, id) = key.value();
-            expired.push((accepted, id.to_owned()));
-        }
-        let mut removed = 0;
-        for (accepted, id) in expired {
-            self.dedupe_expiry
-                .remove((accepted, id.as_str()))
-                .map_err(err)?;
-            // The id may have been accepted again since; only the old entry goes.
-            if self.dedupe_get(&id)?.is_some_and(|(at, _)| at == accepted) {
-                self.dedupe.remove(id.as_str()).map_err(err)?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        let removed = self.record(|out| {
+            out.push(PRUNE);
+            out.extend_from_slice(&before_ms.to_le_bytes());
+        })?;
+        Ok(removed as u64)
     }
 
-    fn conversation_get(&mut self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    fn conversation_is(&mut self, id: &str, user_id: &str) -> Result<bool, StoreError> {
         Ok(self
+            .index
             .conversations
             .get(id)
-            .map_err(err)?
-            .map(|v| v.value().to_vec()))
+            .is_some_and(|c| &*c.user == user_id))
     }
 
-    fn conversation_put(&mut self, id: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.conversations.insert(id, value).map_err(err)?;
+    fn conversation_put(&mut self, conversation: &Conversation) -> Result<(), StoreError> {
+        let value = apply::encode(conversation);
+        self.record(|out| {
+            out.push(CONVERSATION);
+            put_bytes(out, &value);
+        })?;
         Ok(())
     }
 
     fn keys(&mut self, table: Table) -> Result<Vec<Seq>, StoreError> {
-        let mut keys = Vec::new();
-        for entry in self.rows(table).iter().map_err(err)? {
-            keys.push(entry.map_err(err)?.0.value());
+        Ok(self.index.rows(table).keys().copied().collect())
+    }
+}
+
+/// Seals a frame built after `FRAME_HEADER` reserved bytes: its length and checksum.
+fn seal(frame: &mut [u8]) {
+    let payload = &frame[FRAME_HEADER..];
+    let len = u32::try_from(payload.len()).expect("a frame is under 4 GiB");
+    let crc = crc32fast::hash(payload);
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Writes zeros over `[from, to)`.
+fn zero_fill(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("cannot sync the directory", dir, e))
+}
+
+/// A copy of the live records, made by a background thread.
+struct Compaction {
+    /// The old file's end when the copy began; later frames are appended to the copy as they are.
+    snapshot_end: u64,
+    worker: JoinHandle<Result<Copied, StoreError>>,
+}
+
+struct Copied {
+    file: File,
+    /// (old place, new place) of every copied record, in file order.
+    moved: Vec<(u64, u64)>,
+    end: u64,
+}
+
+/// Writes a new journal holding `next_seq` and the records at `live`, read from `old`.
+fn copy_live(path: &Path, old: &File, live: &[Loc], next_seq: Seq) -> Result<Copied, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| io("cannot create", path, e))?;
+    let write = |bytes: &[u8], at: u64| {
+        file.write_all_at(bytes, at)
+            .map_err(|e| io("cannot write", path, e))
+    };
+    let mut header = [0u8; FILE_HEADER as usize];
+    header[..8].copy_from_slice(MAGIC);
+    write(&header, 0)?;
+    let mut end = FILE_HEADER;
+    let mut frame = Vec::with_capacity(COPY_FRAME + FRAME_HEADER);
+    frame.resize(FRAME_HEADER, 0);
+    frame.push(NEXT_SEQ);
+    frame.extend_from_slice(&next_seq.to_le_bytes());
+    let mut moved = Vec::with_capacity(live.len());
+    for loc in live {
+        if frame.len() + loc.len as usize > COPY_FRAME && frame.len() > FRAME_HEADER {
+            seal(&mut frame);
+            write(&frame, end)?;
+            end += frame.len() as u64;
+            frame.truncate(FRAME_HEADER);
         }
-        Ok(keys)
+        moved.push((loc.at, end + frame.len() as u64));
+        let start = frame.len();
+        frame.resize(start + loc.len as usize, 0);
+        old.read_exact_at(&mut frame[start..], loc.at)
+            .map_err(|e| StoreError::Embedded(format!("compaction: reading the journal: {e}")))?;
+    }
+    if frame.len() > FRAME_HEADER {
+        seal(&mut frame);
+        write(&frame, end)?;
+        end += frame.len() as u64;
+    }
+    file.sync_data().map_err(|e| io("cannot sync", path, e))?;
+    Ok(Copied { file, moved, end })
+}
+
+/// Reads a journal from the start, applying every whole frame to `index`.
+/// Returns where the last whole frame ends.
+fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, StoreError> {
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; FILE_HEADER as usize];
+    reader
+        .read_exact(&mut header)
+        .map_err(|e| io("cannot read", path, e))?;
+    if &header[..8] != MAGIC {
+        return Err(StoreError::Embedded(format!(
+            "{} is not a botrelay journal of a version this relay reads",
+            path.display()
+        )));
+    }
+    let mut at = FILE_HEADER;
+    let mut payload = Vec::new();
+    loop {
+        let mut frame_header = [0u8; FRAME_HEADER];
+        if len - at < FRAME_HEADER as u64 || reader.read_exact(&mut frame_header).is_err() {
+            break;
+        }
+        if frame_header == [0; FRAME_HEADER] {
+            break;
+        }
+        let size = u32::from_le_bytes(frame_header[..4].try_into().expect("4 bytes")) as u64;
+        let crc = u32::from_le_bytes(frame_header[4..].try_into().expect("4 bytes"));
+        let whole = len - at - FRAME_HEADER as u64 >= size && {
+            payload.resize(size as usize, 0);
+            reader.read_exact(&mut payload).is_ok() && crc32fast::hash(&payload) == crc
+        };
+        if !whole {
+            tracing::warn!(
+                file = %path.display(),
+                offset = at,
+                "the journal ends with an incomplete commit (the relay stopped while writing it); \
+                 it was never acknowledged and is dropped"
+            );
+            break;
+        }
+        let base = at + FRAME_HEADER as u64;
+        let mut records = Reader {
+            buf: &payload,
+            pos: 0,
+        };
+        while records.pos < payload.len() {
+            let start = records.pos;
+            let record = records.record()?;
+            let loc = Loc {
+                at: base + start as u64,
+                len: (records.pos - start) as u32,
+            };
+            index.apply(record, loc)?;
+        }
+        at = base + size;
+    }
+    Ok(at)
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_tuned(dir, Tuning::default())
+    }
+
+    pub fn open_tuned(dir: &Path, tuning: Tuning) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+        let compact_path = dir.join(COMPACT_NAME);
+        match std::fs::remove_file(&compact_path) {
+            Ok(()) => tracing::info!("removed an unfinished compaction of the journal"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("cannot remove", &compact_path, e)),
+        }
+        let path = dir.join(FILE_NAME);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io("cannot open", &path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| io("cannot read", &path, e))?
+            .len();
+        let mut index = Index::default();
+        let end = if len == 0 {
+            let mut header = [0u8; FILE_HEADER as usize];
+            header[..8].copy_from_slice(MAGIC);
+            file.write_all_at(&header, 0)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io("cannot write", &path, e))?;
+            sync_dir(dir)?;
+            FILE_HEADER
+        } else {
+            replay(&file, &path, len, &mut index)?
+        };
+        // Whatever follows the last whole frame (zeros, or an interrupted
+        // commit) becomes zeros, so that no stale bytes can ever pass for a frame.
+        if end < len {
+            zero_fill(&file, end, len)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| io("cannot write", &path, e))?;
+        }
+        let compact_at = tuning.compact_min_bytes;
+        Ok(Self {
+            dir: dir.to_owned(),
+            tuning,
+            syncing: Mutex::new(()),
+            inner: Mutex::new(Inner {
+                index,
+                file: Arc::new(file),
+                end,
+                zeroed_end: len.max(end),
+                dirty: false,
+                failed: None,
+                compaction: None,
+                compact_at,
+                frame: Vec::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(FILE_NAME)
+    }
+
+    /// A record's value and nothing else held while reading it.
+    fn read_value(
+        &self,
+        find: impl FnOnce(&Index) -> Option<Loc>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let (file, loc) = {
+            let inner = self.lock();
+            match find(&inner.index) {
+                Some(loc) => (inner.file.clone(), loc),
+                None => return Ok(None),
+            }
+        };
+        Ok(Some(value_of(&read_at(&file, loc)?)?.to_vec()))
+    }
+
+    /// Starts a compaction when more than half of a large file is dead.
+    fn maybe_compact(&self, inner: &mut Inner) {
+        if inner.compaction.is_some()
+            || inner.end < inner.compact_at
+            || inner.index.live_bytes * 2 > inner.end
+        {
+            return;
+        }
+        let live = inner.index.live();
+        let next_seq = inner.index.next_seq;
+        let old = inner.file.clone();
+        let path = self.dir.join(COMPACT_NAME);
+        tracing::info!(
+            file_bytes = inner.end,
+            live_bytes = inner.index.live_bytes,
+            "compacting the journal"
+        );
+        let worker = std::thread::Builder::new()
+            .name("botrelay-compact".into())
+            .spawn(move || copy_live(&path, &old, &live, next_seq));
+        match worker {
+            Ok(worker) => {
+                inner.compaction = Some(Compaction {
+                    snapshot_end: inner.end,
+                    worker,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start compacting the journal");
+                inner.compact_at = inner.end + self.tuning.compact_min_bytes;
+            }
+        }
+    }
+
+    /// Swaps in a finished compaction: appends the frames committed since it
+    /// began, renames it over the journal and moves the index to it.
+    fn finish_compaction(&self, inner: &mut Inner) {
+        if !inner
+            .compaction
+            .as_ref()
+            .is_some_and(|c| c.worker.is_finished())
+        {
+            return;
+        }
+        let compaction = inner.compaction.take().expect("checked above");
+        let before = inner.end;
+        match compaction
+            .worker
+            .join()
+            .unwrap_or_else(|_| {
+                Err(StoreError::Embedded(
+                    "the compaction thread panicked".into(),
+                ))
+            })
+            .and_then(|copied| self.swap_in(inner, compaction.snapshot_end, copied))
+        {
+            Ok(()) => tracing::info!(
+                before_bytes = before,
+                after_bytes = inner.end,
+                "compacted the journal"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "compacting the journal failed; the journal is unchanged");
+                let _ = std::fs::remove_file(self.dir.join(COMPACT_NAME));
+                inner.compact_at = inner.end + self.tuning.compact_min_bytes;
+            }
+        }
+    }
+
+    fn swap_in(
+        &self,
+        inner: &mut Inner,
+        snapshot_end: u64,
+        copied: Copied,
+    ) -> Result<(), StoreError> {
+        let path = self.dir.join(COMPACT_NAME);
+        let Copied { file, moved, end } = copied;
+        // Every record older than the snapshot must have been copied.
+        let place = |loc: Loc| -> Option<Loc> {
+            if loc.at >= snapshot_end {
+                return Some(Loc {
+                    at: loc.at - snapshot_end + end,
+                    len: loc.len,
+                });
+            }
+            let i = moved.binary_search_by_key(&loc.at, |m| m.0).ok()?;
+            Some(Loc {
+                at: moved[i].1,
+                len: loc.len,
+            })
+        };
+        if inner
+            .index
+            .live()
+            .into_iter()
+            .any(|loc| place(loc).is_none())
+        {
+            return Err(StoreError::Embedded(
+                "a live record is missing from the copy".into(),
+            ));
+        }
+        let mut chunk = vec![0u8; COPY_FRAME];
+        let mut at = snapshot_end;
+        while at < inner.end {
+            let n = (inner.end - at).min(COPY_FRAME as u64) as usize;
+            inner
+                .file
+                .read_exact_at(&mut chunk[..n], at)
+                .map_err(|e| io("cannot read", &self.path(), e))?;
+            file.write_all_at(&chunk[..n], at - snapshot_end + end)
+                .map_err(|e| io("cannot write", &path, e))?;
+            at += n as u64;
+        }
+        file.sync_data().map_err(|e| io("cannot sync", &path, e))?;
+        std::fs::rename(&path, self.path()).map_err(|e| io("cannot rename", &path, e))?;
+        sync_dir(&self.dir)?;
+        inner
+            .index
+            .relocate(|loc| place(loc).expect("checked above"));
+        inner.end = inner.end - snapshot_end + end;
+        inner.zeroed_end = inner.end;
+        inner.file = Arc::new(file);
+        inner.compact_at = self.tuning.compact_min_bytes;
+        Ok(())
     }
 }
 
 impl Store for EmbeddedStore {
-    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next_seq = state.0;
-        let txn = self.db.begin_write().map_err(err)?;
-        let (outcomes, delta) = {
-            let mut tables = WriteTables::open(&txn)?;
-            apply::apply(&mut tables, ops, &mut next_seq)?
-            // On error the transaction is dropped, which aborts it.
+    fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if let Some(e) = &inner.failed {
+            return Err(StoreError::Embedded(e.clone()));
+        }
+        self.finish_compaction(inner);
+        let base = inner.end;
+        let mut frame = std::mem::take(&mut inner.frame);
+        frame.clear();
+        frame.resize(FRAME_HEADER, 0);
+        let next_seq_before = inner.index.next_seq;
+        let mut next_seq = next_seq_before;
+        let mut txn = Txn {
+            index: &mut inner.index,
+            frame: &mut frame,
+            base,
+            file: &inner.file,
+            undo: Vec::new(),
         };
-        txn.commit().map_err(err)?;
-        state.0 = next_seq;
-        delta.apply_to(&mut state.1);
-        Ok(outcomes)
+        let applied = apply::apply(&mut txn, ops, &mut next_seq);
+        let undo = std::mem::take(&mut txn.undo);
+        let written = applied.and_then(|done| {
+            if frame.len() == FRAME_HEADER {
+                return Ok(done);
+            }
+            seal(&mut frame);
+            let end = base + frame.len() as u64;
+            if end > inner.zeroed_end {
+                let to = end + self.tuning.grow_step;
+                zero_fill(&inner.file, inner.zeroed_end, to)
+                    .map_err(|e| io("cannot write", &self.path(), e))?;
+                inner.zeroed_end = to;
+            }
+            inner
+                .file
+                .write_all_at(&frame, base)
+                .map_err(|e| io("cannot write", &self.path(), e))?;
+            inner.end = end;
+            inner.dirty = true;
+            Ok(done)
+        });
+        inner.frame = frame;
+        match written {
+            Ok((outcomes, delta)) => {
+                inner.index.next_seq = inner.index.next_seq.max(next_seq);
+                delta.apply_to(&mut inner.index.dead_letter_counts);
+                self.maybe_compact(inner);
+                Ok(outcomes)
+            }
+            Err(e) => {
+                inner.index.undo(undo);
+                inner.index.next_seq = next_seq_before;
+                Err(e)
+            }
+        }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        // A sync that finds nothing new to flush must still wait for one in
+        // progress, which may be flushing its writes.
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        // The flush happens outside the main lock, so that readers and the
+        // next write go on meanwhile.
+        let file = {
+            let mut inner = self.lock();
+            if let Some(e) = &inner.failed {
+                return Err(StoreError::Embedded(e.clone()));
+            }
+            if !std::mem::take(&mut inner.dirty) {
+                return Ok(());
+            }
+            inner.file.clone()
+        };
+        file.sync_data().map_err(|e| {
+            let message = format!(
+                "cannot sync {}: {e}; what the disk holds is unknown, so the store \
+                 takes no more writes until the relay restarts",
+                self.path().display()
+            );
+            tracing::error!("{message}");
+            self.lock().failed = Some(message.clone());
+            StoreError::Embedded(message)
+        })
     }
 
     fn recover(&self, each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let counts = apply::recover(
-            |table, f| {
-                let rows = txn.open_table(definition(table)).map_err(err)?;
-                for entry in rows.iter().map_err(err)? {
-                    let (seq, bytes) = entry.map_err(err)?;
-                    f(seq.value(), bytes.value())?;
-                }
-                Ok(())
-            },
-            each,
-        )?;
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = counts;
+        let mut inner = self.lock();
+        let counts = {
+            let inner = &*inner;
+            apply::recover(
+                |table, f| {
+                    for (seq, loc) in inner.index.rows(table) {
+                        f(*seq, value_of(&read_at(&inner.file, *loc)?)?)?;
+                    }
+                    Ok(())
+                },
+                each,
+            )?
+        };
+        inner.index.dead_letter_counts = counts;
         Ok(counts)
     }
 
     fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError> {
-        self.read_row(INBOUND, seq)?
+        self.read_value(|index| index.rows(Table::Inbound).get(&seq).copied())?
             .map(|b| decode("inbound message", &b))
             .transpose()
     }
 
     fn outbound(&self, seq: Seq) -> Result<Option<OutboundMessage>, StoreError> {
-        self.read_row(OUTBOUND, seq)?
+        self.read_value(|index| index.rows(Table::Outbound).get(&seq).copied())?
             .map(|b| decode("outbound message", &b))
             .transpose()
     }
 
     fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(CONVERSATIONS).map_err(err)?;
-        let row = table.get(id).map_err(err)?;
-        row.map(|v| decode("conversation", v.value())).transpose()
+        self.read_value(|index| index.conversations.get(id).map(|c| c.loc))?
+            .map(|b| decode("conversation", &b))
+            .transpose()
     }
 
     fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(DEAD_LETTERS).map_err(err)?;
-        let mut letters = Vec::new();
-        for entry in table.iter().map_err(err)?.take(limit) {
-            let (_, bytes) = entry.map_err(err)?;
-            letters.push(decode("dead letter", bytes.value())?);
-        }
-        Ok(letters)
+        let (file, locs) = {
+            let inner = self.lock();
+            let locs: Vec<Loc> = inner
+                .index
+                .rows(Table::DeadLetters)
+                .values()
+                .take(limit)
+                .copied()
+                .collect();
+            (inner.file.clone(), locs)
+        };
+        locs.into_iter()
+            .map(|loc| decode("dead letter", value_of(&read_at(&file, loc)?)?))
+            .collect()
     }
 
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
-        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()).1)
+        Ok(self.lock().index.dead_letter_counts)
     }
 }

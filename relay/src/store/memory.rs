@@ -97,12 +97,17 @@ impl Tables for Txn<'_> {
         Ok(())
     }
 
-    fn remove(&mut self, table: Table, seq: Seq) -> Result<Option<Vec<u8>>, StoreError> {
+    fn get(&mut self, table: Table, seq: Seq) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state.table(table).get(&seq).cloned())
+    }
+
+    fn remove(&mut self, table: Table, seq: Seq) -> Result<bool, StoreError> {
         let old = self.state.table(table).remove(&seq);
-        if let Some(v) = &old {
-            self.undo.push(Undo::Row(table, seq, Some(v.clone())));
+        let found = old.is_some();
+        if found {
+            self.undo.push(Undo::Row(table, seq, old));
         }
-        Ok(old)
+        Ok(found)
     }
 
     fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
@@ -145,16 +150,20 @@ impl Tables for Txn<'_> {
         Ok(removed)
     }
 
-    fn conversation_get(&mut self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.state.conversations.get(id).cloned())
+    fn conversation_is(&mut self, id: &str, user_id: &str) -> Result<bool, StoreError> {
+        match self.state.conversations.get(id) {
+            None => Ok(false),
+            Some(bytes) => Ok(decode::<Conversation>("conversation", bytes)?.user_id == user_id),
+        }
     }
 
-    fn conversation_put(&mut self, id: &str, value: &[u8]) -> Result<(), StoreError> {
+    fn conversation_put(&mut self, conversation: &Conversation) -> Result<(), StoreError> {
         let old = self
             .state
             .conversations
-            .insert(id.to_owned(), value.to_vec());
-        self.undo.push(Undo::Conversation(id.to_owned(), old));
+            .insert(conversation.id.clone(), apply::encode(conversation));
+        self.undo
+            .push(Undo::Conversation(conversation.id.clone(), old));
         Ok(())
     }
 
@@ -164,7 +173,7 @@ impl Tables for Txn<'_> {
 }
 
 impl Store for MemoryStore {
-    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
+    fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
         let mut state = self.lock();
         let mut next_seq = state.next_seq;
         let mut txn = Txn {
@@ -182,6 +191,14 @@ impl Store for MemoryStore {
                 Err(e)
             }
         }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn needs_sync(&self) -> bool {
+        false
     }
 
     fn recover(&self, each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError> {

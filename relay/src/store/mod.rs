@@ -1,8 +1,8 @@
 //! Where accepted messages wait until they are delivered.
 //!
 //! Every change of durable state is an [`Op`]; a [`Store`] applies a batch of
-//! them in one transaction that is durable when [`Store::commit`] returns. The
-//! group-commit writer (`crate::writer`) is the only caller of `commit`, so the
+//! them in one transaction, durable once [`Store::sync`] returns. The
+//! group-commit writer (`crate::writer`) is the only caller of `write`, so the
 //! stores need no ordering logic of their own, and the HTTP layer and the
 //! delivery engine never see which store is behind the trait.
 
@@ -221,9 +221,24 @@ pub enum StoreError {
 }
 
 /// Durable state behind one interface. Implementations apply a batch atomically:
-/// either every op's effect is durable when `commit` returns `Ok`, or none is.
+/// either every op of a `write` takes effect, or none does.
 pub trait Store: Send + Sync + 'static {
-    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError>;
+    /// Applies a batch atomically. Its effects are visible at once, and durable
+    /// once a later [`Store::sync`] returns `Ok`.
+    fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError>;
+    /// Makes every batch written so far durable.
+    fn sync(&self) -> Result<(), StoreError>;
+    /// Whether a write needs a `sync` to be durable (false when writes are
+    /// durable at once, or never).
+    fn needs_sync(&self) -> bool {
+        true
+    }
+    /// `write`, then `sync`.
+    fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
+        let outcomes = self.write(ops)?;
+        self.sync()?;
+        Ok(outcomes)
+    }
     /// Hands every waiting message to `each`, in delivery order per target, and
     /// returns how many dead letters are held; called once, at start.
     fn recover(&self, each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError>;

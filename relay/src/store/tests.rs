@@ -225,14 +225,14 @@ macro_rules! suite {
 suite!(memory, (MemoryStore::new(), ()));
 suite!(embedded, {
     let dir = tempfile::tempdir().unwrap();
-    (EmbeddedStore::open(dir.path(), 1 << 20).unwrap(), dir)
+    (EmbeddedStore::open(dir.path()).unwrap(), dir)
 });
 
 #[test]
 fn embedded_store_keeps_everything_across_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let (first, dead) = {
-        let store = EmbeddedStore::open(dir.path(), 1 << 20).unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
         let Outcome::Accepted { pending: first, .. } = accept(&store, "m1", 100) else {
             panic!()
         };
@@ -249,7 +249,7 @@ fn embedded_store_keeps_everything_across_a_reopen() {
             .unwrap();
         (first, dead)
     };
-    let store = EmbeddedStore::open(dir.path(), 1 << 20).unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
     let mut recovered = Vec::new();
     let counts = store.recover(&mut |p| recovered.push(p)).unwrap();
     assert_eq!(recovered, vec![first.clone()]);
@@ -267,4 +267,174 @@ fn embedded_store_keeps_everything_across_a_reopen() {
         pending.seq > dead.seq,
         "positions are never reused after a reopen"
     );
+}
+
+mod journal {
+    use super::*;
+    use crate::store::embedded::{FILE_NAME, Tuning};
+    use std::io::Write;
+
+    fn small() -> Tuning {
+        Tuning {
+            grow_step: 4096,
+            compact_min_bytes: 16 * 1024,
+        }
+    }
+
+    fn file_len(dir: &std::path::Path) -> u64 {
+        std::fs::metadata(dir.join(FILE_NAME)).unwrap().len()
+    }
+
+    fn seqs(store: &dyn Store) -> Vec<Seq> {
+        waiting(store).into_iter().map(|p| p.seq).collect()
+    }
+
+    #[test]
+    fn a_torn_last_commit_is_dropped_and_what_came_before_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = {
+            let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+            accept(&store, "m1", 100);
+            accept(&store, "m2", 100);
+            seqs(&store)
+        };
+        // A crash in the middle of the next commit leaves part of a frame: a
+        // length and checksum, and some of the records.
+        {
+            let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+            drop(store);
+            let bytes = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
+            let end = bytes.iter().rposition(|b| *b != 0).map(|i| i + 1).unwrap();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join(FILE_NAME))
+                .unwrap();
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::Start(end as u64)).unwrap();
+            file.write_all(&500u32.to_le_bytes()).unwrap();
+            file.write_all(&0xdead_beefu32.to_le_bytes()).unwrap();
+            file.write_all(&[1, 0, 9, 9, 9, 9]).unwrap();
+        }
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        assert_eq!(seqs(&store), kept);
+        let Outcome::Accepted { pending, .. } = accept(&store, "m3", 200) else {
+            panic!("a new message is accepted after the torn commit")
+        };
+        drop(store);
+        // The new commit took the torn one's place, and nothing of the torn
+        // bytes is read as a frame after it.
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        let mut expected = kept.clone();
+        expected.push(pending.seq);
+        assert_eq!(seqs(&store), expected);
+        assert_eq!(
+            accept(&store, "m1", 300),
+            Outcome::Duplicate {
+                answer: "answer-m1-100".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), b"something else entirely").unwrap();
+        let Err(e) = EmbeddedStore::open(dir.path()) else {
+            panic!("opened a file that is not a journal")
+        };
+        assert!(e.to_string().contains("not a botrelay journal"), "{e}");
+    }
+
+    /// Many messages come and go; every tenth stays waiting. Dedupe entries and
+    /// the conversation stay live throughout. Returns the waiting positions.
+    fn churn(store: &dyn Store) -> Vec<Seq> {
+        let mut waiting_seqs = Vec::new();
+        for i in 0..2000u64 {
+            let Outcome::Accepted { pending, .. } = accept(store, &format!("m{i}"), 100 + i) else {
+                panic!()
+            };
+            if i % 10 == 0 {
+                waiting_seqs.push(pending.seq);
+                continue;
+            }
+            let done = store
+                .commit(vec![Op::CompleteInbound {
+                    seq: pending.seq,
+                    replies: vec![reply(i as u32, "c1")],
+                }])
+                .unwrap();
+            let Outcome::Queued(due) = &done[0] else {
+                panic!()
+            };
+            store
+                .commit(vec![Op::CompleteOutbound { seq: due[0].seq }])
+                .unwrap();
+        }
+        waiting_seqs
+    }
+
+    fn holds_what_churn_left(store: &dyn Store, waiting_seqs: &[Seq]) {
+        assert_eq!(seqs(store), waiting_seqs);
+        // Every tenth message was left waiting.
+        for (k, seq) in waiting_seqs.iter().enumerate() {
+            let message = store
+                .inbound(*seq)
+                .unwrap()
+                .expect("waiting message readable");
+            assert_eq!(message.caller_message_id, format!("m{}", k * 10));
+        }
+        assert_eq!(
+            store.conversation("conv-c1").unwrap().unwrap().caller_id,
+            "c1"
+        );
+        assert_eq!(
+            accept(store, "m1234", 1800),
+            Outcome::Duplicate {
+                answer: "answer-m1234-1334".into()
+            }
+        );
+    }
+
+    #[test]
+    fn compaction_keeps_every_live_record_and_frees_the_rest() {
+        let never = tempfile::tempdir().unwrap();
+        let uncompacted = EmbeddedStore::open_tuned(
+            never.path(),
+            Tuning {
+                compact_min_bytes: u64::MAX,
+                ..small()
+            },
+        )
+        .unwrap();
+        let expected = churn(&uncompacted);
+        holds_what_churn_left(&uncompacted, &expected);
+        let full = file_len(never.path());
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        let waiting_seqs = churn(&store);
+        assert_eq!(waiting_seqs, expected);
+        // A compaction under way swaps in at a write once its copy is done.
+        for _ in 0..100 {
+            store.commit(vec![]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let compacted = file_len(dir.path());
+        assert!(
+            compacted < full / 3,
+            "the file holds {compacted} bytes; without compaction it holds {full}"
+        );
+        holds_what_churn_left(&store, &waiting_seqs);
+        let last = waiting_seqs.last().copied().unwrap();
+        drop(store);
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        holds_what_churn_left(&store, &waiting_seqs);
+        let Outcome::Accepted { pending, .. } = accept(&store, "new", 9000) else {
+            panic!()
+        };
+        assert!(
+            pending.seq > last,
+            "positions are never reused after compaction"
+        );
+    }
 }
