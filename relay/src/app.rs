@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Recovered messages read ahead of the delivery schedulers.
+const RECOVERY_READ_AHEAD: usize = 4096;
+
 /// Requests waiting for the store writer before clients get `503`.
 const WRITE_QUEUE: usize = 16 * 1024;
 /// How often dedupe entries older than the window are forgotten.
@@ -97,6 +100,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 .recover(&mut |pending| {
                     waiting += 1;
                     queues.push(pending);
+                    // Read no further ahead of the schedulers than this, so that a
+                    // long backlog is not held twice in memory while it is read.
+                    while queues.unread() > RECOVERY_READ_AHEAD {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 })
                 .map(|_| waiting)
         })

@@ -145,6 +145,68 @@ async fn sigterm_drains_and_exits_zero_and_the_rest_is_delivered_after_restart()
 }
 
 #[tokio::test]
+async fn a_long_backlog_is_read_back_while_it_is_delivered_and_nothing_twice() {
+    // More messages wait than the relay reads back at once, so that reading
+    // them back and delivering them (which stores the bot's replies) overlap.
+    let down = free_addr();
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let mut relay = Relay::start(&format!("http://{down}/"), &endpoint.url(), &[]).await;
+    let accepted = load(relay.url("/v1/messages"), 8, 800).await;
+    assert_eq!(accepted.len(), 6400, "every message was acknowledged");
+    assert_eq!(relay.terminate(), Some(0));
+
+    let bot = Peer::start_on(down, echo).await;
+    relay.restart().await;
+    let ids = |r: &[Received], pick: fn(&Received) -> Option<&str>| {
+        r.iter()
+            .filter_map(pick)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    bot.wait_until("every message at the bot", WAIT, |r| {
+        r.len() >= accepted.len()
+    })
+    .await;
+    endpoint
+        .wait_until("a reply to every message", WAIT, |r| {
+            r.len() >= accepted.len()
+        })
+        .await;
+    // Let anything sent twice arrive before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_bot = ids(&bot.received(), |x| x.body["tags"]["messageId"].as_str());
+    let replied = ids(&endpoint.received(), |x| {
+        x.body["payload"]["text"]
+            .as_str()
+            .map(|t| t.trim_start_matches("echo: "))
+    });
+    for (what, got) in [("the bot", &at_bot), ("the response endpoint", &replied)] {
+        let unique: HashSet<_> = got.iter().collect();
+        assert_eq!(unique.len(), got.len(), "{what} got some messages twice");
+        assert_eq!(
+            unique,
+            accepted.iter().collect::<HashSet<_>>(),
+            "{what} got every message"
+        );
+    }
+    // Each conversation's messages reached the bot in the order they were sent.
+    for t in 0..8 {
+        let sent: Vec<_> = at_bot
+            .iter()
+            .filter(|id| id.starts_with(&format!("t{t}-")))
+            .map(|id| id.rsplit('-').next().unwrap().parse::<usize>().unwrap())
+            .collect();
+        for conversation in 0..7 {
+            let order: Vec<_> = sent.iter().filter(|i| *i % 7 == conversation).collect();
+            assert!(
+                order.windows(2).all(|w| w[0] < w[1]),
+                "sender {t}, conv-{conversation}: out of order"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn tokens_rotate_without_a_restart() {
     let bot = Peer::start(|_| Answer::ok()).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;

@@ -42,6 +42,8 @@ pub struct Queues {
     response: mpsc::UnboundedSender<Event>,
     /// Messages waiting in both directions, for back-pressure on intake.
     pending: Arc<AtomicUsize>,
+    /// Messages pushed that the schedulers have not taken in yet.
+    unread: Arc<AtomicUsize>,
 }
 
 impl Queues {
@@ -52,10 +54,18 @@ impl Queues {
             Target::Response => &self.response,
         };
         self.pending.fetch_add(1, Ordering::Relaxed);
+        self.unread.fetch_add(1, Ordering::Relaxed);
         if tx.send(Event::Due(pending)).is_err() {
             // Shutting down: the message is stored and is delivered after the restart.
             self.pending.fetch_sub(1, Ordering::Relaxed);
+            self.unread.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Messages pushed that the schedulers have not taken in yet: what the
+    /// queues' channels hold.
+    pub fn unread(&self) -> usize {
+        self.unread.load(Ordering::Relaxed)
     }
 
     /// Messages waiting in both directions.
@@ -78,6 +88,7 @@ pub fn queues() -> (Queues, Inboxes) {
             bot,
             response,
             pending: Arc::default(),
+            unread: Arc::default(),
         },
         Inboxes {
             bot: bot_rx,
@@ -114,6 +125,7 @@ pub fn start(
             metrics: deliverer.metrics().clone(),
             events: tx,
             pending: queues.pending.clone(),
+            unread: queues.unread.clone(),
             tasks: JoinSet::new(),
         };
         set.spawn(scheduler.run(inbox, stop.clone(), drain));
@@ -152,6 +164,8 @@ struct Scheduler {
     metrics: Metrics,
     events: mpsc::UnboundedSender<Event>,
     pending: Arc<AtomicUsize>,
+    /// Shared with `Queues::unread`.
+    unread: Arc<AtomicUsize>,
     tasks: JoinSet<()>,
 }
 
@@ -212,17 +226,27 @@ impl Scheduler {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Due(pending) => {
-                let key: Arc<str> = Arc::from(pending.conversation_id.as_str());
-                let lane = self.lanes.entry(key.clone()).or_default();
-                lane.queue.push_back(Waiting {
+                self.unread.fetch_sub(1, Ordering::Relaxed);
+                let waiting = Waiting {
                     seq: pending.seq,
                     created_at_ms: pending.created_at_ms,
                     queued_at_ms: pending.queued_at_ms,
-                });
+                };
                 self.depth += 1;
-                if lane.queue.len() == 1 && !lane.busy {
-                    self.ready.push_back(key);
+                let id = pending.conversation_id.as_str();
+                if let Some(lane) = self.lanes.get_mut(id) {
+                    lane.queue.push_back(waiting);
+                    if lane.queue.len() == 1 && !lane.busy {
+                        let (key, _) = self.lanes.get_key_value(id).expect("found above");
+                        self.ready.push_back(key.clone());
+                    }
+                    return;
                 }
+                let key: Arc<str> = Arc::from(pending.conversation_id);
+                let mut lane = Lane::default();
+                lane.queue.push_back(waiting);
+                self.lanes.insert(key.clone(), lane);
+                self.ready.push_back(key);
             }
             Event::Finished { lane: key, finish } => {
                 self.in_flight -= 1;

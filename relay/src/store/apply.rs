@@ -223,14 +223,14 @@ impl DeadLetterDelta {
     }
 }
 
+/// What `recover`'s scan calls for each row of a table, in seq order.
+pub(super) type Visit<'a> = dyn FnMut(Seq, &[u8]) -> Result<(), StoreError> + 'a;
+
 /// Hands every waiting message to `each`, one table at a time in seq order, so
 /// each target's queue is rebuilt in delivery order without holding the whole
 /// backlog twice. Returns the dead-letter counts.
 pub(super) fn recover(
-    mut scan: impl FnMut(
-        Table,
-        &mut dyn FnMut(Seq, &[u8]) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError>,
+    mut scan: impl FnMut(Table, &mut Visit) -> Result<(), StoreError>,
     each: &mut dyn FnMut(Pending),
 ) -> Result<DeadLetterCounts, StoreError> {
     scan(Table::Inbound, &mut |seq, bytes| {

@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
+use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +42,10 @@ const MAGIC: &[u8; 8] = b"BRJRNL\x00\x01";
 const FILE_HEADER: u64 = 16;
 /// A frame starts with the length of its records and their CRC-32.
 const FRAME_HEADER: usize = 8;
+/// Capacity of the unwritten-frames buffer kept between syncs.
+const UNWRITTEN_KEPT: usize = 1 << 20;
+/// Records read per lock while recovering.
+const RECOVER_CHUNK: usize = 1024;
 /// Compaction copies live records into frames of about this size.
 const COPY_FRAME: usize = 1 << 20;
 
@@ -83,19 +88,36 @@ pub struct EmbeddedStore {
 struct Inner {
     index: Index,
     file: Arc<File>,
-    /// Where the next frame goes.
-    end: u64,
-    /// The file holds zeros from `end` up to here.
+    /// The file holds frames up to here.
+    written: u64,
+    /// Frames committed but not yet in the file, which start at `written`;
+    /// the next sync writes them.
+    unwritten: Vec<u8>,
+    /// The file holds zeros from `written` up to here.
     zeroed_end: u64,
-    /// Frames were written since the last sync.
-    dirty: bool,
     /// Set when a sync failed: what is on disk is then unknown, so nothing more is written.
     failed: Option<String>,
     compaction: Option<Compaction>,
     /// No compaction starts before the file reaches this size.
     compact_at: u64,
-    /// The frame being built, kept to reuse its allocation.
-    frame: Vec<u8>,
+}
+
+impl Inner {
+    /// Where the next frame goes.
+    fn end(&self) -> u64 {
+        self.written + self.unwritten.len() as u64
+    }
+
+    /// A record, copied from the unwritten frames, or else the file to read it from.
+    fn locate(&self, loc: Loc) -> Result<Vec<u8>, Arc<File>> {
+        match loc.at.checked_sub(self.written) {
+            Some(start) => {
+                let start = start as usize;
+                Ok(self.unwritten[start..start + loc.len as usize].to_vec())
+            }
+            None => Err(self.file.clone()),
+        }
+    }
 }
 
 /// Where a whole record sits in the file.
@@ -445,8 +467,9 @@ impl Index {
 /// The ops of one commit, turned into records of a frame and applied to the index.
 struct Txn<'a> {
     index: &'a mut Index,
-    frame: &'a mut Vec<u8>,
-    /// Where the frame will be written.
+    /// The unwritten frames, this one being built at their end.
+    frames: &'a mut Vec<u8>,
+    /// Where `frames` start in the file.
     base: u64,
     file: &'a File,
     undo: Vec<Undo>,
@@ -455,15 +478,15 @@ struct Txn<'a> {
 impl Txn<'_> {
     /// Appends one record, written by `encode`, and applies it.
     fn record(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<usize, StoreError> {
-        let start = self.frame.len();
-        encode(self.frame);
+        let start = self.frames.len();
+        encode(self.frames);
         let loc = Loc {
             at: self.base + start as u64,
-            len: u32::try_from(self.frame.len() - start)
+            len: u32::try_from(self.frames.len() - start)
                 .map_err(|_| StoreError::Embedded("a record over 4 GiB".into()))?,
         };
         let record = Reader {
-            buf: &self.frame[start..],
+            buf: &self.frames[start..],
             pos: 0,
         }
         .record()?;
@@ -476,11 +499,11 @@ impl Txn<'_> {
         Ok(touched)
     }
 
-    /// A record's value, from this frame or from the file.
+    /// A record's value, from the unwritten frames or from the file.
     fn value(&self, loc: Loc) -> Result<Vec<u8>, StoreError> {
         if loc.at >= self.base {
             let start = (loc.at - self.base) as usize;
-            let record = &self.frame[start..start + loc.len as usize];
+            let record = &self.frames[start..start + loc.len as usize];
             return Ok(value_of(record)?.to_vec());
         }
         Ok(value_of(&read_at(self.file, loc)?)?.to_vec())
@@ -762,13 +785,12 @@ impl EmbeddedStore {
             inner: Mutex::new(Inner {
                 index,
                 file: Arc::new(file),
-                end,
+                written: end,
+                unwritten: Vec::new(),
                 zeroed_end: len.max(end),
-                dirty: false,
                 failed: None,
                 compaction: None,
                 compact_at,
-                frame: Vec::new(),
             }),
         })
     }
@@ -788,19 +810,35 @@ impl EmbeddedStore {
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let (file, loc) = {
             let inner = self.lock();
-            match find(&inner.index) {
-                Some(loc) => (inner.file.clone(), loc),
-                None => return Ok(None),
+            let Some(loc) = find(&inner.index) else {
+                return Ok(None);
+            };
+            match inner.locate(loc) {
+                Ok(record) => return Ok(Some(value_of(&record)?.to_vec())),
+                Err(file) => (file, loc),
             }
         };
         Ok(Some(value_of(&read_at(&file, loc)?)?.to_vec()))
     }
 
+    /// Marks the store failed: after a failed write or sync, what the disk
+    /// holds is unknown, so nothing more is written.
+    fn fail(&self, inner: &mut Inner, what: &str, e: std::io::Error) -> StoreError {
+        let message = format!(
+            "cannot {what} {}: {e}; the store takes no more writes until the relay restarts",
+            self.path().display()
+        );
+        tracing::error!("{message}");
+        inner.failed = Some(message.clone());
+        StoreError::Embedded(message)
+    }
+
     /// Starts a compaction when more than half of a large file is dead.
     fn maybe_compact(&self, inner: &mut Inner) {
         if inner.compaction.is_some()
-            || inner.end < inner.compact_at
-            || inner.index.live_bytes * 2 > inner.end
+            || !inner.unwritten.is_empty()
+            || inner.written < inner.compact_at
+            || inner.index.live_bytes * 2 > inner.written
         {
             return;
         }
@@ -809,7 +847,7 @@ impl EmbeddedStore {
         let old = inner.file.clone();
         let path = self.dir.join(COMPACT_NAME);
         tracing::info!(
-            file_bytes = inner.end,
+            file_bytes = inner.written,
             live_bytes = inner.index.live_bytes,
             "compacting the journal"
         );
@@ -819,13 +857,13 @@ impl EmbeddedStore {
         match worker {
             Ok(worker) => {
                 inner.compaction = Some(Compaction {
-                    snapshot_end: inner.end,
+                    snapshot_end: inner.written,
                     worker,
                 })
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start compacting the journal");
-                inner.compact_at = inner.end + self.tuning.compact_min_bytes;
+                inner.compact_at = inner.written + self.tuning.compact_min_bytes;
             }
         }
     }
@@ -841,7 +879,7 @@ impl EmbeddedStore {
             return;
         }
         let compaction = inner.compaction.take().expect("checked above");
-        let before = inner.end;
+        let before = inner.written;
         match compaction
             .worker
             .join()
@@ -854,13 +892,13 @@ impl EmbeddedStore {
         {
             Ok(()) => tracing::info!(
                 before_bytes = before,
-                after_bytes = inner.end,
+                after_bytes = inner.written,
                 "compacted the journal"
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "compacting the journal failed; the journal is unchanged");
                 let _ = std::fs::remove_file(self.dir.join(COMPACT_NAME));
-                inner.compact_at = inner.end + self.tuning.compact_min_bytes;
+                inner.compact_at = inner.written + self.tuning.compact_min_bytes;
             }
         }
     }
@@ -899,8 +937,8 @@ impl EmbeddedStore {
         }
         let mut chunk = vec![0u8; COPY_FRAME];
         let mut at = snapshot_end;
-        while at < inner.end {
-            let n = (inner.end - at).min(COPY_FRAME as u64) as usize;
+        while at < inner.written {
+            let n = (inner.written - at).min(COPY_FRAME as u64) as usize;
             inner
                 .file
                 .read_exact_at(&mut chunk[..n], at)
@@ -915,8 +953,8 @@ impl EmbeddedStore {
         inner
             .index
             .relocate(|loc| place(loc).expect("checked above"));
-        inner.end = inner.end - snapshot_end + end;
-        inner.zeroed_end = inner.end;
+        inner.written = inner.written - snapshot_end + end;
+        inner.zeroed_end = inner.written;
         inner.file = Arc::new(file);
         inner.compact_at = self.tuning.compact_min_bytes;
         Ok(())
@@ -930,51 +968,32 @@ impl Store for EmbeddedStore {
         if let Some(e) = &inner.failed {
             return Err(StoreError::Embedded(e.clone()));
         }
-        self.finish_compaction(inner);
-        let base = inner.end;
-        let mut frame = std::mem::take(&mut inner.frame);
-        frame.clear();
-        frame.resize(FRAME_HEADER, 0);
+        let frame_start = inner.unwritten.len();
+        inner.unwritten.resize(frame_start + FRAME_HEADER, 0);
         let next_seq_before = inner.index.next_seq;
         let mut next_seq = next_seq_before;
         let mut txn = Txn {
             index: &mut inner.index,
-            frame: &mut frame,
-            base,
+            frames: &mut inner.unwritten,
+            base: inner.written,
             file: &inner.file,
             undo: Vec::new(),
         };
         let applied = apply::apply(&mut txn, ops, &mut next_seq);
         let undo = std::mem::take(&mut txn.undo);
-        let written = applied.and_then(|done| {
-            if frame.len() == FRAME_HEADER {
-                return Ok(done);
-            }
-            seal(&mut frame);
-            let end = base + frame.len() as u64;
-            if end > inner.zeroed_end {
-                let to = end + self.tuning.grow_step;
-                zero_fill(&inner.file, inner.zeroed_end, to)
-                    .map_err(|e| io("cannot write", &self.path(), e))?;
-                inner.zeroed_end = to;
-            }
-            inner
-                .file
-                .write_all_at(&frame, base)
-                .map_err(|e| io("cannot write", &self.path(), e))?;
-            inner.end = end;
-            inner.dirty = true;
-            Ok(done)
-        });
-        inner.frame = frame;
-        match written {
+        match applied {
             Ok((outcomes, delta)) => {
+                if inner.unwritten.len() == frame_start + FRAME_HEADER {
+                    inner.unwritten.truncate(frame_start);
+                } else {
+                    seal(&mut inner.unwritten[frame_start..]);
+                }
                 inner.index.next_seq = inner.index.next_seq.max(next_seq);
                 delta.apply_to(&mut inner.index.dead_letter_counts);
-                self.maybe_compact(inner);
                 Ok(outcomes)
             }
             Err(e) => {
+                inner.unwritten.truncate(frame_start);
                 inner.index.undo(undo);
                 inner.index.next_seq = next_seq_before;
                 Err(e)
@@ -983,48 +1002,76 @@ impl Store for EmbeddedStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        // A sync that finds nothing new to flush must still wait for one in
-        // progress, which may be flushing its writes.
+        // One sync at a time: one that finds nothing new to write must still
+        // wait for one in progress, which may be flushing its writes.
         let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
-        // The flush happens outside the main lock, so that readers and the
-        // next write go on meanwhile.
         let file = {
-            let mut inner = self.lock();
+            let mut guard = self.lock();
+            let inner = &mut *guard;
             if let Some(e) = &inner.failed {
                 return Err(StoreError::Embedded(e.clone()));
             }
-            if !std::mem::take(&mut inner.dirty) {
+            self.finish_compaction(inner);
+            if inner.unwritten.is_empty() {
                 return Ok(());
             }
+            let end = inner.end();
+            let written = (|| {
+                if end > inner.zeroed_end {
+                    let to = end + self.tuning.grow_step;
+                    zero_fill(&inner.file, inner.zeroed_end, to)?;
+                    inner.zeroed_end = to;
+                }
+                inner.file.write_all_at(&inner.unwritten, inner.written)
+            })();
+            if let Err(e) = written {
+                return Err(self.fail(inner, "write", e));
+            }
+            inner.written = end;
+            inner.unwritten.clear();
+            if inner.unwritten.capacity() > UNWRITTEN_KEPT {
+                inner.unwritten.shrink_to(UNWRITTEN_KEPT);
+            }
+            self.maybe_compact(inner);
             inner.file.clone()
         };
-        file.sync_data().map_err(|e| {
-            let message = format!(
-                "cannot sync {}: {e}; what the disk holds is unknown, so the store \
-                 takes no more writes until the relay restarts",
-                self.path().display()
-            );
-            tracing::error!("{message}");
-            self.lock().failed = Some(message.clone());
-            StoreError::Embedded(message)
-        })
+        // The flush happens outside the lock, so that readers and the next
+        // writes go on meanwhile.
+        file.sync_data()
+            .map_err(|e| self.fail(&mut self.lock(), "sync", e))
     }
 
     fn recover(&self, each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError> {
-        let mut inner = self.lock();
-        let counts = {
-            let inner = &*inner;
-            apply::recover(
-                |table, f| {
-                    for (seq, loc) in inner.index.rows(table) {
-                        f(*seq, value_of(&read_at(&inner.file, *loc)?)?)?;
-                    }
-                    Ok(())
-                },
-                each,
-            )?
+        // In chunks, each taken under the lock and read without it, so that the
+        // deliveries that `each` sets going can read their messages meanwhile.
+        // Messages those deliveries store (their replies) are queued by the
+        // writer: only what was there at the start is recovered.
+        let limit = self.lock().index.next_seq;
+        let scan = |table: Table, f: &mut apply::Visit| -> Result<(), StoreError> {
+            let mut after = None;
+            loop {
+                let (file, chunk): (Arc<File>, Vec<(Seq, Loc)>) = {
+                    let inner = self.lock();
+                    let rows = inner.index.rows(table);
+                    let rest = match after {
+                        None => rows.range(..limit),
+                        Some(seq) => rows.range((Bound::Excluded(seq), Bound::Excluded(limit))),
+                    };
+                    let chunk = rest.take(RECOVER_CHUNK).map(|(s, l)| (*s, *l)).collect();
+                    (inner.file.clone(), chunk)
+                };
+                let Some(&(last, _)) = chunk.last() else {
+                    return Ok(());
+                };
+                // Records that were there at the start are all in the file.
+                for (seq, loc) in chunk {
+                    f(seq, value_of(&read_at(&file, loc)?)?)?;
+                }
+                after = Some(last);
+            }
         };
-        inner.index.dead_letter_counts = counts;
+        let counts = apply::recover(scan, each)?;
+        self.lock().index.dead_letter_counts = counts;
         Ok(counts)
     }
 
@@ -1047,19 +1094,27 @@ impl Store for EmbeddedStore {
     }
 
     fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let (file, locs) = {
+        // Records still unwritten are copied under the lock; the rest are read after.
+        let (file, records): (Arc<File>, Vec<Result<Vec<u8>, Loc>>) = {
             let inner = self.lock();
-            let locs: Vec<Loc> = inner
+            let records = inner
                 .index
                 .rows(Table::DeadLetters)
                 .values()
                 .take(limit)
-                .copied()
+                .map(|loc| inner.locate(*loc).map_err(|_| *loc))
                 .collect();
-            (inner.file.clone(), locs)
+            (inner.file.clone(), records)
         };
-        locs.into_iter()
-            .map(|loc| decode("dead letter", value_of(&read_at(&file, loc)?)?))
+        records
+            .into_iter()
+            .map(|record| {
+                let record = match record {
+                    Ok(record) => record,
+                    Err(loc) => read_at(&file, loc)?,
+                };
+                decode("dead letter", value_of(&record)?)
+            })
             .collect()
     }
 
