@@ -90,6 +90,10 @@ impl Admin {
                     .set(counts.get(target) as i64);
             }
         }
+        if let Some(usage) = self.store.usage() {
+            self.metrics.store_file_bytes.set(usage.file_bytes as i64);
+            self.metrics.store_live_bytes.set(usage.live_bytes as i64);
+        }
         let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
         r.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub http_request_duration: HistogramVec,
     pub store_commit_duration: Histogram,
     pub store_batch_size: Histogram,
+    pub store_file_bytes: prometheus::IntGauge,
+    pub store_live_bytes: prometheus::IntGauge,
     pub credential_reloads: IntCounterVec,
 }
 
@@ -50,6 +52,13 @@ impl Metrics {
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGaugeVec::new(Opts::new(name, help), &["target"]).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let plain_gauge = |name: &str, help: &str| {
+            let g = prometheus::IntGauge::new(name, help).expect("valid metric");
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -149,20 +158,28 @@ impl Metrics {
             ),
             store_commit_duration: histogram(
                 "botrelay_store_commit_duration_seconds",
-                "Duration of one durable store commit (a batch of changes).",
+                "From a store write to the sync that made it durable.",
                 LATENCY_BUCKETS,
                 &[],
             )
             .with_label_values(&[] as &[&str]),
             store_batch_size: histogram(
                 "botrelay_store_batch_size",
-                "Changes per store commit.",
+                "Writes made durable by one store sync.",
                 &[
                     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
                 ],
                 &[],
             )
             .with_label_values(&[] as &[&str]),
+            store_file_bytes: plain_gauge(
+                "botrelay_store_file_bytes",
+                "Bytes of records in the embedded store's file, dead ones included (0 with --store memory).",
+            ),
+            store_live_bytes: plain_gauge(
+                "botrelay_store_live_bytes",
+                "Bytes of the embedded store's records still needed; compaction frees the rest once they are under half of a file over 64 MiB.",
+            ),
             credential_reloads: counter(
                 "botrelay_credential_reloads_total",
                 "Changes of the credential files picked up, by outcome.",

@@ -456,6 +456,13 @@ async fn admin_port_serves_health_readiness_and_metrics() {
         401,
         "dead letters need a token"
     );
+    // The embedded store reports its file: a stored message grows it.
+    let before = relay.metric("botrelay_store_file_bytes", &[]).await;
+    assert_eq!(relay.send(&message("u", "c", "m1", "hi")).await.0, 200);
+    let after = relay.metric("botrelay_store_file_bytes", &[]).await;
+    assert!(after > before, "file bytes {before} then {after}");
+    let live = relay.metric("botrelay_store_live_bytes", &[]).await;
+    assert!(live > 0.0 && live <= after, "live bytes {live} of {after}");
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@
 use super::apply::{self, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
-    Pending, Seq, Store, StoreError,
+    Pending, Seq, Store, StoreError, Usage,
 };
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -1120,5 +1120,13 @@ impl Store for EmbeddedStore {
 
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
         Ok(self.lock().index.dead_letter_counts)
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        let inner = self.lock();
+        Some(Usage {
+            file_bytes: inner.end(),
+            live_bytes: inner.index.live_bytes + FILE_HEADER,
+        })
     }
 }

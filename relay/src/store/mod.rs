@@ -186,6 +186,15 @@ impl Outcome {
     }
 }
 
+/// Disk use of a store that keeps its records in a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of records, dead ones included.
+    pub file_bytes: u64,
+    /// Bytes of the records still needed; compaction frees the rest.
+    pub live_bytes: u64,
+}
+
 /// How many dead letters are held per target.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DeadLetterCounts {
@@ -228,6 +237,10 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError>;
     /// Makes every batch written so far durable.
     fn sync(&self) -> Result<(), StoreError>;
+    /// How much disk the store uses, when it uses any.
+    fn usage(&self) -> Option<Usage> {
+        None
+    }
     /// Whether a write needs a `sync` to be durable (false when writes are
     /// durable at once, or never).
     fn needs_sync(&self) -> bool {

@@ -420,6 +420,12 @@ mod journal {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let compacted = file_len(dir.path());
+        let usage = store.usage().unwrap();
+        assert!(usage.live_bytes <= usage.file_bytes && usage.file_bytes <= compacted);
+        assert!(
+            usage.file_bytes < uncompacted.usage().unwrap().file_bytes / 3,
+            "{usage:?}"
+        );
         assert!(
             compacted < full / 3,
             "the file holds {compacted} bytes; without compaction it holds {full}"
