@@ -336,6 +336,22 @@ mod journal {
     }
 
     #[test]
+    fn a_compaction_cut_short_by_a_crash_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = {
+            let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+            accept(&store, "m1", 100);
+            seqs(&store)
+        };
+        // A crash before the rename leaves the copy beside the journal.
+        let copy = dir.path().join(format!("{FILE_NAME}.compact"));
+        std::fs::write(&copy, b"a partial copy").unwrap();
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        assert_eq!(seqs(&store), kept);
+        assert!(!copy.exists(), "the partial copy is removed");
+    }
+
+    #[test]
     fn a_file_that_is_not_a_journal_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), b"something else entirely").unwrap();
