@@ -15,7 +15,7 @@ use crate::delivery::Queues;
 use crate::metrics::Metrics;
 use crate::store::{Op, Outcome, Store};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -169,10 +169,40 @@ impl Writer {
     }
 }
 
+/// When the next sync may start. Under load, the requests a sync answers come
+/// back as new writes a moment after it ends; a sync started on the first of
+/// them would leave the rest to wait for the one after. So a sync starts no
+/// sooner than about one sync's duration after the previous one ended (at most
+/// `MAX_PAUSE`); under light load the previous sync is long over and nothing waits.
+#[derive(Default)]
+struct Pacing {
+    /// Moving average of recent syncs' durations.
+    typical: Duration,
+    ended: Option<Instant>,
+}
+
+/// The longest the syncer holds back a sync.
+const MAX_PAUSE: Duration = Duration::from_millis(1);
+
+impl Pacing {
+    fn pause(&self) -> Option<Duration> {
+        let since = self.ended?.elapsed();
+        let pause = self.typical.min(MAX_PAUSE).checked_sub(since)?;
+        (pause >= Duration::from_micros(20)).then_some(pause)
+    }
+
+    fn synced(&mut self, started: Instant) {
+        let now = Instant::now();
+        self.typical = (self.typical * 3 + (now - started)) / 4;
+        self.ended = Some(now);
+    }
+}
+
 /// Makes writes durable, as many per sync as were made meanwhile, then answers
 /// them and queues their deliveries in write order.
 fn sync_loop(shared: &Shared) {
     let mut batch = Vec::new();
+    let mut pacing = Pacing::default();
     loop {
         {
             let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -182,10 +212,17 @@ fn sync_loop(shared: &Shared) {
             if state.unsynced.is_empty() {
                 break;
             }
+            if let Some(pause) = pacing.pause() {
+                drop(state);
+                std::thread::sleep(pause);
+                state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            }
             std::mem::swap(&mut batch, &mut state.unsynced);
         }
         shared.metrics.store_batch_size.observe(batch.len() as f64);
+        let started = Instant::now();
         let synced = shared.store.sync();
+        pacing.synced(started);
         if let Some(oldest) = batch.first() {
             shared
                 .metrics
@@ -226,7 +263,6 @@ mod tests {
         Pending, Seq, StoreError,
     };
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
 
     /// A memory store whose syncs wait for the test to let them through.
     struct Gated {
@@ -285,6 +321,31 @@ mod tests {
         fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
             self.inner.dead_letter_counts()
         }
+    }
+
+    #[test]
+    fn a_sync_waits_about_one_sync_after_the_last_under_load_and_never_when_idle() {
+        assert_eq!(Pacing::default().pause(), None, "nothing synced yet");
+        let just_ended = |typical| Pacing {
+            typical,
+            ended: Some(Instant::now()),
+        };
+        let pause = just_ended(Duration::from_micros(300)).pause().unwrap();
+        assert!(pause <= Duration::from_micros(300), "{pause:?}");
+        let capped = just_ended(Duration::from_millis(50)).pause().unwrap();
+        assert!(capped <= MAX_PAUSE, "{capped:?}");
+        let long_ago = Pacing {
+            typical: Duration::from_millis(50),
+            ended: Instant::now().checked_sub(Duration::from_secs(1)),
+        };
+        assert_eq!(long_ago.pause(), None, "the last sync is long over");
+        let mut pacing = Pacing::default();
+        pacing.synced(Instant::now() - Duration::from_millis(4));
+        assert!(
+            pacing.typical >= Duration::from_millis(1),
+            "{:?}",
+            pacing.typical
+        );
     }
 
     fn op() -> Op {
