@@ -20,7 +20,7 @@ use tokio::sync::watch;
 /// Recovered messages read ahead of the delivery schedulers.
 const RECOVERY_READ_AHEAD: usize = 4096;
 
-/// Requests waiting for the store writer before clients get `503`.
+/// Writes waiting for a store sync before clients get `503`.
 const WRITE_QUEUE: usize = 16 * 1024;
 /// How often dedupe entries older than the window are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -61,7 +61,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
 
     let (queues, inboxes) = delivery::queues();
-    let (writer, writer_thread) =
+    let (writer, syncer_thread) =
         Writer::start(store.clone(), queues.clone(), metrics.clone(), WRITE_QUEUE);
     let (stop_tx, stop) = watch::channel(false);
     let deliverer = Deliverer {
@@ -184,7 +184,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     shutdown.await;
 
     // 1. Refuse new messages and stop accepting; requests under way finish
-    //    (their commits still go through the writer).
+    //    (their writes are still synced).
     tracing::info!("shutting down: draining requests and deliveries under way");
     draining.store(true, Ordering::Relaxed);
     let _ = api_stop_tx.send(true);
@@ -197,9 +197,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         task.abort();
     }
     writer.close().await;
-    tokio::task::spawn_blocking(move || writer_thread.join())
+    tokio::task::spawn_blocking(move || syncer_thread.join())
         .await?
-        .map_err(|_| anyhow!("the store writer panicked"))?;
+        .map_err(|_| anyhow!("the store syncer panicked"))?;
     let _ = admin_stop_tx.send(true);
     let _ = admin_server.await;
     tracing::info!(

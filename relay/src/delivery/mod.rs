@@ -35,7 +35,7 @@ enum Event {
     Finished { lane: Arc<str>, finish: Finish },
 }
 
-/// The entry points of both schedulers, handed to the store writer.
+/// The entry points of both schedulers, handed to the store writer and syncer.
 #[derive(Clone)]
 pub struct Queues {
     bot: mpsc::UnboundedSender<Event>,

@@ -1,22 +1,24 @@
 //! `--store embedded` (the default): one append-only journal file,
 //! `botrelay.journal`, under `--data-dir`.
 //!
-//! A commit appends one frame (a length, a CRC-32, and the batch's records) at
-//! the end of the file and syncs it with `fdatasync`. That is one sequential
-//! write, so a commit costs about one disk flush however many messages and
-//! tables it touches, and the writer puts many ops in each commit. The file
-//! grows in zero-filled steps, so that most syncs need not record a new size.
+//! A write appends one frame (a length, a CRC-32, and the batch's records) to
+//! a buffer in memory; a sync writes the buffered frames at the end of the
+//! file and flushes it with `fdatasync`. That is one sequential write, so a
+//! sync costs about one disk flush however many messages and tables the
+//! frames touch. The file grows in zero-filled steps, so that most syncs need
+//! not record a new size.
 //!
 //! The tables live in memory as indexes of where each live record sits in the
-//! file; message bodies and dedupe answers stay on disk and are read back when
-//! needed. Opening the store replays the file. A frame that is cut short or
-//! fails its checksum can only be the last one, written by a commit that a
-//! crash interrupted and that was therefore never acknowledged: it is dropped.
+//! file (or in the buffer); message bodies and dedupe answers stay on disk and
+//! are read back when needed. Opening the store replays the file. A frame that
+//! is cut short or fails its checksum can only be the last one, written by a
+//! sync that a crash interrupted and that was therefore never acknowledged:
+//! it is dropped.
 //!
 //! When more than half of a large file is dead records, a background thread
-//! copies the live records to a new file while commits go on; the writer then
-//! appends what was committed meanwhile, renames the new file over the old
-//! one, and points the indexes at the new places.
+//! copies the live records to a new file while writes go on; a later sync
+//! appends what was written meanwhile, renames the new file over the old one,
+//! and points the indexes at the new places.
 
 use super::apply::{self, Table, Tables, decode};
 use super::{
@@ -110,13 +112,7 @@ impl Inner {
 
     /// A record, copied from the unwritten frames, or else the file to read it from.
     fn locate(&self, loc: Loc) -> Result<Vec<u8>, Arc<File>> {
-        match loc.at.checked_sub(self.written) {
-            Some(start) => {
-                let start = start as usize;
-                Ok(self.unwritten[start..start + loc.len as usize].to_vec())
-            }
-            None => Err(self.file.clone()),
-        }
+        unwritten_record(&self.unwritten, self.written, loc).ok_or_else(|| self.file.clone())
     }
 }
 
@@ -306,6 +302,13 @@ fn value_of(record: &[u8]) -> Result<&[u8], StoreError> {
         Record::Dedupe { answer, .. } => Ok(answer),
         _ => Err(corrupt("an index points at a record without a value")),
     }
+}
+
+/// A copy of the record at `loc` when it is among the frames not yet written,
+/// which start at `written` in the file.
+fn unwritten_record(unwritten: &[u8], written: u64, loc: Loc) -> Option<Vec<u8>> {
+    let start = loc.at.checked_sub(written)? as usize;
+    Some(unwritten[start..start + loc.len as usize].to_vec())
 }
 
 fn read_at(file: &File, loc: Loc) -> Result<Vec<u8>, StoreError> {
@@ -501,12 +504,11 @@ impl Txn<'_> {
 
     /// A record's value, from the unwritten frames or from the file.
     fn value(&self, loc: Loc) -> Result<Vec<u8>, StoreError> {
-        if loc.at >= self.base {
-            let start = (loc.at - self.base) as usize;
-            let record = &self.frames[start..start + loc.len as usize];
-            return Ok(value_of(record)?.to_vec());
-        }
-        Ok(value_of(&read_at(self.file, loc)?)?.to_vec())
+        let record = match unwritten_record(self.frames, self.base, loc) {
+            Some(record) => record,
+            None => read_at(self.file, loc)?,
+        };
+        Ok(value_of(&record)?.to_vec())
     }
 }
 
@@ -610,6 +612,12 @@ fn zero_fill(file: &File, from: u64, to: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+fn file_header() -> [u8; FILE_HEADER as usize] {
+    let mut header = [0u8; FILE_HEADER as usize];
+    header[..8].copy_from_slice(MAGIC);
+    header
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -643,9 +651,7 @@ fn copy_live(path: &Path, old: &File, live: &[Loc], next_seq: Seq) -> Result<Cop
         file.write_all_at(bytes, at)
             .map_err(|e| io("cannot write", path, e))
     };
-    let mut header = [0u8; FILE_HEADER as usize];
-    header[..8].copy_from_slice(MAGIC);
-    write(&header, 0)?;
+    write(&file_header(), 0)?;
     let mut end = FILE_HEADER;
     let mut frame = Vec::with_capacity(COPY_FRAME + FRAME_HEADER);
     frame.resize(FRAME_HEADER, 0);
@@ -760,9 +766,7 @@ impl EmbeddedStore {
             .len();
         let mut index = Index::default();
         let end = if len == 0 {
-            let mut header = [0u8; FILE_HEADER as usize];
-            header[..8].copy_from_slice(MAGIC);
-            file.write_all_at(&header, 0)
+            file.write_all_at(&file_header(), 0)
                 .and_then(|()| file.sync_all())
                 .map_err(|e| io("cannot write", &path, e))?;
             sync_dir(dir)?;
