@@ -52,6 +52,11 @@ impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => self.metrics_page(),
+            // A store that failed takes no more writes until a restart: the
+            // relay is neither alive nor ready then, so that it gets restarted.
+            (&Method::GET, "/healthz" | "/readyz") if self.store.failure().is_some() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "store failed\n")
+            }
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => {
                 if self.draining.load(Ordering::Relaxed) {

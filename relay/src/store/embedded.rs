@@ -837,6 +837,12 @@ impl EmbeddedStore {
         StoreError::Embedded(message)
     }
 
+    /// What a failed sync does, for tests.
+    #[cfg(test)]
+    pub(super) fn fail_as_a_sync_would(&self, e: std::io::Error) {
+        self.fail(&mut self.lock(), "sync", e);
+    }
+
     /// Starts a compaction when more than half of a large file is dead.
     fn maybe_compact(&self, inner: &mut Inner) {
         if inner.compaction.is_some()
@@ -1124,6 +1130,10 @@ impl Store for EmbeddedStore {
 
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
         Ok(self.lock().index.dead_letter_counts)
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
     }
 
     fn usage(&self) -> Option<Usage> {

@@ -237,6 +237,11 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError>;
     /// Makes every batch written so far durable.
     fn sync(&self) -> Result<(), StoreError>;
+    /// Why the store takes no more writes, once it cannot: the relay must
+    /// restart to recover.
+    fn failure(&self) -> Option<String> {
+        None
+    }
     /// How much disk the store uses, when it uses any.
     fn usage(&self) -> Option<Usage> {
         None

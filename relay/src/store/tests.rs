@@ -352,6 +352,28 @@ mod journal {
     }
 
     #[test]
+    fn after_a_failed_sync_nothing_more_is_written_and_the_failure_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        accept(&store, "m1", 100);
+        assert_eq!(store.failure(), None);
+        store.fail_as_a_sync_would(std::io::Error::other("EIO"));
+        let failure = store.failure().expect("reported");
+        assert!(
+            failure.contains("EIO") && failure.contains("restart"),
+            "{failure}"
+        );
+        let refused = store.commit(vec![Op::PruneDedupe { before_ms: 0 }]);
+        assert!(refused.is_err(), "a failed store takes no writes");
+        assert!(store.sync().is_err());
+        // What was durable before is there after the restart.
+        drop(store);
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        assert_eq!(seqs(&store).len(), 1);
+        assert_eq!(store.failure(), None);
+    }
+
+    #[test]
     fn a_file_that_is_not_a_journal_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), b"something else entirely").unwrap();
