@@ -384,13 +384,16 @@ mod journal {
     }
 
     /// Many messages come and go; every tenth stays waiting. Dedupe entries and
-    /// the conversation stay live throughout. Returns the waiting positions.
-    fn churn(store: &dyn Store) -> Vec<Seq> {
+    /// the conversation stay live throughout. Returns the waiting positions and
+    /// the highest position handed out.
+    fn churn(store: &dyn Store) -> (Vec<Seq>, Seq) {
         let mut waiting_seqs = Vec::new();
+        let mut highest = 0;
         for i in 0..2000u64 {
             let Outcome::Accepted { pending, .. } = accept(store, &format!("m{i}"), 100 + i) else {
                 panic!()
             };
+            highest = highest.max(pending.seq);
             if i % 10 == 0 {
                 waiting_seqs.push(pending.seq);
                 continue;
@@ -404,11 +407,12 @@ mod journal {
             let Outcome::Queued(due) = &done[0] else {
                 panic!()
             };
+            highest = highest.max(due[0].seq);
             store
                 .commit(vec![Op::CompleteOutbound { seq: due[0].seq }])
                 .unwrap();
         }
-        waiting_seqs
+        (waiting_seqs, highest)
     }
 
     fn holds_what_churn_left(store: &dyn Store, waiting_seqs: &[Seq]) {
@@ -444,13 +448,13 @@ mod journal {
             },
         )
         .unwrap();
-        let expected = churn(&uncompacted);
+        let (expected, _) = churn(&uncompacted);
         holds_what_churn_left(&uncompacted, &expected);
         let full = file_len(never.path());
 
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
-        let waiting_seqs = churn(&store);
+        let (waiting_seqs, highest) = churn(&store);
         assert_eq!(waiting_seqs, expected);
         // A compaction under way swaps in at a write once its copy is done.
         for _ in 0..100 {
@@ -469,16 +473,177 @@ mod journal {
             "the file holds {compacted} bytes; without compaction it holds {full}"
         );
         holds_what_churn_left(&store, &waiting_seqs);
-        let last = waiting_seqs.last().copied().unwrap();
         drop(store);
         let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
         holds_what_churn_left(&store, &waiting_seqs);
+
+        // Forgetting every dedupe entry leaves only the waiting messages live,
+        // all below the highest position handed out: the next compaction keeps
+        // no record at that position, and a reopen must not hand it out again.
+        assert!(highest > *waiting_seqs.last().unwrap());
+        store
+            .commit(vec![Op::PruneDedupe {
+                before_ms: u64::MAX,
+            }])
+            .unwrap();
+        let before = store.usage().unwrap().file_bytes;
+        for _ in 0..100 {
+            store.commit(vec![]).unwrap();
+            if store.usage().unwrap().file_bytes < before / 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let after = store.usage().unwrap().file_bytes;
+        assert!(after < before / 2, "compacted from {before} to {after}");
+        drop(store);
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        assert_eq!(seqs(&store), waiting_seqs);
         let Outcome::Accepted { pending, .. } = accept(&store, "new", 9000) else {
             panic!()
         };
         assert!(
-            pending.seq > last,
-            "positions are never reused after compaction"
+            pending.seq > highest,
+            "positions are never reused after compaction: {} after {highest}",
+            pending.seq
         );
     }
+}
+
+/// Random batches of every op, applied to the embedded store (with small
+/// sizes, so that it grows, compacts and is reopened many times) and to the
+/// memory store as the model: every outcome, and what each would recover,
+/// must be the same.
+#[test]
+fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
+    use crate::store::embedded::Tuning;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    let tuning = Tuning {
+        grow_step: 4096,
+        compact_min_bytes: 8 * 1024,
+    };
+    let mut reopens = 0;
+    for seed in 0..3u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let model = MemoryStore::new();
+        let mut journal = EmbeddedStore::open_tuned(dir.path(), tuning).unwrap();
+        // The same, never compacted, to tell that compaction happened.
+        let never_dir = tempfile::tempdir().unwrap();
+        let never = EmbeddedStore::open_tuned(
+            never_dir.path(),
+            Tuning {
+                compact_min_bytes: u64::MAX,
+                ..tuning
+            },
+        )
+        .unwrap();
+        let mut now = 1_000u64;
+        for step in 0..1200 {
+            now += rng.random_range(0..40);
+            let waiting_now = waiting(&model);
+            let pick = |target: Target, rng: &mut StdRng| {
+                let of: Vec<_> = waiting_now.iter().filter(|p| p.target == target).collect();
+                (!of.is_empty()).then(|| of[rng.random_range(0..of.len())].seq)
+            };
+            let ops_for = |rng: &mut StdRng| -> Vec<Op> {
+                (0..rng.random_range(1..4))
+                    .map(|_| match rng.random_range(0..100) {
+                        0..45 => Op::Accept {
+                            message: inbound(
+                                &format!("m{}", rng.random_range(0..400)),
+                                &format!("c{}", rng.random_range(0..6)),
+                                now,
+                            ),
+                            answer: format!("answer at {now}"),
+                            dedupe_window_ms: 2_000,
+                        },
+                        45..70 => Op::CompleteInbound {
+                            seq: pick(Target::Bot, rng).unwrap_or(u64::MAX),
+                            replies: (0..rng.random_range(0..3))
+                                .map(|_| reply(rng.random(), "c1"))
+                                .collect(),
+                        },
+                        70..88 => Op::CompleteOutbound {
+                            seq: pick(Target::Response, rng).unwrap_or(u64::MAX),
+                        },
+                        88..94 => {
+                            let target = if rng.random_bool(0.5) {
+                                Target::Bot
+                            } else {
+                                Target::Response
+                            };
+                            Op::DeadLetter {
+                                target,
+                                seq: pick(target, rng).unwrap_or(u64::MAX),
+                                reason: "gave up".into(),
+                                now_ms: now,
+                            }
+                        }
+                        94..97 => Op::Redrive {
+                            seqs: None,
+                            now_ms: now,
+                        },
+                        _ => Op::PruneDedupe {
+                            before_ms: now.saturating_sub(1_500),
+                        },
+                    })
+                    .collect()
+            };
+            // Ops hold no clones, so each store gets its own copy from the same seed.
+            let state: [u8; 32] = rng.random();
+            let expected = model
+                .commit(ops_for(&mut StdRng::from_seed(state)))
+                .unwrap();
+            let got = journal
+                .commit(ops_for(&mut StdRng::from_seed(state)))
+                .unwrap();
+            assert_eq!(got, expected, "seed {seed}, step {step}");
+            never
+                .commit(ops_for(&mut StdRng::from_seed(state)))
+                .unwrap();
+            if rng.random_range(0..150) == 0 {
+                drop(journal);
+                journal = EmbeddedStore::open_tuned(dir.path(), tuning).unwrap();
+                reopens += 1;
+            }
+            if step % 50 == 0 {
+                assert_eq!(
+                    waiting(&journal),
+                    waiting(&model),
+                    "seed {seed}, step {step}"
+                );
+                assert_eq!(
+                    journal.dead_letter_counts().unwrap(),
+                    model.dead_letter_counts().unwrap()
+                );
+                let letters = |s: &dyn Store| -> Vec<(Seq, String)> {
+                    s.dead_letters(10_000)
+                        .unwrap()
+                        .into_iter()
+                        .map(|l| (l.seq, l.message_id))
+                        .collect()
+                };
+                assert_eq!(letters(&journal), letters(&model));
+                for pending in waiting(&model) {
+                    let id = |s: &dyn Store| match pending.target {
+                        Target::Bot => s.inbound(pending.seq).unwrap().map(|m| m.id),
+                        Target::Response => s.outbound(pending.seq).unwrap().map(|m| m.id),
+                    };
+                    assert_eq!(id(&journal), id(&model), "seed {seed}, step {step}");
+                }
+            }
+        }
+        let (kept, full) = (
+            journal.usage().unwrap().file_bytes,
+            never.usage().unwrap().file_bytes,
+        );
+        assert!(
+            kept < full / 2,
+            "seed {seed}: compaction kept the journal at {kept} bytes of {full}"
+        );
+    }
+    assert!(reopens > 0, "the journal was reopened along the way");
 }
