@@ -612,6 +612,52 @@ fn zero_fill(file: &File, from: u64, to: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Copies what lies between `from` and the last byte before `to` that is not
+/// zero into `botrelay.journal.dropped-<from>`, unless it is all zeros.
+fn set_aside(dir: &Path, file: &File, from: u64, to: u64) -> Result<(), StoreError> {
+    let path = dir.join(FILE_NAME);
+    let read = |at: u64, buf: &mut [u8]| {
+        file.read_exact_at(buf, at)
+            .map_err(|e| io("cannot read", &path, e))
+    };
+    // The end of the non-zero bytes, found from the end of the file backwards.
+    let mut chunk = vec![0u8; COPY_FRAME];
+    let mut last = to;
+    let used_end = loop {
+        if last <= from {
+            return Ok(());
+        }
+        let start = last.saturating_sub(COPY_FRAME as u64).max(from);
+        let buf = &mut chunk[..(last - start) as usize];
+        read(start, buf)?;
+        if let Some(i) = buf.iter().rposition(|b| *b != 0) {
+            break start + i as u64 + 1;
+        }
+        last = start;
+    };
+    let aside = dir.join(format!("{FILE_NAME}.dropped-{from}"));
+    let copy = (|| -> std::io::Result<()> {
+        let out = File::create(&aside)?;
+        let mut at = from;
+        while at < used_end {
+            let n = (used_end - at).min(COPY_FRAME as u64) as usize;
+            file.read_exact_at(&mut chunk[..n], at)?;
+            out.write_all_at(&chunk[..n], at - from)?;
+            at += n as u64;
+        }
+        out.sync_all()
+    })();
+    copy.map_err(|e| io("cannot keep the dropped bytes in", &aside, e))?;
+    sync_dir(dir)?;
+    tracing::warn!(
+        bytes = used_end - from,
+        kept_in = %aside.display(),
+        "the bytes after the journal's last whole commit were dropped from it and kept aside; \
+         after a crash they are a commit that was never acknowledged, and the file can be deleted"
+    );
+    Ok(())
+}
+
 fn file_header() -> [u8; FILE_HEADER as usize] {
     let mut header = [0u8; FILE_HEADER as usize];
     header[..8].copy_from_slice(MAGIC);
@@ -775,8 +821,12 @@ impl EmbeddedStore {
             replay(&file, &path, len, &mut index)?
         };
         // Whatever follows the last whole frame (zeros, or an interrupted
-        // commit) becomes zeros, so that no stale bytes can ever pass for a frame.
+        // commit) becomes zeros, so that no stale bytes can ever pass for a
+        // frame. Bytes that are not zeros are first kept in a file of their
+        // own: normally an unacknowledged commit, but after damage to the disk
+        // they may be acknowledged messages, which must not be destroyed.
         if end < len {
+            set_aside(dir, &file, end, len)?;
             zero_fill(&file, end, len)
                 .and_then(|()| file.sync_data())
                 .map_err(|e| io("cannot write", &path, e))?;

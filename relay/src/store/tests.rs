@@ -250,6 +250,15 @@ fn embedded_store_keeps_everything_across_a_reopen() {
         (first, dead)
     };
     let store = EmbeddedStore::open(dir.path()).unwrap();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["botrelay.journal"],
+        "a clean reopen sets nothing aside"
+    );
     let mut recovered = Vec::new();
     let counts = store.recover(&mut |p| recovered.push(p)).unwrap();
     assert_eq!(recovered, vec![first.clone()]);
@@ -317,6 +326,16 @@ mod journal {
         }
         let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
         assert_eq!(seqs(&store), kept);
+        // The torn bytes are kept aside, not destroyed.
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with(&format!("{FILE_NAME}.dropped-")))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let kept_bytes = std::fs::read(dir.path().join(&aside[0])).unwrap();
+        assert_eq!(kept_bytes.len(), 14);
+        assert_eq!(&kept_bytes[..4], &500u32.to_le_bytes());
         let Outcome::Accepted { pending, .. } = accept(&store, "m3", 200) else {
             panic!("a new message is accepted after the torn commit")
         };
@@ -371,6 +390,31 @@ mod journal {
         let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
         assert_eq!(seqs(&store).len(), 1);
         assert_eq!(store.failure(), None);
+    }
+
+    #[test]
+    fn after_damage_inside_the_journal_what_follows_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+            for i in 0..20 {
+                accept(&store, &format!("m{i}"), 100);
+            }
+        }
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let used = bytes.iter().rposition(|b| *b != 0).unwrap() + 1;
+        // A flipped byte in the first frame's records.
+        bytes[16 + 8 + 20] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        assert!(seqs(&store).is_empty(), "the replay stops at the damage");
+        let aside = std::fs::read(dir.path().join(format!("{FILE_NAME}.dropped-16"))).unwrap();
+        assert_eq!(
+            aside,
+            bytes[16..used],
+            "every byte from the damage on is kept"
+        );
     }
 
     #[test]
