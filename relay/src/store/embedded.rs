@@ -438,17 +438,13 @@ impl Index {
         &self.rows[table_code(table) as usize]
     }
 
-    /// Every live record's place, in file order.
-    fn live(&self) -> Vec<Loc> {
-        let mut locs: Vec<Loc> = self
-            .rows
+    /// Every live record's place, in no particular order.
+    fn live(&self) -> impl Iterator<Item = Loc> + '_ {
+        self.rows
             .iter()
             .flat_map(|rows| rows.values().copied())
             .chain(self.dedupe.values().map(|e| e.loc))
             .chain(self.conversations.values().map(|e| e.loc))
-            .collect();
-        locs.sort_unstable_by_key(|loc| loc.at);
-        locs
     }
 
     /// Points every record at its place in a compacted file.
@@ -684,7 +680,8 @@ struct Copied {
     end: u64,
 }
 
-/// Writes a new journal holding `next_seq` and the records at `live`, read from `old`.
+/// Writes a new journal holding `next_seq` and the records at `live` (in file
+/// order), read from `old`.
 fn copy_live(path: &Path, old: &File, live: &[Loc], next_seq: Seq) -> Result<Copied, StoreError> {
     let file = OpenOptions::new()
         .read(true)
@@ -902,7 +899,8 @@ impl EmbeddedStore {
         {
             return;
         }
-        let live = inner.index.live();
+        // Sorted by the worker, not under the lock.
+        let mut live: Vec<Loc> = inner.index.live().collect();
         let next_seq = inner.index.next_seq;
         let old = inner.file.clone();
         let path = self.dir.join(COMPACT_NAME);
@@ -913,7 +911,10 @@ impl EmbeddedStore {
         );
         let worker = std::thread::Builder::new()
             .name("botrelay-compact".into())
-            .spawn(move || copy_live(&path, &old, &live, next_seq));
+            .spawn(move || {
+                live.sort_unstable_by_key(|loc| loc.at);
+                copy_live(&path, &old, &live, next_seq)
+            });
         match worker {
             Ok(worker) => {
                 inner.compaction = Some(Compaction {
@@ -985,12 +986,7 @@ impl EmbeddedStore {
                 len: loc.len,
             })
         };
-        if inner
-            .index
-            .live()
-            .into_iter()
-            .any(|loc| place(loc).is_none())
-        {
+        if inner.index.live().any(|loc| place(loc).is_none()) {
             return Err(StoreError::Embedded(
                 "a live record is missing from the copy".into(),
             ));
