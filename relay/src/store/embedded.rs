@@ -6,7 +6,8 @@
 //! file and flushes it with `fdatasync`. That is one sequential write, so a
 //! sync costs about one disk flush however many messages and tables the
 //! frames touch. The file grows in zero-filled steps, so that most syncs need
-//! not record a new size.
+//! not record a new size; the zeros are written outside the lock that writes
+//! take, so growing delays only the sync that does it.
 //!
 //! The tables live in memory as indexes of where each live record sits in the
 //! file (or in the buffer); message bodies and dedupe answers stay on disk and
@@ -1063,24 +1064,31 @@ impl Store for EmbeddedStore {
         let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let file = {
             let mut guard = self.lock();
-            let inner = &mut *guard;
-            if let Some(e) = &inner.failed {
+            if let Some(e) = &guard.failed {
                 return Err(StoreError::Embedded(e.clone()));
             }
-            self.finish_compaction(inner);
-            if inner.unwritten.is_empty() {
+            self.finish_compaction(&mut guard);
+            if guard.unwritten.is_empty() {
                 return Ok(());
             }
-            let end = inner.end();
-            let written = (|| {
-                if end > inner.zeroed_end {
-                    let to = end + self.tuning.grow_step;
-                    zero_fill(&inner.file, inner.zeroed_end, to)?;
-                    inner.zeroed_end = to;
+            // Growing the file means writing a step of zeros, which takes
+            // milliseconds: that happens without the lock, so that writes go on
+            // meanwhile (into the buffer). Only a sync writes to the file, and
+            // this one holds `syncing`, so nothing else touches the stretch.
+            while guard.end() > guard.zeroed_end {
+                let (file, from) = (guard.file.clone(), guard.zeroed_end);
+                let to = guard.end() + self.tuning.grow_step;
+                drop(guard);
+                let filled = zero_fill(&file, from, to);
+                guard = self.lock();
+                if let Err(e) = filled {
+                    return Err(self.fail(&mut guard, "extend", e));
                 }
-                inner.file.write_all_at(&inner.unwritten, inner.written)
-            })();
-            if let Err(e) = written {
+                guard.zeroed_end = to;
+            }
+            let inner = &mut *guard;
+            let end = inner.end();
+            if let Err(e) = inner.file.write_all_at(&inner.unwritten, inner.written) {
                 return Err(self.fail(inner, "write", e));
             }
             inner.written = end;
