@@ -80,6 +80,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         },
         max_attempts: config.max_attempts,
         max_age: config.max_message_age,
+        failure_logs: Default::default(),
     };
     let mut engine = delivery::start(
         inboxes,

@@ -9,6 +9,7 @@ use crate::store::{Op, OutboundMessage, Seq, Store, Target};
 use crate::writer::Writer;
 use crate::{ids, wire};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct Deliverer {
@@ -24,6 +25,57 @@ pub struct Deliverer {
     pub backoff: Backoff,
     pub max_attempts: u32,
     pub max_age: Duration,
+    /// One per target: `Target::index`.
+    pub failure_logs: [FailureLog; 2],
+}
+
+/// Paces the warnings about failed attempts that will be retried: at most one
+/// line per target per interval, which counts the failures logged only at
+/// debug since the line before. With a target down and thousands of
+/// conversations waiting, the log then says once a second how many attempts
+/// failed, instead of a line for each. Dead letters are always logged.
+#[derive(Debug)]
+pub struct FailureLog {
+    interval_ms: u64,
+    next_ms: AtomicU64,
+    quiet: AtomicU64,
+}
+
+impl FailureLog {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval_ms: interval.as_millis() as u64,
+            next_ms: AtomicU64::new(0),
+            quiet: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a failure at `now_ms` gets a warning, and if so how many went
+    /// without one since the last.
+    fn admit(&self, now_ms: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms + self.interval_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.quiet.swap(0, Ordering::Relaxed));
+        }
+        self.quiet.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+impl Default for FailureLog {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(1))
+    }
 }
 
 /// What a message looks like on the way out.
@@ -156,15 +208,27 @@ impl Deliverer {
             let delay = self
                 .backoff
                 .delay(failures, failure.retry_after(), &mut rand::rng());
-            tracing::warn!(
-                target = label,
-                message_id = %outgoing.id,
-                conversation_id = %outgoing.conversation_id,
-                attempt = attempts,
-                error = %failure,
-                retry_in_ms = delay.as_millis() as u64,
-                "delivery failed; will retry"
-            );
+            match self.failure_logs[target.index()].admit(now_ms()) {
+                Some(unlogged) => tracing::warn!(
+                    target = label,
+                    message_id = %outgoing.id,
+                    conversation_id = %outgoing.conversation_id,
+                    attempt = attempts,
+                    error = %failure,
+                    retry_in_ms = delay.as_millis() as u64,
+                    failed_since_last_warning = unlogged,
+                    "delivery failed; will retry"
+                ),
+                None => tracing::debug!(
+                    target = label,
+                    message_id = %outgoing.id,
+                    conversation_id = %outgoing.conversation_id,
+                    attempt = attempts,
+                    error = %failure,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "delivery failed; will retry"
+                ),
+            }
             return Finish::Retry(delay);
         };
         let op = Op::DeadLetter {
@@ -240,5 +304,36 @@ impl Deliverer {
                 queued_at_ms: now,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailureLog;
+    use std::time::Duration;
+
+    #[test]
+    fn failure_log_warns_once_per_interval_and_counts_the_rest() {
+        let log = FailureLog::new(Duration::from_secs(1));
+        assert_eq!(
+            log.admit(10_000),
+            Some(0),
+            "the first failure is warned about"
+        );
+        for at in [10_001, 10_500, 10_999] {
+            assert_eq!(log.admit(at), None);
+        }
+        assert_eq!(
+            log.admit(11_000),
+            Some(3),
+            "the next warning counts the three that went without one"
+        );
+        assert_eq!(log.admit(11_200), None);
+        assert_eq!(log.admit(15_000), Some(1));
+        assert_eq!(
+            log.admit(15_000),
+            None,
+            "one warning per interval, however close the calls"
+        );
     }
 }

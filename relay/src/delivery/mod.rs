@@ -9,7 +9,7 @@ pub mod backoff;
 mod deliver;
 pub mod http;
 
-pub use deliver::Deliverer;
+pub use deliver::{Deliverer, FailureLog};
 
 use crate::metrics::Metrics;
 use crate::store::{Pending, Target};

@@ -38,6 +38,14 @@ impl Target {
             Target::Response => "response",
         }
     }
+
+    /// Its place in `ALL`, for per-target arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Target::Bot => 0,
+            Target::Response => 1,
+        }
+    }
 }
 
 /// A user's message, accepted from the back-end and waiting for the bot.
