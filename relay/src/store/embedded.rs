@@ -931,18 +931,24 @@ impl EmbeddedStore {
     }
 
     /// Swaps in a finished compaction: appends the frames committed since it
-    /// began, renames it over the journal and moves the index to it.
-    fn finish_compaction(&self, inner: &mut Inner) {
-        if !inner
+    /// began, renames it over the journal and moves the index to it. Called by
+    /// a sync, which holds `syncing`: only syncs write to the journal, so the
+    /// frames to append hold still while they are copied, without the lock
+    /// that writes take.
+    fn finish_compaction<'a>(&'a self, guard: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        if !guard
             .compaction
             .as_ref()
             .is_some_and(|c| c.worker.is_finished())
         {
-            return;
+            return guard;
         }
-        let compaction = inner.compaction.take().expect("checked above");
-        let before = inner.written;
-        match compaction
+        let mut guard = guard;
+        let compaction = guard.compaction.take().expect("checked above");
+        let (old, written) = (guard.file.clone(), guard.written);
+        drop(guard);
+        let snapshot_end = compaction.snapshot_end;
+        let copied = compaction
             .worker
             .join()
             .unwrap_or_else(|_| {
@@ -950,10 +956,12 @@ impl EmbeddedStore {
                     "the compaction thread panicked".into(),
                 ))
             })
-            .and_then(|copied| self.swap_in(inner, compaction.snapshot_end, copied))
-        {
+            .and_then(|copied| self.append_tail(&old, snapshot_end, written, copied));
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        match copied.and_then(|copied| self.swap_in(inner, snapshot_end, written, copied)) {
             Ok(()) => tracing::info!(
-                before_bytes = before,
+                before_bytes = written,
                 after_bytes = inner.written,
                 "compacted the journal"
             ),
@@ -963,16 +971,53 @@ impl EmbeddedStore {
                 inner.compact_at = inner.written + self.tuning.compact_min_bytes;
             }
         }
+        guard
     }
 
+    /// Appends to the copy the frames written to `old` between the snapshot
+    /// and `written`, and flushes it.
+    fn append_tail(
+        &self,
+        old: &File,
+        snapshot_end: u64,
+        written: u64,
+        copied: Copied,
+    ) -> Result<Copied, StoreError> {
+        let path = self.dir.join(COMPACT_NAME);
+        let mut chunk = vec![0u8; COPY_FRAME];
+        let mut at = snapshot_end;
+        while at < written {
+            let n = (written - at).min(COPY_FRAME as u64) as usize;
+            old.read_exact_at(&mut chunk[..n], at)
+                .map_err(|e| io("cannot read", &self.path(), e))?;
+            copied
+                .file
+                .write_all_at(&chunk[..n], at - snapshot_end + copied.end)
+                .map_err(|e| io("cannot write", &path, e))?;
+            at += n as u64;
+        }
+        copied
+            .file
+            .sync_data()
+            .map_err(|e| io("cannot sync", &path, e))?;
+        Ok(copied)
+    }
+
+    /// Moves the store to a copy that holds everything up to `written`.
     fn swap_in(
         &self,
         inner: &mut Inner,
         snapshot_end: u64,
+        written: u64,
         copied: Copied,
     ) -> Result<(), StoreError> {
         let path = self.dir.join(COMPACT_NAME);
         let Copied { file, moved, end } = copied;
+        if inner.written != written {
+            return Err(StoreError::Embedded(
+                "the journal was written to while its tail was copied".into(),
+            ));
+        }
         // Every record older than the snapshot must have been copied.
         let place = |loc: Loc| -> Option<Loc> {
             if loc.at >= snapshot_end {
@@ -992,28 +1037,22 @@ impl EmbeddedStore {
                 "a live record is missing from the copy".into(),
             ));
         }
-        let mut chunk = vec![0u8; COPY_FRAME];
-        let mut at = snapshot_end;
-        while at < inner.written {
-            let n = (inner.written - at).min(COPY_FRAME as u64) as usize;
-            inner
-                .file
-                .read_exact_at(&mut chunk[..n], at)
-                .map_err(|e| io("cannot read", &self.path(), e))?;
-            file.write_all_at(&chunk[..n], at - snapshot_end + end)
-                .map_err(|e| io("cannot write", &path, e))?;
-            at += n as u64;
-        }
-        file.sync_data().map_err(|e| io("cannot sync", &path, e))?;
         std::fs::rename(&path, self.path()).map_err(|e| io("cannot rename", &path, e))?;
-        sync_dir(&self.dir)?;
+        // From here on the journal is the copy, whatever follows.
         inner
             .index
             .relocate(|loc| place(loc).expect("checked above"));
-        inner.written = inner.written - snapshot_end + end;
+        inner.written = written - snapshot_end + end;
         inner.zeroed_end = inner.written;
         inner.file = Arc::new(file);
         inner.compact_at = self.tuning.compact_min_bytes;
+        if let Err(e) = sync_dir(&self.dir) {
+            // The rename may not survive a crash, which would bring back the
+            // old file without what is written from now on: take no more writes.
+            let message = format!("{e}; the store takes no more writes until the relay restarts");
+            tracing::error!("{message}");
+            inner.failed = Some(message);
+        }
         Ok(())
     }
 }
@@ -1067,7 +1106,10 @@ impl Store for EmbeddedStore {
             if let Some(e) = &guard.failed {
                 return Err(StoreError::Embedded(e.clone()));
             }
-            self.finish_compaction(&mut guard);
+            guard = self.finish_compaction(guard);
+            if let Some(e) = &guard.failed {
+                return Err(StoreError::Embedded(e.clone()));
+            }
             if guard.unwritten.is_empty() {
                 return Ok(());
             }
