@@ -353,7 +353,6 @@ impl Api {
         let answer = wire::accept_answer(&message);
         let op = Op::Accept {
             message,
-            answer: answer.clone(),
             dedupe_window_ms: self.dedupe_window.as_millis() as u64,
         };
         match self.writer.try_commit(op).await.map_err(unavailable)? {

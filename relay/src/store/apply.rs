@@ -13,9 +13,17 @@ pub(super) trait Tables {
     fn get(&mut self, table: Table, seq: Seq) -> Result<Option<Vec<u8>>, StoreError>;
     /// Removes a row; whether it was there.
     fn remove(&mut self, table: Table, seq: Seq) -> Result<bool, StoreError>;
-    /// Dedupe entry of a caller message id: (accepted at, first answer).
-    fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, String)>, StoreError>;
-    fn dedupe_put(&mut self, key: &str, accepted_ms: u64, answer: &str) -> Result<(), StoreError>;
+    /// Dedupe entry of a caller message id: (accepted at, what makes the first answer).
+    fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, First)>, StoreError>;
+    /// Stores an accepted message (JSON) at `seq` of the inbound table and as
+    /// the dedupe entry of `key`.
+    fn accept(
+        &mut self,
+        key: &str,
+        accepted_ms: u64,
+        seq: Seq,
+        message: &[u8],
+    ) -> Result<(), StoreError>;
     /// Removes the dedupe entries accepted before `before_ms`; returns how many.
     fn dedupe_prune(&mut self, before_ms: u64) -> Result<u64, StoreError>;
     /// Whether the conversation is known with `user_id` as the user who wrote last.
@@ -23,6 +31,26 @@ pub(super) trait Tables {
     fn conversation_put(&mut self, conversation: &Conversation) -> Result<(), StoreError>;
     /// Every key of a table, in order.
     fn keys(&mut self, table: Table) -> Result<Vec<Seq>, StoreError>;
+}
+
+/// What a dedupe entry holds.
+pub(super) enum First {
+    /// The accepted message as JSON; the answer is made from it.
+    Message(Vec<u8>),
+    /// The answer itself, as journals written before messages were stored
+    /// once hold it.
+    Answer(String),
+}
+
+impl First {
+    fn answer(self) -> Result<String, StoreError> {
+        Ok(match self {
+            First::Message(bytes) => {
+                crate::wire::accept_answer(&decode::<InboundMessage>("accepted message", &bytes)?)
+            }
+            First::Answer(answer) => answer,
+        })
+    }
 }
 
 /// The seq-keyed tables.
@@ -68,25 +96,25 @@ pub(super) fn apply(
         let outcome = match op {
             Op::Accept {
                 message,
-                answer,
                 dedupe_window_ms,
             } => {
                 let key = &message.caller_message_id;
                 let now = message.created_at_ms;
                 match tables.dedupe_get(key)? {
                     Some((accepted, first)) if now.saturating_sub(accepted) < dedupe_window_ms => {
-                        Outcome::Duplicate { answer: first }
+                        Outcome::Duplicate {
+                            answer: first.answer()?,
+                        }
                     }
                     _ => {
                         let seq = take_seq();
-                        tables.dedupe_put(key, now, &answer)?;
+                        tables.accept(key, now, seq, &encode(&message))?;
                         remember_conversation(
                             tables,
                             &message.conversation_id,
                             &message.caller_conversation_id,
                             &message.user_id,
                         )?;
-                        tables.put(Table::Inbound, seq, &encode(&message))?;
                         Outcome::Accepted {
                             id: message.id.clone(),
                             pending: message.pending(seq),

@@ -10,8 +10,9 @@
 //! take, so growing delays only the sync that does it.
 //!
 //! The tables live in memory as indexes of where each live record sits in the
-//! file (or in the buffer); message bodies and dedupe answers stay on disk and
-//! are read back when needed. Opening the store replays the file. A frame that
+//! file (or in the buffer); message bodies stay on disk and are read back when
+//! needed. An accepted message is one record that is both its inbound row and
+//! its dedupe entry: a duplicate's answer is made again from it. Opening the store replays the file. A frame that
 //! is cut short or fails its checksum can only be the last one, written by a
 //! sync that a crash interrupted and that was therefore never acknowledged:
 //! it is dropped.
@@ -21,7 +22,7 @@
 //! appends what was written meanwhile, renames the new file over the old one,
 //! and points the indexes at the new places.
 
-use super::apply::{self, Table, Tables, decode};
+use super::apply::{self, First, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
     Pending, Seq, Store, StoreError, Usage,
@@ -59,6 +60,11 @@ const DEDUPE: u8 = 3;
 const PRUNE: u8 = 4;
 const CONVERSATION: u8 = 5;
 const NEXT_SEQ: u8 = 6;
+/// An accepted message: its inbound row and its dedupe entry in one record.
+const ACCEPT: u8 = 7;
+/// Removes one dedupe entry (written by compaction after an `ACCEPT` whose
+/// dedupe entry was gone but whose row was not).
+const FORGET: u8 = 8;
 
 /// Sizes that tests shrink to exercise growth and compaction.
 #[derive(Clone, Copy, Debug)]
@@ -122,6 +128,11 @@ impl Inner {
 struct Loc {
     at: u64,
     len: u32,
+    /// The record is an `ACCEPT`, which an inbound row and a dedupe entry may
+    /// both point at. Its bytes count as live through the dedupe entry only
+    /// (a row outliving its dedupe entry is not counted: `live_bytes` decides
+    /// when to compact, and only errs towards compacting sooner).
+    accept: bool,
 }
 
 type DedupeKey = [u8; 16];
@@ -164,6 +175,12 @@ enum Undo {
     Dedupe(DedupeKey, Option<DedupeEntry>),
     Pruned(Vec<(DedupeKey, DedupeEntry)>),
     Conversation(Box<str>, Option<ConversationEntry>),
+    Accept {
+        key: DedupeKey,
+        dedupe: Option<DedupeEntry>,
+        seq: Seq,
+        row: Option<Loc>,
+    },
     /// A record with nothing to take back (`next_seq` is restored as a whole).
     Nothing,
 }
@@ -195,10 +212,23 @@ enum Record<'a> {
         table: Table,
         seq: Seq,
     },
+    /// The dedupe entry of a message, with the first answer itself (written
+    /// before `Accept` existed).
     Dedupe {
         accepted_ms: u64,
         key: &'a [u8],
         answer: &'a [u8],
+    },
+    /// The dedupe entry of `key` is gone.
+    Forget {
+        key: &'a [u8],
+    },
+    /// An accepted message: the inbound row `seq` and the dedupe entry of `key`.
+    Accept {
+        accepted_ms: u64,
+        key: &'a [u8],
+        seq: Seq,
+        value: &'a [u8],
     },
     Prune {
         before_ms: u64,
@@ -273,6 +303,13 @@ impl<'a> Reader<'a> {
                 key: self.bytes()?,
                 answer: self.bytes()?,
             },
+            FORGET => Record::Forget { key: self.bytes()? },
+            ACCEPT => Record::Accept {
+                accepted_ms: self.u64()?,
+                key: self.bytes()?,
+                seq: self.u64()?,
+                value: self.bytes()?,
+            },
             PRUNE => Record::Prune {
                 before_ms: self.u64()?,
             },
@@ -299,7 +336,9 @@ fn value_of(record: &[u8]) -> Result<&[u8], StoreError> {
     })
     .record()?
     {
-        Record::Put { value, .. } | Record::Conversation { value } => Ok(value),
+        Record::Put { value, .. }
+        | Record::Conversation { value }
+        | Record::Accept { value, .. } => Ok(value),
         Record::Dedupe { answer, .. } => Ok(answer),
         _ => Err(corrupt("an index points at a record without a value")),
     }
@@ -322,15 +361,16 @@ fn read_at(file: &File, loc: Loc) -> Result<Vec<u8>, StoreError> {
 impl Index {
     fn set_row(&mut self, table: Table, seq: Seq, loc: Option<Loc>) -> Option<Loc> {
         let rows = &mut self.rows[table_code(table) as usize];
+        let counted = |loc: &Loc| if loc.accept { 0 } else { u64::from(loc.len) };
         let old = match loc {
             Some(loc) => {
-                self.live_bytes += u64::from(loc.len);
+                self.live_bytes += counted(&loc);
                 rows.insert(seq, loc)
             }
             None => rows.remove(&seq),
         };
-        if let Some(old) = old {
-            self.live_bytes -= u64::from(old.len);
+        if let Some(old) = &old {
+            self.live_bytes -= counted(old);
         }
         old
     }
@@ -382,6 +422,31 @@ impl Index {
                 let entry = DedupeEntry { accepted_ms, loc };
                 Undo::Dedupe(key, self.set_dedupe(key, Some(entry)))
             }
+            Record::Accept {
+                accepted_ms,
+                key,
+                seq,
+                ..
+            } => {
+                self.next_seq = self.next_seq.max(seq + 1);
+                let loc = Loc {
+                    accept: true,
+                    ..loc
+                };
+                let row = self.set_row(Table::Inbound, seq, Some(loc));
+                let key = dedupe_key(key);
+                let entry = DedupeEntry { accepted_ms, loc };
+                Undo::Accept {
+                    key,
+                    dedupe: self.set_dedupe(key, Some(entry)),
+                    seq,
+                    row,
+                }
+            }
+            Record::Forget { key } => {
+                let key = dedupe_key(key);
+                Undo::Dedupe(key, self.set_dedupe(key, None))
+            }
             Record::Prune { before_ms } => {
                 let expired: Vec<DedupeKey> = self
                     .dedupe
@@ -430,6 +495,15 @@ impl Index {
                 Undo::Conversation(id, entry) => {
                     self.set_conversation(id, entry);
                 }
+                Undo::Accept {
+                    key,
+                    dedupe,
+                    seq,
+                    row,
+                } => {
+                    self.set_dedupe(key, dedupe);
+                    self.set_row(Table::Inbound, seq, row);
+                }
                 Undo::Nothing => {}
             }
         }
@@ -446,6 +520,24 @@ impl Index {
             .flat_map(|rows| rows.values().copied())
             .chain(self.dedupe.values().map(|e| e.loc))
             .chain(self.conversations.values().map(|e| e.loc))
+    }
+
+    /// Every live record's place and what points at it (`AS_ROW`,
+    /// `AS_DEDUPE`), in no particular order: an `ACCEPT` may be listed twice.
+    fn live_for_copy(&self) -> Vec<(Loc, u8)> {
+        let mut live = Vec::with_capacity(
+            self.rows.iter().map(BTreeMap::len).sum::<usize>()
+                + self.dedupe.len()
+                + self.conversations.len(),
+        );
+        live.extend(
+            self.rows
+                .iter()
+                .flat_map(|rows| rows.values().map(|loc| (*loc, AS_ROW))),
+        );
+        live.extend(self.dedupe.values().map(|e| (e.loc, AS_DEDUPE)));
+        live.extend(self.conversations.values().map(|e| (e.loc, 0)));
+        live
     }
 
     /// Points every record at its place in a compacted file.
@@ -484,6 +576,7 @@ impl Txn<'_> {
             at: self.base + start as u64,
             len: u32::try_from(self.frames.len() - start)
                 .map_err(|_| StoreError::Embedded("a record over 4 GiB".into()))?,
+            accept: false,
         };
         let record = Reader {
             buf: &self.frames[start..],
@@ -499,13 +592,17 @@ impl Txn<'_> {
         Ok(touched)
     }
 
-    /// A record's value, from the unwritten frames or from the file.
+    /// A whole record, from the unwritten frames or from the file.
+    fn raw(&self, loc: Loc) -> Result<Vec<u8>, StoreError> {
+        match unwritten_record(self.frames, self.base, loc) {
+            Some(record) => Ok(record),
+            None => read_at(self.file, loc),
+        }
+    }
+
+    /// A record's value.
     fn value(&self, loc: Loc) -> Result<Vec<u8>, StoreError> {
-        let record = match unwritten_record(self.frames, self.base, loc) {
-            Some(record) => record,
-            None => read_at(self.file, loc)?,
-        };
-        Ok(value_of(&record)?.to_vec())
+        Ok(value_of(&self.raw(loc)?)?.to_vec())
     }
 }
 
@@ -539,21 +636,35 @@ impl Tables for Txn<'_> {
         Ok(true)
     }
 
-    fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
+    fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, First)>, StoreError> {
         let Some(entry) = self.index.dedupe.get(&dedupe_key(key.as_bytes())).copied() else {
             return Ok(None);
         };
-        let answer = String::from_utf8(self.value(entry.loc)?)
-            .map_err(|e| corrupt(format!("dedupe answer: {e}")))?;
-        Ok(Some((entry.accepted_ms, answer)))
+        let raw = self.raw(entry.loc)?;
+        let first = match (Reader { buf: &raw, pos: 0 }).record()? {
+            Record::Accept { value, .. } => First::Message(value.to_vec()),
+            Record::Dedupe { answer, .. } => First::Answer(
+                String::from_utf8(answer.to_vec())
+                    .map_err(|e| corrupt(format!("dedupe answer: {e}")))?,
+            ),
+            _ => return Err(corrupt("a dedupe entry points at another kind of record")),
+        };
+        Ok(Some((entry.accepted_ms, first)))
     }
 
-    fn dedupe_put(&mut self, key: &str, accepted_ms: u64, answer: &str) -> Result<(), StoreError> {
+    fn accept(
+        &mut self,
+        key: &str,
+        accepted_ms: u64,
+        seq: Seq,
+        message: &[u8],
+    ) -> Result<(), StoreError> {
         self.record(|out| {
-            out.push(DEDUPE);
+            out.push(ACCEPT);
             out.extend_from_slice(&accepted_ms.to_le_bytes());
             put_bytes(out, key.as_bytes());
-            put_bytes(out, answer.as_bytes());
+            out.extend_from_slice(&seq.to_le_bytes());
+            put_bytes(out, message);
         })?;
         Ok(())
     }
@@ -681,9 +792,20 @@ struct Copied {
     end: u64,
 }
 
+/// What points at a live record, for compaction.
+const AS_ROW: u8 = 1;
+const AS_DEDUPE: u8 = 2;
+
 /// Writes a new journal holding `next_seq` and the records at `live` (in file
-/// order), read from `old`.
-fn copy_live(path: &Path, old: &File, live: &[Loc], next_seq: Seq) -> Result<Copied, StoreError> {
+/// order, each once), read from `old`. An `ACCEPT` of which only the row or
+/// only the dedupe entry is live is followed by the removal of the other, so
+/// that a replay of the copy brings back only what was live.
+fn copy_live(
+    path: &Path,
+    old: &File,
+    live: &[(Loc, u8)],
+    next_seq: Seq,
+) -> Result<Copied, StoreError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -702,7 +824,7 @@ fn copy_live(path: &Path, old: &File, live: &[Loc], next_seq: Seq) -> Result<Cop
     frame.push(NEXT_SEQ);
     frame.extend_from_slice(&next_seq.to_le_bytes());
     let mut moved = Vec::with_capacity(live.len());
-    for loc in live {
+    for (loc, roles) in live {
         if frame.len() + loc.len as usize > COPY_FRAME && frame.len() > FRAME_HEADER {
             seal(&mut frame);
             write(&frame, end)?;
@@ -714,6 +836,26 @@ fn copy_live(path: &Path, old: &File, live: &[Loc], next_seq: Seq) -> Result<Cop
         frame.resize(start + loc.len as usize, 0);
         old.read_exact_at(&mut frame[start..], loc.at)
             .map_err(|e| StoreError::Embedded(format!("compaction: reading the journal: {e}")))?;
+        if loc.accept && *roles != AS_ROW | AS_DEDUPE {
+            let Record::Accept { seq, key, .. } = (Reader {
+                buf: &frame[start..],
+                pos: 0,
+            })
+            .record()?
+            else {
+                return Err(corrupt("an accepted message's place holds another record"));
+            };
+            let key = key.to_vec();
+            if roles & AS_ROW == 0 {
+                frame.push(DEL);
+                frame.push(table_code(Table::Inbound));
+                frame.extend_from_slice(&seq.to_le_bytes());
+            }
+            if roles & AS_DEDUPE == 0 {
+                frame.push(FORGET);
+                put_bytes(&mut frame, &key);
+            }
+        }
     }
     if frame.len() > FRAME_HEADER {
         seal(&mut frame);
@@ -774,6 +916,7 @@ fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, 
             let loc = Loc {
                 at: base + start as u64,
                 len: (records.pos - start) as u32,
+                accept: false,
             };
             index.apply(record, loc)?;
         }
@@ -901,7 +1044,7 @@ impl EmbeddedStore {
             return;
         }
         // Sorted by the worker, not under the lock.
-        let mut live: Vec<Loc> = inner.index.live().collect();
+        let mut live = inner.index.live_for_copy();
         let next_seq = inner.index.next_seq;
         let old = inner.file.clone();
         let path = self.dir.join(COMPACT_NAME);
@@ -913,7 +1056,15 @@ impl EmbeddedStore {
         let worker = std::thread::Builder::new()
             .name("botrelay-compact".into())
             .spawn(move || {
-                live.sort_unstable_by_key(|loc| loc.at);
+                live.sort_unstable_by_key(|(loc, _)| loc.at);
+                // An accepted message is listed once for its row and once for its dedupe entry.
+                live.dedup_by(|later, first| {
+                    let same = later.0.at == first.0.at;
+                    if same {
+                        first.1 |= later.1;
+                    }
+                    same
+                });
                 copy_live(&path, &old, &live, next_seq)
             });
         match worker {
@@ -1023,13 +1174,13 @@ impl EmbeddedStore {
             if loc.at >= snapshot_end {
                 return Some(Loc {
                     at: loc.at - snapshot_end + end,
-                    len: loc.len,
+                    ..loc
                 });
             }
             let i = moved.binary_search_by_key(&loc.at, |m| m.0).ok()?;
             Some(Loc {
                 at: moved[i].1,
-                len: loc.len,
+                ..loc
             })
         };
         if inner.index.live().any(|loc| place(loc).is_none()) {

@@ -1,7 +1,7 @@
 //! `--store memory`: the same semantics as the embedded store while the process
 //! lives; nothing survives a restart.
 
-use super::apply::{self, Table, Tables, decode};
+use super::apply::{self, First, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
     Pending, Seq, Store, StoreError,
@@ -19,7 +19,8 @@ struct State {
     inbound: BTreeMap<Seq, Vec<u8>>,
     outbound: BTreeMap<Seq, Vec<u8>>,
     dead_letters: BTreeMap<Seq, Vec<u8>>,
-    dedupe: HashMap<String, (u64, String)>,
+    /// (accepted at, the message as JSON).
+    dedupe: HashMap<String, (u64, Vec<u8>)>,
     /// (accepted at, key) in acceptance order, for pruning.
     dedupe_expiry: BTreeMap<(u64, String), ()>,
     conversations: HashMap<String, Vec<u8>>,
@@ -59,7 +60,7 @@ struct Txn<'a> {
 
 enum Undo {
     Row(Table, Seq, Option<Vec<u8>>),
-    Dedupe(String, Option<(u64, String)>),
+    Dedupe(String, Option<(u64, Vec<u8>)>),
     Conversation(String, Option<Vec<u8>>),
 }
 
@@ -110,15 +111,26 @@ impl Tables for Txn<'_> {
         Ok(found)
     }
 
-    fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
-        Ok(self.state.dedupe.get(key).cloned())
+    fn dedupe_get(&mut self, key: &str) -> Result<Option<(u64, First)>, StoreError> {
+        Ok(self
+            .state
+            .dedupe
+            .get(key)
+            .map(|(at, message)| (*at, First::Message(message.clone()))))
     }
 
-    fn dedupe_put(&mut self, key: &str, accepted_ms: u64, answer: &str) -> Result<(), StoreError> {
+    fn accept(
+        &mut self,
+        key: &str,
+        accepted_ms: u64,
+        seq: Seq,
+        message: &[u8],
+    ) -> Result<(), StoreError> {
+        self.put(Table::Inbound, seq, message)?;
         let old = self
             .state
             .dedupe
-            .insert(key.to_owned(), (accepted_ms, answer.to_owned()));
+            .insert(key.to_owned(), (accepted_ms, message.to_vec()));
         self.undo.push(Undo::Dedupe(key.to_owned(), old));
         // An expiry entry left behind by a rollback only causes a harmless extra check.
         self.state

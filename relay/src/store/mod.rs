@@ -140,10 +140,11 @@ pub struct DeadLetter {
 #[derive(Debug)]
 pub enum Op {
     /// Store a user's message unless its `caller_message_id` was accepted within
-    /// the dedupe window; `answer` is what the client got and gets again.
+    /// the dedupe window. The message is stored once: as the one waiting for the
+    /// bot and as the dedupe entry, from which the first answer
+    /// ([`crate::wire::accept_answer`]) is made again for a duplicate.
     Accept {
         message: InboundMessage,
-        answer: String,
         dedupe_window_ms: u64,
     },
     /// The bot took an inbound message; its synchronous replies wait for the response endpoint.

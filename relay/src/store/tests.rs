@@ -42,10 +42,14 @@ fn waiting(store: &dyn Store) -> Vec<Pending> {
     all
 }
 
+/// What the client got for `accept(_, id, at)`.
+fn answer(id: &str, at: u64) -> String {
+    crate::wire::accept_answer(&inbound(id, "c1", at))
+}
+
 fn accept(store: &dyn Store, id: &str, at: u64) -> Outcome {
     let op = Op::Accept {
         message: inbound(id, "c1", at),
-        answer: format!("answer-{id}-{at}"),
         dedupe_window_ms: 1000,
     };
     store.commit(vec![op]).unwrap().pop().unwrap()
@@ -59,14 +63,13 @@ fn dedupe_returns_the_first_answer_within_the_window(store: &dyn Store) {
     assert_eq!(
         accept(store, "m1", 900),
         Outcome::Duplicate {
-            answer: "answer-m1-100".into()
+            answer: answer("m1", 100)
         }
     );
     // Two of the same id in one batch: the second is the duplicate.
     let ops = (0..2)
         .map(|_| Op::Accept {
             message: inbound("m2", "c1", 100),
-            answer: "a2".into(),
             dedupe_window_ms: 1000,
         })
         .collect();
@@ -75,7 +78,7 @@ fn dedupe_returns_the_first_answer_within_the_window(store: &dyn Store) {
     assert_eq!(
         outcomes[1],
         Outcome::Duplicate {
-            answer: "a2".into()
+            answer: answer("m2", 100)
         }
     );
     // Past the window the id is new again.
@@ -186,7 +189,6 @@ fn prune_forgets_only_expired_entries(store: &dyn Store) {
     // "old" is forgotten even though a window of a day would still hold it.
     let op = |id: &str| Op::Accept {
         message: inbound(id, "c1", 2500),
-        answer: "x".into(),
         dedupe_window_ms: 86_400_000,
     };
     let outcomes = store.commit(vec![op("old"), op("new")]).unwrap();
@@ -266,7 +268,7 @@ fn embedded_store_keeps_everything_across_a_reopen() {
     assert_eq!(
         accept(&store, "m1", 200),
         Outcome::Duplicate {
-            answer: "answer-m1-100".into()
+            answer: answer("m1", 100)
         }
     );
     let Outcome::Accepted { pending, .. } = accept(&store, "m3", 200) else {
@@ -288,6 +290,54 @@ mod journal {
             grow_step: 4096,
             compact_min_bytes: 16 * 1024,
         }
+    }
+
+    /// A journal as the relay wrote it before accepted messages were stored
+    /// once: a dedupe record holding the answer, and the message as a row.
+    #[test]
+    fn a_journal_with_answers_in_its_dedupe_records_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let put_bytes = |out: &mut Vec<u8>, bytes: &[u8]| {
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(bytes);
+        };
+        let mut records = Vec::new();
+        records.push(3); // dedupe: accepted at, key, answer
+        records.extend_from_slice(&100u64.to_le_bytes());
+        put_bytes(&mut records, b"m1");
+        put_bytes(&mut records, b"the first answer");
+        records.push(1); // put: table, seq, value
+        records.push(0);
+        records.extend_from_slice(&0u64.to_le_bytes());
+        put_bytes(
+            &mut records,
+            &serde_json::to_vec(&inbound("m1", "c1", 100)).unwrap(),
+        );
+        let mut file = b"BRJRNL\x00\x01".to_vec();
+        file.extend_from_slice(&[0; 8]);
+        file.extend_from_slice(&(records.len() as u32).to_le_bytes());
+        file.extend_from_slice(&crc32fast::hash(&records).to_le_bytes());
+        file.extend_from_slice(&records);
+        std::fs::write(dir.path().join(FILE_NAME), file).unwrap();
+
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        assert_eq!(seqs(&store), vec![0]);
+        assert_eq!(
+            accept(&store, "m1", 200),
+            Outcome::Duplicate {
+                answer: "the first answer".into()
+            }
+        );
+        let Outcome::Accepted { pending, .. } = accept(&store, "m2", 200) else {
+            panic!()
+        };
+        assert_eq!(pending.seq, 1);
+        assert_eq!(
+            accept(&store, "m2", 300),
+            Outcome::Duplicate {
+                answer: answer("m2", 200)
+            }
+        );
     }
 
     fn file_len(dir: &std::path::Path) -> u64 {
@@ -349,7 +399,7 @@ mod journal {
         assert_eq!(
             accept(&store, "m1", 300),
             Outcome::Duplicate {
-                answer: "answer-m1-100".into()
+                answer: answer("m1", 100)
             }
         );
     }
@@ -456,6 +506,11 @@ mod journal {
                 .commit(vec![Op::CompleteOutbound { seq: due[0].seq }])
                 .unwrap();
         }
+        // The first thousand ids are forgotten: among them are waiting messages
+        // whose dedupe entries are gone, and delivered ones of which nothing is left.
+        store
+            .commit(vec![Op::PruneDedupe { before_ms: 1100 }])
+            .unwrap();
         (waiting_seqs, highest)
     }
 
@@ -476,7 +531,7 @@ mod journal {
         assert_eq!(
             accept(store, "m1234", 1800),
             Outcome::Duplicate {
-                answer: "answer-m1234-1334".into()
+                answer: answer("m1234", 1334)
             }
         );
     }
@@ -601,7 +656,6 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
                                 &format!("c{}", rng.random_range(0..6)),
                                 now,
                             ),
-                            answer: format!("answer at {now}"),
                             dedupe_window_ms: 2_000,
                         },
                         45..70 => Op::CompleteInbound {
