@@ -157,67 +157,11 @@ struct ConversationEntry {
     user: Box<str>,
 }
 
-/// The dedupe entries, spread over maps by the first byte of their key (a
-/// digest, so evenly). A hash map grows by moving every entry at once, under
-/// the store's lock; with a few hundred thousand entries in one map that is a
-/// pause of milliseconds for every write, and a shard's is 1/64 of it.
-struct Dedupe {
-    shards: Vec<HashMap<DedupeKey, DedupeEntry>>,
-}
-
-const DEDUPE_SHARDS: usize = 64;
-
-impl Default for Dedupe {
-    fn default() -> Self {
-        Self {
-            shards: (0..DEDUPE_SHARDS).map(|_| HashMap::new()).collect(),
-        }
-    }
-}
-
-impl Dedupe {
-    fn shard(&self, key: &DedupeKey) -> &HashMap<DedupeKey, DedupeEntry> {
-        &self.shards[key[0] as usize % DEDUPE_SHARDS]
-    }
-
-    fn shard_mut(&mut self, key: &DedupeKey) -> &mut HashMap<DedupeKey, DedupeEntry> {
-        &mut self.shards[key[0] as usize % DEDUPE_SHARDS]
-    }
-
-    fn get(&self, key: &DedupeKey) -> Option<&DedupeEntry> {
-        self.shard(key).get(key)
-    }
-
-    fn insert(&mut self, key: DedupeKey, entry: DedupeEntry) -> Option<DedupeEntry> {
-        self.shard_mut(&key).insert(key, entry)
-    }
-
-    fn remove(&mut self, key: &DedupeKey) -> Option<DedupeEntry> {
-        self.shard_mut(key).remove(key)
-    }
-
-    fn len(&self) -> usize {
-        self.shards.iter().map(HashMap::len).sum()
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&DedupeKey, &DedupeEntry)> {
-        self.shards.iter().flatten()
-    }
-
-    fn values(&self) -> impl Iterator<Item = &DedupeEntry> {
-        self.shards.iter().flat_map(HashMap::values)
-    }
-
-    fn values_mut(&mut self) -> impl Iterator<Item = &mut DedupeEntry> {
-        self.shards.iter_mut().flat_map(HashMap::values_mut)
-    }
-}
-
 /// The live records: what a replay of the file up to `Inner::end` yields.
 #[derive(Default)]
 struct Index {
     rows: [BTreeMap<Seq, Loc>; 3],
-    dedupe: Dedupe,
+    dedupe: HashMap<DedupeKey, DedupeEntry>,
     conversations: HashMap<Box<str>, ConversationEntry>,
     next_seq: Seq,
     /// Bytes of live records, to tell when compaction pays.
