@@ -28,7 +28,7 @@ use super::{
     Pending, Seq, Store, StoreError, Usage,
 };
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
 use std::ops::Bound;
@@ -165,7 +165,9 @@ struct Index {
     /// 85 ms here (and would take seconds with millions); a B-tree grows a
     /// node at a time, and never holds two copies of itself.
     dedupe: BTreeMap<DedupeKey, DedupeEntry>,
-    conversations: HashMap<Box<str>, ConversationEntry>,
+    /// A B-tree too: one conversation is added per new caller conversation,
+    /// and they are kept for good, so this grows large over time.
+    conversations: BTreeMap<Box<str>, ConversationEntry>,
     next_seq: Seq,
     /// Bytes of live records, to tell when compaction pays.
     live_bytes: u64,
