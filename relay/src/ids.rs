@@ -26,6 +26,22 @@ pub fn user_id(caller_user_id: &str) -> String {
     derived("user", caller_user_id)
 }
 
+/// A relay id as 16 bytes, for in-memory indexes: the UUID itself when the id
+/// is one in the form the relay writes (hyphenated, lower case), and otherwise
+/// (ids in tests, or whatever a bot sends) the first 16 bytes of its SHA-256,
+/// so that two different strings never share a key. No allocation, and a
+/// fixed size.
+pub fn key(id: &str) -> u128 {
+    let canonical = id.len() == 36 && !id.bytes().any(|b| b.is_ascii_uppercase());
+    match Uuid::try_parse(id) {
+        Ok(uuid) if canonical => uuid.as_u128(),
+        _ => {
+            let digest = Sha256::digest(id.as_bytes());
+            u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"))
+        }
+    }
+}
+
 /// A random (version 4) UUID from the thread's RNG: no system call per id.
 pub fn message_id() -> String {
     let bytes: [u8; 16] = rand::random();
@@ -45,6 +61,17 @@ mod tests {
         // A user and a conversation sharing a caller id still get different relay ids.
         assert_ne!(conversation_id("same"), user_id("same"));
         assert_eq!(conversation_id("c-1").len(), 36);
+    }
+
+    #[test]
+    fn keys_tell_apart_every_string_and_take_a_uuid_as_it_is() {
+        let id = conversation_id("c-1");
+        assert_eq!(key(&id), Uuid::parse_str(&id).unwrap().as_u128());
+        // The same UUID written otherwise is another string, so another key.
+        assert_ne!(key(&id.to_uppercase()), key(&id));
+        assert_ne!(key(&id.replace('-', "")), key(&id));
+        assert_eq!(key("conv-c1"), key("conv-c1"));
+        assert_ne!(key("conv-c1"), key("conv-c2"));
     }
 
     #[test]
