@@ -28,7 +28,7 @@ use super::{
     Pending, Seq, Store, StoreError, Usage,
 };
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
 use std::ops::Bound;
@@ -165,12 +165,6 @@ struct Index {
     /// 85 ms here (and would take seconds with millions); a B-tree grows a
     /// node at a time, and never holds two copies of itself.
     dedupe: BTreeMap<DedupeKey, DedupeEntry>,
-    /// (accepted at, key) of every dedupe entry, in that order, so that a
-    /// prune takes the expired ones off the front instead of scanning them
-    /// all: with 500k entries a scan took 15 ms under the lock, and the replay
-    /// of a journal holding 500 prunes 7.6 s. Entries removed or replaced
-    /// since stay until they come off, and are skipped then.
-    expiry: VecDeque<(u64, DedupeKey)>,
     /// A B-tree too: one conversation is added per new caller conversation,
     /// and they are kept for good, so this grows large over time.
     /// Keyed by the relay id as [`crate::ids::key`]: 48 bytes an entry and
@@ -392,14 +386,6 @@ impl Index {
         let old = match entry {
             Some(entry) => {
                 self.live_bytes += u64::from(entry.loc.len);
-                let at = entry.accepted_ms;
-                // In order but for a clock that went back, which costs a shift.
-                if self.expiry.back().is_none_or(|(last, _)| *last <= at) {
-                    self.expiry.push_back((at, key));
-                } else {
-                    let i = self.expiry.partition_point(|(t, _)| *t <= at);
-                    self.expiry.insert(i, (at, key));
-                }
                 self.dedupe.insert(key, entry)
             }
             None => self.dedupe.remove(&key),
@@ -469,15 +455,15 @@ impl Index {
                 Undo::Dedupe(key, self.set_dedupe(key, None))
             }
             Record::Prune { before_ms } => {
-                let mut removed = Vec::new();
-                while let Some(&(at, key)) = self.expiry.front() {
-                    if at >= before_ms {
-                        break;
-                    }
-                    self.expiry.pop_front();
-                    if self.dedupe.get(&key).is_some_and(|e| e.accepted_ms == at)
-                        && let Some(entry) = self.set_dedupe(key, None)
-                    {
+                let expired: Vec<DedupeKey> = self
+                    .dedupe
+                    .iter()
+                    .filter(|(_, entry)| entry.accepted_ms < before_ms)
+                    .map(|(key, _)| *key)
+                    .collect();
+                let mut removed = Vec::with_capacity(expired.len());
+                for key in expired {
+                    if let Some(entry) = self.set_dedupe(key, None) {
                         removed.push((key, entry));
                     }
                 }

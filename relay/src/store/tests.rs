@@ -194,25 +194,6 @@ fn prune_forgets_only_expired_entries(store: &dyn Store) {
     let outcomes = store.commit(vec![op("old"), op("new")]).unwrap();
     assert!(matches!(outcomes[0], Outcome::Accepted { .. }));
     assert!(matches!(outcomes[1], Outcome::Duplicate { .. }));
-
-    // A clock that went back: entries accepted out of order are pruned by
-    // their time all the same.
-    accept(store, "late", 5000);
-    accept(store, "early", 3000);
-    accept(store, "middle", 4000);
-    store
-        .commit(vec![Op::PruneDedupe { before_ms: 4500 }])
-        .unwrap();
-    let op = |id: &str| Op::Accept {
-        message: inbound(id, "c1", 5500),
-        dedupe_window_ms: 86_400_000,
-    };
-    let outcomes = store
-        .commit(vec![op("early"), op("middle"), op("late")])
-        .unwrap();
-    assert!(matches!(outcomes[0], Outcome::Accepted { .. }));
-    assert!(matches!(outcomes[1], Outcome::Accepted { .. }));
-    assert!(matches!(outcomes[2], Outcome::Duplicate { .. }));
 }
 
 macro_rules! suite {
