@@ -485,6 +485,37 @@ impl Index {
         })
     }
 
+    /// Applies the prunes met in a replay, `(place, before_ms)` in file order,
+    /// all at once at its end: one pass over the dedupe entries instead of one
+    /// per prune (a journal holds one per minute since its last compaction;
+    /// with 500k entries, reopening a journal with 500 prunes took 7.6 s). A
+    /// prune removes what was accepted before it both in the file and in time:
+    /// an entry goes if a prune after its place has a later `before_ms`.
+    fn prune_as_replayed(&mut self, prunes: &[(u64, u64)]) {
+        if prunes.is_empty() {
+            return;
+        }
+        // latest[i]: the latest `before_ms` among prunes i and after.
+        let mut latest = vec![0; prunes.len()];
+        let mut max = 0;
+        for (i, (_, before_ms)) in prunes.iter().enumerate().rev() {
+            max = max.max(*before_ms);
+            latest[i] = max;
+        }
+        let expired: Vec<DedupeKey> = self
+            .dedupe
+            .iter()
+            .filter(|(_, entry)| {
+                let next = prunes.partition_point(|(place, _)| *place < entry.loc.at);
+                next < prunes.len() && latest[next] > entry.accepted_ms
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in expired {
+            self.set_dedupe(key, None);
+        }
+    }
+
     fn undo(&mut self, undo: Vec<Undo>) {
         for step in undo.into_iter().rev() {
             match step {
@@ -889,6 +920,7 @@ fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, 
     }
     let mut at = FILE_HEADER;
     let mut payload = Vec::new();
+    let mut prunes = Vec::new();
     loop {
         let mut frame_header = [0u8; FRAME_HEADER];
         if len - at < FRAME_HEADER as u64 || reader.read_exact(&mut frame_header).is_err() {
@@ -925,10 +957,16 @@ fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, 
                 len: (records.pos - start) as u32,
                 accept: false,
             };
-            index.apply(record, loc)?;
+            match record {
+                Record::Prune { before_ms } => prunes.push((loc.at, before_ms)),
+                record => {
+                    index.apply(record, loc)?;
+                }
+            }
         }
         at = base + size;
     }
+    index.prune_as_replayed(&prunes);
     Ok(at)
 }
 

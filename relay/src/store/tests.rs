@@ -194,6 +194,25 @@ fn prune_forgets_only_expired_entries(store: &dyn Store) {
     let outcomes = store.commit(vec![op("old"), op("new")]).unwrap();
     assert!(matches!(outcomes[0], Outcome::Accepted { .. }));
     assert!(matches!(outcomes[1], Outcome::Duplicate { .. }));
+
+    // A clock that went back: entries accepted out of order are pruned by
+    // their time all the same.
+    accept(store, "late", 5000);
+    accept(store, "early", 3000);
+    accept(store, "middle", 4000);
+    store
+        .commit(vec![Op::PruneDedupe { before_ms: 4500 }])
+        .unwrap();
+    let op = |id: &str| Op::Accept {
+        message: inbound(id, "c1", 5500),
+        dedupe_window_ms: 86_400_000,
+    };
+    let outcomes = store
+        .commit(vec![op("early"), op("middle"), op("late")])
+        .unwrap();
+    assert!(matches!(outcomes[0], Outcome::Accepted { .. }));
+    assert!(matches!(outcomes[1], Outcome::Accepted { .. }));
+    assert!(matches!(outcomes[2], Outcome::Duplicate { .. }));
 }
 
 macro_rules! suite {
@@ -338,6 +357,39 @@ mod journal {
                 answer: answer("m2", 200)
             }
         );
+    }
+
+    /// Prunes are applied all at once at the end of a replay: each must still
+    /// remove only what was accepted before it in the file.
+    #[test]
+    fn a_reopened_journal_prunes_only_what_came_before_each_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        accept(&store, "before", 1000);
+        store
+            .commit(vec![Op::PruneDedupe { before_ms: 2000 }])
+            .unwrap();
+        // Accepted after the prune, with a clock that went back.
+        accept(&store, "after", 1500);
+        accept(&store, "kept", 3000);
+        store
+            .commit(vec![Op::PruneDedupe { before_ms: 1200 }])
+            .unwrap();
+        drop(store);
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        let op = |id: &str| Op::Accept {
+            message: inbound(id, "c1", 3500),
+            dedupe_window_ms: 86_400_000,
+        };
+        let outcomes = store
+            .commit(vec![op("before"), op("after"), op("kept")])
+            .unwrap();
+        assert!(matches!(outcomes[0], Outcome::Accepted { .. }));
+        assert!(
+            matches!(outcomes[1], Outcome::Duplicate { .. }),
+            "{outcomes:?}"
+        );
+        assert!(matches!(outcomes[2], Outcome::Duplicate { .. }));
     }
 
     fn file_len(dir: &std::path::Path) -> u64 {
