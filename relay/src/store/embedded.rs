@@ -12,10 +12,10 @@
 //! The tables live in memory as indexes of where each live record sits in the
 //! file (or in the buffer); message bodies stay on disk and are read back when
 //! needed. An accepted message is one record that is both its inbound row and
-//! its dedupe entry: a duplicate's answer is made again from it. Opening the store replays the file. A frame that
-//! is cut short or fails its checksum can only be the last one, written by a
-//! sync that a crash interrupted and that was therefore never acknowledged:
-//! it is dropped.
+//! its dedupe entry: a duplicate's answer is made again from it. Opening the
+//! store replays the file. A frame that is cut short or fails its checksum can
+//! only be the last one, written by a sync that a crash interrupted and that
+//! was therefore never acknowledged: it is dropped.
 //!
 //! When more than half of a large file is dead records, a background thread
 //! copies the live records to a new file while writes go on; a later sync
@@ -165,10 +165,9 @@ struct Index {
     /// 85 ms here (and would take seconds with millions); a B-tree grows a
     /// node at a time, and never holds two copies of itself.
     dedupe: BTreeMap<DedupeKey, DedupeEntry>,
-    /// A B-tree too: one conversation is added per new caller conversation,
-    /// and they are kept for good, so this grows large over time.
-    /// Keyed by the relay id as [`crate::ids::key`]: 48 bytes an entry and
-    /// no allocation, where two strings took about 100 more.
+    /// A B-tree too, as conversations are kept for good and this only grows.
+    /// Keyed by the relay id as [`crate::ids::key`]: 48 bytes an entry and no
+    /// allocation, where two strings took about 100 more.
     conversations: BTreeMap<u128, ConversationEntry>,
     next_seq: Seq,
     /// Bytes of live records, to tell when compaction pays.
