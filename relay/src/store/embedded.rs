@@ -345,7 +345,6 @@ fn value_of(record: &[u8]) -> Result<&[u8], StoreError> {
         Record::Put { value, .. }
         | Record::Conversation { value }
         | Record::Accept { value, .. } => Ok(value),
-        Record::Dedupe { answer, .. } => Ok(answer),
         _ => Err(corrupt("an index points at a record without a value")),
     }
 }
@@ -550,31 +549,14 @@ impl Index {
         &self.rows[table_code(table) as usize]
     }
 
-    /// Every live record's place, in no particular order.
-    fn live(&self) -> impl Iterator<Item = Loc> + '_ {
-        self.rows
-            .iter()
-            .flat_map(|rows| rows.values().copied())
-            .chain(self.dedupe.values().map(|e| e.loc))
-            .chain(self.conversations.values().map(|e| e.loc))
-    }
-
     /// Every live record's place and what points at it (`AS_ROW`,
     /// `AS_DEDUPE`), in no particular order: an `ACCEPT` may be listed twice.
-    fn live_for_copy(&self) -> Vec<(Loc, u8)> {
-        let mut live = Vec::with_capacity(
-            self.rows.iter().map(BTreeMap::len).sum::<usize>()
-                + self.dedupe.len()
-                + self.conversations.len(),
-        );
-        live.extend(
-            self.rows
-                .iter()
-                .flat_map(|rows| rows.values().map(|loc| (*loc, AS_ROW))),
-        );
-        live.extend(self.dedupe.values().map(|e| (e.loc, AS_DEDUPE)));
-        live.extend(self.conversations.values().map(|e| (e.loc, 0)));
-        live
+    fn live(&self) -> impl Iterator<Item = (Loc, u8)> + '_ {
+        self.rows
+            .iter()
+            .flat_map(|rows| rows.values().map(|loc| (*loc, AS_ROW)))
+            .chain(self.dedupe.values().map(|e| (e.loc, AS_DEDUPE)))
+            .chain(self.conversations.values().map(|e| (e.loc, 0)))
     }
 
     /// Points every record at its place in a compacted file.
@@ -1088,7 +1070,7 @@ impl EmbeddedStore {
             return;
         }
         // Sorted by the worker, not under the lock.
-        let mut live = inner.index.live_for_copy();
+        let mut live: Vec<(Loc, u8)> = inner.index.live().collect();
         let next_seq = inner.index.next_seq;
         let old = inner.file.clone();
         let path = self.dir.join(COMPACT_NAME);
@@ -1227,7 +1209,7 @@ impl EmbeddedStore {
                 ..loc
             })
         };
-        if inner.index.live().any(|loc| place(loc).is_none()) {
+        if inner.index.live().any(|(loc, _)| place(loc).is_none()) {
             return Err(StoreError::Embedded(
                 "a live record is missing from the copy".into(),
             ));
