@@ -39,61 +39,68 @@ pub struct Metrics {
     pub credential_reloads: IntCounterVec,
 }
 
+/// `metric`, once registered with `registry`.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
 impl Metrics {
     pub fn new(endpoint: &str) -> Self {
         let labels = HashMap::from([("endpoint".to_string(), endpoint.to_string())]);
         let registry = Registry::new_custom(None, Some(labels)).expect("valid registry");
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            registered(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let gauge = |name: &str, help: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["target"]).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            registered(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), &["target"]).expect("valid metric"),
+            )
         };
         let plain_gauge = |name: &str, help: &str| {
-            let g = prometheus::IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            registered(
+                &registry,
+                prometheus::IntGauge::new(name, help).expect("valid metric"),
+            )
         };
         let histogram = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
             let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-            let h = HistogramVec::new(opts, labels).expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
+            registered(
+                &registry,
+                HistogramVec::new(opts, labels).expect("valid metric"),
+            )
         };
-        let oldest_pending_age = prometheus::GaugeVec::new(
-            Opts::new(
-                "botrelay_oldest_pending_age_seconds",
-                "Age of the oldest message waiting for delivery, by target.",
-            ),
-            &["target"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(oldest_pending_age.clone()))
-            .expect("unique metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "botrelay_build_info",
-                "Always 1; the relay's version as a label.",
-            ),
-            &["version"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(build_info.clone()))
-            .expect("unique metric");
+        let oldest_pending_age = registered(
+            &registry,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "botrelay_oldest_pending_age_seconds",
+                    "Age of the oldest message waiting for delivery, by target.",
+                ),
+                &["target"],
+            )
+            .expect("valid metric"),
+        );
+        let build_info = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "botrelay_build_info",
+                    "Always 1; the relay's version as a label.",
+                ),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
