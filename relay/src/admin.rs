@@ -95,6 +95,9 @@ impl Admin {
                     .set(counts.get(target) as i64);
             }
         }
+        self.metrics
+            .conversations
+            .set(self.store.conversation_count() as i64);
         if let Some(usage) = self.store.usage() {
             self.metrics.store_file_bytes.set(usage.file_bytes as i64);
             self.metrics.store_live_bytes.set(usage.live_bytes as i64);

@@ -147,7 +147,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             config.credentials_poll_interval,
             metrics.clone(),
         )),
-        tokio::spawn(prune_dedupe(writer.clone(), config.dedupe_window)),
+        tokio::spawn(prune(
+            writer.clone(),
+            config.dedupe_window,
+            config.conversation_retention,
+        )),
     ];
     let (api_stop_tx, api_stop) = watch::channel(false);
     let api_server = tokio::spawn(serve::serve(
@@ -210,13 +214,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-async fn prune_dedupe(writer: Writer, window: Duration) {
+/// Forgets, once a minute, the message ids past the dedupe window and the
+/// conversations past their retention (none when it is zero).
+async fn prune(writer: Writer, dedupe_window: Duration, conversation_retention: Duration) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     loop {
         tick.tick().await;
-        let before_ms = now_ms().saturating_sub(window.as_millis() as u64);
+        let before = |d: Duration| now_ms().saturating_sub(d.as_millis() as u64);
+        let before_ms = before(dedupe_window);
         if let Err(e) = writer.commit(Op::PruneDedupe { before_ms }).await {
             tracing::warn!(error = %e, "could not prune the dedupe table");
+        }
+        if conversation_retention.is_zero() {
+            continue;
+        }
+        let before_ms = before(conversation_retention);
+        if let Err(e) = writer.commit(Op::ForgetConversations { before_ms }).await {
+            tracing::warn!(error = %e, "could not forget quiet conversations");
         }
     }
 }

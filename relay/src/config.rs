@@ -104,6 +104,13 @@ pub struct Config {
     #[arg(long, env = "BOTRELAY_DEDUPE_WINDOW", default_value = "24h", value_parser = duration)]
     pub dedupe_window: Duration,
 
+    /// How long a conversation with no message either way is remembered (to
+    /// within an hour). After it, a bot's message to it gets 404 until its
+    /// user writes again, which brings it back with the same id. 0 keeps
+    /// conversations for good.
+    #[arg(long, env = "BOTRELAY_CONVERSATION_RETENTION", default_value = "30d", value_parser = duration)]
+    pub conversation_retention: Duration,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "BOTRELAY_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
@@ -173,6 +180,10 @@ impl Config {
                 return Err(format!("{flag} must be greater than zero"));
             }
         }
+        let refresh = Duration::from_millis(crate::store::CONVERSATION_REFRESH_MS);
+        if !self.conversation_retention.is_zero() && self.conversation_retention < refresh {
+            return Err("--conversation-retention must be 0 (keep for good) or at least 1h".into());
+        }
         if self.max_body_bytes == 0 || self.max_pending == 0 || self.max_connections == 0 {
             return Err(
                 "--max-body-bytes, --max-pending and --max-connections must be at least 1".into(),
@@ -206,6 +217,10 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.endpoint_name, "default");
         assert_eq!(c.dedupe_window, Duration::from_secs(24 * 3600));
+        assert_eq!(
+            c.conversation_retention,
+            Duration::from_secs(30 * 24 * 3600)
+        );
         assert_eq!(c.max_body_bytes, 256 * 1024);
         c.validate().unwrap();
     }
@@ -225,5 +240,15 @@ mod tests {
         assert!(e.contains("--bot-url"), "{e}");
         let c = parse(&["--retry-initial-backoff=10s", "--retry-max-backoff=1s"]).unwrap();
         assert!(c.validate().unwrap_err().contains("--retry-max-backoff"));
+        let c = parse(&["--conversation-retention=10m"]).unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .contains("--conversation-retention")
+        );
+        parse(&["--conversation-retention=0"])
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 }

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub store_batch_size: Histogram,
     pub store_file_bytes: prometheus::IntGauge,
     pub store_live_bytes: prometheus::IntGauge,
+    pub conversations: prometheus::IntGauge,
     pub credential_reloads: IntCounterVec,
 }
 
@@ -186,6 +187,10 @@ impl Metrics {
             store_live_bytes: plain_gauge(
                 "botrelay_store_live_bytes",
                 "Bytes of the embedded store's records still needed; compaction frees the rest once they are under half of a file over 64 MiB.",
+            ),
+            conversations: plain_gauge(
+                "botrelay_conversations",
+                "Conversations remembered so that a bot can write to them; those quiet for --conversation-retention are forgotten.",
             ),
             credential_reloads: counter(
                 "botrelay_credential_reloads_total",

@@ -321,6 +321,9 @@ mod tests {
         fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
             self.inner.dead_letter_counts()
         }
+        fn conversation_count(&self) -> u64 {
+            self.inner.conversation_count()
+        }
     }
 
     #[test]

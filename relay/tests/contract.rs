@@ -463,6 +463,11 @@ async fn admin_port_serves_health_readiness_and_metrics() {
     assert!(after > before, "file bytes {before} then {after}");
     let live = relay.metric("botrelay_store_live_bytes", &[]).await;
     assert!(live > 0.0 && live <= after, "live bytes {live} of {after}");
+    // Conversations are counted once each, whoever writes in them.
+    assert_eq!(relay.metric("botrelay_conversations", &[]).await, 1.0);
+    assert_eq!(relay.send(&message("u2", "c", "m2", "hi")).await.0, 200);
+    assert_eq!(relay.send(&message("u", "c2", "m3", "hi")).await.0, 200);
+    assert_eq!(relay.metric("botrelay_conversations", &[]).await, 2.0);
 }
 
 #[tokio::test]

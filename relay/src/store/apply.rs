@@ -2,8 +2,8 @@
 //! both stores provide, so that `memory` and `embedded` cannot drift apart.
 
 use super::{
-    Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
-    Pending, Redriven, Seq, StoreError, Target, redriven,
+    CONVERSATION_REFRESH_MS, Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op,
+    OutboundMessage, Outcome, Pending, Redriven, Seq, StoreError, Target, redriven, whole_seconds,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -26,9 +26,12 @@ pub(super) trait Tables {
     ) -> Result<(), StoreError>;
     /// Removes the dedupe entries accepted before `before_ms`; returns how many.
     fn dedupe_prune(&mut self, before_ms: u64) -> Result<u64, StoreError>;
-    /// Whether the conversation is known with `user_id` as the user who wrote last.
-    fn conversation_is(&mut self, id: &str, user_id: &str) -> Result<bool, StoreError>;
+    /// When the conversation was last seen, if it is known with `user_id` as
+    /// the user who wrote last.
+    fn conversation_seen(&mut self, id: &str, user_id: &str) -> Result<Option<u64>, StoreError>;
     fn conversation_put(&mut self, conversation: &Conversation) -> Result<(), StoreError>;
+    /// Removes the conversations last seen before `before_ms`; returns how many.
+    fn conversation_forget(&mut self, before_ms: u64) -> Result<u64, StoreError>;
     /// Every key of a table, in order.
     fn keys(&mut self, table: Table) -> Result<Vec<Seq>, StoreError>;
 }
@@ -114,6 +117,7 @@ pub(super) fn apply(
                             &message.conversation_id,
                             &message.caller_conversation_id,
                             &message.user_id,
+                            now,
                         )?;
                         Outcome::Accepted {
                             id: message.id.clone(),
@@ -136,6 +140,13 @@ pub(super) fn apply(
                 }
             }
             Op::AddOutbound { message } => {
+                remember_conversation(
+                    tables,
+                    &message.conversation_id,
+                    &message.caller_conversation_id,
+                    &message.user_id,
+                    message.created_at_ms,
+                )?;
                 let seq = take_seq();
                 tables.put(Table::Outbound, seq, &encode(&message))?;
                 Outcome::Queued(vec![message.pending(seq)])
@@ -208,25 +219,36 @@ pub(super) fn apply(
                 tables.dedupe_prune(before_ms)?;
                 Outcome::Done
             }
+            Op::ForgetConversations { before_ms } => {
+                tables.conversation_forget(before_ms)?;
+                Outcome::Done
+            }
         };
         outcomes.push(outcome);
     }
     Ok((outcomes, delta))
 }
 
+/// Records that a message went through a conversation at `now`: writes the
+/// conversation when it is new, when another user wrote, or when its stored
+/// `seen_ms` is over [`CONVERSATION_REFRESH_MS`] old.
 fn remember_conversation(
     tables: &mut impl Tables,
     id: &str,
     caller_id: &str,
     user_id: &str,
+    now: u64,
 ) -> Result<(), StoreError> {
-    if tables.conversation_is(id, user_id)? {
+    if let Some(seen) = tables.conversation_seen(id, user_id)?
+        && now.saturating_sub(seen) < CONVERSATION_REFRESH_MS
+    {
         return Ok(());
     }
     tables.conversation_put(&Conversation {
         id: id.to_owned(),
         caller_id: caller_id.to_owned(),
         user_id: user_id.to_owned(),
+        seen_ms: Some(whole_seconds(now)),
     })
 }
 

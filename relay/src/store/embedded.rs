@@ -65,6 +65,8 @@ const ACCEPT: u8 = 7;
 /// Removes one dedupe entry (written by compaction after an `ACCEPT` whose
 /// dedupe entry was gone but whose row was not).
 const FORGET: u8 = 8;
+/// Removes one conversation, by its key ([`crate::ids::key`]).
+const FORGET_CONVERSATION: u8 = 9;
 
 /// Sizes that tests shrink to exercise growth and compaction.
 #[derive(Clone, Copy, Debug)]
@@ -149,11 +151,30 @@ struct DedupeEntry {
     loc: Loc,
 }
 
+/// A conversation's record and what a write needs of it, in 32 bytes: the
+/// parts of its [`Loc`] are kept apart so that no padding is stored.
 #[derive(Clone, Copy, Debug)]
 struct ConversationEntry {
-    loc: Loc,
+    at: u64,
+    len: u32,
+    /// `seen_ms` in seconds: the stored value is in whole seconds.
+    seen_s: u32,
     /// The relay id of the user who wrote last, as [`crate::ids::key`].
     user: u128,
+}
+
+impl ConversationEntry {
+    fn loc(&self) -> Loc {
+        Loc {
+            at: self.at,
+            len: self.len,
+            accept: false,
+        }
+    }
+
+    fn seen_ms(&self) -> u64 {
+        u64::from(self.seen_s) * 1000
+    }
 }
 
 /// The live records: what a replay of the file up to `Inner::end` yields.
@@ -165,10 +186,13 @@ struct Index {
     /// 85 ms here (and would take seconds with millions); a B-tree grows a
     /// node at a time, and never holds two copies of itself.
     dedupe: BTreeMap<DedupeKey, DedupeEntry>,
-    /// A B-tree too, as conversations are kept for good and this only grows.
-    /// Keyed by the relay id as [`crate::ids::key`]: 48 bytes an entry and no
-    /// allocation, where two strings took about 100 more.
+    /// A B-tree too, as this can grow large. Keyed by the relay id as
+    /// [`crate::ids::key`]: 48 bytes an entry and no allocation, where two
+    /// strings took about 100 more.
     conversations: BTreeMap<u128, ConversationEntry>,
+    /// What a conversation record without `seen_ms` (written before
+    /// conversations were forgotten) counts as: the time the store was opened.
+    opened_ms: u64,
     next_seq: Seq,
     /// Bytes of live records, to tell when compaction pays.
     live_bytes: u64,
@@ -242,6 +266,10 @@ enum Record<'a> {
     /// A [`Conversation`] as JSON.
     Conversation {
         value: &'a [u8],
+    },
+    /// The conversation of this key is gone.
+    ForgetConversation {
+        key: u128,
     },
     NextSeq(Seq),
 }
@@ -323,6 +351,9 @@ impl<'a> Reader<'a> {
                 value: self.bytes()?,
             },
             NEXT_SEQ => Record::NextSeq(self.u64()?),
+            FORGET_CONVERSATION => Record::ForgetConversation {
+                key: u128::from_le_bytes(self.take(16)?.try_into().expect("16 bytes")),
+            },
             other => return Err(corrupt(format!("unknown record kind {other}"))),
         })
     }
@@ -401,13 +432,13 @@ impl Index {
     ) -> Option<ConversationEntry> {
         let old = match entry {
             Some(entry) => {
-                self.live_bytes += u64::from(entry.loc.len);
+                self.live_bytes += u64::from(entry.len);
                 self.conversations.insert(id, entry)
             }
             None => self.conversations.remove(&id),
         };
         if let Some(old) = &old {
-            self.live_bytes -= u64::from(old.loc.len);
+            self.live_bytes -= u64::from(old.len);
         }
         old
     }
@@ -470,11 +501,17 @@ impl Index {
             Record::Conversation { value } => {
                 let conversation: Conversation = decode("conversation", value)?;
                 let id = crate::ids::key(&conversation.id);
+                let seen_ms = conversation.seen_ms.unwrap_or(self.opened_ms);
                 let entry = ConversationEntry {
-                    loc,
+                    at: loc.at,
+                    len: loc.len,
+                    seen_s: u32::try_from(seen_ms / 1000).unwrap_or(u32::MAX),
                     user: crate::ids::key(&conversation.user_id),
                 };
                 Undo::Conversation(id, self.set_conversation(id, Some(entry)))
+            }
+            Record::ForgetConversation { key } => {
+                Undo::Conversation(key, self.set_conversation(key, None))
             }
             Record::NextSeq(next) => {
                 self.next_seq = self.next_seq.max(next);
@@ -556,7 +593,7 @@ impl Index {
             .iter()
             .flat_map(|rows| rows.values().map(|loc| (*loc, AS_ROW)))
             .chain(self.dedupe.values().map(|e| (e.loc, AS_DEDUPE)))
-            .chain(self.conversations.values().map(|e| (e.loc, 0)))
+            .chain(self.conversations.values().map(|e| (e.loc(), 0)))
     }
 
     /// Points every record at its place in a compacted file.
@@ -570,7 +607,8 @@ impl Index {
             entry.loc = place(entry.loc);
         }
         for entry in self.conversations.values_mut() {
-            entry.loc = place(entry.loc);
+            let loc = place(entry.loc());
+            (entry.at, entry.len) = (loc.at, loc.len);
         }
     }
 }
@@ -696,12 +734,13 @@ impl Tables for Txn<'_> {
         Ok(removed as u64)
     }
 
-    fn conversation_is(&mut self, id: &str, user_id: &str) -> Result<bool, StoreError> {
+    fn conversation_seen(&mut self, id: &str, user_id: &str) -> Result<Option<u64>, StoreError> {
         Ok(self
             .index
             .conversations
             .get(&crate::ids::key(id))
-            .is_some_and(|c| c.user == crate::ids::key(user_id)))
+            .filter(|c| c.user == crate::ids::key(user_id))
+            .map(ConversationEntry::seen_ms))
     }
 
     fn conversation_put(&mut self, conversation: &Conversation) -> Result<(), StoreError> {
@@ -711,6 +750,23 @@ impl Tables for Txn<'_> {
             put_bytes(out, &value);
         })?;
         Ok(())
+    }
+
+    fn conversation_forget(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+        let stale: Vec<u128> = self
+            .index
+            .conversations
+            .iter()
+            .filter(|(_, c)| c.seen_ms() < before_ms)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &stale {
+            self.record(|out| {
+                out.push(FORGET_CONVERSATION);
+                out.extend_from_slice(&key.to_le_bytes());
+            })?;
+        }
+        Ok(stale.len() as u64)
     }
 
     fn keys(&mut self, table: Table) -> Result<Vec<Seq>, StoreError> {
@@ -977,7 +1033,10 @@ impl EmbeddedStore {
             .metadata()
             .map_err(|e| io("cannot read", &path, e))?
             .len();
-        let mut index = Index::default();
+        let mut index = Index {
+            opened_ms: super::whole_seconds(crate::delivery::now_ms()),
+            ..Index::default()
+        };
         let end = if len == 0 {
             file.write_all_at(&file_header(), 0)
                 .and_then(|()| file.sync_all())
@@ -1371,9 +1430,14 @@ impl Store for EmbeddedStore {
     }
 
     fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
-        self.read_value(|index| index.conversations.get(&crate::ids::key(id)).map(|c| c.loc))?
-            .map(|b| decode("conversation", &b))
-            .transpose()
+        self.read_value(|index| {
+            index
+                .conversations
+                .get(&crate::ids::key(id))
+                .map(|c| c.loc())
+        })?
+        .map(|b| decode("conversation", &b))
+        .transpose()
     }
 
     fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
@@ -1403,6 +1467,10 @@ impl Store for EmbeddedStore {
 
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
         Ok(self.lock().index.dead_letter_counts)
+    }
+
+    fn conversation_count(&self) -> u64 {
+        self.lock().index.conversations.len() as u64
     }
 
     fn failure(&self) -> Option<String> {

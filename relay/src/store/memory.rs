@@ -23,7 +23,7 @@ struct State {
     dedupe: HashMap<String, (u64, Vec<u8>)>,
     /// (accepted at, key) in acceptance order, for pruning.
     dedupe_expiry: BTreeMap<(u64, String), ()>,
-    conversations: HashMap<String, Vec<u8>>,
+    conversations: HashMap<String, Conversation>,
     next_seq: Seq,
     dead_letter_counts: DeadLetterCounts,
 }
@@ -61,7 +61,7 @@ struct Txn<'a> {
 enum Undo {
     Row(Table, Seq, Option<Vec<u8>>),
     Dedupe(String, Option<(u64, Vec<u8>)>),
-    Conversation(String, Option<Vec<u8>>),
+    Conversation(String, Option<Conversation>),
 }
 
 impl Txn<'_> {
@@ -162,21 +162,38 @@ impl Tables for Txn<'_> {
         Ok(removed)
     }
 
-    fn conversation_is(&mut self, id: &str, user_id: &str) -> Result<bool, StoreError> {
-        match self.state.conversations.get(id) {
-            None => Ok(false),
-            Some(bytes) => Ok(decode::<Conversation>("conversation", bytes)?.user_id == user_id),
-        }
+    fn conversation_seen(&mut self, id: &str, user_id: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .state
+            .conversations
+            .get(id)
+            .filter(|c| c.user_id == user_id)
+            .map(|c| c.seen_ms.unwrap_or(0)))
     }
 
     fn conversation_put(&mut self, conversation: &Conversation) -> Result<(), StoreError> {
         let old = self
             .state
             .conversations
-            .insert(conversation.id.clone(), apply::encode(conversation));
+            .insert(conversation.id.clone(), conversation.clone());
         self.undo
             .push(Undo::Conversation(conversation.id.clone(), old));
         Ok(())
+    }
+
+    fn conversation_forget(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+        let stale: Vec<String> = self
+            .state
+            .conversations
+            .values()
+            .filter(|c| c.seen_ms.unwrap_or(0) < before_ms)
+            .map(|c| c.id.clone())
+            .collect();
+        for id in &stale {
+            let old = self.state.conversations.remove(id);
+            self.undo.push(Undo::Conversation(id.clone(), old));
+        }
+        Ok(stale.len() as u64)
     }
 
     fn keys(&mut self, table: Table) -> Result<Vec<Seq>, StoreError> {
@@ -247,12 +264,7 @@ impl Store for MemoryStore {
     }
 
     fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
-        let state = self.lock();
-        state
-            .conversations
-            .get(id)
-            .map(|b| decode("conversation", b))
-            .transpose()
+        Ok(self.lock().conversations.get(id).cloned())
     }
 
     fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
@@ -267,5 +279,9 @@ impl Store for MemoryStore {
 
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
         Ok(self.lock().dead_letter_counts)
+    }
+
+    fn conversation_count(&self) -> u64 {
+        self.lock().conversations.len() as u64
     }
 }

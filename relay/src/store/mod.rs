@@ -86,6 +86,22 @@ pub struct Conversation {
     pub caller_id: String,
     /// The relay id of the user who wrote last.
     pub user_id: String,
+    /// When a message last went either way in it (ms since the Unix epoch, in
+    /// whole seconds), to within [`CONVERSATION_REFRESH_MS`]. Absent from records written
+    /// before conversations were forgotten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_ms: Option<u64>,
+}
+
+/// A conversation's `seen_ms` is written again when a message comes more than
+/// this long after it: often enough for a retention of hours or more, and at
+/// most one small record an hour for a busy conversation.
+pub const CONVERSATION_REFRESH_MS: u64 = 3_600_000;
+
+/// `ms` rounded down to a whole second: how `seen_ms` is stored, so that the
+/// embedded store can keep it in 32 bits.
+fn whole_seconds(ms: u64) -> u64 {
+    ms - ms % 1000
 }
 
 /// A message that is waiting, as the delivery engine tracks it: no body, so that
@@ -167,6 +183,9 @@ pub enum Op {
     Redrive { seqs: Option<Vec<Seq>>, now_ms: u64 },
     /// Forget dedupe entries accepted before `before_ms`.
     PruneDedupe { before_ms: u64 },
+    /// Forget the conversations last seen before `before_ms`: a bot can no
+    /// longer write to them, until their user writes again.
+    ForgetConversations { before_ms: u64 },
 }
 
 /// What an [`Op`] did.
@@ -274,6 +293,8 @@ pub trait Store: Send + Sync + 'static {
     fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
     fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError>;
+    /// How many conversations are remembered.
+    fn conversation_count(&self) -> u64;
 }
 
 /// Rebuilds a dead letter's queue entry and stored record for a redrive.

@@ -99,7 +99,9 @@ fn completion_queues_replies_in_order(store: &dyn Store) {
         Conversation {
             id: "conv-c1".into(),
             caller_id: "c1".into(),
-            user_id: "user-1".into()
+            user_id: "user-1".into(),
+            // Accepted at 100 ms: stored in whole seconds.
+            seen_ms: Some(0),
         }
     );
     let outcome = store
@@ -215,6 +217,72 @@ fn prune_forgets_only_expired_entries(store: &dyn Store) {
     assert!(matches!(outcomes[2], Outcome::Duplicate { .. }));
 }
 
+fn quiet_conversations_are_forgotten(store: &dyn Store) {
+    const HOUR: u64 = CONVERSATION_REFRESH_MS;
+    let accept_in = |id: &str, conversation: &str, at: u64| {
+        let op = Op::Accept {
+            message: inbound(id, conversation, at),
+            dedupe_window_ms: 1000,
+        };
+        assert!(matches!(
+            store.commit(vec![op]).unwrap()[0],
+            Outcome::Accepted { .. }
+        ));
+    };
+    let seen = |conversation: &str| {
+        store
+            .conversation(&format!("conv-{conversation}"))
+            .unwrap()
+            .map(|c| c.seen_ms.unwrap())
+    };
+    let forget = |before_ms| {
+        store
+            .commit(vec![Op::ForgetConversations { before_ms }])
+            .unwrap()
+    };
+    accept_in("m1", "quiet", 1_500);
+    accept_in("m2", "busy", 1_500);
+    assert_eq!((seen("quiet"), seen("busy")), (Some(1_000), Some(1_000)));
+    // Within the refresh interval the stored time stays; past it, it moves on.
+    accept_in("m3", "quiet", 1_000 + HOUR - 1);
+    accept_in("m4", "busy", 1_000 + HOUR + 510);
+    assert_eq!(
+        (seen("quiet"), seen("busy")),
+        (Some(1_000), Some(1_000 + HOUR))
+    );
+
+    forget(2_000);
+    assert_eq!((seen("quiet"), seen("busy")), (None, Some(1_000 + HOUR)));
+    // Its messages are not the conversation: they still wait.
+    assert_eq!(waiting(store).len(), 4);
+
+    // A bot's message counts as the conversation being seen...
+    let bot_message = OutboundMessage {
+        created_at_ms: 1_000 + 2 * HOUR,
+        queued_at_ms: 1_000 + 2 * HOUR,
+        ..reply(1, "busy")
+    };
+    store
+        .commit(vec![Op::AddOutbound {
+            message: bot_message,
+        }])
+        .unwrap();
+    assert_eq!(seen("busy"), Some(1_000 + 2 * HOUR));
+    // ...and the user's next message brings a forgotten one back, same id.
+    accept_in("m5", "quiet", 1_000 + 2 * HOUR);
+    assert_eq!(
+        store.conversation("conv-quiet").unwrap().unwrap().caller_id,
+        "quiet"
+    );
+    forget(1_000 + 2 * HOUR);
+    assert_eq!(
+        (seen("quiet"), seen("busy")),
+        (Some(1_000 + 2 * HOUR), Some(1_000 + 2 * HOUR))
+    );
+    forget(1_001 + 2 * HOUR);
+    assert_eq!((seen("quiet"), seen("busy")), (None, None));
+}
+
 macro_rules! suite {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -238,6 +306,11 @@ macro_rules! suite {
             fn prune() {
                 let (store, _dir) = $make;
                 prune_forgets_only_expired_entries(&store);
+            }
+            #[test]
+            fn conversations() {
+                let (store, _dir) = $make;
+                quiet_conversations_are_forgotten(&store);
             }
         }
     };
@@ -332,6 +405,11 @@ mod journal {
             &mut records,
             &serde_json::to_vec(&inbound("m1", "c1", 100)).unwrap(),
         );
+        records.push(5); // conversation, without the time it was seen
+        put_bytes(
+            &mut records,
+            br#"{"id":"conv-c1","caller_id":"c1","user_id":"user-1"}"#,
+        );
         let mut file = b"BRJRNL\x00\x01".to_vec();
         file.extend_from_slice(&[0; 8]);
         file.extend_from_slice(&(records.len() as u32).to_le_bytes());
@@ -339,8 +417,20 @@ mod journal {
         file.extend_from_slice(&records);
         std::fs::write(dir.path().join(FILE_NAME), file).unwrap();
 
+        let opened = crate::delivery::now_ms();
         let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
         assert_eq!(seqs(&store), vec![0]);
+        // The conversation counts as seen when the store was opened: a
+        // retention that it would long have run out of keeps it all the same.
+        store
+            .commit(vec![Op::ForgetConversations {
+                before_ms: opened - 1000,
+            }])
+            .unwrap();
+        assert_eq!(
+            store.conversation("conv-c1").unwrap().unwrap().seen_ms,
+            None
+        );
         assert_eq!(
             accept(&store, "m1", 200),
             Outcome::Duplicate {
@@ -675,6 +765,7 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
         grow_step: 4096,
         compact_min_bytes: 8 * 1024,
     };
+    const CONVERSATIONS: u32 = 12;
     let mut reopens = 0;
     for seed in 0..3u64 {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -694,6 +785,10 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
         let mut now = 1_000u64;
         for step in 0..1200 {
             now += rng.random_range(0..40);
+            if rng.random_range(0..100) == 0 {
+                // Time enough for conversations to be written again.
+                now += CONVERSATION_REFRESH_MS;
+            }
             let waiting_now = waiting(&model);
             let pick = |target: Target, rng: &mut StdRng| {
                 let of: Vec<_> = waiting_now.iter().filter(|p| p.target == target).collect();
@@ -702,13 +797,23 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
             let ops_for = |rng: &mut StdRng| -> Vec<Op> {
                 (0..rng.random_range(1..4))
                     .map(|_| match rng.random_range(0..100) {
-                        0..45 => Op::Accept {
+                        0..42 => Op::Accept {
                             message: inbound(
                                 &format!("m{}", rng.random_range(0..400)),
-                                &format!("c{}", rng.random_range(0..6)),
+                                &format!("c{}", rng.random_range(0..CONVERSATIONS)),
                                 now,
                             ),
                             dedupe_window_ms: 2_000,
+                        },
+                        42..45 => Op::AddOutbound {
+                            message: OutboundMessage {
+                                created_at_ms: now,
+                                queued_at_ms: now,
+                                ..reply(
+                                    rng.random(),
+                                    &format!("c{}", rng.random_range(0..CONVERSATIONS)),
+                                )
+                            },
                         },
                         45..70 => Op::CompleteInbound {
                             seq: pick(Target::Bot, rng).unwrap_or(u64::MAX),
@@ -736,8 +841,11 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
                             seqs: None,
                             now_ms: now,
                         },
-                        _ => Op::PruneDedupe {
+                        97..99 => Op::PruneDedupe {
                             before_ms: now.saturating_sub(1_500),
+                        },
+                        _ => Op::ForgetConversations {
+                            before_ms: now.saturating_sub(rng.random_range(0..2) * 60_000),
                         },
                     })
                     .collect()
@@ -754,12 +862,13 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
             never
                 .commit(ops_for(&mut StdRng::from_seed(state)))
                 .unwrap();
-            if rng.random_range(0..150) == 0 {
+            let reopen = rng.random_range(0..150) == 0;
+            if reopen {
                 drop(journal);
                 journal = EmbeddedStore::open_tuned(dir.path(), tuning).unwrap();
                 reopens += 1;
             }
-            if step % 50 == 0 {
+            if reopen || step % 50 == 0 {
                 assert_eq!(
                     waiting(&journal),
                     waiting(&model),
@@ -777,6 +886,14 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
                         .collect()
                 };
                 assert_eq!(letters(&journal), letters(&model));
+                for c in 0..CONVERSATIONS {
+                    let id = format!("conv-c{c}");
+                    assert_eq!(
+                        journal.conversation(&id).unwrap(),
+                        model.conversation(&id).unwrap(),
+                        "seed {seed}, step {step}"
+                    );
+                }
                 for pending in waiting(&model) {
                     let id = |s: &dyn Store| match pending.target {
                         Target::Bot => s.inbound(pending.seq).unwrap().map(|m| m.id),
