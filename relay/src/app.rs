@@ -7,7 +7,7 @@ use crate::credentials::CredentialStore;
 use crate::delivery::{self, Deliverer, backoff::Backoff, http::Sender, now_ms};
 use crate::metrics::Metrics;
 use crate::serve::{self, Limits};
-use crate::store::{EmbeddedStore, MemoryStore, Op, Store};
+use crate::store::{EmbeddedStore, MemoryStore, Op, PRUNE_PARTS, Store};
 use crate::writer::Writer;
 use anyhow::{Context, anyhow};
 use std::future::Future;
@@ -215,22 +215,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 }
 
 /// Forgets, once a minute, the message ids past the dedupe window and the
-/// conversations past their retention (none when it is zero).
+/// conversations past their retention (none when it is zero), one part of
+/// the keys per commit.
 async fn prune(writer: Writer, dedupe_window: Duration, conversation_retention: Duration) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     loop {
         tick.tick().await;
         let before = |d: Duration| now_ms().saturating_sub(d.as_millis() as u64);
-        let before_ms = before(dedupe_window);
-        if let Err(e) = writer.commit(Op::PruneDedupe { before_ms }).await {
-            tracing::warn!(error = %e, "could not prune the dedupe table");
-        }
-        if conversation_retention.is_zero() {
-            continue;
-        }
-        let before_ms = before(conversation_retention);
-        if let Err(e) = writer.commit(Op::ForgetConversations { before_ms }).await {
-            tracing::warn!(error = %e, "could not forget quiet conversations");
+        let dedupe_before = before(dedupe_window);
+        let conversations_before =
+            (!conversation_retention.is_zero()).then(|| before(conversation_retention));
+        for part in (0..PRUNE_PARTS).map(Some) {
+            let prune = Op::PruneDedupe {
+                before_ms: dedupe_before,
+                part,
+            };
+            if let Err(e) = writer.commit(prune).await {
+                tracing::warn!(error = %e, "could not prune the dedupe table");
+                break;
+            }
+            let Some(before_ms) = conversations_before else {
+                continue;
+            };
+            if let Err(e) = writer
+                .commit(Op::ForgetConversations { before_ms, part })
+                .await
+            {
+                tracing::warn!(error = %e, "could not forget quiet conversations");
+                break;
+            }
         }
     }
 }

@@ -352,7 +352,10 @@ mod tests {
     }
 
     fn op() -> Op {
-        Op::PruneDedupe { before_ms: 0 }
+        Op::PruneDedupe {
+            before_ms: 0,
+            part: None,
+        }
     }
 
     fn start(store: Arc<Gated>, capacity: usize) -> (Writer, std::thread::JoinHandle<()>) {

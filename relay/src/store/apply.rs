@@ -24,14 +24,16 @@ pub(super) trait Tables {
         seq: Seq,
         message: &[u8],
     ) -> Result<(), StoreError>;
-    /// Removes the dedupe entries accepted before `before_ms`; returns how many.
-    fn dedupe_prune(&mut self, before_ms: u64) -> Result<u64, StoreError>;
+    /// Removes the dedupe entries accepted before `before_ms`, of one part
+    /// ([`super::part_keys`]) or all; returns how many.
+    fn dedupe_prune(&mut self, before_ms: u64, part: Option<u8>) -> Result<u64, StoreError>;
     /// When the conversation was last seen, if it is known with `user_id` as
     /// the user who wrote last.
     fn conversation_seen(&mut self, id: &str, user_id: &str) -> Result<Option<u64>, StoreError>;
     fn conversation_put(&mut self, conversation: &Conversation) -> Result<(), StoreError>;
-    /// Removes the conversations last seen before `before_ms`; returns how many.
-    fn conversation_forget(&mut self, before_ms: u64) -> Result<u64, StoreError>;
+    /// Removes the conversations last seen before `before_ms`, of one part
+    /// (by [`crate::ids::key`]) or all; returns how many.
+    fn conversation_forget(&mut self, before_ms: u64, part: Option<u8>) -> Result<u64, StoreError>;
     /// Every key of a table, in order.
     fn keys(&mut self, table: Table) -> Result<Vec<Seq>, StoreError>;
 }
@@ -215,12 +217,12 @@ pub(super) fn apply(
                 }
                 Outcome::Queued(due)
             }
-            Op::PruneDedupe { before_ms } => {
-                tables.dedupe_prune(before_ms)?;
+            Op::PruneDedupe { before_ms, part } => {
+                tables.dedupe_prune(before_ms, part)?;
                 Outcome::Done
             }
-            Op::ForgetConversations { before_ms } => {
-                tables.conversation_forget(before_ms)?;
+            Op::ForgetConversations { before_ms, part } => {
+                tables.conversation_forget(before_ms, part)?;
                 Outcome::Done
             }
         };

@@ -25,9 +25,8 @@
 use super::apply::{self, First, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
-    Pending, Seq, Store, StoreError, Usage,
+    PRUNE_PARTS, Pending, Seq, Store, StoreError, Usage, dedupe_key, part_keys, part_of,
 };
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
@@ -67,6 +66,8 @@ const ACCEPT: u8 = 7;
 const FORGET: u8 = 8;
 /// Removes one conversation, by its key ([`crate::ids::key`]).
 const FORGET_CONVERSATION: u8 = 9;
+/// A `PRUNE` of the dedupe entries of one part ([`part_keys`]).
+const PRUNE_PART: u8 = 10;
 
 /// Sizes that tests shrink to exercise growth and compaction.
 #[derive(Clone, Copy, Debug)]
@@ -137,13 +138,8 @@ struct Loc {
     accept: bool,
 }
 
-/// The first 16 bytes of the SHA-256 of a caller's message id.
+/// A caller's message id as [`dedupe_key`] makes it.
 type DedupeKey = u128;
-
-fn dedupe_key(caller_message_id: &[u8]) -> DedupeKey {
-    let digest = Sha256::digest(caller_message_id);
-    u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"))
-}
 
 #[derive(Clone, Copy, Debug)]
 struct DedupeEntry {
@@ -260,8 +256,11 @@ enum Record<'a> {
         seq: Seq,
         value: &'a [u8],
     },
+    /// Removes the dedupe entries accepted before `before_ms`: those of one
+    /// part, or all.
     Prune {
         before_ms: u64,
+        part: Option<u8>,
     },
     /// A [`Conversation`] as JSON.
     Conversation {
@@ -346,6 +345,14 @@ impl<'a> Reader<'a> {
             },
             PRUNE => Record::Prune {
                 before_ms: self.u64()?,
+                part: None,
+            },
+            PRUNE_PART => Record::Prune {
+                before_ms: self.u64()?,
+                part: match self.u8()? {
+                    part if part < PRUNE_PARTS => Some(part),
+                    other => return Err(corrupt(format!("prune of unknown part {other}"))),
+                },
             },
             CONVERSATION => Record::Conversation {
                 value: self.bytes()?,
@@ -483,10 +490,10 @@ impl Index {
                 let key = dedupe_key(key);
                 Undo::Dedupe(key, self.set_dedupe(key, None))
             }
-            Record::Prune { before_ms } => {
+            Record::Prune { before_ms, part } => {
                 let expired: Vec<DedupeKey> = self
                     .dedupe
-                    .iter()
+                    .range(part.map_or(0..=u128::MAX, part_keys))
                     .filter(|(_, entry)| entry.accepted_ms < before_ms)
                     .map(|(key, _)| *key)
                     .collect();
@@ -520,29 +527,40 @@ impl Index {
         })
     }
 
-    /// Applies the prunes met in a replay, `(place, before_ms)` in file order,
-    /// all at once at its end: one pass over the dedupe entries instead of one
-    /// per prune (a journal holds one per minute since its last compaction;
-    /// with 500k entries, reopening a journal with 500 prunes took 7.6 s). A
-    /// prune removes what was accepted before it both in the file and in time:
-    /// an entry goes if a prune after its place has a later `before_ms`.
-    fn prune_as_replayed(&mut self, prunes: &[(u64, u64)]) {
+    /// Applies the prunes met in a replay, `(place, before_ms, part)` in file
+    /// order, all at once at its end: one pass over the dedupe entries instead
+    /// of one per prune (a journal holds dozens a minute since its last
+    /// compaction; with 500k entries, reopening a journal with 500 prunes took
+    /// 7.6 s). A prune removes what was accepted before it both in the file
+    /// and in time: an entry goes if a prune of its part after its place has a
+    /// later `before_ms`.
+    fn prune_as_replayed(&mut self, prunes: &[(u64, u64, Option<u8>)]) {
         if prunes.is_empty() {
             return;
         }
-        // latest[i]: the latest `before_ms` among prunes i and after.
-        let mut latest = vec![0; prunes.len()];
-        let mut max = 0;
-        for (i, (_, before_ms)) in prunes.iter().enumerate().rev() {
-            max = max.max(*before_ms);
-            latest[i] = max;
+        // Per part, its prunes in file order: (place, the latest `before_ms`
+        // among this prune and those after it).
+        let mut by_part: Vec<Vec<(u64, u64)>> = vec![Vec::new(); usize::from(PRUNE_PARTS)];
+        for &(place, before_ms, part) in prunes {
+            match part {
+                Some(part) => by_part[usize::from(part)].push((place, before_ms)),
+                None => by_part.iter_mut().for_each(|p| p.push((place, before_ms))),
+            }
+        }
+        for prunes in &mut by_part {
+            let mut max = 0;
+            for (_, before_ms) in prunes.iter_mut().rev() {
+                max = max.max(*before_ms);
+                *before_ms = max;
+            }
         }
         let expired: Vec<DedupeKey> = self
             .dedupe
             .iter()
-            .filter(|(_, entry)| {
+            .filter(|(key, entry)| {
+                let prunes = &by_part[usize::from(part_of(**key))];
                 let next = prunes.partition_point(|(place, _)| *place < entry.loc.at);
-                next < prunes.len() && latest[next] > entry.accepted_ms
+                next < prunes.len() && prunes[next].1 > entry.accepted_ms
             })
             .map(|(key, _)| *key)
             .collect();
@@ -726,10 +744,22 @@ impl Tables for Txn<'_> {
         Ok(())
     }
 
-    fn dedupe_prune(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+    fn dedupe_prune(&mut self, before_ms: u64, part: Option<u8>) -> Result<u64, StoreError> {
+        // A prune that would remove nothing is not written (a replay would
+        // find nothing for it either): an idle relay's journal stays still.
+        let keys = part.map_or(0..=u128::MAX, part_keys);
+        if !self
+            .index
+            .dedupe
+            .range(keys)
+            .any(|(_, entry)| entry.accepted_ms < before_ms)
+        {
+            return Ok(0);
+        }
         let removed = self.record(|out| {
-            out.push(PRUNE);
+            out.push(if part.is_some() { PRUNE_PART } else { PRUNE });
             out.extend_from_slice(&before_ms.to_le_bytes());
+            out.extend(part);
         })?;
         Ok(removed as u64)
     }
@@ -752,11 +782,11 @@ impl Tables for Txn<'_> {
         Ok(())
     }
 
-    fn conversation_forget(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+    fn conversation_forget(&mut self, before_ms: u64, part: Option<u8>) -> Result<u64, StoreError> {
         let stale: Vec<u128> = self
             .index
             .conversations
-            .iter()
+            .range(part.map_or(0..=u128::MAX, part_keys))
             .filter(|(_, c)| c.seen_ms() < before_ms)
             .map(|(key, _)| *key)
             .collect();
@@ -995,7 +1025,7 @@ fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, 
                 accept: false,
             };
             match record {
-                Record::Prune { before_ms } => prunes.push((loc.at, before_ms)),
+                Record::Prune { before_ms, part } => prunes.push((loc.at, before_ms, part)),
                 record => {
                     index.apply(record, loc)?;
                 }

@@ -4,7 +4,7 @@
 use super::apply::{self, First, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
-    Pending, Seq, Store, StoreError,
+    Pending, Seq, Store, StoreError, dedupe_key, part_of,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -139,7 +139,7 @@ impl Tables for Txn<'_> {
         Ok(())
     }
 
-    fn dedupe_prune(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+    fn dedupe_prune(&mut self, before_ms: u64, part: Option<u8>) -> Result<u64, StoreError> {
         let keep = self
             .state
             .dedupe_expiry
@@ -147,6 +147,10 @@ impl Tables for Txn<'_> {
         let expired = std::mem::replace(&mut self.state.dedupe_expiry, keep);
         let mut removed = 0;
         for (accepted, key) in expired.into_keys() {
+            if part.is_some_and(|part| part_of(dedupe_key(key.as_bytes())) != part) {
+                self.state.dedupe_expiry.insert((accepted, key), ());
+                continue;
+            }
             // The key may have been accepted again since; only the old entry goes.
             if self
                 .state
@@ -181,12 +185,13 @@ impl Tables for Txn<'_> {
         Ok(())
     }
 
-    fn conversation_forget(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+    fn conversation_forget(&mut self, before_ms: u64, part: Option<u8>) -> Result<u64, StoreError> {
         let stale: Vec<String> = self
             .state
             .conversations
             .values()
             .filter(|c| c.seen_ms.unwrap_or(0) < before_ms)
+            .filter(|c| part.is_none_or(|part| part_of(crate::ids::key(&c.id)) == part))
             .map(|c| c.id.clone())
             .collect();
         for id in &stale {

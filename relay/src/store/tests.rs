@@ -186,7 +186,10 @@ fn prune_forgets_only_expired_entries(store: &dyn Store) {
     accept(store, "old", 100);
     accept(store, "new", 2000);
     store
-        .commit(vec![Op::PruneDedupe { before_ms: 1000 }])
+        .commit(vec![Op::PruneDedupe {
+            before_ms: 1000,
+            part: None,
+        }])
         .unwrap();
     // "old" is forgotten even though a window of a day would still hold it.
     let op = |id: &str| Op::Accept {
@@ -203,7 +206,10 @@ fn prune_forgets_only_expired_entries(store: &dyn Store) {
     accept(store, "early", 3000);
     accept(store, "middle", 4000);
     store
-        .commit(vec![Op::PruneDedupe { before_ms: 4500 }])
+        .commit(vec![Op::PruneDedupe {
+            before_ms: 4500,
+            part: None,
+        }])
         .unwrap();
     let op = |id: &str| Op::Accept {
         message: inbound(id, "c1", 5500),
@@ -215,6 +221,57 @@ fn prune_forgets_only_expired_entries(store: &dyn Store) {
     assert!(matches!(outcomes[0], Outcome::Accepted { .. }));
     assert!(matches!(outcomes[1], Outcome::Accepted { .. }));
     assert!(matches!(outcomes[2], Outcome::Duplicate { .. }));
+}
+
+/// A prune of one part forgets the expired entries of that part only; the
+/// parts together forget them all.
+fn prune_by_parts_forgets_each_part_on_its_own(store: &dyn Store) {
+    let ids: Vec<String> = (0..300).map(|i| format!("p{i}")).collect();
+    for id in &ids {
+        accept(store, id, 100);
+    }
+    accept(store, "fresh", 2000);
+    let part = part_of(dedupe_key(ids[0].as_bytes()));
+    let prune = |part| {
+        store
+            .commit(vec![Op::PruneDedupe {
+                before_ms: 1000,
+                part: Some(part),
+            }])
+            .unwrap()
+    };
+    prune(part);
+    // Whether the id is still remembered; one that is not is accepted anew,
+    // at 2500, which no prune below reaches.
+    let remembered = |id: &str| {
+        let op = Op::Accept {
+            message: inbound(id, "c1", 2500),
+            dedupe_window_ms: 86_400_000,
+        };
+        matches!(
+            store.commit(vec![op]).unwrap()[0],
+            Outcome::Duplicate { .. }
+        )
+    };
+    let (in_part, others): (Vec<&String>, Vec<&String>) = ids
+        .iter()
+        .partition(|id| part_of(dedupe_key(id.as_bytes())) == part);
+    assert!(!in_part.is_empty() && others.len() > 200);
+    for id in &in_part {
+        assert!(!remembered(id), "{id} is in the pruned part");
+    }
+    for id in &others {
+        assert!(remembered(id), "{id} is in another part");
+    }
+    for part in 0..PRUNE_PARTS {
+        prune(part);
+    }
+    for id in &others {
+        assert!(!remembered(id), "{id} was pruned with its part");
+    }
+    for id in in_part.iter().map(|id| id.as_str()).chain(["fresh"]) {
+        assert!(remembered(id), "{id} was accepted after the prunes' time");
+    }
 }
 
 fn quiet_conversations_are_forgotten(store: &dyn Store) {
@@ -237,7 +294,10 @@ fn quiet_conversations_are_forgotten(store: &dyn Store) {
     };
     let forget = |before_ms| {
         store
-            .commit(vec![Op::ForgetConversations { before_ms }])
+            .commit(vec![Op::ForgetConversations {
+                before_ms,
+                part: None,
+            }])
             .unwrap()
     };
     accept_in("m1", "quiet", 1_500);
@@ -306,6 +366,11 @@ macro_rules! suite {
             fn prune() {
                 let (store, _dir) = $make;
                 prune_forgets_only_expired_entries(&store);
+            }
+            #[test]
+            fn prune_by_parts() {
+                let (store, _dir) = $make;
+                prune_by_parts_forgets_each_part_on_its_own(&store);
             }
             #[test]
             fn conversations() {
@@ -425,6 +490,7 @@ mod journal {
         store
             .commit(vec![Op::ForgetConversations {
                 before_ms: opened - 1000,
+                part: None,
             }])
             .unwrap();
         assert_eq!(
@@ -457,13 +523,19 @@ mod journal {
         let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
         accept(&store, "before", 1000);
         store
-            .commit(vec![Op::PruneDedupe { before_ms: 2000 }])
+            .commit(vec![Op::PruneDedupe {
+                before_ms: 2000,
+                part: None,
+            }])
             .unwrap();
         // Accepted after the prune, with a clock that went back.
         accept(&store, "after", 1500);
         accept(&store, "kept", 3000);
         store
-            .commit(vec![Op::PruneDedupe { before_ms: 1200 }])
+            .commit(vec![Op::PruneDedupe {
+                before_ms: 1200,
+                part: None,
+            }])
             .unwrap();
         drop(store);
         let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
@@ -480,6 +552,45 @@ mod journal {
             "{outcomes:?}"
         );
         assert!(matches!(outcomes[2], Outcome::Duplicate { .. }));
+    }
+
+    /// A prune of one part, replayed, removes entries of that part only, and
+    /// only those before it in the file.
+    #[test]
+    fn a_reopened_journal_prunes_each_part_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = |id: &str| part_of(dedupe_key(id.as_bytes()));
+        let ids: Vec<String> = (0..).map(|i| format!("q{i}")).take(200).collect();
+        let pruned = &ids[0];
+        let other = ids.iter().find(|id| part(id) != part(pruned)).unwrap();
+        let late = ids[1..].iter().find(|id| part(id) == part(pruned)).unwrap();
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        accept(&store, pruned, 1000);
+        accept(&store, other, 1000);
+        store
+            .commit(vec![Op::PruneDedupe {
+                before_ms: 2000,
+                part: Some(part(pruned)),
+            }])
+            .unwrap();
+        // After the prune in the file, before it in time.
+        accept(&store, late, 1500);
+        drop(store);
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        let op = |id: &str| Op::Accept {
+            message: inbound(id, "c1", 3000),
+            dedupe_window_ms: 86_400_000,
+        };
+        let outcomes = store.commit(vec![op(pruned), op(other), op(late)]).unwrap();
+        assert!(matches!(outcomes[0], Outcome::Accepted { .. }));
+        assert!(
+            matches!(outcomes[1], Outcome::Duplicate { .. }),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[2], Outcome::Duplicate { .. }),
+            "{outcomes:?}"
+        );
     }
 
     fn file_len(dir: &std::path::Path) -> u64 {
@@ -574,7 +685,10 @@ mod journal {
             failure.contains("EIO") && failure.contains("restart"),
             "{failure}"
         );
-        let refused = store.commit(vec![Op::PruneDedupe { before_ms: 0 }]);
+        let refused = store.commit(vec![Op::PruneDedupe {
+            before_ms: 0,
+            part: None,
+        }]);
         assert!(refused.is_err(), "a failed store takes no writes");
         assert!(store.sync().is_err());
         // What was durable before is there after the restart.
@@ -651,7 +765,10 @@ mod journal {
         // The first thousand ids are forgotten: among them are waiting messages
         // whose dedupe entries are gone, and delivered ones of which nothing is left.
         store
-            .commit(vec![Op::PruneDedupe { before_ms: 1100 }])
+            .commit(vec![Op::PruneDedupe {
+                before_ms: 1100,
+                part: None,
+            }])
             .unwrap();
         (waiting_seqs, highest)
     }
@@ -725,6 +842,7 @@ mod journal {
         store
             .commit(vec![Op::PruneDedupe {
                 before_ms: u64::MAX,
+                part: None,
             }])
             .unwrap();
         let before = store.usage().unwrap().file_bytes;
@@ -766,6 +884,11 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
         compact_min_bytes: 8 * 1024,
     };
     const CONVERSATIONS: u32 = 12;
+    // Half the prunes and forgets are of one part of the keys.
+    let some_part = |rng: &mut StdRng| {
+        rng.random_bool(0.5)
+            .then(|| rng.random_range(0..PRUNE_PARTS))
+    };
     let mut reopens = 0;
     for seed in 0..3u64 {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -843,9 +966,11 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
                         },
                         97..99 => Op::PruneDedupe {
                             before_ms: now.saturating_sub(1_500),
+                            part: some_part(rng),
                         },
                         _ => Op::ForgetConversations {
                             before_ms: now.saturating_sub(rng.random_range(0..2) * 60_000),
+                            part: some_part(rng),
                         },
                     })
                     .collect()
