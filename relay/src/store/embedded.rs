@@ -18,9 +18,13 @@
 //! was therefore never acknowledged: it is dropped.
 //!
 //! When more than half of a large file is dead records, a background thread
-//! copies the live records to a new file while writes go on; a later sync
-//! appends what was written meanwhile, renames the new file over the old one,
-//! and points the indexes at the new places.
+//! copies the live records to a new file while writes go on, and reads the
+//! copy back into indexes of its own; a later sync appends what was written
+//! meanwhile and applies it to them, then renames the new file over the old
+//! one and swaps the indexes in. The store's lock is held only for the frames
+//! not yet written, the rename and the swap: at 359k live records, 1-2 ms,
+//! where moving the live indexes to the new places took 160-290 ms. The
+//! price is a second set of indexes while a compaction runs.
 
 use super::apply::{self, First, Table, Tables, decode};
 use super::{
@@ -613,22 +617,6 @@ impl Index {
             .chain(self.dedupe.values().map(|e| (e.loc, AS_DEDUPE)))
             .chain(self.conversations.values().map(|e| (e.loc(), 0)))
     }
-
-    /// Points every record at its place in a compacted file.
-    fn relocate(&mut self, mut place: impl FnMut(Loc) -> Loc) {
-        for rows in &mut self.rows {
-            for loc in rows.values_mut() {
-                *loc = place(*loc);
-            }
-        }
-        for entry in self.dedupe.values_mut() {
-            entry.loc = place(entry.loc);
-        }
-        for entry in self.conversations.values_mut() {
-            let loc = place(entry.loc());
-            (entry.at, entry.len) = (loc.at, loc.len);
-        }
-    }
 }
 
 /// The ops of one commit, turned into records of a frame and applied to the index.
@@ -892,8 +880,9 @@ struct Compaction {
 
 struct Copied {
     file: File,
-    /// (old place, new place) of every copied record, in file order.
-    moved: Vec<(u64, u64)>,
+    /// The copy read back: the index of what it holds, built by the worker
+    /// so that the swap need not move the live index record by record.
+    index: Index,
     end: u64,
 }
 
@@ -910,6 +899,7 @@ fn copy_live(
     old: &File,
     live: &[(Loc, u8)],
     next_seq: Seq,
+    opened_ms: u64,
 ) -> Result<Copied, StoreError> {
     let file = OpenOptions::new()
         .read(true)
@@ -928,7 +918,6 @@ fn copy_live(
     frame.resize(FRAME_HEADER, 0);
     frame.push(NEXT_SEQ);
     frame.extend_from_slice(&next_seq.to_le_bytes());
-    let mut moved = Vec::with_capacity(live.len());
     for (loc, roles) in live {
         if frame.len() + loc.len as usize > COPY_FRAME && frame.len() > FRAME_HEADER {
             seal(&mut frame);
@@ -936,7 +925,6 @@ fn copy_live(
             end += frame.len() as u64;
             frame.truncate(FRAME_HEADER);
         }
-        moved.push((loc.at, end + frame.len() as u64));
         let start = frame.len();
         frame.resize(start + loc.len as usize, 0);
         old.read_exact_at(&mut frame[start..], loc.at)
@@ -968,16 +956,21 @@ fn copy_live(
         end += frame.len() as u64;
     }
     file.sync_data().map_err(|e| io("cannot sync", path, e))?;
-    Ok(Copied { file, moved, end })
+    let mut index = Index {
+        opened_ms,
+        ..Index::default()
+    };
+    if replay(&file, path, end, &mut index)? != end {
+        return Err(corrupt("the compacted journal does not read back whole"));
+    }
+    Ok(Copied { file, index, end })
 }
 
 /// Reads a journal from the start, applying every whole frame to `index`.
 /// Returns where the last whole frame ends.
 fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, StoreError> {
-    let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut header = [0u8; FILE_HEADER as usize];
-    reader
-        .read_exact(&mut header)
+    file.read_exact_at(&mut header, 0)
         .map_err(|e| io("cannot read", path, e))?;
     if &header[..8] != MAGIC {
         return Err(StoreError::Embedded(format!(
@@ -985,16 +978,58 @@ fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, 
             path.display()
         )));
     }
-    let mut at = FILE_HEADER;
-    let mut payload = Vec::new();
     let mut prunes = Vec::new();
+    let (end, torn) = replay_frames(file, FILE_HEADER, len, index, Some(&mut prunes))?;
+    if torn {
+        tracing::warn!(
+            file = %path.display(),
+            offset = end,
+            "the journal ends with an incomplete commit (the relay stopped while writing it); \
+             it was never acknowledged and is dropped"
+        );
+    }
+    index.prune_as_replayed(&prunes);
+    Ok(end)
+}
+
+/// A file read from a place of its own, whatever its cursor.
+struct ReadAt<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// A prune met in a replay: (its place, `before_ms`, its part).
+type ReplayedPrune = (u64, u64, Option<u8>);
+
+/// Applies the whole frames of `file` from `from` up to `len` to `index`,
+/// prunes as they come or, given `prunes`, left there to apply at the end.
+/// Returns where the last whole frame ends, and whether a frame was cut
+/// short there (rather than followed by zeros or nothing).
+fn replay_frames(
+    file: &File,
+    from: u64,
+    len: u64,
+    index: &mut Index,
+    mut prunes: Option<&mut Vec<ReplayedPrune>>,
+) -> Result<(u64, bool), StoreError> {
+    let mut reader = BufReader::with_capacity(1 << 20, ReadAt { file, at: from });
+    let mut at = from;
+    let mut payload = Vec::new();
     loop {
         let mut frame_header = [0u8; FRAME_HEADER];
         if len - at < FRAME_HEADER as u64 || reader.read_exact(&mut frame_header).is_err() {
-            break;
+            return Ok((at, false));
         }
         if frame_header == [0; FRAME_HEADER] {
-            break;
+            return Ok((at, false));
         }
         let size = u32::from_le_bytes(frame_header[..4].try_into().expect("4 bytes")) as u64;
         let crc = u32::from_le_bytes(frame_header[4..].try_into().expect("4 bytes"));
@@ -1003,38 +1038,55 @@ fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, 
             reader.read_exact(&mut payload).is_ok() && crc32fast::hash(&payload) == crc
         };
         if !whole {
-            tracing::warn!(
-                file = %path.display(),
-                offset = at,
-                "the journal ends with an incomplete commit (the relay stopped while writing it); \
-                 it was never acknowledged and is dropped"
-            );
-            break;
+            return Ok((at, true));
         }
         let base = at + FRAME_HEADER as u64;
-        let mut records = Reader {
-            buf: &payload,
-            pos: 0,
-        };
-        while records.pos < payload.len() {
-            let start = records.pos;
-            let record = records.record()?;
-            let loc = Loc {
-                at: base + start as u64,
-                len: (records.pos - start) as u32,
-                accept: false,
-            };
-            match record {
-                Record::Prune { before_ms, part } => prunes.push((loc.at, before_ms, part)),
-                record => {
-                    index.apply(record, loc)?;
-                }
-            }
-        }
+        apply_payload(&payload, base, index, prunes.as_deref_mut())?;
         at = base + size;
     }
-    index.prune_as_replayed(&prunes);
-    Ok(at)
+}
+
+/// Applies the records of one frame, whose payload starts at `base`.
+fn apply_payload(
+    payload: &[u8],
+    base: u64,
+    index: &mut Index,
+    mut prunes: Option<&mut Vec<ReplayedPrune>>,
+) -> Result<(), StoreError> {
+    let mut records = Reader {
+        buf: payload,
+        pos: 0,
+    };
+    while records.pos < payload.len() {
+        let start = records.pos;
+        let record = records.record()?;
+        let loc = Loc {
+            at: base + start as u64,
+            len: (records.pos - start) as u32,
+            accept: false,
+        };
+        match (record, prunes.as_deref_mut()) {
+            (Record::Prune { before_ms, part }, Some(prunes)) => {
+                prunes.push((loc.at, before_ms, part))
+            }
+            (record, _) => {
+                index.apply(record, loc)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies sealed frames held in memory, the first starting at `base`.
+fn apply_frames(frames: &[u8], base: u64, index: &mut Index) -> Result<(), StoreError> {
+    let mut at = 0;
+    while at < frames.len() {
+        let size = u32::from_le_bytes(frames[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let payload = &frames[at + FRAME_HEADER..at + FRAME_HEADER + size];
+        apply_payload(payload, base + (at + FRAME_HEADER) as u64, index, None)?;
+        at += FRAME_HEADER + size;
+    }
+    Ok(())
 }
 
 impl EmbeddedStore {
@@ -1161,6 +1213,7 @@ impl EmbeddedStore {
         // Sorted by the worker, not under the lock.
         let mut live: Vec<(Loc, u8)> = inner.index.live().collect();
         let next_seq = inner.index.next_seq;
+        let opened_ms = inner.index.opened_ms;
         let old = inner.file.clone();
         let path = self.dir.join(COMPACT_NAME);
         tracing::info!(
@@ -1180,7 +1233,7 @@ impl EmbeddedStore {
                     }
                     same
                 });
-                copy_live(&path, &old, &live, next_seq)
+                copy_live(&path, &old, &live, next_seq, opened_ms)
             });
         match worker {
             Ok(worker) => {
@@ -1197,10 +1250,11 @@ impl EmbeddedStore {
     }
 
     /// Swaps in a finished compaction: appends the frames committed since it
-    /// began, renames it over the journal and moves the index to it. Called by
-    /// a sync, which holds `syncing`: only syncs write to the journal, so the
-    /// frames to append hold still while they are copied, without the lock
-    /// that writes take.
+    /// began, renames it over the journal and puts in the copy's index. Called
+    /// by a sync, which holds `syncing`: only syncs write to the journal, so
+    /// the frames to append hold still while they are copied and applied to
+    /// the copy's index, without the lock that writes take. Under the lock
+    /// are only the frames not yet written, the rename, and the swap.
     fn finish_compaction<'a>(&'a self, guard: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
         if !guard
             .compaction
@@ -1225,29 +1279,35 @@ impl EmbeddedStore {
             .and_then(|copied| self.append_tail(&old, snapshot_end, written, copied));
         let mut guard = self.lock();
         let inner = &mut *guard;
-        match copied.and_then(|copied| self.swap_in(inner, snapshot_end, written, copied)) {
-            Ok(()) => tracing::info!(
-                before_bytes = written,
-                after_bytes = inner.written,
-                "compacted the journal"
-            ),
+        match copied.and_then(|copied| self.swap_in(inner, written, copied)) {
+            Ok(old_index) => {
+                tracing::info!(
+                    before_bytes = written,
+                    after_bytes = inner.written,
+                    "compacted the journal"
+                );
+                // Freeing the old index takes a while: not under the lock.
+                drop(guard);
+                drop(old_index);
+                self.lock()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "compacting the journal failed; the journal is unchanged");
                 let _ = std::fs::remove_file(self.dir.join(COMPACT_NAME));
                 inner.compact_at = inner.written + self.tuning.compact_min_bytes;
+                guard
             }
         }
-        guard
     }
 
     /// Appends to the copy the frames written to `old` between the snapshot
-    /// and `written`, and flushes it.
+    /// and `written`, flushes it, and applies them to its index.
     fn append_tail(
         &self,
         old: &File,
         snapshot_end: u64,
         written: u64,
-        copied: Copied,
+        mut copied: Copied,
     ) -> Result<Copied, StoreError> {
         let path = self.dir.join(COMPACT_NAME);
         let mut chunk = vec![0u8; COPY_FRAME];
@@ -1266,50 +1326,55 @@ impl EmbeddedStore {
             .file
             .sync_data()
             .map_err(|e| io("cannot sync", &path, e))?;
+        let end = copied.end + (written - snapshot_end);
+        let (applied, _) = replay_frames(&copied.file, copied.end, end, &mut copied.index, None)?;
+        if applied != end {
+            return Err(corrupt(
+                "the frames appended to the compacted journal do not read back",
+            ));
+        }
+        copied.end = end;
         Ok(copied)
     }
 
-    /// Moves the store to a copy that holds everything up to `written`.
+    /// Moves the store to a copy that holds everything up to `written`;
+    /// returns the index it had.
     fn swap_in(
         &self,
         inner: &mut Inner,
-        snapshot_end: u64,
         written: u64,
         copied: Copied,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Index, StoreError> {
         let path = self.dir.join(COMPACT_NAME);
-        let Copied { file, moved, end } = copied;
+        let Copied {
+            file,
+            mut index,
+            end,
+        } = copied;
         if inner.written != written {
             return Err(StoreError::Embedded(
                 "the journal was written to while its tail was copied".into(),
             ));
         }
-        // Every record older than the snapshot must have been copied.
-        let place = |loc: Loc| -> Option<Loc> {
-            if loc.at >= snapshot_end {
-                return Some(Loc {
-                    at: loc.at - snapshot_end + end,
-                    ..loc
-                });
-            }
-            let i = moved.binary_search_by_key(&loc.at, |m| m.0).ok()?;
-            Some(Loc {
-                at: moved[i].1,
-                ..loc
-            })
-        };
-        if inner.index.live().any(|(loc, _)| place(loc).is_none()) {
+        // The frames committed but not yet written go to the copy next.
+        apply_frames(&inner.unwritten, end, &mut index)?;
+        let old = &inner.index;
+        let holds_the_same = (0..old.rows.len()).all(|t| index.rows[t].len() == old.rows[t].len())
+            && index.dedupe.len() == old.dedupe.len()
+            && index.conversations.len() == old.conversations.len()
+            && index.live_bytes == old.live_bytes;
+        if !holds_the_same {
             return Err(StoreError::Embedded(
-                "a live record is missing from the copy".into(),
+                "the compacted journal does not hold what the journal holds".into(),
             ));
         }
+        index.next_seq = index.next_seq.max(old.next_seq);
+        index.dead_letter_counts = old.dead_letter_counts;
         std::fs::rename(&path, self.path()).map_err(|e| io("cannot rename", &path, e))?;
         // From here on the journal is the copy, whatever follows.
-        inner
-            .index
-            .relocate(|loc| place(loc).expect("checked above"));
-        inner.written = written - snapshot_end + end;
-        inner.zeroed_end = inner.written;
+        let old_index = std::mem::replace(&mut inner.index, index);
+        inner.written = end;
+        inner.zeroed_end = end;
         inner.file = Arc::new(file);
         inner.compact_at = self.tuning.compact_min_bytes;
         if let Err(e) = sync_dir(&self.dir) {
@@ -1319,7 +1384,7 @@ impl EmbeddedStore {
             tracing::error!("{message}");
             inner.failed = Some(message);
         }
-        Ok(())
+        Ok(old_index)
     }
 }
 
