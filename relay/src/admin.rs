@@ -1,12 +1,13 @@
 //! The admin port: `/metrics`, `/healthz`, `/readyz`, and the dead letters
-//! (`GET /dead-letters`, `POST /dead-letters/redrive`, both behind a client token).
+//! (`GET /dead-letters`, `POST /dead-letters/redrive`, `POST
+//! /dead-letters/discard`, behind a client token).
 
 use crate::api::json;
 use crate::credentials::{CredentialStore, bearer};
 use crate::delivery::now_ms;
 use crate::metrics::Metrics;
 use crate::serve::Body;
-use crate::store::{Op, Outcome, Store, Target};
+use crate::store::{Op, Outcome, Seq, Store, Target};
 use crate::wire;
 use crate::writer::Writer;
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -43,10 +45,16 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
 }
 
 #[derive(Deserialize)]
-struct RedriveBody {
-    /// Message ids to redrive; all dead letters when absent.
+struct ChosenBody {
+    /// Message ids of the dead letters to act on; all of them when absent.
     ids: Option<Vec<String>>,
 }
+
+const DEAD_LETTER_PATHS: [&str; 3] = [
+    "/dead-letters",
+    "/dead-letters/redrive",
+    "/dead-letters/discard",
+];
 
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -65,21 +73,24 @@ impl Admin {
                     text(StatusCode::OK, "ready\n")
                 }
             }
-            (_, "/dead-letters" | "/dead-letters/redrive") if !self.authorized(&req) => error(
+            (_, path) if DEAD_LETTER_PATHS.contains(&path) && !self.authorized(&req) => error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "the dead-letter API needs `Authorization: Bearer <client-token>`",
             ),
             (&Method::GET, "/dead-letters") => self.list().await,
             (&Method::POST, "/dead-letters/redrive") => self.redrive(req).await,
-            (
-                _,
-                "/metrics" | "/healthz" | "/readyz" | "/dead-letters" | "/dead-letters/redrive",
-            ) => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "wrong method for this path",
-            ),
+            (&Method::POST, "/dead-letters/discard") => self.discard(req).await,
+            (_, path)
+                if DEAD_LETTER_PATHS.contains(&path)
+                    || ["/metrics", "/healthz", "/readyz"].contains(&path) =>
+            {
+                error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "wrong method for this path",
+                )
+            }
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
         }
     }
@@ -138,11 +149,7 @@ impl Admin {
                     serde_json::json!({ "deadLetters": items }).to_string(),
                 )
             }
-            Ok(Err(e)) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                &e.to_string(),
-            ),
+            Ok(Err(e)) => store_unavailable(e),
             Err(e) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -151,51 +158,57 @@ impl Admin {
         }
     }
 
-    async fn redrive(&self, req: Request<Incoming>) -> Response<Body> {
+    /// The dead letters a redrive or discard is for: `None` for all of them
+    /// (no body), or those whose message ids the body lists. An error answer
+    /// when the body is not one of those or the store cannot list them.
+    async fn chosen(&self, req: Request<Incoming>) -> Result<Option<Vec<Seq>>, Response<Body>> {
         let body = match Limited::new(req.into_body(), 1024 * 1024).collect().await {
             Ok(b) => b.to_bytes(),
-            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
-        };
-        let wanted = if body.iter().all(u8::is_ascii_whitespace) {
-            None
-        } else {
-            match serde_json::from_slice::<RedriveBody>(&body) {
-                Ok(b) => b.ids,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        &format!("expected {{\"ids\": [\"<message id>\", ...]}} or no body: {e}"),
-                    );
-                }
+            Err(e) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    &e.to_string(),
+                ));
             }
         };
-        let seqs = match wanted {
-            None => None,
-            Some(ids) => {
-                let store = self.store.clone();
-                let letters =
-                    match tokio::task::spawn_blocking(move || store.dead_letters(usize::MAX)).await
-                    {
-                        Ok(Ok(letters)) => letters,
-                        _ => {
-                            return error(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "store_unavailable",
-                                "cannot list dead letters",
-                            );
-                        }
-                    };
-                Some(
-                    letters
-                        .into_iter()
-                        .filter(|l| ids.contains(&l.message_id))
-                        .map(|l| l.seq)
-                        .collect(),
-                )
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        let ids: HashSet<String> = match serde_json::from_slice::<ChosenBody>(&body) {
+            Ok(ChosenBody { ids: Some(ids) }) => ids.into_iter().collect(),
+            Ok(ChosenBody { ids: None }) => return Ok(None),
+            Err(e) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    &format!("expected {{\"ids\": [\"<message id>\", ...]}} or no body: {e}"),
+                ));
             }
         };
-        match self
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.dead_letters(usize::MAX)).await {
+            Ok(Ok(letters)) => Ok(Some(
+                letters
+                    .into_iter()
+                    .filter(|l| ids.contains(&l.message_id))
+                    .map(|l| l.seq)
+                    .collect(),
+            )),
+            _ => Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "cannot list dead letters",
+            )),
+        }
+    }
+
+    async fn redrive(&self, req: Request<Incoming>) -> Response<Body> {
+        let seqs = match self.chosen(req).await {
+            Ok(seqs) => seqs,
+            Err(answer) => return answer,
+        };
+        let redriven = match self
             .writer
             .commit(Op::Redrive {
                 seqs,
@@ -203,22 +216,39 @@ impl Admin {
             })
             .await
         {
-            Ok(Outcome::Queued(due)) => {
-                tracing::info!(count = due.len(), "dead letters redriven");
-                json(
-                    StatusCode::OK,
-                    serde_json::json!({ "redriven": due.len() }).to_string(),
-                )
-            }
-            Ok(_) => json(
-                StatusCode::OK,
-                serde_json::json!({ "redriven": 0 }).to_string(),
-            ),
-            Err(e) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                &e.to_string(),
-            ),
-        }
+            Ok(Outcome::Queued(due)) => due.len(),
+            Ok(_) => 0,
+            Err(e) => return store_unavailable(e),
+        };
+        tracing::info!(count = redriven, "dead letters redriven");
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "redriven": redriven }).to_string(),
+        )
     }
+
+    async fn discard(&self, req: Request<Incoming>) -> Response<Body> {
+        let seqs = match self.chosen(req).await {
+            Ok(seqs) => seqs,
+            Err(answer) => return answer,
+        };
+        let discarded = match self.writer.commit(Op::Discard { seqs }).await {
+            Ok(Outcome::Discarded(n)) => n,
+            Ok(_) => 0,
+            Err(e) => return store_unavailable(e),
+        };
+        tracing::warn!(count = discarded, "dead letters discarded for good");
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "discarded": discarded }).to_string(),
+        )
+    }
+}
+
+fn store_unavailable(e: impl std::fmt::Display) -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        &e.to_string(),
+    )
 }

@@ -434,6 +434,89 @@ async fn exhausted_messages_are_dead_lettered_listed_and_redriven() {
 }
 
 #[tokio::test]
+async fn dead_letters_can_be_discarded_by_id_or_all_at_once() {
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::status(500)).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &["--max-attempts=1"]).await;
+    for (i, conversation) in ["c1", "c2", "c3"].iter().enumerate() {
+        relay
+            .send(&message("u", conversation, &format!("m{i}"), "hi"))
+            .await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while relay
+        .metric("botrelay_dead_letters", &[("target", "response")])
+        .await
+        < 3.0
+    {
+        assert!(Instant::now() < deadline, "dead letters not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = |p: &str| format!("http://{}{p}", relay.admin);
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    let call = |method: &'static str, path: &'static str, body: Vec<u8>| {
+        let (url, auth) = (admin(path), auth.clone());
+        async move {
+            let (status, _, body) = request(method, &url, &[("authorization", &auth)], body)
+                .await
+                .unwrap();
+            (status, serde_json::from_slice::<Value>(&body).unwrap())
+        }
+    };
+    let (_, listed) = call("GET", "/dead-letters", vec![]).await;
+    let first = listed["deadLetters"][0]["id"].as_str().unwrap().to_owned();
+
+    let (status, answer) = call(
+        "POST",
+        "/dead-letters/discard",
+        json!({"ids": [first, "no-such-id"]})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!((status, answer), (200, json!({"discarded": 1})));
+    let (_, listed) = call("GET", "/dead-letters", vec![]).await;
+    let ids: Vec<&str> = listed["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(!ids.contains(&first.as_str()));
+
+    let (status, answer) = call("POST", "/dead-letters/discard", vec![]).await;
+    assert_eq!((status, answer), (200, json!({"discarded": 2})));
+    assert_eq!(
+        relay
+            .metric("botrelay_dead_letters", &[("target", "response")])
+            .await,
+        0.0
+    );
+    // Discarded is gone: a redrive finds nothing, and nothing more is sent.
+    endpoint.set(|_| Answer::ok());
+    let (status, answer) = call("POST", "/dead-letters/redrive", vec![]).await;
+    assert_eq!((status, answer), (200, json!({"redriven": 0})));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(endpoint.received().len(), 3, "one attempt each, no more");
+    assert!(relay.logs().contains("dead letters discarded"));
+
+    let (status, answer) = call("POST", "/dead-letters/discard", b"[1]".to_vec()).await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, _, _) = request(
+        "POST",
+        &admin("/dead-letters/discard"),
+        &[("authorization", "Bearer nope")],
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    let (status, _) = call("GET", "/dead-letters/discard", vec![]).await;
+    assert_eq!(status, 405);
+}
+
+#[tokio::test]
 async fn a_full_queue_answers_429_with_retry_after_and_loses_nothing() {
     let down = free_addr();
     let endpoint = Peer::start(|_| Answer::ok()).await;

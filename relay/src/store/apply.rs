@@ -217,6 +217,27 @@ pub(super) fn apply(
                 }
                 Outcome::Queued(due)
             }
+            Op::Discard { seqs } => {
+                let seqs = match seqs {
+                    Some(seqs) => seqs,
+                    None => tables.keys(Table::DeadLetters)?,
+                };
+                let mut discarded = 0;
+                for seq in seqs {
+                    let Some(bytes) = tables.get(Table::DeadLetters, seq)? else {
+                        continue;
+                    };
+                    #[derive(serde::Deserialize)]
+                    struct Of {
+                        target: Target,
+                    }
+                    let of: Of = decode("dead letter", &bytes)?;
+                    tables.remove(Table::DeadLetters, seq)?;
+                    delta.add(of.target, -1);
+                    discarded += 1;
+                }
+                Outcome::Discarded(discarded)
+            }
             Op::PruneDedupe { before_ms, part } => {
                 tables.dedupe_prune(before_ms, part)?;
                 Outcome::Done

@@ -208,6 +208,8 @@ pub enum Op {
     },
     /// Put dead letters back in their queues (all of them, or those listed).
     Redrive { seqs: Option<Vec<Seq>>, now_ms: u64 },
+    /// Delete dead letters for good (all of them, or those listed).
+    Discard { seqs: Option<Vec<Seq>> },
     /// Forget dedupe entries accepted before `before_ms`: all of them, or
     /// those of one part (below [`PRUNE_PARTS`]).
     PruneDedupe { before_ms: u64, part: Option<u8> },
@@ -228,6 +230,8 @@ pub enum Outcome {
     Queued(Vec<Pending>),
     /// The op changed nothing that needs delivering.
     Done,
+    /// This many dead letters were deleted.
+    Discarded(usize),
     /// A completion or dead-lettering found nothing to act on (already done).
     Missing,
 }

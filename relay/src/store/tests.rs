@@ -182,6 +182,72 @@ fn dead_letters_are_kept_counted_and_redriven(store: &dyn Store) {
     );
 }
 
+fn dead_letters_can_be_discarded(store: &dyn Store) {
+    let mut letters = Vec::new();
+    for (id, target) in [
+        ("m1", Target::Bot),
+        ("m2", Target::Bot),
+        ("m3", Target::Response),
+    ] {
+        let Outcome::Accepted { pending, .. } = accept(store, id, 100) else {
+            panic!()
+        };
+        let seq = match target {
+            Target::Bot => pending.seq,
+            Target::Response => {
+                let done = store
+                    .commit(vec![Op::CompleteInbound {
+                        seq: pending.seq,
+                        replies: vec![reply(3, "c1")],
+                    }])
+                    .unwrap();
+                done[0].due()[0].seq
+            }
+        };
+        let op = Op::DeadLetter {
+            target,
+            seq,
+            reason: "gave up".into(),
+            now_ms: 5000,
+        };
+        store.commit(vec![op]).unwrap();
+        letters.push(seq);
+    }
+    let counts = |s: &dyn Store| {
+        let c = s.dead_letter_counts().unwrap();
+        (c.bot, c.response)
+    };
+    assert_eq!(counts(store), (2, 1));
+    let discard = |seqs| store.commit(vec![Op::Discard { seqs }]).unwrap();
+    // One by position; one already gone and one never there count for nothing.
+    assert_eq!(
+        discard(Some(vec![letters[0], letters[0], 999_999])),
+        vec![Outcome::Discarded(1)]
+    );
+    assert_eq!(counts(store), (1, 1));
+    let left: Vec<Seq> = store
+        .dead_letters(10)
+        .unwrap()
+        .iter()
+        .map(|l| l.seq)
+        .collect();
+    assert_eq!(left, letters[1..]);
+    assert_eq!(discard(None), vec![Outcome::Discarded(2)]);
+    assert_eq!(counts(store), (0, 0));
+    assert!(store.dead_letters(10).unwrap().is_empty());
+    // Nothing comes back to be delivered.
+    assert!(waiting(store).is_empty());
+    assert_eq!(
+        store
+            .commit(vec![Op::Redrive {
+                seqs: None,
+                now_ms: 6000
+            }])
+            .unwrap(),
+        vec![Outcome::Queued(vec![])]
+    );
+}
+
 fn prune_forgets_only_expired_entries(store: &dyn Store) {
     accept(store, "old", 100);
     accept(store, "new", 2000);
@@ -361,6 +427,11 @@ macro_rules! suite {
             fn dead_letters() {
                 let (store, _dir) = $make;
                 dead_letters_are_kept_counted_and_redriven(&store);
+            }
+            #[test]
+            fn discard() {
+                let (store, _dir) = $make;
+                dead_letters_can_be_discarded(&store);
             }
             #[test]
             fn prune() {
@@ -913,6 +984,12 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
                 now += CONVERSATION_REFRESH_MS;
             }
             let waiting_now = waiting(&model);
+            let letters_now: Vec<Seq> = model
+                .dead_letters(10_000)
+                .unwrap()
+                .iter()
+                .map(|l| l.seq)
+                .collect();
             let pick = |target: Target, rng: &mut StdRng| {
                 let of: Vec<_> = waiting_now.iter().filter(|p| p.target == target).collect();
                 (!of.is_empty()).then(|| of[rng.random_range(0..of.len())].seq)
@@ -960,9 +1037,18 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
                                 now_ms: now,
                             }
                         }
-                        94..97 => Op::Redrive {
+                        94..96 => Op::Redrive {
                             seqs: None,
                             now_ms: now,
+                        },
+                        96..97 => Op::Discard {
+                            seqs: rng.random_bool(0.5).then(|| {
+                                letters_now
+                                    .get(rng.random_range(0..letters_now.len().max(1)))
+                                    .into_iter()
+                                    .copied()
+                                    .collect()
+                            }),
                         },
                         97..99 => Op::PruneDedupe {
                             before_ms: now.saturating_sub(1_500),
