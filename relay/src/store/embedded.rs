@@ -897,7 +897,7 @@ const AS_DEDUPE: u8 = 2;
 fn copy_live(
     path: &Path,
     old: &File,
-    live: &[(Loc, u8)],
+    live: Vec<(Loc, u8)>,
     next_seq: Seq,
     opened_ms: u64,
 ) -> Result<Copied, StoreError> {
@@ -918,7 +918,7 @@ fn copy_live(
     frame.resize(FRAME_HEADER, 0);
     frame.push(NEXT_SEQ);
     frame.extend_from_slice(&next_seq.to_le_bytes());
-    for (loc, roles) in live {
+    for (loc, roles) in &live {
         if frame.len() + loc.len as usize > COPY_FRAME && frame.len() > FRAME_HEADER {
             seal(&mut frame);
             write(&frame, end)?;
@@ -956,6 +956,9 @@ fn copy_live(
         end += frame.len() as u64;
     }
     file.sync_data().map_err(|e| io("cannot sync", path, e))?;
+    // The list goes before the copy's index is built: the two are the
+    // compaction's own memory, on top of the live index.
+    drop(live);
     let mut index = Index {
         opened_ms,
         ..Index::default()
@@ -1233,7 +1236,7 @@ impl EmbeddedStore {
                     }
                     same
                 });
-                copy_live(&path, &old, &live, next_seq, opened_ms)
+                copy_live(&path, &old, live, next_seq, opened_ms)
             });
         match worker {
             Ok(worker) => {
