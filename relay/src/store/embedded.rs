@@ -13,9 +13,10 @@
 //! file (or in the buffer); message bodies stay on disk and are read back when
 //! needed. An accepted message is one record that is both its inbound row and
 //! its dedupe entry: a duplicate's answer is made again from it. Opening the
-//! store replays the file. A frame that is cut short or fails its checksum can
-//! only be the last one, written by a sync that a crash interrupted and that
-//! was therefore never acknowledged: it is dropped.
+//! store replays the file. A frame that is cut short or fails its checksum at
+//! the end was written by a sync that a crash interrupted, and therefore never
+//! acknowledged: it is dropped. One followed by whole frames is damage: its
+//! bytes are kept aside and the replay goes on after them.
 //!
 //! When more than half of a large file is dead records, a background thread
 //! copies the live records to a new file while writes go on, and reads the
@@ -116,6 +117,10 @@ struct Inner {
     compaction: Option<Compaction>,
     /// No compaction starts before the file reaches this size.
     compact_at: u64,
+    /// The file holds bytes that did not read at open: the next sync starts
+    /// a compaction whatever the file's size, so that they leave the journal
+    /// (they are kept aside).
+    damaged: bool,
 }
 
 impl Inner {
@@ -837,19 +842,7 @@ fn set_aside(dir: &Path, file: &File, from: u64, to: u64) -> Result<(), StoreErr
         last = start;
     };
     let aside = dir.join(format!("{FILE_NAME}.dropped-{from}"));
-    let copy = (|| -> std::io::Result<()> {
-        let out = File::create(&aside)?;
-        let mut at = from;
-        while at < used_end {
-            let n = (used_end - at).min(COPY_FRAME as u64) as usize;
-            file.read_exact_at(&mut chunk[..n], at)?;
-            out.write_all_at(&chunk[..n], at - from)?;
-            at += n as u64;
-        }
-        out.sync_all()
-    })();
-    copy.map_err(|e| io("cannot keep the dropped bytes in", &aside, e))?;
-    sync_dir(dir)?;
+    copy_out(dir, file, from, used_end, &aside)?;
     tracing::warn!(
         bytes = used_end - from,
         kept_in = %aside.display(),
@@ -857,6 +850,78 @@ fn set_aside(dir: &Path, file: &File, from: u64, to: u64) -> Result<(), StoreErr
          after a crash they are a commit that was never acknowledged, and the file can be deleted"
     );
     Ok(())
+}
+
+/// Copies `from..to` of the journal into the file `aside`, flushed, and syncs
+/// the directory.
+fn copy_out(dir: &Path, file: &File, from: u64, to: u64, aside: &Path) -> Result<(), StoreError> {
+    let copy = || -> std::io::Result<()> {
+        let out = File::create(aside)?;
+        let mut chunk = vec![0u8; COPY_FRAME];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(COPY_FRAME as u64) as usize;
+            file.read_exact_at(&mut chunk[..n], at)?;
+            out.write_all_at(&chunk[..n], at - from)?;
+            at += n as u64;
+        }
+        out.sync_all()
+    };
+    copy().map_err(|e| io("cannot keep journal bytes in", aside, e))?;
+    sync_dir(dir)
+}
+
+/// Looks for the first whole frame after `from`, where one did not read:
+/// the first place before `len` at which a frame's length fits, its
+/// checksum matches and its records read. None when there is none.
+fn next_frame(file: &File, from: u64, len: u64) -> Result<Option<u64>, StoreError> {
+    const WINDOW: usize = 1 << 20;
+    let mut window = vec![0u8; WINDOW + FRAME_HEADER];
+    let mut payload = Vec::new();
+    let mut start = from;
+    while start + (FRAME_HEADER as u64) < len {
+        let n = (len - start).min(window.len() as u64) as usize;
+        file.read_exact_at(&mut window[..n], start)
+            .map_err(|e| StoreError::Embedded(format!("reading the journal at {start}: {e}")))?;
+        for i in 0..n.saturating_sub(FRAME_HEADER).min(WINDOW) {
+            let at = start + i as u64;
+            let size = u32::from_le_bytes(window[i..i + 4].try_into().expect("4 bytes")) as u64;
+            if size == 0 || size > len - at - FRAME_HEADER as u64 {
+                continue;
+            }
+            let crc = u32::from_le_bytes(window[i + 4..i + 8].try_into().expect("4 bytes"));
+            let body = i + FRAME_HEADER;
+            let candidate = if body + size as usize <= n {
+                &window[body..body + size as usize]
+            } else {
+                payload.resize(size as usize, 0);
+                file.read_exact_at(&mut payload, at + FRAME_HEADER as u64)
+                    .map_err(|e| {
+                        StoreError::Embedded(format!("reading the journal at {at}: {e}"))
+                    })?;
+                &payload[..]
+            };
+            if crc32fast::hash(candidate) == crc && records_read(candidate) {
+                return Ok(Some(at));
+            }
+        }
+        start += WINDOW as u64;
+    }
+    Ok(None)
+}
+
+/// Whether a frame's payload reads as whole records.
+fn records_read(payload: &[u8]) -> bool {
+    let mut records = Reader {
+        buf: payload,
+        pos: 0,
+    };
+    while records.pos < payload.len() {
+        if records.record().is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 fn file_header() -> [u8; FILE_HEADER as usize] {
@@ -969,9 +1034,7 @@ fn copy_live(
     Ok(Copied { file, index, end })
 }
 
-/// Reads a journal from the start, applying every whole frame to `index`.
-/// Returns where the last whole frame ends.
-fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, StoreError> {
+fn check_header(file: &File, path: &Path) -> Result<(), StoreError> {
     let mut header = [0u8; FILE_HEADER as usize];
     file.read_exact_at(&mut header, 0)
         .map_err(|e| io("cannot read", path, e))?;
@@ -981,18 +1044,81 @@ fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, 
             path.display()
         )));
     }
+    Ok(())
+}
+
+/// Reads a journal from the start, applying every whole frame to `index`,
+/// up to the first that is not. Returns where that is.
+fn replay(file: &File, path: &Path, len: u64, index: &mut Index) -> Result<u64, StoreError> {
+    check_header(file, path)?;
     let mut prunes = Vec::new();
-    let (end, torn) = replay_frames(file, FILE_HEADER, len, index, Some(&mut prunes))?;
-    if torn {
-        tracing::warn!(
-            file = %path.display(),
-            offset = end,
-            "the journal ends with an incomplete commit (the relay stopped while writing it); \
-             it was never acknowledged and is dropped"
-        );
-    }
+    let (end, _) = replay_frames(file, FILE_HEADER, len, index, Some(&mut prunes))?;
     index.prune_as_replayed(&prunes);
     Ok(end)
+}
+
+/// How a journal read back at open.
+struct Replayed {
+    /// Where its last whole frame ends.
+    end: u64,
+    /// Whether a frame that did not read was followed by whole ones.
+    damaged: bool,
+}
+
+/// Reads the journal in `dir` from the start, applying every whole frame to
+/// `index`. A frame that does not read (or zeros where one should be) is
+/// either the end, cut short by a crash while it was written (never
+/// acknowledged), or damage: when whole frames follow, the bytes up to them
+/// are kept in `botrelay.journal.damaged-<offset>` and the replay goes on
+/// after them, so that damage costs what it hit and not everything written
+/// after it.
+fn replay_journal(
+    dir: &Path,
+    file: &File,
+    len: u64,
+    index: &mut Index,
+) -> Result<Replayed, StoreError> {
+    let path = dir.join(FILE_NAME);
+    check_header(file, &path)?;
+    let mut prunes = Vec::new();
+    let mut at = FILE_HEADER;
+    let mut damaged = false;
+    loop {
+        let (end, torn) = replay_frames(file, at, len, index, Some(&mut prunes))?;
+        // After the last commit come zeros (the file grows zero-filled), or
+        // a commit cut short: whole frames after either are past damage.
+        let resume = match end < len {
+            true => next_frame(file, end + 1, len)?,
+            false => None,
+        };
+        let Some(resume) = resume else {
+            if torn {
+                tracing::warn!(
+                    file = %path.display(),
+                    offset = end,
+                    "the journal ends with an incomplete commit (the relay stopped while writing \
+                     it); it was never acknowledged and is dropped"
+                );
+            }
+            at = end;
+            break;
+        };
+        let aside = dir.join(format!("{FILE_NAME}.damaged-{end}"));
+        copy_out(dir, file, end, resume, &aside)?;
+        tracing::error!(
+            file = %path.display(),
+            offset = end,
+            bytes = resume - end,
+            kept_in = %aside.display(),
+            "part of the journal does not read (damage on disk, or a commit cut short by a crash \
+             with later ones written whole); it was skipped and kept aside, and what follows it \
+             was read: messages stored in those bytes may be lost"
+        );
+        damaged = true;
+        at = resume;
+    }
+    index.prune_as_replayed(&prunes);
+    Ok(Replayed { end: at, damaged })
 }
 
 /// A file read from a place of its own, whatever its cursor.
@@ -1122,20 +1248,24 @@ impl EmbeddedStore {
             opened_ms: super::whole_seconds(crate::delivery::now_ms()),
             ..Index::default()
         };
-        let end = if len == 0 {
+        let Replayed { end, damaged } = if len == 0 {
             file.write_all_at(&file_header(), 0)
                 .and_then(|()| file.sync_all())
                 .map_err(|e| io("cannot write", &path, e))?;
             sync_dir(dir)?;
-            FILE_HEADER
+            Replayed {
+                end: FILE_HEADER,
+                damaged: false,
+            }
         } else {
-            replay(&file, &path, len, &mut index)?
+            replay_journal(dir, &file, len, &mut index)?
         };
         // Whatever follows the last whole frame (zeros, or an interrupted
         // commit) becomes zeros, so that no stale bytes can ever pass for a
         // frame. Bytes that are not zeros are first kept in a file of their
-        // own: normally an unacknowledged commit, but after damage to the disk
-        // they may be acknowledged messages, which must not be destroyed.
+        // own: normally an unacknowledged commit, but after damage to the
+        // disk's last written stretch they may be acknowledged messages,
+        // which must not be destroyed.
         if end < len {
             set_aside(dir, &file, end, len)?;
             zero_fill(&file, end, len)
@@ -1156,6 +1286,7 @@ impl EmbeddedStore {
                 failed: None,
                 compaction: None,
                 compact_at,
+                damaged,
             }),
         })
     }
@@ -1208,8 +1339,8 @@ impl EmbeddedStore {
     fn maybe_compact(&self, inner: &mut Inner) {
         if inner.compaction.is_some()
             || !inner.unwritten.is_empty()
-            || inner.written < inner.compact_at
-            || inner.index.live_bytes * 2 > inner.written
+            || (!inner.damaged
+                && (inner.written < inner.compact_at || inner.index.live_bytes * 2 > inner.written))
         {
             return;
         }
@@ -1248,6 +1379,7 @@ impl EmbeddedStore {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start compacting the journal");
                 inner.compact_at = inner.written + self.tuning.compact_min_bytes;
+                inner.damaged = false;
             }
         }
     }
@@ -1298,6 +1430,7 @@ impl EmbeddedStore {
                 tracing::warn!(error = %e, "compacting the journal failed; the journal is unchanged");
                 let _ = std::fs::remove_file(self.dir.join(COMPACT_NAME));
                 inner.compact_at = inner.written + self.tuning.compact_min_bytes;
+                inner.damaged = false;
                 guard
             }
         }
@@ -1376,6 +1509,7 @@ impl EmbeddedStore {
         std::fs::rename(&path, self.path()).map_err(|e| io("cannot rename", &path, e))?;
         // From here on the journal is the copy, whatever follows.
         let old_index = std::mem::replace(&mut inner.index, index);
+        inner.damaged = false;
         inner.written = end;
         inner.zeroed_end = end;
         inner.file = Arc::new(file);

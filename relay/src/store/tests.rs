@@ -770,28 +770,98 @@ mod journal {
     }
 
     #[test]
-    fn after_damage_inside_the_journal_what_follows_is_kept_aside() {
+    fn after_damage_inside_the_journal_what_follows_is_still_read() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let all = {
             let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
             for i in 0..20 {
                 accept(&store, &format!("m{i}"), 100);
             }
-        }
+            seqs(&store)
+        };
         let path = dir.path().join(FILE_NAME);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let used = bytes.iter().rposition(|b| *b != 0).unwrap() + 1;
-        // A flipped byte in the first frame's records.
+        let clean = std::fs::read(&path).unwrap();
+        // Where each frame starts: one commit, one frame.
+        let mut frames = vec![16usize];
+        while frames.len() < 20 {
+            let at = *frames.last().unwrap();
+            let size = u32::from_le_bytes(clean[at..at + 4].try_into().unwrap()) as usize;
+            frames.push(at + 8 + size);
+        }
+        let damaged_open = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+            let names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n != FILE_NAME)
+                .collect();
+            for name in &names {
+                std::fs::remove_file(dir.path().join(name)).unwrap();
+            }
+            (store, names)
+        };
+
+        // A flipped byte in the first frame's records: that commit is lost,
+        // kept aside byte for byte, and every later one is read.
+        let mut bytes = clean.clone();
         bytes[16 + 8 + 20] ^= 0xff;
+        let aside = dir.path().join(format!("{FILE_NAME}.damaged-16"));
         std::fs::write(&path, &bytes).unwrap();
         let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
-        assert!(seqs(&store).is_empty(), "the replay stops at the damage");
-        let aside = std::fs::read(dir.path().join(format!("{FILE_NAME}.dropped-16"))).unwrap();
+        assert_eq!(seqs(&store), all[1..]);
+        assert_eq!(std::fs::read(&aside).unwrap(), bytes[16..frames[1]]);
+        drop(store);
+        std::fs::remove_file(&aside).unwrap();
+
+        // A length that no longer fits, in the middle: the frames on both
+        // sides are read.
+        let mut length_hit = clean.clone();
+        length_hit[frames[5] + 3] = 0x7f;
+        let (store, aside) = damaged_open(&length_hit);
+        let mut expected = all.clone();
+        expected.remove(5);
+        assert_eq!(seqs(&store), expected);
+        assert_eq!(aside, [format!("{FILE_NAME}.damaged-{}", frames[5])]);
+        drop(store);
+
+        // A stretch of zeros where two commits were.
+        let mut zeroed = clean.clone();
+        zeroed[frames[9]..frames[11]].fill(0);
+        let (store, aside) = damaged_open(&zeroed);
+        let mut expected = all.clone();
+        expected.drain(9..11);
+        assert_eq!(seqs(&store), expected);
+        assert_eq!(aside, [format!("{FILE_NAME}.damaged-{}", frames[9])]);
+        drop(store);
+
+        // The first commit after an open that found damage compacts it away:
+        // the next open finds none.
+        let (store, _) = damaged_open(&length_hit);
+        accept(&store, "after", 200);
+        for _ in 0..200 {
+            store.sync().unwrap();
+            if file_len(dir.path()) < clean.len() as u64 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(store);
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        assert_eq!(seqs(&store).len(), 20);
         assert_eq!(
-            aside,
-            bytes[16..used],
-            "every byte from the damage on is kept"
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "nothing more is set aside"
         );
+        assert!(matches!(
+            accept(&store, "m7", 300),
+            Outcome::Duplicate { .. }
+        ));
+        assert!(matches!(
+            accept(&store, "m5", 300),
+            Outcome::Accepted { .. }
+        ));
     }
 
     #[test]
