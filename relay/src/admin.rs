@@ -19,8 +19,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Most dead letters listed by one `GET /dead-letters`.
+/// Dead letters listed by one `GET /dead-letters`: by default, and at most.
 const LIST_LIMIT: usize = 1000;
+const LIST_LIMIT_MAX: usize = 10_000;
 
 pub struct Admin {
     pub store: Arc<dyn Store>,
@@ -78,7 +79,7 @@ impl Admin {
                 "unauthorized",
                 "the dead-letter API needs `Authorization: Bearer <client-token>`",
             ),
-            (&Method::GET, "/dead-letters") => self.list().await,
+            (&Method::GET, "/dead-letters") => self.list(req.uri().query()).await,
             (&Method::POST, "/dead-letters/redrive") => self.redrive(req).await,
             (&Method::POST, "/dead-letters/discard") => self.discard(req).await,
             (_, path)
@@ -128,10 +129,24 @@ impl Admin {
             .is_some_and(|token| self.credentials.current().client_tokens.accepts(token))
     }
 
-    async fn list(&self) -> Response<Body> {
+    /// `GET /dead-letters[?limit=N][&after=CURSOR]`: a page of dead letters,
+    /// oldest first, with `next` (the cursor of the following page) when
+    /// more may follow, and `total`, how many are held.
+    async fn list(&self, query: Option<&str>) -> Response<Body> {
+        let (from, limit) = match page(query) {
+            Ok(page) => page,
+            Err(problem) => return error(StatusCode::BAD_REQUEST, "invalid_request", &problem),
+        };
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.dead_letters(LIST_LIMIT)).await {
-            Ok(Ok(letters)) => {
+        let listed = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::store::StoreError>((
+                store.dead_letters(from, limit)?,
+                store.dead_letter_counts()?,
+            ))
+        })
+        .await;
+        match listed {
+            Ok(Ok((letters, counts))) => {
                 let items: Vec<_> = letters
                     .iter()
                     .map(|l| {
@@ -144,10 +159,16 @@ impl Admin {
                         })
                     })
                     .collect();
-                json(
-                    StatusCode::OK,
-                    serde_json::json!({ "deadLetters": items }).to_string(),
-                )
+                let mut body = serde_json::json!({
+                    "deadLetters": items,
+                    "total": counts.bot + counts.response,
+                });
+                if letters.len() == limit
+                    && let Some(last) = letters.last()
+                {
+                    body["next"] = (last.seq + 1).to_string().into();
+                }
+                json(StatusCode::OK, body.to_string())
             }
             Ok(Err(e)) => store_unavailable(e),
             Err(e) => error(
@@ -187,7 +208,7 @@ impl Admin {
             }
         };
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.dead_letters(usize::MAX)).await {
+        match tokio::task::spawn_blocking(move || store.dead_letters(0, usize::MAX)).await {
             Ok(Ok(letters)) => Ok(Some(
                 letters
                     .into_iter()
@@ -243,6 +264,30 @@ impl Admin {
             serde_json::json!({ "discarded": discarded }).to_string(),
         )
     }
+}
+
+/// The first position and the size of the page a list query asks for.
+fn page(query: Option<&str>) -> Result<(Seq, usize), String> {
+    let (mut from, mut limit) = (0, LIST_LIMIT);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=LIST_LIMIT_MAX).contains(n))
+                    .ok_or(format!("limit must be a number from 1 to {LIST_LIMIT_MAX}"))?
+            }
+            "after" => {
+                from = value
+                    .parse()
+                    .map_err(|_| "after must be the `next` of the page before".to_string())?
+            }
+            other => return Err(format!("unknown parameter {other:?}; use limit and after")),
+        }
+    }
+    Ok((from, limit))
 }
 
 fn store_unavailable(e: impl std::fmt::Display) -> Response<Body> {

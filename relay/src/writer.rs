@@ -315,8 +315,8 @@ mod tests {
         fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
             self.inner.conversation(id)
         }
-        fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-            self.inner.dead_letters(limit)
+        fn dead_letters(&self, from: Seq, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+            self.inner.dead_letters(from, limit)
         }
         fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
             self.inner.dead_letter_counts()

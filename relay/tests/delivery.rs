@@ -315,6 +315,23 @@ async fn an_unreachable_target_is_a_network_error_and_is_retried() {
         .await;
 }
 
+/// Waits until the relay holds `n` dead letters for the response endpoint.
+async fn wait_for_dead_letters(relay: &Relay, n: f64) {
+    let deadline = Instant::now() + WAIT;
+    while relay
+        .metric("botrelay_dead_letters", &[("target", "response")])
+        .await
+        < n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "dead letters not counted:\n{}",
+            relay.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn exhausted_messages_are_dead_lettered_listed_and_redriven() {
     let bot = Peer::start(echo).await;
@@ -325,19 +342,7 @@ async fn exhausted_messages_are_dead_lettered_listed_and_redriven() {
     endpoint
         .wait_until("3 attempts for each reply", WAIT, |r| r.len() >= 6)
         .await;
-    let deadline = Instant::now() + WAIT;
-    while relay
-        .metric("botrelay_dead_letters", &[("target", "response")])
-        .await
-        < 2.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "dead letters not counted:\n{}",
-            relay.metrics().await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_dead_letters(&relay, 2.0).await;
     assert_eq!(endpoint.received().len(), 6, "no attempt past the limit");
     assert_eq!(
         relay
@@ -443,15 +448,7 @@ async fn dead_letters_can_be_discarded_by_id_or_all_at_once() {
             .send(&message("u", conversation, &format!("m{i}"), "hi"))
             .await;
     }
-    let deadline = Instant::now() + WAIT;
-    while relay
-        .metric("botrelay_dead_letters", &[("target", "response")])
-        .await
-        < 3.0
-    {
-        assert!(Instant::now() < deadline, "dead letters not counted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_dead_letters(&relay, 3.0).await;
     let admin = |p: &str| format!("http://{}{p}", relay.admin);
     let auth = format!("Bearer {CLIENT_TOKEN}");
     let call = |method: &'static str, path: &'static str, body: Vec<u8>| {
@@ -514,6 +511,62 @@ async fn dead_letters_can_be_discarded_by_id_or_all_at_once() {
     assert_eq!(status, 401);
     let (status, _) = call("GET", "/dead-letters/discard", vec![]).await;
     assert_eq!(status, 405);
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_page_by_page() {
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::status(500)).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &["--max-attempts=1"]).await;
+    for i in 0..5 {
+        relay
+            .send(&message("u", &format!("c{i}"), &format!("m{i}"), "hi"))
+            .await;
+    }
+    wait_for_dead_letters(&relay, 5.0).await;
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    let list = |query: String| {
+        let (url, auth) = (
+            format!("http://{}/dead-letters{query}", relay.admin),
+            auth.clone(),
+        );
+        async move {
+            let (status, _, body) = request("GET", &url, &[("authorization", &auth)], vec![])
+                .await
+                .unwrap();
+            (status, serde_json::from_slice::<Value>(&body).unwrap())
+        }
+    };
+    let (status, all) = list(String::new()).await;
+    assert_eq!(status, 200);
+    assert_eq!(all["total"], 5);
+    assert!(all.get("next").is_none(), "one page holds them all: {all}");
+    let every: Vec<Value> = all["deadLetters"].as_array().unwrap().clone();
+    assert_eq!(every.len(), 5);
+
+    let mut paged = Vec::new();
+    let mut query = "?limit=2".to_string();
+    loop {
+        let (status, page) = list(query).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["total"], 5);
+        paged.extend(page["deadLetters"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => query = format!("?limit=2&after={next}"),
+            None => break,
+        }
+        assert!(paged.len() <= 5, "the pages end");
+    }
+    assert_eq!(
+        paged, every,
+        "the pages hold each dead letter once, in order"
+    );
+
+    for bad in ["?limit=0", "?limit=x", "?after=soon", "?page=2"] {
+        let (status, answer) = list(bad.to_string()).await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_request");
+    }
 }
 
 #[tokio::test]

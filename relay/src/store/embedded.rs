@@ -1672,14 +1672,15 @@ impl Store for EmbeddedStore {
         .transpose()
     }
 
-    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    fn dead_letters(&self, from: Seq, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         // Records still unwritten are copied under the lock; the rest are read after.
         let (file, records): (Arc<File>, Vec<Result<Vec<u8>, Loc>>) = {
             let inner = self.lock();
             let records = inner
                 .index
                 .rows(Table::DeadLetters)
-                .values()
+                .range(from..)
+                .map(|(_, loc)| loc)
                 .take(limit)
                 .map(|loc| inner.locate(*loc).map_err(|_| *loc))
                 .collect();

@@ -272,11 +272,12 @@ impl Store for MemoryStore {
         Ok(self.lock().conversations.get(id).cloned())
     }
 
-    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    fn dead_letters(&self, from: Seq, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         let state = self.lock();
         state
             .dead_letters
-            .values()
+            .range(from..)
+            .map(|(_, b)| b)
             .take(limit)
             .map(|b| decode("dead letter", b))
             .collect()

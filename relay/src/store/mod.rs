@@ -324,7 +324,8 @@ pub trait Store: Send + Sync + 'static {
     fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError>;
     fn outbound(&self, seq: Seq) -> Result<Option<OutboundMessage>, StoreError>;
     fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
-    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+    /// Dead letters at positions from `from` on, in order, at most `limit`.
+    fn dead_letters(&self, from: Seq, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError>;
     /// How many conversations are remembered.
     fn conversation_count(&self) -> u64;

@@ -146,7 +146,7 @@ fn dead_letters_are_kept_counted_and_redriven(store: &dyn Store) {
     assert_eq!(store.commit(vec![op]).unwrap(), vec![Outcome::Done]);
     assert!(waiting(store).is_empty());
     assert_eq!(store.dead_letter_counts().unwrap().bot, 1);
-    let letters = store.dead_letters(10).unwrap();
+    let letters = store.dead_letters(0, 10).unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].message_id, "id-m1");
     assert_eq!(letters[0].reason, "25 attempts failed");
@@ -171,7 +171,7 @@ fn dead_letters_are_kept_counted_and_redriven(store: &dyn Store) {
     );
     assert_eq!(due[0].created_at_ms, 100);
     assert_eq!(store.dead_letter_counts().unwrap().bot, 0);
-    assert!(store.dead_letters(10).unwrap().is_empty());
+    assert!(store.dead_letters(0, 10).unwrap().is_empty());
     assert_eq!(
         store
             .inbound(due[0].seq)
@@ -218,6 +218,14 @@ fn dead_letters_can_be_discarded(store: &dyn Store) {
         (c.bot, c.response)
     };
     assert_eq!(counts(store), (2, 1));
+    // Listed from a position on, a page at a time.
+    let listed = |from, limit| -> Vec<Seq> {
+        let letters = store.dead_letters(from, limit).unwrap();
+        letters.iter().map(|l| l.seq).collect()
+    };
+    assert_eq!(listed(0, 10), letters);
+    assert_eq!(listed(letters[0] + 1, 1), letters[1..2]);
+    assert_eq!(listed(letters[2] + 1, 10), Vec::<Seq>::new());
     let discard = |seqs| store.commit(vec![Op::Discard { seqs }]).unwrap();
     // One by position; one already gone and one never there count for nothing.
     assert_eq!(
@@ -226,7 +234,7 @@ fn dead_letters_can_be_discarded(store: &dyn Store) {
     );
     assert_eq!(counts(store), (1, 1));
     let left: Vec<Seq> = store
-        .dead_letters(10)
+        .dead_letters(0, 10)
         .unwrap()
         .iter()
         .map(|l| l.seq)
@@ -234,7 +242,7 @@ fn dead_letters_can_be_discarded(store: &dyn Store) {
     assert_eq!(left, letters[1..]);
     assert_eq!(discard(None), vec![Outcome::Discarded(2)]);
     assert_eq!(counts(store), (0, 0));
-    assert!(store.dead_letters(10).unwrap().is_empty());
+    assert!(store.dead_letters(0, 10).unwrap().is_empty());
     // Nothing comes back to be delivered.
     assert!(waiting(store).is_empty());
     assert_eq!(
@@ -1055,7 +1063,7 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
             }
             let waiting_now = waiting(&model);
             let letters_now: Vec<Seq> = model
-                .dead_letters(10_000)
+                .dead_letters(0, 10_000)
                 .unwrap()
                 .iter()
                 .map(|l| l.seq)
@@ -1160,7 +1168,7 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
                     model.dead_letter_counts().unwrap()
                 );
                 let letters = |s: &dyn Store| -> Vec<(Seq, String)> {
-                    s.dead_letters(10_000)
+                    s.dead_letters(0, 10_000)
                         .unwrap()
                         .into_iter()
                         .map(|l| (l.seq, l.message_id))
