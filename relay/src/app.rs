@@ -60,6 +60,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
 
+    let memory_limit = crate::config::memory_limit();
+    let (max_pending, from_memory_limit) = config.max_pending(memory_limit);
+    if from_memory_limit {
+        tracing::info!(
+            max_pending,
+            memory_limit_bytes = memory_limit,
+            "at most this many messages may wait, to fit the memory limit (--max-pending sets it)"
+        );
+    }
+
     let (queues, inboxes) = delivery::queues();
     let (writer, syncer_thread) =
         Writer::start(store.clone(), queues.clone(), metrics.clone(), WRITE_QUEUE);
@@ -130,7 +140,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         draining: draining.clone(),
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,
-        max_pending: config.max_pending,
+        max_pending,
         dedupe_window: config.dedupe_window,
     });
     let admin = Arc::new(Admin {
@@ -182,6 +192,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         admin_listen = %config.admin_listen,
         store = ?config.store,
         waiting,
+        max_pending,
         startup_ms = started.elapsed().as_millis() as u64,
         "botrelay is ready"
     );

@@ -3,7 +3,7 @@
 
 use clap::{Parser, ValueEnum};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -115,9 +115,11 @@ pub struct Config {
     #[arg(long, env = "BOTRELAY_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Messages that may wait at once (both directions); past it clients get 429.
-    #[arg(long, env = "BOTRELAY_MAX_PENDING", default_value_t = 1_000_000)]
-    pub max_pending: usize,
+    /// Messages that may wait at once (both directions); past it clients get
+    /// 429. Default: 1000000, or fewer under a memory limit (a cgroup's, as in
+    /// a container): as many as fit in half of it at 600 bytes each.
+    #[arg(long, env = "BOTRELAY_MAX_PENDING")]
+    pub max_pending: Option<usize>,
 
     /// Deliveries under way at once, per target.
     #[arg(long, env = "BOTRELAY_MAX_IN_FLIGHT", default_value_t = 256,
@@ -154,7 +156,70 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// `--max-pending` when it is not given.
+pub const MAX_PENDING: usize = 1_000_000;
+
+/// Memory a waiting message may take, for the default `--max-pending` under a
+/// memory limit. Measured with the benchmark (peak RSS less an idle relay's,
+/// over the messages waiting): about 270 bytes a message (its place in the
+/// queues, its index entries, its dedupe entry) with 1,000 conversations,
+/// about 520 with every message in a conversation of its own.
+const BYTES_PER_PENDING: u64 = 600;
+
+/// The default `--max-pending` under a memory limit of `limit` bytes: half of
+/// the limit is left to the rest (dedupe entries of delivered messages,
+/// conversations, a compaction's second index, buffers).
+pub fn max_pending_for_memory(limit: u64) -> usize {
+    let fits = limit / 2 / BYTES_PER_PENDING;
+    usize::try_from(fits)
+        .unwrap_or(usize::MAX)
+        .clamp(1, MAX_PENDING)
+}
+
+/// The memory limit of the relay's cgroup, from the contents of cgroup v2's
+/// `memory.max` or v1's `memory.limit_in_bytes`: `None` when there is none
+/// ("max", or v1's "no limit", a number near `u64::MAX`).
+pub fn parse_memory_limit(contents: &str) -> Option<u64> {
+    let limit: u64 = contents.trim().parse().ok()?;
+    (limit < 1 << 60).then_some(limit)
+}
+
+/// The memory limit this process runs under, if any.
+pub fn memory_limit() -> Option<u64> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    memory_limit_in(&cgroups, Path::new("/sys/fs/cgroup"))
+}
+
+/// The memory limit of the cgroup that `cgroups` (the contents of
+/// `/proc/<pid>/cgroup`) names, read under `root`: cgroup v2's `memory.max`,
+/// or v1's `memory/…/memory.limit_in_bytes`.
+fn memory_limit_in(cgroups: &str, root: &Path) -> Option<u64> {
+    cgroups.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let dir = path.trim_start_matches('/');
+        let file = if controllers.is_empty() {
+            root.join(dir).join("memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            root.join("memory").join(dir).join("memory.limit_in_bytes")
+        } else {
+            return None;
+        };
+        parse_memory_limit(&std::fs::read_to_string(file).ok()?)
+    })
+}
+
 impl Config {
+    /// `--max-pending`, or its default under `memory_limit`; and whether it
+    /// was derived from that limit.
+    pub fn max_pending(&self, memory_limit: Option<u64>) -> (usize, bool) {
+        match (self.max_pending, memory_limit) {
+            (Some(n), _) => (n, false),
+            (None, Some(limit)) => (max_pending_for_memory(limit), true),
+            (None, None) => (MAX_PENDING, false),
+        }
+    }
+
     /// Checks that span flags; clap checks each flag on its own.
     pub fn validate(&self) -> Result<(), String> {
         if self.retry_initial_backoff.is_zero() {
@@ -184,7 +249,7 @@ impl Config {
         if !self.conversation_retention.is_zero() && self.conversation_retention < refresh {
             return Err("--conversation-retention must be 0 (keep for good) or at least 1h".into());
         }
-        if self.max_body_bytes == 0 || self.max_pending == 0 || self.max_connections == 0 {
+        if self.max_body_bytes == 0 || self.max_pending == Some(0) || self.max_connections == 0 {
             return Err(
                 "--max-body-bytes, --max-pending and --max-connections must be at least 1".into(),
             );
@@ -222,7 +287,45 @@ mod tests {
             Duration::from_secs(30 * 24 * 3600)
         );
         assert_eq!(c.max_body_bytes, 256 * 1024);
+        assert_eq!(c.max_pending(None), (MAX_PENDING, false));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn max_pending_fits_a_memory_limit_unless_given() {
+        const MIB: u64 = 1 << 20;
+        let c = parse(&[]).unwrap();
+        // The operator's default limit, 256 MiB: 128 MiB at 600 bytes each.
+        assert_eq!(c.max_pending(Some(256 * MIB)), (223_696, true));
+        assert_eq!(c.max_pending(Some(64 * MIB)).0, 55_924);
+        // A limit large enough changes nothing; a tiny one still lets one wait.
+        assert_eq!(c.max_pending(Some(1 << 40)).0, MAX_PENDING);
+        assert_eq!(c.max_pending(Some(1000)).0, 1);
+        let given = parse(&["--max-pending=5000000"]).unwrap();
+        assert_eq!(given.max_pending(Some(64 * MIB)), (5_000_000, false));
+        assert!(parse(&["--max-pending=0"]).unwrap().validate().is_err());
+
+        // Read from the process's own cgroup, v2 or v1.
+        let root = tempfile::tempdir().unwrap();
+        let v2 = root.path().join("kubepods/pod1/c1");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join("memory.max"), "268435456\n").unwrap();
+        assert_eq!(
+            memory_limit_in("0::/kubepods/pod1/c1\n", root.path()),
+            Some(256 * MIB)
+        );
+        let v1 = root.path().join("memory/docker/c2");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("memory.limit_in_bytes"), "67108864\n").unwrap();
+        let v1_cgroups = "5:cpu,cpuacct:/docker/c2\n4:memory:/docker/c2\n0::/\n";
+        assert_eq!(memory_limit_in(v1_cgroups, root.path()), Some(64 * MIB));
+        assert_eq!(memory_limit_in("0::/elsewhere\n", root.path()), None);
+
+        assert_eq!(parse_memory_limit("268435456\n"), Some(256 * MIB));
+        assert_eq!(parse_memory_limit("max\n"), None);
+        // cgroup v1 without a limit.
+        assert_eq!(parse_memory_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_memory_limit(""), None);
     }
 
     #[test]
