@@ -4,7 +4,7 @@
 use super::apply::{self, First, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
-    Pending, Seq, Store, StoreError, dedupe_key, part_of,
+    Pending, Seq, Store, StoreError, dedupe_key, part_keys, part_of,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -23,7 +23,9 @@ struct State {
     dedupe: HashMap<String, (u64, Vec<u8>)>,
     /// (accepted at, key) in acceptance order, for pruning.
     dedupe_expiry: BTreeMap<(u64, String), ()>,
-    conversations: HashMap<String, Conversation>,
+    /// By [`crate::ids::key`] of their id, as the embedded store keeps them,
+    /// so that a prune part is a range.
+    conversations: BTreeMap<u128, Conversation>,
     next_seq: Seq,
     dead_letter_counts: DeadLetterCounts,
 }
@@ -61,7 +63,7 @@ struct Txn<'a> {
 enum Undo {
     Row(Table, Seq, Option<Vec<u8>>),
     Dedupe(String, Option<(u64, Vec<u8>)>),
-    Conversation(String, Option<Conversation>),
+    Conversation(u128, Option<Conversation>),
 }
 
 impl Txn<'_> {
@@ -170,33 +172,29 @@ impl Tables for Txn<'_> {
         Ok(self
             .state
             .conversations
-            .get(id)
+            .get(&crate::ids::key(id))
             .filter(|c| c.user_id == user_id)
             .map(|c| c.seen_ms.unwrap_or(0)))
     }
 
     fn conversation_put(&mut self, conversation: &Conversation) -> Result<(), StoreError> {
-        let old = self
-            .state
-            .conversations
-            .insert(conversation.id.clone(), conversation.clone());
-        self.undo
-            .push(Undo::Conversation(conversation.id.clone(), old));
+        let key = crate::ids::key(&conversation.id);
+        let old = self.state.conversations.insert(key, conversation.clone());
+        self.undo.push(Undo::Conversation(key, old));
         Ok(())
     }
 
     fn conversation_forget(&mut self, before_ms: u64, part: Option<u8>) -> Result<u64, StoreError> {
-        let stale: Vec<String> = self
+        let stale: Vec<u128> = self
             .state
             .conversations
-            .values()
-            .filter(|c| c.seen_ms.unwrap_or(0) < before_ms)
-            .filter(|c| part.is_none_or(|part| part_of(crate::ids::key(&c.id)) == part))
-            .map(|c| c.id.clone())
+            .range(part.map_or(0..=u128::MAX, part_keys))
+            .filter(|(_, c)| c.seen_ms.unwrap_or(0) < before_ms)
+            .map(|(key, _)| *key)
             .collect();
-        for id in &stale {
-            let old = self.state.conversations.remove(id);
-            self.undo.push(Undo::Conversation(id.clone(), old));
+        for key in &stale {
+            let old = self.state.conversations.remove(key);
+            self.undo.push(Undo::Conversation(*key, old));
         }
         Ok(stale.len() as u64)
     }
@@ -269,7 +267,7 @@ impl Store for MemoryStore {
     }
 
     fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
-        Ok(self.lock().conversations.get(id).cloned())
+        Ok(self.lock().conversations.get(&crate::ids::key(id)).cloned())
     }
 
     fn dead_letters(&self, from: Seq, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
