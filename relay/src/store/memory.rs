@@ -4,9 +4,9 @@
 use super::apply::{self, First, Table, Tables, decode};
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
-    Pending, Seq, Store, StoreError, dedupe_key, part_keys, part_of,
+    PRUNE_PARTS, Pending, Seq, Store, StoreError, dedupe_key, part_keys, part_of,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -21,8 +21,8 @@ struct State {
     dead_letters: BTreeMap<Seq, Vec<u8>>,
     /// (accepted at, the message as JSON).
     dedupe: HashMap<String, (u64, Vec<u8>)>,
-    /// (accepted at, key) in acceptance order, for pruning.
-    dedupe_expiry: BTreeMap<(u64, String), ()>,
+    /// (prune part, accepted at, key), for pruning a part in acceptance order.
+    dedupe_expiry: BTreeSet<(u8, u64, String)>,
     /// By [`crate::ids::key`] of their id, as the embedded store keeps them,
     /// so that a prune part is a range.
     conversations: BTreeMap<u128, Conversation>,
@@ -63,6 +63,8 @@ struct Txn<'a> {
 enum Undo {
     Row(Table, Seq, Option<Vec<u8>>),
     Dedupe(String, Option<(u64, Vec<u8>)>),
+    /// An expiry entry that a prune took out.
+    Expiry((u8, u64, String)),
     Conversation(u128, Option<Conversation>),
 }
 
@@ -81,6 +83,9 @@ impl Txn<'_> {
                 }
                 Undo::Dedupe(key, None) => {
                     self.state.dedupe.remove(&key);
+                }
+                Undo::Expiry(entry) => {
+                    self.state.dedupe_expiry.insert(entry);
                 }
                 Undo::Conversation(id, Some(v)) => {
                     self.state.conversations.insert(id, v);
@@ -135,34 +140,38 @@ impl Tables for Txn<'_> {
             .insert(key.to_owned(), (accepted_ms, message.to_vec()));
         self.undo.push(Undo::Dedupe(key.to_owned(), old));
         // An expiry entry left behind by a rollback only causes a harmless extra check.
+        let part = part_of(dedupe_key(key.as_bytes()));
         self.state
             .dedupe_expiry
-            .insert((accepted_ms, key.to_owned()), ());
+            .insert((part, accepted_ms, key.to_owned()));
         Ok(())
     }
 
     fn dedupe_prune(&mut self, before_ms: u64, part: Option<u8>) -> Result<u64, StoreError> {
-        let keep = self
-            .state
-            .dedupe_expiry
-            .split_off(&(before_ms, String::new()));
-        let expired = std::mem::replace(&mut self.state.dedupe_expiry, keep);
+        let parts = part.map_or(0..=PRUNE_PARTS - 1, |part| part..=part);
         let mut removed = 0;
-        for (accepted, key) in expired.into_keys() {
-            if part.is_some_and(|part| part_of(dedupe_key(key.as_bytes())) != part) {
-                self.state.dedupe_expiry.insert((accepted, key), ());
-                continue;
-            }
-            // The key may have been accepted again since; only the old entry goes.
-            if self
+        for part in parts {
+            let expired: Vec<(u8, u64, String)> = self
                 .state
-                .dedupe
-                .get(&key)
-                .is_some_and(|(at, _)| *at == accepted)
-            {
-                let old = self.state.dedupe.remove(&key);
-                self.undo.push(Undo::Dedupe(key, old));
-                removed += 1;
+                .dedupe_expiry
+                .range((part, 0, String::new())..(part, before_ms, String::new()))
+                .cloned()
+                .collect();
+            for entry in expired {
+                self.state.dedupe_expiry.remove(&entry);
+                let (_, accepted, key) = &entry;
+                // The key may have been accepted again since; only the old entry goes.
+                if self
+                    .state
+                    .dedupe
+                    .get(key)
+                    .is_some_and(|(at, _)| at == accepted)
+                {
+                    let old = self.state.dedupe.remove(key);
+                    self.undo.push(Undo::Dedupe(key.clone(), old));
+                    removed += 1;
+                }
+                self.undo.push(Undo::Expiry(entry));
             }
         }
         Ok(removed)
