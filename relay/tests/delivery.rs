@@ -601,6 +601,16 @@ async fn a_full_queue_answers_429_with_retry_after_and_loses_nothing() {
         serde_json::from_slice::<Value>(&body).unwrap()["error"]["code"],
         "queue_full"
     );
+    // Counted, for the BotrelayRejectingMessages alert.
+    assert_eq!(
+        relay
+            .metric(
+                "botrelay_messages_received_total",
+                &[("source", "client"), ("outcome", "rejected")]
+            )
+            .await,
+        1.0
+    );
     let bot = Peer::start_on(down, |_| Answer::ok()).await;
     bot.wait_until("the five accepted messages", WAIT, |r| r.len() == 5)
         .await;

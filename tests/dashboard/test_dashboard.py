@@ -600,6 +600,8 @@ def test_alert_rules_load_and_evaluate(stack, repo):
     # at once, pending until their "for" has passed.
     assert state["BotrelayReconcileErrors"] == "pending", state
     assert state["BotrelayEndpointsNotReady"] == "pending", state
+    # Every message the test sends is stored: nothing is refused.
+    assert state["BotrelayRejectingMessages"] == "inactive", state
     # The operator leads and is scraped: these must stay quiet.
     assert state["BotrelayOperatorNoLeader"] == "inactive", state
     assert state["BotrelayOperatorDown"] == "inactive", state
