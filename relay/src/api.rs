@@ -110,6 +110,22 @@ impl From<Invalid> for Refusal {
     }
 }
 
+/// Counts a client message the store took, when it goes out of scope: on
+/// the way to its answer, or when the client went away while the message was
+/// being made durable (it is stored and delivered all the same).
+struct Received<'a> {
+    api: &'a Api,
+    outcome: Option<&'static str>,
+}
+
+impl Drop for Received<'_> {
+    fn drop(&mut self) {
+        if let Some(outcome) = self.outcome {
+            self.api.received("client", outcome);
+        }
+    }
+}
+
 pub fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -355,14 +371,25 @@ impl Api {
             message,
             dedupe_window_ms: self.dedupe_window.as_millis() as u64,
         };
-        match self.writer.try_commit(op).await.map_err(unavailable)? {
-            Outcome::Duplicate { answer } => {
-                self.received("client", "duplicate");
-                Ok(json(StatusCode::OK, answer))
-            }
-            _ => {
-                self.received("client", "accepted");
-                Ok(json(StatusCode::OK, answer))
+        let mut received = Received {
+            api: self,
+            outcome: None,
+        };
+        let committed = self
+            .writer
+            .try_commit_noting(op, |outcome| {
+                received.outcome = Some(match outcome {
+                    Outcome::Duplicate { .. } => "duplicate",
+                    _ => "accepted",
+                });
+            })
+            .await;
+        match committed {
+            Ok(Outcome::Duplicate { answer }) => Ok(json(StatusCode::OK, answer)),
+            Ok(_) => Ok(json(StatusCode::OK, answer)),
+            Err(e) => {
+                received.outcome = None;
+                Err(unavailable(e))
             }
         }
     }

@@ -97,8 +97,15 @@ impl Writer {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes `op`; `done` is answered once it is durable.
-    fn write(&self, op: Op, done: Option<Done>, bounded: bool) -> Result<(), CommitError> {
+    /// Writes `op`, then tells `written` what it did; `done` is answered once
+    /// it is durable.
+    fn write(
+        &self,
+        op: Op,
+        done: Option<Done>,
+        bounded: bool,
+        written: impl FnOnce(&Outcome),
+    ) -> Result<(), CommitError> {
         let shared = &*self.shared;
         let mut state = self.lock();
         if state.closed {
@@ -107,7 +114,7 @@ impl Writer {
         if bounded && state.unsynced.len() >= shared.capacity {
             return Err(CommitError::Busy);
         }
-        let written = Instant::now();
+        let written_at = Instant::now();
         let outcome = match shared.store.write(vec![op]) {
             Ok(mut outcomes) => outcomes.pop().expect("one outcome per op"),
             Err(e) => {
@@ -115,6 +122,7 @@ impl Writer {
                 return Err(CommitError::Store(e.to_string()));
             }
         };
+        written(&outcome);
         if !shared.syncs {
             // Durable already; the lock still orders the queue pushes.
             shared.metrics.store_batch_size.observe(1.0);
@@ -130,7 +138,7 @@ impl Writer {
         state.unsynced.push(Unsynced {
             outcome,
             done,
-            written,
+            written: written_at,
         });
         if state.unsynced.len() == 1 {
             shared.wake.notify_one();
@@ -138,27 +146,43 @@ impl Writer {
         Ok(())
     }
 
-    async fn wait(&self, op: Op, bounded: bool) -> Result<Outcome, CommitError> {
+    async fn wait(
+        &self,
+        op: Op,
+        bounded: bool,
+        written: impl FnOnce(&Outcome),
+    ) -> Result<Outcome, CommitError> {
         let (done, wait) = oneshot::channel();
-        self.write(op, Some(done), bounded)?;
+        self.write(op, Some(done), bounded, written)?;
         wait.await.map_err(|_| CommitError::Closed)?
     }
 
     /// Commits `op` and waits until it is durable.
     pub async fn commit(&self, op: Op) -> Result<Outcome, CommitError> {
-        self.wait(op, false).await
+        self.wait(op, false, |_| {}).await
     }
 
     /// Writes `op` without waiting for it to be durable; a failure to sync is
     /// logged by the syncer.
     pub async fn submit(&self, op: Op) -> Result<(), CommitError> {
-        self.write(op, None, false)
+        self.write(op, None, false, |_| {})
     }
 
     /// Commits `op`, or fails at once with `Busy` when too many writes wait for
     /// the disk, so a client can be told to come back rather than pile up in memory.
     pub async fn try_commit(&self, op: Op) -> Result<Outcome, CommitError> {
-        self.wait(op, true).await
+        self.wait(op, true, |_| {}).await
+    }
+
+    /// `try_commit`, telling `written` what the op did as soon as it is
+    /// written, before it is durable: a caller dropped while it waits (a
+    /// client gone) still knows what was stored.
+    pub async fn try_commit_noting(
+        &self,
+        op: Op,
+        written: impl FnOnce(&Outcome),
+    ) -> Result<Outcome, CommitError> {
+        self.wait(op, true, written).await
     }
 
     /// Stops the syncer once everything written before is durable; later

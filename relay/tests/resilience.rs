@@ -362,3 +362,49 @@ async fn slow_and_hostile_clients_cannot_pin_the_relay() {
         200
     );
 }
+
+#[tokio::test]
+async fn a_message_stored_for_a_client_that_left_is_delivered_and_counted() {
+    let bot = Peer::start(|_| Answer::ok()).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    // Each client sends a whole message and closes at once, without waiting
+    // for the answer. The relay may drop a request before storing it (no
+    // answer was given: nothing is owed) or while it is being made durable
+    // (then it is stored, and must be delivered and counted like any other).
+    let sent = 40;
+    for i in 0..sent {
+        let body = message("u", &format!("c{i}"), &format!("gone-{i}"), "bye").to_string();
+        let mut client = TcpStream::connect(relay.api).await.unwrap();
+        let request = format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(request.as_bytes()).await.unwrap();
+        client.shutdown().await.unwrap();
+    }
+    // Once every stored message has reached the bot, each is counted once.
+    let accepted = || {
+        relay.metric(
+            "botrelay_messages_received_total",
+            &[("source", "client"), ("outcome", "accepted")],
+        )
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let waiting = relay
+            .metric("botrelay_queue_depth", &[("target", "bot")])
+            .await;
+        let delivered = bot.received().len();
+        if waiting == 0.0 && delivered as f64 == accepted().await {
+            assert!(delivered > 0, "no message was stored");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{delivered} messages reached the bot, {} were counted as accepted",
+            accepted().await
+        );
+    }
+}
