@@ -4,7 +4,12 @@ use crate::admin::Admin;
 use crate::api::Api;
 use crate::config::{Config, StoreKind};
 use crate::credentials::CredentialStore;
-use crate::delivery::{self, Deliverer, backoff::Backoff, http::Sender, now_ms};
+use crate::delivery::{
+    self, Deliverer,
+    backoff::Backoff,
+    http::{Endpoint, Sender},
+    now_ms,
+};
 use crate::metrics::Metrics;
 use crate::serve::{self, Limits};
 use crate::store::{EmbeddedStore, MemoryStore, Op, PRUNE_PARTS, Store};
@@ -77,11 +82,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let deliverer = Deliverer {
         store: store.clone(),
         writer: writer.clone(),
-        sender: Sender::new(config.connect_timeout, config.max_in_flight as usize),
+        senders: [&config.bot_url, &config.response_url].map(|url| {
+            Sender::new(
+                Endpoint::new(url),
+                config.connect_timeout,
+                config.max_in_flight as usize,
+            )
+        }),
         credentials: credentials.clone(),
         metrics: metrics.clone(),
-        bot_url: config.bot_url.clone(),
-        response_url: config.response_url.clone(),
         bot_timeout: config.bot_timeout,
         response_timeout: config.response_timeout,
         backoff: Backoff {

@@ -315,6 +315,82 @@ async fn an_unreachable_target_is_a_network_error_and_is_retried() {
         .await;
 }
 
+/// A response endpoint that answers one request per connection and then
+/// closes it, without saying so in a header (as servers with a short
+/// keep-alive timeout do). Returns its address and the requests it answered.
+async fn closing_endpoint() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers, then as many body bytes as content-length says.
+                let complete = |r: &[u8]| {
+                    let text = String::from_utf8_lossy(r);
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        return false;
+                    };
+                    let length = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    r.len() >= end + 4 + length
+                };
+                while !complete(&request) {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    (addr, answered)
+}
+
+#[tokio::test]
+async fn connections_closed_by_the_target_while_idle_are_not_reused() {
+    let bot = Peer::start(echo).await;
+    let (endpoint, answered) = closing_endpoint().await;
+    let relay = Relay::start(&bot.url(), &format!("http://{endpoint}/"), &[]).await;
+    for i in 0..5 {
+        relay
+            .send(&message("u", "c", &format!("m{i}"), &format!("{i}")))
+            .await;
+        let deadline = Instant::now() + WAIT;
+        while answered.load(Ordering::SeqCst) < i + 1 {
+            assert!(Instant::now() < deadline, "reply {i} never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Long enough for the endpoint to close the connection just used.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let attempts = "botrelay_delivery_attempts_total";
+    let success = [("target", "response"), ("outcome", "success")];
+    let failed = [("target", "response"), ("outcome", "network_error")];
+    assert_eq!(relay.metric(attempts, &success).await, 5.0);
+    assert_eq!(
+        relay.metric(attempts, &failed).await,
+        0.0,
+        "no attempt went out on a closed connection"
+    );
+}
+
 /// Waits until the relay holds `n` dead letters for the response endpoint.
 async fn wait_for_dead_letters(relay: &Relay, n: f64) {
     let deadline = Instant::now() + WAIT;

@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 pub struct Deliverer {
     pub store: Arc<dyn Store>,
     pub writer: Writer,
-    pub sender: Sender,
+    /// One per target: `Target::index`.
+    pub senders: [Sender; 2],
     pub credentials: CredentialStore,
     pub metrics: Metrics,
-    pub bot_url: http::Uri,
-    pub response_url: http::Uri,
     pub bot_timeout: Duration,
     pub response_timeout: Duration,
     pub backoff: Backoff,
@@ -111,19 +110,13 @@ impl Deliverer {
                 .inc();
         }
         let credentials = self.credentials.current();
-        let (url, keys, timeout) = match target {
-            Target::Bot => (&self.bot_url, &credentials.bot_signing, self.bot_timeout),
-            Target::Response => (
-                &self.response_url,
-                &credentials.response_signing,
-                self.response_timeout,
-            ),
+        let (keys, timeout) = match target {
+            Target::Bot => (&credentials.bot_signing, self.bot_timeout),
+            Target::Response => (&credentials.response_signing, self.response_timeout),
         };
         let started = Instant::now();
-        let result = self
-            .sender
+        let result = self.senders[target.index()]
             .post(
-                url,
                 &outgoing.id,
                 std::mem::take(&mut outgoing.body),
                 keys,

@@ -3,17 +3,17 @@
 use super::backoff::parse_retry_after;
 use crate::signing::{SigningKey, signature_header};
 use bytes::Bytes;
-use http::{Request, StatusCode, Uri, header};
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tower_service::Service;
 
 /// Largest answer body read from a target (a bot's synchronous replies).
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
-
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Why an attempt failed; each is retried.
 #[derive(Debug)]
@@ -57,13 +57,61 @@ impl std::fmt::Display for Failure {
     }
 }
 
-#[derive(Clone)]
-pub struct Sender {
-    client: HttpsClient,
+/// Where a target's requests go: its URL, prepared once.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    url: Uri,
+    /// The request target as sent (`/path?query`).
+    path: Uri,
+    host: HeaderValue,
 }
 
+impl Endpoint {
+    /// `url` is an `http://` or `https://` URL with a host (as the flags require).
+    pub fn new(url: &Uri) -> Self {
+        let authority = url.authority().map_or("", |a| a.as_str());
+        // Credentials in the URL are not sent as part of the Host header.
+        let host = authority.rsplit('@').next().unwrap_or(authority);
+        Self {
+            url: url.clone(),
+            path: url
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .parse()
+                .unwrap_or_else(|_| Uri::from_static("/")),
+            host: HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static("")),
+        }
+    }
+}
+
+type Connection = SendRequest<Full<Bytes>>;
+
+/// Sends POSTs to one endpoint over kept-alive connections: each request takes
+/// an idle connection (or opens one) and gives it back when the answer is read.
+#[derive(Clone)]
+pub struct Sender {
+    inner: Arc<SenderInner>,
+}
+
+struct SenderInner {
+    endpoint: Endpoint,
+    connector: hyper_rustls::HttpsConnector<HttpConnector>,
+    /// Most recently used last.
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+}
+
+struct Idle {
+    connection: Connection,
+    since: Instant,
+}
+
+/// An idle connection unused for this long is closed rather than reused: the
+/// other side may have closed it already.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Sender {
-    pub fn new(connect_timeout: Duration, max_idle_per_host: usize) -> Self {
+    pub fn new(endpoint: Endpoint, connect_timeout: Duration, max_idle: usize) -> Self {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
@@ -79,17 +127,23 @@ impl Sender {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(max_idle_per_host)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Self { client }
+        Self {
+            inner: Arc::new(SenderInner {
+                endpoint,
+                connector,
+                idle: Mutex::new(Vec::new()),
+                max_idle,
+            }),
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
     }
 
     /// POSTs `body` signed with every key in `keys`; returns the 2xx answer's body.
     pub async fn post(
         &self,
-        url: &Uri,
         webhook_id: &str,
         body: Vec<u8>,
         keys: &[SigningKey],
@@ -98,23 +152,40 @@ impl Sender {
         let now = SystemTime::now();
         let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let signature = signature_header(keys, webhook_id, timestamp, &body);
-        let request = Request::post(url.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(
-                header::USER_AGENT,
-                concat!("botrelay/", env!("CARGO_PKG_VERSION")),
-            )
-            .header("webhook-id", webhook_id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| Failure::Network(format!("cannot build request: {e}")))?;
+        let endpoint = &self.inner.endpoint;
+        let mut request = Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = endpoint.path.clone();
+        let headers = request.headers_mut();
+        headers.insert(header::HOST, endpoint.host.clone());
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static(concat!("botrelay/", env!("CARGO_PKG_VERSION"))),
+        );
+        headers.insert(WEBHOOK_ID, header_value(webhook_id)?);
+        headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
+        headers.insert(WEBHOOK_SIGNATURE, header_value(&signature)?);
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| Failure::Network(describe(&e)))?;
+            let mut connection = self.connection(true).await?;
+            let response = match connection.try_send_request(request).await {
+                Ok(response) => response,
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the kept-alive connection was closed by the other
+                    // side while idle. Sent again on a new connection, once.
+                    Some(request) => {
+                        connection = self.connection(false).await?;
+                        connection
+                            .send_request(request)
+                            .await
+                            .map_err(|e| Failure::Network(describe(&e)))?
+                    }
+                    None => return Err(Failure::Network(describe(e.error()))),
+                },
+            };
             let status = response.status();
             let retry_after = response
                 .headers()
@@ -126,6 +197,7 @@ impl Sender {
                 .await
                 .map_err(|e| Failure::Network(format!("reading the answer: {e}")))?
                 .to_bytes();
+            self.give_back(connection);
             if status.is_success() {
                 Ok(body)
             } else {
@@ -139,6 +211,67 @@ impl Sender {
             .await
             .unwrap_or(Err(Failure::Timeout))
     }
+
+    /// An idle connection ready for a request (if `reuse`), or a new one.
+    async fn connection(&self, reuse: bool) -> Result<Connection, Failure> {
+        if reuse {
+            loop {
+                let idle = self.inner.idle.lock().expect("pool lock").pop();
+                let Some(Idle {
+                    mut connection,
+                    since,
+                }) = idle
+                else {
+                    break;
+                };
+                if since.elapsed() >= IDLE_TIMEOUT || connection.is_closed() {
+                    continue;
+                }
+                // Ready at once unless the last answer's end is still being read;
+                // an error means the other side closed it.
+                if connection.ready().await.is_ok() {
+                    return Ok(connection);
+                }
+            }
+        }
+        let stream = self
+            .inner
+            .connector
+            .clone()
+            .call(self.inner.endpoint.url.clone())
+            .await
+            .map_err(|e| Failure::Network(describe(e.as_ref())))?;
+        let (connection, driver) = hyper::client::conn::http1::handshake(stream)
+            .await
+            .map_err(|e| Failure::Network(describe(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(error = %describe(&e), "connection closed");
+            }
+        });
+        Ok(connection)
+    }
+
+    fn give_back(&self, connection: Connection) {
+        if connection.is_closed() {
+            return;
+        }
+        let mut idle = self.inner.idle.lock().expect("pool lock");
+        if idle.len() < self.inner.max_idle {
+            idle.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+
+fn header_value(text: &str) -> Result<HeaderValue, Failure> {
+    HeaderValue::from_str(text).map_err(|e| Failure::Network(format!("cannot build request: {e}")))
 }
 
 /// The error and its causes on one line ("client error (Connect): tcp connect error: Connection refused").
