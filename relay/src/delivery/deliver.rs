@@ -5,7 +5,7 @@ use super::http::Sender;
 use super::{Finish, Waiting, now_ms};
 use crate::credentials::CredentialStore;
 use crate::metrics::Metrics;
-use crate::store::{Op, OutboundMessage, Seq, Store, Target};
+use crate::store::{Message, Op, OutboundMessage, Seq, Store, Target};
 use crate::writer::Writer;
 use crate::{ids, wire};
 use std::sync::Arc;
@@ -86,15 +86,47 @@ struct Outgoing {
     caller_conversation_id: String,
 }
 
+impl Outgoing {
+    fn of(message: &Message) -> Self {
+        match message {
+            Message::Inbound(m) => Outgoing {
+                body: wire::bot_request(m),
+                id: m.id.clone(),
+                conversation_id: m.conversation_id.clone(),
+                user_id: m.user_id.clone(),
+                caller_conversation_id: m.caller_conversation_id.clone(),
+            },
+            Message::Outbound(m) => Outgoing {
+                body: wire::response_request(m),
+                id: m.id.clone(),
+                conversation_id: m.conversation_id.clone(),
+                user_id: m.user_id.clone(),
+                caller_conversation_id: m.caller_conversation_id.clone(),
+            },
+        }
+    }
+}
+
 impl Deliverer {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
     /// Attempts a message once; `failures` attempts of it have failed before.
-    pub async fn attempt(&self, target: Target, pending: &Waiting, failures: u32) -> Finish {
+    /// `fresh` is the message as it was stored, if the scheduler still has it.
+    pub async fn attempt(
+        &self,
+        target: Target,
+        pending: &Waiting,
+        failures: u32,
+        fresh: Option<Arc<Message>>,
+    ) -> Finish {
         let label = target.as_str();
-        let mut outgoing = match self.load(target, pending.seq) {
+        let loaded = match fresh {
+            Some(message) => Ok(Some(Outgoing::of(&message))),
+            None => self.load(target, pending.seq),
+        };
+        let mut outgoing = match loaded {
             Ok(Some(outgoing)) => outgoing,
             // Completed by an earlier attempt whose result was not seen (or redriven elsewhere).
             Ok(None) => return Finish::Done,
@@ -255,20 +287,14 @@ impl Deliverer {
 
     fn load(&self, target: Target, seq: Seq) -> Result<Option<Outgoing>, crate::store::StoreError> {
         Ok(match target {
-            Target::Bot => self.store.inbound(seq)?.map(|m| Outgoing {
-                body: wire::bot_request(&m),
-                id: m.id,
-                conversation_id: m.conversation_id,
-                user_id: m.user_id,
-                caller_conversation_id: m.caller_conversation_id,
-            }),
-            Target::Response => self.store.outbound(seq)?.map(|m| Outgoing {
-                body: wire::response_request(&m),
-                id: m.id,
-                conversation_id: m.conversation_id,
-                user_id: m.user_id,
-                caller_conversation_id: m.caller_conversation_id,
-            }),
+            Target::Bot => self
+                .store
+                .inbound(seq)?
+                .map(|m| Outgoing::of(&Message::Inbound(m))),
+            Target::Response => self
+                .store
+                .outbound(seq)?
+                .map(|m| Outgoing::of(&Message::Outbound(m))),
         })
     }
 

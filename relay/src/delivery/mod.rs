@@ -12,7 +12,7 @@ pub mod http;
 pub use deliver::{Deliverer, FailureLog};
 
 use crate::metrics::Metrics;
-use crate::store::{Pending, Target};
+use crate::store::{Message, Pending, Seq, Target};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -48,7 +48,11 @@ pub struct Queues {
 
 impl Queues {
     /// Queues a message that is now durable.
-    pub fn push(&self, pending: Pending) {
+    pub fn push(&self, mut pending: Pending) {
+        if self.unread() >= FRESH_LIMIT {
+            // The schedulers are behind: the message is read from the store when due.
+            pending.message = None;
+        }
         let tx = match pending.target {
             Target::Bot => &self.bot,
             Target::Response => &self.response,
@@ -116,6 +120,7 @@ pub fn start(
         let scheduler = Scheduler {
             target,
             lanes: HashMap::new(),
+            fresh: HashMap::new(),
             ready: VecDeque::new(),
             timers: BinaryHeap::new(),
             in_flight: 0,
@@ -132,6 +137,12 @@ pub fn start(
     }
     set
 }
+
+/// Messages per target kept in memory as they were stored, for their first
+/// attempt (beyond these, a message is read back from the store when due).
+/// The fast path: a message delivered soon after it was stored. About 1 KiB
+/// each at most, so a few MiB at the very most.
+const FRESH_LIMIT: usize = 4096;
 
 /// A waiting message as a lane holds it: its conversation and target are the
 /// lane's, so 24 bytes a message is all a long queue costs.
@@ -157,6 +168,8 @@ struct Lane {
 struct Scheduler {
     target: Target,
     lanes: HashMap<LaneKey, Lane>,
+    /// Waiting messages not yet attempted that came with their content.
+    fresh: HashMap<Seq, Arc<Message>>,
     /// Lanes with a head message that may be attempted now.
     ready: VecDeque<LaneKey>,
     /// Lanes waiting for a retry, by due time.
@@ -237,6 +250,11 @@ impl Scheduler {
                     queued_at_ms: pending.queued_at_ms,
                 };
                 self.depth += 1;
+                if let Some(message) = pending.message
+                    && self.fresh.len() < FRESH_LIMIT
+                {
+                    self.fresh.insert(pending.seq, message);
+                }
                 let key = crate::ids::key(&pending.conversation_id);
                 let lane = self.lanes.entry(key).or_insert_with(|| Lane {
                     // Most lanes hold one message at a time: room for one.
@@ -304,11 +322,12 @@ impl Scheduler {
             lane.busy = true;
             self.in_flight += 1;
             let failures = lane.failures;
+            let fresh = self.fresh.remove(&head.seq);
             let deliverer = self.deliverer.clone();
             let events = self.events.clone();
             let target = self.target;
             self.tasks.spawn(async move {
-                let finish = deliverer.attempt(target, &head, failures).await;
+                let finish = deliverer.attempt(target, &head, failures, fresh).await;
                 let _ = events.send(Event::Finished { lane: key, finish });
             });
         }

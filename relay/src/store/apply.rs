@@ -123,7 +123,7 @@ pub(super) fn apply(
                         )?;
                         Outcome::Accepted {
                             id: message.id.clone(),
-                            pending: message.pending(seq),
+                            pending: message.into_pending(seq),
                         }
                     }
                 }
@@ -136,7 +136,7 @@ pub(super) fn apply(
                     for reply in replies {
                         let seq = take_seq();
                         tables.put(Table::Outbound, seq, &encode(&reply))?;
-                        due.push(reply.pending(seq));
+                        due.push(reply.into_pending(seq));
                     }
                     Outcome::Queued(due)
                 }
@@ -151,7 +151,7 @@ pub(super) fn apply(
                 )?;
                 let seq = take_seq();
                 tables.put(Table::Outbound, seq, &encode(&message))?;
-                Outcome::Queued(vec![message.pending(seq)])
+                Outcome::Queued(vec![message.into_pending(seq)])
             }
             Op::CompleteOutbound { seq } => match tables.remove(Table::Outbound, seq)? {
                 true => Outcome::Done,

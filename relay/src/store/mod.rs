@@ -16,6 +16,7 @@ pub use memory::MemoryStore;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::Digest;
+use std::sync::Arc;
 
 /// Position of a message in the store; gives the delivery order within a conversation.
 pub type Seq = u64;
@@ -133,13 +134,46 @@ fn whole_seconds(ms: u64) -> u64 {
 
 /// A message that is waiting, as the delivery engine tracks it: no body, so that
 /// a long queue costs little memory; the body is read from the store when due.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Pending {
     pub target: Target,
     pub seq: Seq,
     pub conversation_id: String,
     pub created_at_ms: u64,
     pub queued_at_ms: u64,
+    /// The message itself, when the write that queued it had it at hand: the
+    /// first attempt then need not read it back. A copy of what the store
+    /// holds at `seq`; the delivery engine keeps only a bounded number.
+    pub message: Option<Arc<Message>>,
+}
+
+/// Two `Pending` are equal when they name the same message the same way,
+/// whether or not they carry it.
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            self.target,
+            self.seq,
+            &self.conversation_id,
+            self.created_at_ms,
+            self.queued_at_ms,
+        ) == (
+            other.target,
+            other.seq,
+            &other.conversation_id,
+            other.created_at_ms,
+            other.queued_at_ms,
+        )
+    }
+}
+
+impl Eq for Pending {}
+
+/// A waiting message of either direction.
+#[derive(Debug)]
+pub enum Message {
+    Inbound(InboundMessage),
+    Outbound(OutboundMessage),
 }
 
 impl InboundMessage {
@@ -150,7 +184,13 @@ impl InboundMessage {
             conversation_id: self.conversation_id.clone(),
             created_at_ms: self.created_at_ms,
             queued_at_ms: self.queued_at_ms,
+            message: None,
         }
+    }
+
+    /// As [`Self::pending`], carrying the message along.
+    pub fn into_pending(self, seq: Seq) -> Pending {
+        self.pending(seq).carrying(Message::Inbound(self))
     }
 }
 
@@ -162,7 +202,20 @@ impl OutboundMessage {
             conversation_id: self.conversation_id.clone(),
             created_at_ms: self.created_at_ms,
             queued_at_ms: self.queued_at_ms,
+            message: None,
         }
+    }
+
+    /// As [`Self::pending`], carrying the message along.
+    pub fn into_pending(self, seq: Seq) -> Pending {
+        self.pending(seq).carrying(Message::Outbound(self))
+    }
+}
+
+impl Pending {
+    fn carrying(mut self, message: Message) -> Self {
+        self.message = Some(Arc::new(message));
+        self
     }
 }
 
