@@ -110,6 +110,9 @@ impl Admin {
         self.metrics
             .conversations
             .set(self.store.conversation_count() as i64);
+        self.metrics
+            .dedupe_entries
+            .set(self.store.dedupe_count() as i64);
         if let Some(usage) = self.store.usage() {
             self.metrics.store_file_bytes.set(usage.file_bytes as i64);
             self.metrics.store_live_bytes.set(usage.live_bytes as i64);

@@ -12,7 +12,7 @@ use crate::delivery::{
 };
 use crate::metrics::Metrics;
 use crate::serve::{self, Limits};
-use crate::store::{EmbeddedStore, MemoryStore, Op, PRUNE_PARTS, Store};
+use crate::store::{EmbeddedStore, MemoryStore, Op, Outcome, PRUNE_PARTS, Store};
 use crate::writer::Writer;
 use anyhow::{Context, anyhow};
 use std::future::Future;
@@ -72,6 +72,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             max_pending,
             memory_limit_bytes = memory_limit,
             "at most this many messages may wait, to fit the memory limit (--max-pending sets it)"
+        );
+    }
+
+    let disk_bytes = match config.store {
+        StoreKind::Embedded => crate::config::filesystem_bytes(&config.data_dir),
+        StoreKind::Memory => None,
+    };
+    let (dedupe_max, derived) = config.dedupe_max_entries(memory_limit, disk_bytes);
+    if derived {
+        tracing::info!(
+            dedupe_max_entries = dedupe_max,
+            memory_limit_bytes = memory_limit,
+            data_filesystem_bytes = disk_bytes,
+            "at most this many messageIds are remembered for dedupe, to fit the memory limit and the disk (--dedupe-max-entries sets it)"
         );
     }
 
@@ -166,11 +180,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             config.credentials_poll_interval,
             metrics.clone(),
         )),
-        tokio::spawn(prune(
-            writer.clone(),
-            config.dedupe_window,
-            config.conversation_retention,
-        )),
+        tokio::spawn(prune(Pruning {
+            writer: writer.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            dedupe_window: config.dedupe_window,
+            dedupe_max,
+            conversation_retention: config.conversation_retention,
+        })),
     ];
     let (api_stop_tx, api_stop) = watch::channel(false);
     let api_server = tokio::spawn(serve::serve(
@@ -234,30 +251,77 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-/// Forgets, once a minute, the message ids past the dedupe window and the
-/// conversations past their retention (none when it is zero), one part of
-/// the keys per commit.
-async fn prune(writer: Writer, dedupe_window: Duration, conversation_retention: Duration) {
+/// What the minute's prune needs.
+struct Pruning {
+    writer: Writer,
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    dedupe_window: Duration,
+    /// `--dedupe-max-entries`; `None`: no limit.
+    dedupe_max: Option<u64>,
+    conversation_retention: Duration,
+}
+
+/// Forgets, once a minute, the message ids past the dedupe window (and the
+/// oldest beyond `--dedupe-max-entries`) and the conversations past their
+/// retention (none when it is zero), one part of the keys per commit.
+async fn prune(pruning: Pruning) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     loop {
         tick.tick().await;
-        let before = |d: Duration| now_ms().saturating_sub(d.as_millis() as u64);
-        let dedupe_before = before(dedupe_window);
+        pruning.round(now_ms()).await;
+    }
+}
+
+impl Pruning {
+    async fn round(&self, now: u64) {
+        let before = |d: Duration| now.saturating_sub(d.as_millis() as u64);
+        let dedupe_before = before(self.dedupe_window);
         let conversations_before =
-            (!conversation_retention.is_zero()).then(|| before(conversation_retention));
+            (!self.conversation_retention.is_zero()).then(|| before(self.conversation_retention));
+        // Over the limit, each part keeps its share of nine tenths of it,
+        // which leaves room for the minute until the next round.
+        let keep = self
+            .dedupe_max
+            .filter(|&max| self.store.dedupe_count() > max)
+            .map(|max| {
+                usize::try_from((max - max / 10) / u64::from(PRUNE_PARTS)).unwrap_or(usize::MAX)
+            });
+        let (mut forgotten_early, mut latest_cutoff) = (0u64, None::<u64>);
         for part in (0..PRUNE_PARTS).map(Some) {
             let prune = Op::PruneDedupe {
                 before_ms: dedupe_before,
                 part,
             };
-            if let Err(e) = writer.commit(prune).await {
+            if let Err(e) = self.writer.commit(prune).await {
                 tracing::warn!(error = %e, "could not prune the dedupe table");
                 break;
+            }
+            let early = keep
+                .and_then(|keep| self.store.dedupe_cutoff(part.expect("a part"), keep))
+                .filter(|&cutoff| cutoff > dedupe_before);
+            if let Some(before_ms) = early {
+                match self
+                    .writer
+                    .commit(Op::PruneDedupe { before_ms, part })
+                    .await
+                {
+                    Ok(Outcome::Pruned(n)) => {
+                        forgotten_early += n;
+                        latest_cutoff = latest_cutoff.max(Some(before_ms));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not prune the dedupe table");
+                        break;
+                    }
+                }
             }
             let Some(before_ms) = conversations_before else {
                 continue;
             };
-            if let Err(e) = writer
+            if let Err(e) = self
+                .writer
                 .commit(Op::ForgetConversations { before_ms, part })
                 .await
             {
@@ -265,5 +329,92 @@ async fn prune(writer: Writer, dedupe_window: Duration, conversation_retention: 
                 break;
             }
         }
+        if forgotten_early > 0 {
+            self.metrics.dedupe_forgotten_early.inc_by(forgotten_early);
+            let remembered =
+                Duration::from_secs(now.saturating_sub(latest_cutoff.unwrap_or(now)) / 1000);
+            tracing::warn!(
+                forgotten = forgotten_early,
+                max_entries = self.dedupe_max,
+                remembered_for_at_least = %humantime::format_duration(remembered),
+                "the dedupe table is full: forgot the oldest messageIds before the end of --dedupe-window; a messageId sent again after that is taken as new (raise --dedupe-max-entries, with memory and disk to match, or shorten the window)"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::InboundMessage;
+
+    fn accept(id: &str, at: u64) -> Op {
+        let raw = |s: &str| serde_json::value::RawValue::from_string(s.to_owned()).unwrap();
+        Op::Accept {
+            message: InboundMessage {
+                id: format!("id-{id}"),
+                conversation_id: "conv".into(),
+                user_id: "user".into(),
+                caller_conversation_id: "c".into(),
+                caller_user_id: "u".into(),
+                caller_message_id: id.into(),
+                kind: "text".into(),
+                text: "hi".into(),
+                payload: raw(r#"{"text":"hi"}"#),
+                created_at_ms: at,
+                queued_at_ms: at,
+            },
+            dedupe_window_ms: 86_400_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_dedupe_table_forgets_its_oldest_ids_and_says_so() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let metrics = Metrics::new("test");
+        let (queues, _inboxes) = delivery::queues();
+        let (writer, syncer) = Writer::start(store.clone(), queues, metrics.clone(), 1024);
+        let now = 10_000_000;
+        // 2,000 ids over the last 2,000 seconds, the oldest first.
+        for i in 0..2000u64 {
+            writer
+                .commit(accept(&format!("m{i}"), now - 2_000_000 + i * 1000))
+                .await
+                .unwrap();
+        }
+        let pruning = |dedupe_max| Pruning {
+            writer: writer.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            dedupe_window: Duration::from_secs(24 * 3600),
+            dedupe_max,
+            conversation_retention: Duration::ZERO,
+        };
+        // Without a limit, or under it, a round within the window forgets nothing.
+        pruning(None).round(now).await;
+        pruning(Some(2000)).round(now).await;
+        assert_eq!(store.dedupe_count(), 2000);
+        assert_eq!(metrics.dedupe_forgotten_early.get(), 0);
+
+        pruning(Some(640)).round(now).await;
+        let left = store.dedupe_count();
+        assert!(
+            (500..=576).contains(&left),
+            "nine tenths of the limit, give or take a part's rounding: {left}"
+        );
+        assert_eq!(metrics.dedupe_forgotten_early.get(), 2000 - left);
+        let taken_as_new = |id: &str| {
+            let (writer, id) = (writer.clone(), id.to_owned());
+            async move {
+                matches!(
+                    writer.commit(accept(&id, now)).await.unwrap(),
+                    Outcome::Accepted { .. }
+                )
+            }
+        };
+        assert!(taken_as_new("m0").await, "the oldest was forgotten");
+        assert!(!taken_as_new("m1999").await, "the newest is remembered");
+        writer.close().await;
+        syncer.join().unwrap();
     }
 }

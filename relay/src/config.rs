@@ -104,6 +104,15 @@ pub struct Config {
     #[arg(long, env = "BOTRELAY_DEDUPE_WINDOW", default_value = "24h", value_parser = duration)]
     pub dedupe_window: Duration,
 
+    /// Most messageIds remembered at once. Past it, the oldest are forgotten
+    /// before the end of --dedupe-window (counted, and logged as a warning),
+    /// rather than the relay outgrowing its memory or disk. 0: no limit.
+    /// Default: what fits in a quarter of the memory limit at 160 bytes each
+    /// and in a quarter of the data directory's file system at 1 KiB each,
+    /// the smaller; no limit when neither is known.
+    #[arg(long, env = "BOTRELAY_DEDUPE_MAX_ENTRIES")]
+    pub dedupe_max_entries: Option<u64>,
+
     /// How long a conversation with no message either way is remembered (to
     /// within an hour). After it, a bot's message to it gets 404 until its
     /// user writes again, which brings it back with the same id. 0 keeps
@@ -209,7 +218,65 @@ fn memory_limit_in(cgroups: &str, root: &Path) -> Option<u64> {
     })
 }
 
+/// Memory a remembered messageId may take, for the default
+/// `--dedupe-max-entries`: its index entry (about 65 bytes) and, while a
+/// compaction finishes, its place in the second index (about 70).
+const BYTES_PER_DEDUPE_ENTRY: u64 = 160;
+
+/// Disk a remembered messageId may take, for the default
+/// `--dedupe-max-entries`: an accepted message is about 0.42 KiB of journal
+/// with a short text, and the journal may hold twice its live records, and a
+/// compaction a third copy.
+const DISK_BYTES_PER_DEDUPE_ENTRY: u64 = 1024;
+
+/// The default `--dedupe-max-entries` under a memory limit and on a file
+/// system of the given sizes, when either is known.
+pub fn dedupe_max_entries_for(memory_limit: Option<u64>, disk_bytes: Option<u64>) -> Option<u64> {
+    let by_memory = memory_limit.map(|m| m / 4 / BYTES_PER_DEDUPE_ENTRY);
+    let by_disk = disk_bytes.map(|d| d / 4 / DISK_BYTES_PER_DEDUPE_ENTRY);
+    match (by_memory, by_disk) {
+        (Some(a), Some(b)) => Some(a.min(b).max(1)),
+        (a, b) => a.or(b).map(|n| n.max(1)),
+    }
+}
+
+/// The size of the file system holding `path`, in bytes.
+pub fn filesystem_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `stat` is a buffer of the
+    // type statvfs fills; it is read only when statvfs reports success.
+    let filled = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } == 0;
+    if !filled {
+        return None;
+    }
+    // SAFETY: statvfs succeeded, so it filled `stat`.
+    let stat = unsafe { stat.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    let bytes = (stat.f_blocks as u64).saturating_mul(stat.f_frsize as u64);
+    (bytes > 0).then_some(bytes)
+}
+
 impl Config {
+    /// `--dedupe-max-entries` (`None`: no limit), or its default under
+    /// `memory_limit` and on a file system of `disk_bytes` (the embedded
+    /// store's); and whether it was derived.
+    pub fn dedupe_max_entries(
+        &self,
+        memory_limit: Option<u64>,
+        disk_bytes: Option<u64>,
+    ) -> (Option<u64>, bool) {
+        match self.dedupe_max_entries {
+            Some(0) => (None, false),
+            Some(n) => (Some(n), false),
+            None => {
+                let derived = dedupe_max_entries_for(memory_limit, disk_bytes);
+                (derived, derived.is_some())
+            }
+        }
+    }
+
     /// `--max-pending`, or its default under `memory_limit`; and whether it
     /// was derived from that limit.
     pub fn max_pending(&self, memory_limit: Option<u64>) -> (usize, bool) {
@@ -289,6 +356,45 @@ mod tests {
         assert_eq!(c.max_body_bytes, 256 * 1024);
         assert_eq!(c.max_pending(None), (MAX_PENDING, false));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn dedupe_max_entries_fits_memory_and_disk_unless_given() {
+        const MIB: u64 = 1 << 20;
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            c.dedupe_max_entries(None, None),
+            (None, false),
+            "nothing known: no limit"
+        );
+        // The operator's defaults: a 256 MiB limit and a 1 GiB volume.
+        assert_eq!(
+            c.dedupe_max_entries(Some(256 * MIB), None),
+            (Some(419_430), true)
+        );
+        assert_eq!(
+            c.dedupe_max_entries(None, Some(1024 * MIB)),
+            (Some(262_144), true)
+        );
+        assert_eq!(
+            c.dedupe_max_entries(Some(256 * MIB), Some(1024 * MIB)),
+            (Some(262_144), true),
+            "the smaller of the two"
+        );
+        let given = parse(&["--dedupe-max-entries=5000000"]).unwrap();
+        assert_eq!(
+            given.dedupe_max_entries(Some(MIB), Some(MIB)),
+            (Some(5_000_000), false)
+        );
+        let unlimited = parse(&["--dedupe-max-entries=0"]).unwrap();
+        assert_eq!(
+            unlimited.dedupe_max_entries(Some(MIB), Some(MIB)),
+            (None, false)
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        assert!(filesystem_bytes(dir.path()).is_some_and(|b| b > MIB));
+        assert_eq!(filesystem_bytes(&dir.path().join("missing")), None);
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub store_file_bytes: prometheus::IntGauge,
     pub store_live_bytes: prometheus::IntGauge,
     pub conversations: prometheus::IntGauge,
+    pub dedupe_entries: prometheus::IntGauge,
+    pub dedupe_forgotten_early: prometheus::IntCounter,
     pub credential_reloads: IntCounterVec,
 }
 
@@ -191,6 +193,18 @@ impl Metrics {
             conversations: plain_gauge(
                 "botrelay_conversations",
                 "Conversations remembered so that a bot can write to them; those quiet for --conversation-retention are forgotten.",
+            ),
+            dedupe_entries: plain_gauge(
+                "botrelay_dedupe_entries",
+                "messageIds remembered for dedupe (at most --dedupe-max-entries).",
+            ),
+            dedupe_forgotten_early: registered(
+                &registry,
+                prometheus::IntCounter::new(
+                    "botrelay_dedupe_forgotten_early_total",
+                    "messageIds forgotten before the end of --dedupe-window, to stay within --dedupe-max-entries.",
+                )
+                .expect("valid metric"),
             ),
             credential_reloads: counter(
                 "botrelay_credential_reloads_total",

@@ -348,6 +348,12 @@ mod tests {
         fn conversation_count(&self) -> u64 {
             self.inner.conversation_count()
         }
+        fn dedupe_count(&self) -> u64 {
+            self.inner.dedupe_count()
+        }
+        fn dedupe_cutoff(&self, part: u8, keep: usize) -> Option<u64> {
+            self.inner.dedupe_cutoff(part, keep)
+        }
     }
 
     #[test]
@@ -404,7 +410,7 @@ mod tests {
         );
         store.open();
         while let Some(done) = commits.join_next().await {
-            assert_eq!(done.unwrap().unwrap(), Outcome::Done);
+            assert_eq!(done.unwrap().unwrap(), Outcome::Pruned(0));
         }
         let syncs = store.syncs.load(Ordering::SeqCst);
         assert!(
@@ -434,7 +440,7 @@ mod tests {
         assert!(matches!(fourth, Err(CommitError::Busy)), "{fourth:?}");
         store.open();
         for commit in [first, second, third] {
-            assert_eq!(commit.await.unwrap().unwrap(), Outcome::Done);
+            assert_eq!(commit.await.unwrap().unwrap(), Outcome::Pruned(0));
         }
         writer.close().await;
         thread.join().unwrap();
@@ -455,7 +461,7 @@ mod tests {
             Err(CommitError::Closed)
         ));
         store.open();
-        assert_eq!(before.await.unwrap().unwrap(), Outcome::Done);
+        assert_eq!(before.await.unwrap().unwrap(), Outcome::Pruned(0));
         thread.join().unwrap();
     }
 }

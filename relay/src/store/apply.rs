@@ -239,8 +239,7 @@ pub(super) fn apply(
                 Outcome::Discarded(discarded)
             }
             Op::PruneDedupe { before_ms, part } => {
-                tables.dedupe_prune(before_ms, part)?;
-                Outcome::Done
+                Outcome::Pruned(tables.dedupe_prune(before_ms, part)?)
             }
             Op::ForgetConversations { before_ms, part } => {
                 tables.conversation_forget(before_ms, part)?;

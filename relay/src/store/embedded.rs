@@ -1706,6 +1706,19 @@ impl Store for EmbeddedStore {
         self.lock().index.conversations.len() as u64
     }
 
+    fn dedupe_count(&self) -> u64 {
+        self.lock().index.dedupe.len() as u64
+    }
+
+    fn dedupe_cutoff(&self, part: u8, keep: usize) -> Option<u64> {
+        let accepted = {
+            let inner = self.lock();
+            let entries = inner.index.dedupe.range(part_keys(part));
+            entries.map(|(_, e)| e.accepted_ms).collect()
+        };
+        super::newest_cutoff(accepted, keep)
+    }
+
     fn failure(&self) -> Option<String> {
         self.lock().failed.clone()
     }

@@ -297,4 +297,18 @@ impl Store for MemoryStore {
     fn conversation_count(&self) -> u64 {
         self.lock().conversations.len() as u64
     }
+
+    fn dedupe_count(&self) -> u64 {
+        self.lock().dedupe.len() as u64
+    }
+
+    fn dedupe_cutoff(&self, part: u8, keep: usize) -> Option<u64> {
+        let accepted = {
+            let state = self.lock();
+            let entries = state.dedupe_expiry.range((part, 0, String::new())..);
+            let in_part = entries.take_while(|(p, _, _)| *p == part);
+            in_part.map(|(_, at, _)| *at).collect()
+        };
+        super::newest_cutoff(accepted, keep)
+    }
 }

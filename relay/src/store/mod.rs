@@ -285,6 +285,8 @@ pub enum Outcome {
     Done,
     /// This many dead letters were deleted.
     Discarded(usize),
+    /// A prune forgot this many message ids.
+    Pruned(u64),
     /// A completion or dead-lettering found nothing to act on (already done).
     Missing,
 }
@@ -382,6 +384,24 @@ pub trait Store: Send + Sync + 'static {
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError>;
     /// How many conversations are remembered.
     fn conversation_count(&self) -> u64;
+    /// How many message ids the dedupe table holds.
+    fn dedupe_count(&self) -> u64;
+    /// The acceptance time before which the dedupe entries of `part` (of
+    /// [`PRUNE_PARTS`]) must be forgotten for at most `keep` of them to
+    /// remain: `None` when the part holds no more than `keep`.
+    fn dedupe_cutoff(&self, part: u8, keep: usize) -> Option<u64>;
+}
+
+/// The `keep` newest of `accepted` (acceptance times, in any order) are
+/// those accepted at or after the time returned; ties at the boundary are
+/// forgotten too, so that at most `keep` remain.
+fn newest_cutoff(mut accepted: Vec<u64>, keep: usize) -> Option<u64> {
+    if accepted.len() <= keep {
+        return None;
+    }
+    // The newest one that must go, then everything accepted up to it.
+    let (_, &mut oldest_gone, _) = accepted.select_nth_unstable_by(keep, |a, b| b.cmp(a));
+    Some(oldest_gone + 1)
 }
 
 /// Rebuilds a dead letter's queue entry and stored record for a redrive.

@@ -417,6 +417,66 @@ fn quiet_conversations_are_forgotten(store: &dyn Store) {
     assert_eq!((seen("quiet"), seen("busy")), (None, None));
 }
 
+/// The cutoff of a part keeps its newest entries: pruning each part at its
+/// cutoff leaves at most `keep` per part, and they are the newest.
+fn dedupe_cutoff_keeps_the_newest_of_each_part(store: &dyn Store) {
+    // Accepted at 1000..1600, ten per millisecond.
+    let ids: Vec<(String, u64)> = (0..6000)
+        .map(|i| (format!("c{i}"), 1000 + i / 10))
+        .collect();
+    for (id, at) in &ids {
+        accept(store, id, *at);
+    }
+    assert_eq!(store.dedupe_count(), 6000);
+    let part = part_of(dedupe_key(ids[0].0.as_bytes()));
+    let in_part: Vec<u64> = ids
+        .iter()
+        .filter(|(id, _)| part_of(dedupe_key(id.as_bytes())) == part)
+        .map(|(_, at)| *at)
+        .collect();
+    assert!(in_part.len() > 40, "{} in the part", in_part.len());
+    assert_eq!(
+        store.dedupe_cutoff(part, in_part.len()),
+        None,
+        "nothing to forget"
+    );
+    let keep = 20;
+    let cutoff = store.dedupe_cutoff(part, keep).expect("over");
+    let kept = in_part.iter().filter(|&&at| at >= cutoff).count();
+    // At most `keep`, and no fewer than ties at the boundary make it (the
+    // part's entries are about a millisecond apart).
+    assert!(kept <= keep && kept + 3 > keep, "{kept} kept of {keep}");
+    let mut pruned = 0;
+    for part in 0..PRUNE_PARTS {
+        if let Some(before_ms) = store.dedupe_cutoff(part, keep) {
+            let outcome = store
+                .commit(vec![Op::PruneDedupe {
+                    before_ms,
+                    part: Some(part),
+                }])
+                .unwrap();
+            let [Outcome::Pruned(n)] = outcome[..] else {
+                panic!("a prune says how many it forgot: {outcome:?}")
+            };
+            pruned += n;
+        }
+    }
+    let left = store.dedupe_count();
+    assert_eq!(left + pruned, 6000);
+    assert!(left <= keep as u64 * u64::from(PRUNE_PARTS), "{left} left");
+    assert!(left >= 64, "each part keeps some: {left} left");
+    // The newest is remembered; the oldest is taken as new.
+    let again = |id: &str| {
+        let op = Op::Accept {
+            message: inbound(id, "c1", 1700),
+            dedupe_window_ms: 86_400_000,
+        };
+        store.commit(vec![op]).unwrap().pop().unwrap()
+    };
+    assert!(matches!(again("c5999"), Outcome::Duplicate { .. }));
+    assert!(matches!(again("c0"), Outcome::Accepted { .. }));
+}
+
 macro_rules! suite {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -450,6 +510,11 @@ macro_rules! suite {
             fn prune_by_parts() {
                 let (store, _dir) = $make;
                 prune_by_parts_forgets_each_part_on_its_own(&store);
+            }
+            #[test]
+            fn dedupe_cutoff() {
+                let (store, _dir) = $make;
+                dedupe_cutoff_keeps_the_newest_of_each_part(&store);
             }
             #[test]
             fn conversations() {
