@@ -3,6 +3,7 @@
 
 use crate::credentials::{CredentialStore, Tokens, bearer};
 use crate::delivery::{Queues, now_ms};
+use crate::disk::DiskGuard;
 use crate::ids;
 use crate::metrics::Metrics;
 use crate::serve::Body;
@@ -32,6 +33,8 @@ pub struct Api {
     pub body_read_timeout: Duration,
     pub max_pending: usize,
     pub dedupe_window: Duration,
+    /// The embedded store's volume; `None` with the memory store.
+    pub disk: Option<Arc<DiskGuard>>,
 }
 
 /// A request that is answered with an error; `code` is stable for programs,
@@ -257,6 +260,15 @@ impl Api {
                 .counted("unauthorized"));
             }
             Some(_) => {}
+        }
+        if self.disk.as_ref().is_some_and(|disk| disk.low()) {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_full",
+                "the relay's disk is nearly full; retry later",
+            )
+            .retry_after(5)
+            .counted("rejected"));
         }
         if self.queues.pending() >= self.max_pending {
             return Err(Refusal::new(

@@ -10,6 +10,7 @@ use crate::delivery::{
     http::{Endpoint, Sender},
     now_ms,
 };
+use crate::disk::DiskGuard;
 use crate::metrics::Metrics;
 use crate::serve::{self, Limits};
 use crate::store::{EmbeddedStore, MemoryStore, Op, Outcome, PRUNE_PARTS, Store};
@@ -76,7 +77,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
 
     let disk_bytes = match config.store {
-        StoreKind::Embedded => crate::config::filesystem_bytes(&config.data_dir),
+        StoreKind::Embedded => crate::disk::space(&config.data_dir).map(|s| s.total),
         StoreKind::Memory => None,
     };
     let (dedupe_max, derived) = config.dedupe_max_entries(memory_limit, disk_bytes);
@@ -154,6 +155,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
 
     let draining = Arc::new(AtomicBool::new(false));
+    let disk = match config.store {
+        StoreKind::Embedded => Some(DiskGuard::new(
+            config.data_dir.clone(),
+            config.disk_reserve_bytes,
+            store.clone(),
+            metrics.clone(),
+        )),
+        StoreKind::Memory => None,
+    };
     let api = Arc::new(Api {
         credentials: credentials.clone(),
         store: store.clone(),
@@ -165,6 +175,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         body_read_timeout: config.body_read_timeout,
         max_pending,
         dedupe_window: config.dedupe_window,
+        disk: disk.clone(),
     });
     let admin = Arc::new(Admin {
         store: store.clone(),
@@ -174,7 +185,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         draining: draining.clone(),
     });
 
-    let background = [
+    let mut background = vec![
         tokio::spawn(credentials.clone().watch(
             credential_texts,
             config.credentials_poll_interval,
@@ -189,6 +200,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             conversation_retention: config.conversation_retention,
         })),
     ];
+    if let Some(disk) = disk {
+        background.push(tokio::spawn(disk.watch()));
+    }
     let (api_stop_tx, api_stop) = watch::channel(false);
     let api_server = tokio::spawn(serve::serve(
         api_listener,

@@ -120,6 +120,13 @@ pub struct Config {
     #[arg(long, env = "BOTRELAY_CONVERSATION_RETENTION", default_value = "30d", value_parser = duration)]
     pub conversation_retention: Duration,
 
+    /// Free space kept on the embedded store's volume, in bytes: client and bot
+    /// messages get 503 while the file system has less free than this plus
+    /// the journal's live bytes (the room a compaction needs), instead of the
+    /// store failing on a full disk. Deliveries go on meanwhile.
+    #[arg(long, env = "BOTRELAY_DISK_RESERVE_BYTES", default_value_t = 64 << 20)]
+    pub disk_reserve_bytes: u64,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "BOTRELAY_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
@@ -238,24 +245,6 @@ pub fn dedupe_max_entries_for(memory_limit: Option<u64>, disk_bytes: Option<u64>
         (Some(a), Some(b)) => Some(a.min(b).max(1)),
         (a, b) => a.or(b).map(|n| n.max(1)),
     }
-}
-
-/// The size of the file system holding `path`, in bytes.
-pub fn filesystem_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a NUL-terminated string and `stat` is a buffer of the
-    // type statvfs fills; it is read only when statvfs reports success.
-    let filled = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } == 0;
-    if !filled {
-        return None;
-    }
-    // SAFETY: statvfs succeeded, so it filled `stat`.
-    let stat = unsafe { stat.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
-    let bytes = (stat.f_blocks as u64).saturating_mul(stat.f_frsize as u64);
-    (bytes > 0).then_some(bytes)
 }
 
 impl Config {
@@ -391,10 +380,6 @@ mod tests {
             unlimited.dedupe_max_entries(Some(MIB), Some(MIB)),
             (None, false)
         );
-
-        let dir = tempfile::tempdir().unwrap();
-        assert!(filesystem_bytes(dir.path()).is_some_and(|b| b > MIB));
-        assert_eq!(filesystem_bytes(&dir.path().join("missing")), None);
     }
 
     #[test]

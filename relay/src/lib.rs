@@ -12,6 +12,7 @@ pub mod app;
 pub mod config;
 pub mod credentials;
 pub mod delivery;
+pub mod disk;
 pub mod ids;
 pub mod logging;
 pub mod metrics;

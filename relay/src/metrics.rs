@@ -36,6 +36,7 @@ pub struct Metrics {
     pub store_batch_size: Histogram,
     pub store_file_bytes: prometheus::IntGauge,
     pub store_live_bytes: prometheus::IntGauge,
+    pub store_disk_free_bytes: prometheus::IntGauge,
     pub conversations: prometheus::IntGauge,
     pub dedupe_entries: prometheus::IntGauge,
     pub dedupe_forgotten_early: prometheus::IntCounter,
@@ -189,6 +190,10 @@ impl Metrics {
             store_live_bytes: plain_gauge(
                 "botrelay_store_live_bytes",
                 "Bytes of the embedded store's records still needed; compaction frees the rest once they are under half of a file over 64 MiB.",
+            ),
+            store_disk_free_bytes: plain_gauge(
+                "botrelay_store_disk_free_bytes",
+                "Free bytes of the embedded store's file system; under --disk-reserve-bytes plus the live bytes, new messages get 503.",
             ),
             conversations: plain_gauge(
                 "botrelay_conversations",

@@ -702,3 +702,44 @@ async fn a_full_queue_answers_429_with_retry_after_and_loses_nothing() {
     bot.wait_until("the late message", WAIT, |r| r.len() == 6)
         .await;
 }
+
+#[tokio::test]
+async fn a_nearly_full_disk_answers_503_and_stores_nothing() {
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    // A reserve no volume has: the disk counts as nearly full from the start.
+    let relay = Relay::start(
+        &bot.url(),
+        &endpoint.url(),
+        &["--disk-reserve-bytes=18446744073709551615"],
+    )
+    .await;
+    let (status, headers, body) = post(
+        &relay.url("/v1/messages"),
+        Some(CLIENT_TOKEN),
+        message("u", "c", "m1", "x").to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(headers.get("retry-after").unwrap(), "5");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["error"]["code"],
+        "store_full"
+    );
+    assert_eq!(
+        relay
+            .metric(
+                "botrelay_messages_received_total",
+                &[("source", "client"), ("outcome", "rejected")]
+            )
+            .await,
+        1.0
+    );
+    assert!(relay.metric("botrelay_store_disk_free_bytes", &[]).await > 0.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        bot.received().is_empty(),
+        "nothing was stored, so nothing is delivered"
+    );
+}
