@@ -645,6 +645,40 @@ async fn dead_letters_are_listed_page_by_page() {
     }
 }
 
+/// Sends a client message that the relay must refuse as the first refusal
+/// it counts: with `status`, `Retry-After: retry_after` and the error `code`.
+async fn assert_refused(
+    relay: &Relay,
+    message_id: &str,
+    status: u16,
+    retry_after: &str,
+    code: &str,
+) {
+    let (got, headers, body) = post(
+        &relay.url("/v1/messages"),
+        Some(CLIENT_TOKEN),
+        message("u", "c", message_id, "x").to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got, status);
+    assert_eq!(headers.get("retry-after").unwrap(), retry_after);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["error"]["code"],
+        code
+    );
+    // Counted, for the BotrelayRejectingMessages alert.
+    assert_eq!(
+        relay
+            .metric(
+                "botrelay_messages_received_total",
+                &[("source", "client"), ("outcome", "rejected")]
+            )
+            .await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn a_full_queue_answers_429_with_retry_after_and_loses_nothing() {
     let down = free_addr();
@@ -664,29 +698,7 @@ async fn a_full_queue_answers_429_with_retry_after_and_loses_nothing() {
             200
         );
     }
-    let (status, headers, body) = post(
-        &relay.url("/v1/messages"),
-        Some(CLIENT_TOKEN),
-        message("u", "c", "m-late", "x").to_string().into_bytes(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 429);
-    assert_eq!(headers.get("retry-after").unwrap(), "1");
-    assert_eq!(
-        serde_json::from_slice::<Value>(&body).unwrap()["error"]["code"],
-        "queue_full"
-    );
-    // Counted, for the BotrelayRejectingMessages alert.
-    assert_eq!(
-        relay
-            .metric(
-                "botrelay_messages_received_total",
-                &[("source", "client"), ("outcome", "rejected")]
-            )
-            .await,
-        1.0
-    );
+    assert_refused(&relay, "m-late", 429, "1", "queue_full").await;
     let bot = Peer::start_on(down, |_| Answer::ok()).await;
     bot.wait_until("the five accepted messages", WAIT, |r| r.len() == 5)
         .await;
@@ -714,28 +726,7 @@ async fn a_nearly_full_disk_answers_503_and_stores_nothing() {
         &["--disk-reserve-bytes=18446744073709551615"],
     )
     .await;
-    let (status, headers, body) = post(
-        &relay.url("/v1/messages"),
-        Some(CLIENT_TOKEN),
-        message("u", "c", "m1", "x").to_string().into_bytes(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 503);
-    assert_eq!(headers.get("retry-after").unwrap(), "5");
-    assert_eq!(
-        serde_json::from_slice::<Value>(&body).unwrap()["error"]["code"],
-        "store_full"
-    );
-    assert_eq!(
-        relay
-            .metric(
-                "botrelay_messages_received_total",
-                &[("source", "client"), ("outcome", "rejected")]
-            )
-            .await,
-        1.0
-    );
+    assert_refused(&relay, "m1", 503, "5", "store_full").await;
     assert!(relay.metric("botrelay_store_disk_free_bytes", &[]).await > 0.0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
