@@ -44,13 +44,45 @@ pub struct Queues {
     pending: Arc<AtomicUsize>,
     /// Messages pushed that the schedulers have not taken in yet.
     unread: Arc<AtomicUsize>,
+    /// Bytes of the fresh copies held, from their push to their first attempt.
+    fresh: Arc<Fresh>,
+}
+
+/// The fresh copies of messages (`Pending::message`) held between their push
+/// and their first attempt, so that the attempt need not read the store back.
+/// Bounded in bytes: past [`FRESH_BYTES`], messages go without their copy and
+/// are read from the store when due.
+#[derive(Default)]
+struct Fresh {
+    bytes: AtomicUsize,
+}
+
+/// Bytes of fresh copies held at once, both targets together.
+const FRESH_BYTES: usize = 8 << 20;
+
+impl Fresh {
+    /// Takes on a copy of `size` bytes, if there is room.
+    fn admit(&self, size: usize) -> bool {
+        let before = self.bytes.fetch_add(size, Ordering::Relaxed);
+        if before + size > FRESH_BYTES {
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Lets go of a copy taken on with `admit`.
+    fn release(&self, message: &Message) {
+        self.bytes.fetch_sub(message.size(), Ordering::Relaxed);
+    }
 }
 
 impl Queues {
     /// Queues a message that is now durable.
     pub fn push(&self, mut pending: Pending) {
-        if self.unread() >= FRESH_LIMIT {
-            // The schedulers are behind: the message is read from the store when due.
+        if let Some(message) = &pending.message
+            && !self.fresh.admit(message.size())
+        {
             pending.message = None;
         }
         let tx = match pending.target {
@@ -59,10 +91,13 @@ impl Queues {
         };
         self.pending.fetch_add(1, Ordering::Relaxed);
         self.unread.fetch_add(1, Ordering::Relaxed);
-        if tx.send(Event::Due(pending)).is_err() {
+        if let Err(mpsc::error::SendError(Event::Due(pending))) = tx.send(Event::Due(pending)) {
             // Shutting down: the message is stored and is delivered after the restart.
             self.pending.fetch_sub(1, Ordering::Relaxed);
             self.unread.fetch_sub(1, Ordering::Relaxed);
+            if let Some(message) = &pending.message {
+                self.fresh.release(message);
+            }
         }
     }
 
@@ -93,6 +128,7 @@ pub fn queues() -> (Queues, Inboxes) {
             response,
             pending: Arc::default(),
             unread: Arc::default(),
+            fresh: Arc::default(),
         },
         Inboxes {
             bot: bot_rx,
@@ -121,6 +157,7 @@ pub fn start(
             target,
             lanes: HashMap::new(),
             fresh: HashMap::new(),
+            fresh_bytes: queues.fresh.clone(),
             ready: VecDeque::new(),
             timers: BinaryHeap::new(),
             in_flight: 0,
@@ -137,12 +174,6 @@ pub fn start(
     }
     set
 }
-
-/// Messages per target kept in memory as they were stored, for their first
-/// attempt (beyond these, a message is read back from the store when due).
-/// The fast path: a message delivered soon after it was stored. About 1 KiB
-/// each at most, so a few MiB at the very most.
-const FRESH_LIMIT: usize = 4096;
 
 /// A waiting message as a lane holds it: its conversation and target are the
 /// lane's, so 24 bytes a message is all a long queue costs.
@@ -170,6 +201,8 @@ struct Scheduler {
     lanes: HashMap<LaneKey, Lane>,
     /// Waiting messages not yet attempted that came with their content.
     fresh: HashMap<Seq, Arc<Message>>,
+    /// Shared with `Queues::fresh`.
+    fresh_bytes: Arc<Fresh>,
     /// Lanes with a head message that may be attempted now.
     ready: VecDeque<LaneKey>,
     /// Lanes waiting for a retry, by due time.
@@ -250,9 +283,7 @@ impl Scheduler {
                     queued_at_ms: pending.queued_at_ms,
                 };
                 self.depth += 1;
-                if let Some(message) = pending.message
-                    && self.fresh.len() < FRESH_LIMIT
-                {
+                if let Some(message) = pending.message {
                     self.fresh.insert(pending.seq, message);
                 }
                 let key = crate::ids::key(&pending.conversation_id);
@@ -323,6 +354,9 @@ impl Scheduler {
             self.in_flight += 1;
             let failures = lane.failures;
             let fresh = self.fresh.remove(&head.seq);
+            if let Some(message) = &fresh {
+                self.fresh_bytes.release(message);
+            }
             let deliverer = self.deliverer.clone();
             let events = self.events.clone();
             let target = self.target;
@@ -368,4 +402,57 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::OutboundMessage;
+
+    fn reply(seq: Seq, payload_bytes: usize) -> Pending {
+        let payload = format!("\"{}\"", "x".repeat(payload_bytes));
+        OutboundMessage {
+            id: format!("m{seq}"),
+            conversation_id: "conv".into(),
+            caller_conversation_id: "c".into(),
+            user_id: "user".into(),
+            kind: "text".into(),
+            payload: serde_json::value::RawValue::from_string(payload).unwrap(),
+            created_at_ms: 1,
+            queued_at_ms: 1,
+        }
+        .into_pending(seq)
+    }
+
+    #[test]
+    fn fresh_copies_are_bounded_in_bytes_and_released_at_the_first_attempt() {
+        let (queues, mut inboxes) = queues();
+        // Three messages of 3 MiB: the third would pass the 8 MiB bound.
+        for seq in 1..=3 {
+            queues.push(reply(seq, 3 << 20));
+        }
+        let mut carried = Vec::new();
+        while let Ok(Event::Due(pending)) = inboxes.response.try_recv() {
+            carried.push((pending.seq, pending.message.is_some()));
+        }
+        assert_eq!(carried, [(1, true), (2, true), (3, false)]);
+        let held = queues.fresh.bytes.load(Ordering::Relaxed);
+        assert!((6 << 20..7 << 20).contains(&held), "{held}");
+
+        // A small one still fits; once the copies are let go, large ones do again.
+        queues.push(reply(4, 100));
+        let Ok(Event::Due(small)) = inboxes.response.try_recv() else {
+            panic!("queued")
+        };
+        assert!(small.message.is_some());
+        for message in [reply(1, 3 << 20), reply(2, 3 << 20), small] {
+            queues.fresh.release(message.message.as_deref().unwrap());
+        }
+        assert_eq!(queues.fresh.bytes.load(Ordering::Relaxed), 0);
+        queues.push(reply(5, 3 << 20));
+        let Ok(Event::Due(again)) = inboxes.response.try_recv() else {
+            panic!("queued")
+        };
+        assert!(again.message.is_some());
+    }
 }

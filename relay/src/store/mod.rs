@@ -176,6 +176,34 @@ pub enum Message {
     Outbound(OutboundMessage),
 }
 
+impl Message {
+    /// About the memory it takes: its strings, and 200 bytes for the rest.
+    pub fn size(&self) -> usize {
+        let strings = match self {
+            Message::Inbound(m) => {
+                m.id.len()
+                    + m.conversation_id.len()
+                    + m.user_id.len()
+                    + m.caller_conversation_id.len()
+                    + m.caller_user_id.len()
+                    + m.caller_message_id.len()
+                    + m.kind.len()
+                    + m.text.len()
+                    + m.payload.get().len()
+            }
+            Message::Outbound(m) => {
+                m.id.len()
+                    + m.conversation_id.len()
+                    + m.caller_conversation_id.len()
+                    + m.user_id.len()
+                    + m.kind.len()
+                    + m.payload.get().len()
+            }
+        };
+        strings + 200
+    }
+}
+
 impl InboundMessage {
     pub fn pending(&self, seq: Seq) -> Pending {
         Pending {
