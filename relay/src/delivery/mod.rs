@@ -283,18 +283,25 @@ impl Scheduler {
                     queued_at_ms: pending.queued_at_ms,
                 };
                 self.depth += 1;
-                if let Some(message) = pending.message {
-                    self.fresh.insert(pending.seq, message);
-                }
                 let key = crate::ids::key(&pending.conversation_id);
                 let lane = self.lanes.entry(key).or_insert_with(|| Lane {
                     // Most lanes hold one message at a time: room for one.
                     queue: VecDeque::with_capacity(1),
                     ..Lane::default()
                 });
+                let next_up = lane.queue.is_empty() && !lane.busy;
                 lane.queue.push_back(waiting);
-                if lane.queue.len() == 1 && !lane.busy {
+                if next_up {
                     self.ready.push_back(key);
+                }
+                // The copy is kept for a message attempted next in its lane;
+                // one that waits behind others is read from the store when due.
+                if let Some(message) = pending.message {
+                    if next_up {
+                        self.fresh.insert(pending.seq, message);
+                    } else {
+                        self.fresh_bytes.release(&message);
+                    }
                 }
             }
             Event::Finished { lane: key, finish } => {
