@@ -137,10 +137,6 @@ impl Sender {
         }
     }
 
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.inner.endpoint
-    }
-
     /// POSTs `body` signed with every key in `keys`; returns the 2xx answer's body.
     pub async fn post(
         &self,

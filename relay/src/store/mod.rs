@@ -132,8 +132,9 @@ fn whole_seconds(ms: u64) -> u64 {
     ms - ms % 1000
 }
 
-/// A message that is waiting, as the delivery engine tracks it: no body, so that
-/// a long queue costs little memory; the body is read from the store when due.
+/// A message that is waiting, as the delivery engine tracks it: its place, not
+/// its body, so that a long queue costs little memory; the body is read from
+/// the store when due, unless a copy came along (`message`).
 #[derive(Clone, Debug)]
 pub struct Pending {
     pub target: Target,
