@@ -143,7 +143,8 @@ struct Loc {
     /// The record is an `ACCEPT`, which an inbound row and a dedupe entry may
     /// both point at. Its bytes count as live through the dedupe entry only
     /// (a row outliving its dedupe entry is not counted: `live_bytes` decides
-    /// when to compact, and only errs towards compacting sooner).
+    /// when to compact, and only errs towards compacting sooner; a copy that
+    /// frees little puts the next one off).
     accept: bool,
 }
 
@@ -1421,6 +1422,21 @@ impl EmbeddedStore {
                     after_bytes = inner.written,
                     "compacted the journal"
                 );
+                // `live_bytes` leaves out messages still waiting after their
+                // dedupe entry is gone, so a journal of them looks dead and
+                // its copy comes out nearly as large. Compacting it again at
+                // the next write would copy it over and over: after a copy
+                // that freed less than a quarter, the next one waits until the
+                // journal has grown by half.
+                if inner.written.saturating_mul(4) > written.saturating_mul(3) {
+                    inner.compact_at =
+                        inner.written + (inner.written / 2).max(self.tuning.compact_min_bytes);
+                    tracing::info!(
+                        after_bytes = inner.written,
+                        next_at_bytes = inner.compact_at,
+                        "the compaction freed little; the next waits until the journal has grown"
+                    );
+                }
                 // Freeing the old index takes a while: not under the lock.
                 drop(guard);
                 drop(old_index);
