@@ -226,8 +226,8 @@ fn memory_limit_in(cgroups: &str, root: &Path) -> Option<u64> {
 }
 
 /// Memory a remembered messageId may take, for the default
-/// `--dedupe-max-entries`: its index entry (about 65 bytes) and, while a
-/// compaction finishes, its place in the second index (about 70).
+/// `--dedupe-max-entries`: its index entry (about 77 bytes) and, while a
+/// compaction finishes, its place in the second index (about as much).
 const BYTES_PER_DEDUPE_ENTRY: u64 = 160;
 
 /// Disk a remembered messageId may take, for the default

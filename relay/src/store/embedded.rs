@@ -141,11 +141,12 @@ struct Loc {
     at: u64,
     len: u32,
     /// The record is an `ACCEPT`, which an inbound row and a dedupe entry may
-    /// both point at. Its bytes count as live through the dedupe entry only
-    /// (a row outliving its dedupe entry is not counted: `live_bytes` decides
-    /// when to compact, and only errs towards compacting sooner; a copy that
-    /// frees little puts the next one off).
+    /// both point at. Its bytes count as live through the dedupe entry while
+    /// there is one, and through the row after it (`orphan`).
     accept: bool,
+    /// An inbound row of an `ACCEPT` whose dedupe entry is gone (a message
+    /// still waiting past the dedupe window): the row counts the record.
+    orphan: bool,
 }
 
 /// A caller's message id as [`dedupe_key`] makes it.
@@ -155,7 +156,14 @@ type DedupeKey = u128;
 struct DedupeEntry {
     accepted_ms: u64,
     loc: Loc,
+    /// The inbound row of the same `ACCEPT` (`loc.accept`), if it is still
+    /// there: a dedupe entry that goes hands the counting of the record's
+    /// bytes to it. [`NO_ROW`] for the dedupe records of older journals.
+    seq: Seq,
 }
+
+/// `DedupeEntry::seq` of an entry with no row of its own.
+const NO_ROW: Seq = Seq::MAX;
 
 /// A conversation's record and what a write needs of it, in 32 bytes: the
 /// parts of its [`Loc`] are kept apart so that no padding is stored.
@@ -175,6 +183,7 @@ impl ConversationEntry {
             at: self.at,
             len: self.len,
             accept: false,
+            orphan: false,
         }
     }
 
@@ -414,7 +423,13 @@ fn read_at(file: &File, loc: Loc) -> Result<Vec<u8>, StoreError> {
 impl Index {
     fn set_row(&mut self, table: Table, seq: Seq, loc: Option<Loc>) -> Option<Loc> {
         let rows = &mut self.rows[table_code(table) as usize];
-        let counted = |loc: &Loc| if loc.accept { 0 } else { u64::from(loc.len) };
+        let counted = |loc: &Loc| {
+            if loc.accept && !loc.orphan {
+                0
+            } else {
+                u64::from(loc.len)
+            }
+        };
         let old = match loc {
             Some(loc) => {
                 self.live_bytes += counted(&loc);
@@ -438,8 +453,33 @@ impl Index {
         };
         if let Some(old) = old {
             self.live_bytes -= u64::from(old.loc.len);
+            self.set_orphan(&old, true);
+        }
+        if let Some(entry) = entry {
+            self.set_orphan(&entry, false);
         }
         old
+    }
+
+    /// Whether the row of an accepted message (if it is still there) counts
+    /// the record's bytes: it does once the message's dedupe entry is gone.
+    fn set_orphan(&mut self, entry: &DedupeEntry, orphan: bool) {
+        if !entry.loc.accept {
+            return;
+        }
+        let rows = &mut self.rows[table_code(Table::Inbound) as usize];
+        let Some(row) = rows.get_mut(&entry.seq) else {
+            return;
+        };
+        if row.at != entry.loc.at || row.orphan == orphan {
+            return;
+        }
+        row.orphan = orphan;
+        if orphan {
+            self.live_bytes += u64::from(row.len);
+        } else {
+            self.live_bytes -= u64::from(row.len);
+        }
     }
 
     fn set_conversation(
@@ -472,7 +512,11 @@ impl Index {
                 accepted_ms, key, ..
             } => {
                 let key = dedupe_key(key);
-                let entry = DedupeEntry { accepted_ms, loc };
+                let entry = DedupeEntry {
+                    accepted_ms,
+                    loc,
+                    seq: NO_ROW,
+                };
                 Undo::Dedupe(key, self.set_dedupe(key, Some(entry)))
             }
             Record::Accept {
@@ -488,7 +532,11 @@ impl Index {
                 };
                 let row = self.set_row(Table::Inbound, seq, Some(loc));
                 let key = dedupe_key(key);
-                let entry = DedupeEntry { accepted_ms, loc };
+                let entry = DedupeEntry {
+                    accepted_ms,
+                    loc,
+                    seq,
+                };
                 Undo::Accept {
                     key,
                     dedupe: self.set_dedupe(key, Some(entry)),
@@ -646,6 +694,7 @@ impl Txn<'_> {
             len: u32::try_from(self.frames.len() - start)
                 .map_err(|_| StoreError::Embedded("a record over 4 GiB".into()))?,
             accept: false,
+            orphan: false,
         };
         let record = Reader {
             buf: &self.frames[start..],
@@ -1194,6 +1243,7 @@ fn apply_payload(
             at: base + start as u64,
             len: (records.pos - start) as u32,
             accept: false,
+            orphan: false,
         };
         match (record, prunes.as_deref_mut()) {
             (Record::Prune { before_ms, part }, Some(prunes)) => {
@@ -1422,21 +1472,6 @@ impl EmbeddedStore {
                     after_bytes = inner.written,
                     "compacted the journal"
                 );
-                // `live_bytes` leaves out messages still waiting after their
-                // dedupe entry is gone, so a journal of them looks dead and
-                // its copy comes out nearly as large. Compacting it again at
-                // the next write would copy it over and over: after a copy
-                // that freed less than a quarter, the next one waits until the
-                // journal has grown by half.
-                if inner.written.saturating_mul(4) > written.saturating_mul(3) {
-                    inner.compact_at =
-                        inner.written + (inner.written / 2).max(self.tuning.compact_min_bytes);
-                    tracing::info!(
-                        after_bytes = inner.written,
-                        next_at_bytes = inner.compact_at,
-                        "the compaction freed little; the next waits until the journal has grown"
-                    );
-                }
                 // Freeing the old index takes a while: not under the lock.
                 drop(guard);
                 drop(old_index);
