@@ -76,10 +76,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
 
-    let disk_bytes = match config.store {
-        StoreKind::Embedded => crate::disk::space(&config.data_dir).map(|s| s.total),
+    let disk = match config.store {
+        StoreKind::Embedded => Some(DiskGuard::new(
+            config.data_dir.clone(),
+            config.disk_reserve_bytes,
+            store.clone(),
+            metrics.clone(),
+        )),
         StoreKind::Memory => None,
     };
+    let disk_bytes = disk.as_ref().and_then(|disk| disk.total());
     let (dedupe_max, derived) = config.dedupe_max_entries(memory_limit, disk_bytes);
     if derived {
         tracing::info!(
@@ -155,15 +161,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
 
     let draining = Arc::new(AtomicBool::new(false));
-    let disk = match config.store {
-        StoreKind::Embedded => Some(DiskGuard::new(
-            config.data_dir.clone(),
-            config.disk_reserve_bytes,
-            store.clone(),
-            metrics.clone(),
-        )),
-        StoreKind::Memory => None,
-    };
     let api = Arc::new(Api {
         credentials: credentials.clone(),
         store: store.clone(),

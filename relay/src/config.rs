@@ -241,10 +241,11 @@ const DISK_BYTES_PER_DEDUPE_ENTRY: u64 = 1024;
 pub fn dedupe_max_entries_for(memory_limit: Option<u64>, disk_bytes: Option<u64>) -> Option<u64> {
     let by_memory = memory_limit.map(|m| m / 4 / BYTES_PER_DEDUPE_ENTRY);
     let by_disk = disk_bytes.map(|d| d / 4 / DISK_BYTES_PER_DEDUPE_ENTRY);
-    match (by_memory, by_disk) {
-        (Some(a), Some(b)) => Some(a.min(b).max(1)),
-        (a, b) => a.or(b).map(|n| n.max(1)),
-    }
+    [by_memory, by_disk]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|n| n.max(1))
 }
 
 impl Config {

@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A file system's size and the space left to an unprivileged writer, in bytes.
@@ -55,6 +55,8 @@ pub struct DiskGuard {
     store: Arc<dyn Store>,
     metrics: Metrics,
     low: AtomicBool,
+    /// The file system's size as last read; 0 until it could be.
+    total: AtomicU64,
 }
 
 /// How often the free space is read.
@@ -68,6 +70,7 @@ impl DiskGuard {
             store,
             metrics,
             low: AtomicBool::new(false),
+            total: AtomicU64::new(0),
         });
         guard.check();
         guard
@@ -78,11 +81,17 @@ impl DiskGuard {
         self.low.load(Ordering::Relaxed)
     }
 
+    /// The size of the data directory's file system, if it could be read.
+    pub fn total(&self) -> Option<u64> {
+        Some(self.total.load(Ordering::Relaxed)).filter(|&t| t > 0)
+    }
+
     /// Reads the free space again; logs when the volume turns low or has room again.
     pub fn check(&self) {
         let Some(space) = space(&self.dir) else {
             return;
         };
+        self.total.store(space.total, Ordering::Relaxed);
         self.metrics
             .store_disk_free_bytes
             .set(space.available as i64);
