@@ -230,6 +230,13 @@ impl Sender {
                 }
             }
         }
+        // Boxed: opening a connection is rare, and its future is large; kept
+        // inline, it would make every attempt's task that much larger to move.
+        Box::pin(self.open()).await
+    }
+
+    /// A new connection to the endpoint.
+    async fn open(&self) -> Result<Connection, Failure> {
         let stream = self
             .inner
             .connector
