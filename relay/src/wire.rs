@@ -3,8 +3,8 @@
 
 use crate::store::{InboundMessage, OutboundMessage};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// A request body that breaks the contract; the message names the field.
@@ -71,29 +71,77 @@ fn object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Invalid> {
 
 fn string_field(name: &str, raw: Option<&RawValue>, allow_empty: bool) -> Result<String, Invalid> {
     let raw = raw.ok_or_else(|| Invalid(format!("field `{name}` is required")))?;
-    let value: Value = serde_json::from_str(raw.get()).expect("RawValue holds JSON");
-    match value {
-        Value::String(s) if s.is_empty() && !allow_empty => {
-            Err(Invalid(format!("field `{name}` must not be empty")))
+    // Told apart by the first character, so that no value of another type is
+    // read (a deeply nested array would break serde_json's recursion limit).
+    let kind = match raw.get().as_bytes().first() {
+        Some(b'"') => {
+            let s: String = serde_json::from_str(raw.get()).expect("RawValue holds JSON");
+            if s.is_empty() && !allow_empty {
+                return Err(Invalid(format!("field `{name}` must not be empty")));
+            }
+            return Ok(s);
         }
-        Value::String(s) => Ok(s),
-        Value::Null => Err(Invalid(format!("field `{name}` is required"))),
-        other => Err(Invalid(format!(
-            "field `{name}` must be a string, not {}",
-            json_kind(&other)
-        ))),
+        Some(b'n') => return Err(Invalid(format!("field `{name}` is required"))),
+        Some(b't' | b'f') => "a boolean",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        _ => "a number",
+    };
+    Err(Invalid(format!(
+        "field `{name}` must be a string, not {kind}"
+    )))
+}
+
+/// Deepest nesting of arrays and objects accepted in a payload: serde_json's
+/// own default limit, so that receivers reading with it can read what the
+/// relay passes on.
+pub const MAX_DEPTH: usize = 128;
+
+/// How deeply arrays and objects nest in `json`, which is valid JSON.
+fn depth(json: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth -= 1,
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// A payload as read: `None` when absent or null.
+fn payload_field(name: &str, raw: Option<&RawValue>) -> Result<Option<Box<RawValue>>, Invalid> {
+    match raw {
+        Some(raw) if raw.get() != "null" => {
+            if depth(raw.get()) > MAX_DEPTH {
+                return Err(Invalid(format!(
+                    "field `{name}` is nested deeper than {MAX_DEPTH} levels"
+                )));
+            }
+            Ok(Some(raw.to_owned()))
+        }
+        _ => Ok(None),
     }
 }
 
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
+/// A payload that must be there.
+fn required_payload(name: &str, raw: Option<&RawValue>) -> Result<Box<RawValue>, Invalid> {
+    payload_field(name, raw)?.ok_or_else(|| Invalid(format!("field `{name}` is required")))
 }
 
 impl ClientMessage {
@@ -104,11 +152,10 @@ impl ClientMessage {
         let conversation_id = string_field("conversationId", b.conversation_id, false)?;
         let kind = string_field("type", b.kind, false)?;
         let text = string_field("text", b.text, true)?;
-        let payload = match b.payload {
-            Some(raw) if raw.get() != "null" => raw.to_owned(),
-            // As the reference does: a message without payload carries its text.
-            _ => RawValue::from_string(json!({ "text": text }).to_string()).expect("JSON"),
-        };
+        // As the reference does: a message without payload carries its text.
+        let payload = payload_field("payload", b.payload)?.unwrap_or_else(|| {
+            RawValue::from_string(json!({ "text": text }).to_string()).expect("JSON")
+        });
         Ok(Self {
             user_id,
             message_id,
@@ -144,15 +191,8 @@ impl BotMessage {
         Ok(Self {
             conversation_id: string_field("conversationId", b.conversation_id, false)?,
             kind: string_field("type", b.kind, false)?,
-            payload: payload_field(b.payload)?,
+            payload: required_payload("payload", b.payload)?,
         })
-    }
-}
-
-fn payload_field(raw: Option<&RawValue>) -> Result<Box<RawValue>, Invalid> {
-    match raw {
-        Some(raw) if raw.get() != "null" => Ok(raw.to_owned()),
-        _ => Err(Invalid("field `payload` is required".into())),
     }
 }
 
@@ -189,8 +229,7 @@ pub fn parse_sync_replies(body: &[u8]) -> Result<Vec<BotReply>, Invalid> {
             .map_err(|_| Invalid(format!("responses[{i}] must be an object")))?;
         replies.push(BotReply {
             kind: string_field(&format!("responses[{i}].type"), reply.kind, false)?,
-            payload: payload_field(reply.payload)
-                .map_err(|_| Invalid(format!("field `responses[{i}].payload` is required")))?,
+            payload: required_payload(&format!("responses[{i}].payload"), reply.payload)?,
         });
     }
     Ok(replies)
@@ -390,6 +429,50 @@ mod tests {
     }
 
     #[test]
+    fn deeply_nested_values_are_refused_by_name() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let message = |field: &str, value: &str| {
+            let mut body: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+                r#"{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"hi"}"#,
+            )
+            .unwrap();
+            body.remove(field);
+            let mut text = serde_json::to_string(&body).unwrap();
+            text.pop();
+            format!("{text},\"{field}\":{value}}}")
+        };
+        let deep = nested(MAX_DEPTH + 1);
+        assert_eq!(
+            err(&message("payload", &deep)),
+            format!("field `payload` is nested deeper than {MAX_DEPTH} levels")
+        );
+        assert!(
+            ClientMessage::parse(message("payload", &nested(MAX_DEPTH)).as_bytes()).is_ok(),
+            "{MAX_DEPTH} levels are fine"
+        );
+        // Brackets inside strings do not count.
+        let quoted = format!("{{\"a\":\"{}\"}}", "[".repeat(1000));
+        assert!(ClientMessage::parse(message("payload", &quoted).as_bytes()).is_ok());
+        // Far past serde_json's own recursion limit, in a field read as a string.
+        for field in ["userId", "text"] {
+            assert_eq!(
+                err(&message(field, &nested(100_000))),
+                format!("field `{field}` must be a string, not an array")
+            );
+        }
+        let bot = format!(r#"{{"conversationId":"c","type":"text","payload":{deep}}}"#);
+        assert_eq!(
+            BotMessage::parse(bot.as_bytes()).unwrap_err().0,
+            format!("field `payload` is nested deeper than {MAX_DEPTH} levels")
+        );
+        let replies = format!(r#"{{"responses":[{{"type":"text","payload":{deep}}}]}}"#);
+        assert_eq!(
+            parse_sync_replies(replies.as_bytes()).unwrap_err().0,
+            format!("field `responses[0].payload` is nested deeper than {MAX_DEPTH} levels")
+        );
+    }
+
+    #[test]
     fn sync_replies_are_read_and_checked() {
         assert!(parse_sync_replies(b"").unwrap().is_empty());
         assert!(parse_sync_replies(b"{}").unwrap().is_empty());
@@ -465,7 +548,8 @@ mod fuzz {
                     accepted += 1;
                     assert!(!m.user_id.is_empty() && !m.message_id.is_empty());
                     assert!(!m.conversation_id.is_empty() && !m.kind.is_empty());
-                    serde_json::from_str::<Value>(m.payload.get()).expect("payload is JSON");
+                    serde_json::from_str::<serde_json::Value>(m.payload.get())
+                        .expect("payload is JSON");
                 }
                 Err(Invalid(message)) => assert!(!message.is_empty()),
             }

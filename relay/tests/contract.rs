@@ -319,6 +319,25 @@ async fn every_error_is_a_json_body_with_the_right_status() {
     let deep = format!("{{\"payload\":{}}}", "[".repeat(900));
     let (s, _, _) = error_of(&relay, "POST", "/v1/messages", ok, deep.into_bytes()).await;
     assert_eq!(s, 400);
+    // Well formed, and nested deeper than serde_json reads (128), where a string
+    // is expected or in the payload.
+    let nested = format!("{}{}", "[".repeat(300), "]".repeat(300));
+    for field in ["userId", "payload"] {
+        let mut body = serde_json::json!({
+            "userId": "u", "messageId": "deep", "conversationId": "c", "type": "text", "text": "x"
+        });
+        body.as_object_mut().unwrap().remove(field);
+        let mut body = body.to_string();
+        body.insert_str(1, &format!("\"{field}\":{nested},"));
+        let (status, _, raw) = request("POST", &relay.url("/v1/messages"), ok, body.into_bytes())
+            .await
+            .unwrap();
+        let err: Value = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(status, 400, "{field}");
+        assert_eq!(err["error"]["code"], "invalid_request");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("`{field}`")), "{message}");
+    }
 
     // curl's default form content type is not held against the caller.
     let (status, _, _) = request(
@@ -359,7 +378,7 @@ async fn every_error_is_a_json_body_with_the_right_status() {
             "botrelay_http_requests_total",
             &[("route", "/v1/messages"), ("status", "400")]
         ),
-        15.0
+        17.0
     );
 }
 
