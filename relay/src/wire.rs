@@ -533,6 +533,69 @@ mod fuzz {
         out
     }
 
+    /// A JSON value of any type, some nested far deeper than serde_json reads.
+    fn value(rng: &mut StdRng) -> String {
+        let depth = rng.random_range(1..300);
+        match rng.random_range(0..8) {
+            0 => "null".into(),
+            1 => "true".into(),
+            2 => "-1.5e3".into(),
+            3 => "\"\"".into(),
+            4 => format!("\"{}\"", "[{\\\"".repeat(rng.random_range(1..4))),
+            5 => format!("{}{}", "[".repeat(depth), "]".repeat(depth)),
+            6 => format!("{}1{}", "{\"k\":".repeat(depth), "}".repeat(depth)),
+            _ => "\"x\"".into(),
+        }
+    }
+
+    #[test]
+    fn structured_bodies_of_every_type_and_depth_are_read_without_panic() {
+        let mut rng = StdRng::seed_from_u64(0xdee9);
+        let fields = [
+            "userId",
+            "messageId",
+            "conversationId",
+            "type",
+            "text",
+            "payload",
+            "responses",
+        ];
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..3_000 {
+            let mut members = Vec::new();
+            for field in fields {
+                match rng.random_range(0..4) {
+                    0 => {}
+                    1 if field == "responses" => members.push(format!(
+                        "\"responses\":[{{\"type\":{},\"payload\":{}}}]",
+                        value(&mut rng),
+                        value(&mut rng)
+                    )),
+                    1 | 2 => members.push(format!("\"{field}\":\"v\"")),
+                    _ => members.push(format!("\"{field}\":{}", value(&mut rng))),
+                }
+            }
+            let body = format!("{{{}}}", members.join(","));
+            match ClientMessage::parse(body.as_bytes()) {
+                Ok(m) => {
+                    accepted += 1;
+                    assert!(depth(m.payload.get()) <= MAX_DEPTH);
+                }
+                Err(Invalid(message)) => {
+                    refused += 1;
+                    assert!(message.starts_with("field `"), "{message}: {body}");
+                }
+            }
+            if let Ok(m) = BotMessage::parse(body.as_bytes()) {
+                assert!(depth(m.payload.get()) <= MAX_DEPTH);
+            }
+            if let Ok(replies) = parse_sync_replies(body.as_bytes()) {
+                assert!(replies.iter().all(|r| depth(r.payload.get()) <= MAX_DEPTH));
+            }
+        }
+        assert!(accepted > 100 && refused > 100, "{accepted} {refused}");
+    }
+
     #[test]
     fn parsers_never_panic_and_accept_only_valid_messages() {
         let mut rng = StdRng::seed_from_u64(0x0b07_7e1a);
