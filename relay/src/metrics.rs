@@ -40,6 +40,7 @@ pub struct Metrics {
     pub conversations: prometheus::IntGauge,
     pub dedupe_entries: prometheus::IntGauge,
     pub dedupe_forgotten_early: prometheus::IntCounter,
+    pub unreadable_bot_answers: prometheus::IntCounter,
     pub credential_reloads: IntCounterVec,
 }
 
@@ -208,6 +209,14 @@ impl Metrics {
                 prometheus::IntCounter::new(
                     "botrelay_dedupe_forgotten_early_total",
                     "messageIds forgotten before the end of --dedupe-window, to stay within --dedupe-max-entries.",
+                )
+                .expect("valid metric"),
+            ),
+            unreadable_bot_answers: registered(
+                &registry,
+                prometheus::IntCounter::new(
+                    "botrelay_unreadable_bot_answers_total",
+                    "2xx answers of the bot whose replies could not be read; the message counts as delivered and those replies are dropped.",
                 )
                 .expect("valid metric"),
             ),

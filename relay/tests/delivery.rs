@@ -228,6 +228,36 @@ async fn a_response_endpoint_that_fails_then_recovers_gets_everything_with_stabl
 }
 
 #[tokio::test]
+async fn an_unreadable_answer_of_the_bot_is_counted_and_not_sent_again() {
+    let bot = Peer::start(|r| {
+        if r.body["tags"]["messageId"] == "unreadable" {
+            Answer::json(serde_json::json!({"responses": "not a list"}))
+        } else {
+            echo(r)
+        }
+    })
+    .await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    relay.send(&message("u", "c", "unreadable", "x")).await;
+    relay.send(&message("u", "c", "readable", "x")).await;
+    // In order: once the second message's reply arrives, the first is done.
+    endpoint
+        .wait_until("the readable reply", WAIT, |r| r.len() == 1)
+        .await;
+    assert_eq!(
+        relay
+            .metric("botrelay_unreadable_bot_answers_total", &[])
+            .await,
+        1.0
+    );
+    // The bot took the message whose answer was unreadable: it is not sent again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bot.received().len(), 2);
+    assert_eq!(endpoint.received().len(), 1);
+}
+
+#[tokio::test]
 async fn a_failing_conversation_holds_back_only_itself() {
     let bot = Peer::start(|r| {
         if r.body["tags"]["conversationId"] == "stuck" {

@@ -383,7 +383,8 @@ def test_alerts_cover_what_on_call_needs(render):
     alerts = {r["alert"]: r for g in rule_groups(render(values=ALL_ON)) for r in g["rules"]}
     assert {"BotrelayRelayDown", "BotrelayDeliveriesFailing", "BotrelayDeadLettersGrowing",
             "BotrelayOldestPendingTooOld", "BotrelayRejectingMessages",
-            "BotrelayDedupeTableFull", "BotrelayReconcileErrors"} <= set(alerts)
+            "BotrelayDedupeTableFull", "BotrelayBotAnswersUnreadable",
+            "BotrelayReconcileErrors"} <= set(alerts)
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
         assert rule["labels"]["team"] == "platform", name

@@ -604,6 +604,8 @@ def test_alert_rules_load_and_evaluate(stack, repo):
     assert state["BotrelayRejectingMessages"] == "inactive", state
     # The test's relay remembers every messageId it is sent.
     assert state["BotrelayDedupeTableFull"] == "inactive", state
+    # The test's bot answers with replies the relay can read.
+    assert state["BotrelayBotAnswersUnreadable"] == "inactive", state
     # The operator leads and is scraped: these must stay quiet.
     assert state["BotrelayOperatorNoLeader"] == "inactive", state
     assert state["BotrelayOperatorDown"] == "inactive", state

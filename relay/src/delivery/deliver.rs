@@ -306,6 +306,7 @@ impl Deliverer {
                 // The bot took the message (2xx); sending it again would duplicate
                 // it, so the unreadable answer is logged and dropped.
                 tracing::warn!(message_id = %to.id, %problem, "bot answered 2xx with unreadable replies; ignoring them");
+                self.metrics.unreadable_bot_answers.inc();
                 return Vec::new();
             }
         };
