@@ -207,6 +207,55 @@ async fn a_long_backlog_is_read_back_while_it_is_delivered_and_nothing_twice() {
 }
 
 #[tokio::test]
+async fn replies_stored_before_a_restart_go_out_before_those_made_after_it() {
+    // Conversation A's first replies wait for a failing response endpoint.
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::status(500)).await;
+    let mut relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    for i in 0..5 {
+        let id = format!("A-{i}");
+        assert_eq!(relay.send(&message("u", "A", &id, &id)).await.0, 200);
+    }
+    bot.wait_until("A's first five", WAIT, |r| r.len() == 5)
+        .await;
+    endpoint
+        .wait_until("an attempt at A's first reply", WAIT, |r| !r.is_empty())
+        .await;
+    // Then A's next message, and a backlog behind it, wait for a failing bot.
+    bot.set(|_| Answer::status(500));
+    assert_eq!(relay.send(&message("u", "A", "A-5", "A-5")).await.0, 200);
+    assert_eq!(load(relay.url("/v1/messages"), 8, 250).await.len(), 2000);
+    assert_eq!(relay.terminate(), Some(0));
+
+    // After the restart, A-5 reaches the bot at once and its reply is made
+    // while the rest is read back: it must still go out after A's older ones.
+    bot.set(echo);
+    endpoint.set(|_| Answer::ok());
+    let attempts_before = endpoint.received().len();
+    relay.restart().await;
+    let got = endpoint
+        .wait_until("A's six replies", WAIT, |r| {
+            r[attempts_before..]
+                .iter()
+                .filter(|x| x.body["conversationId"] == "A")
+                .count()
+                >= 6
+        })
+        .await;
+    let mut order: Vec<String> = Vec::new();
+    for x in &got[attempts_before..] {
+        if x.body["conversationId"] == "A" {
+            let text = x.body["payload"]["text"].as_str().unwrap().to_owned();
+            if !order.contains(&text) {
+                order.push(text);
+            }
+        }
+    }
+    let want: Vec<_> = (0..6).map(|i| format!("echo: A-{i}")).collect();
+    assert_eq!(order, want);
+}
+
+#[tokio::test]
 async fn tokens_rotate_without_a_restart() {
     let bot = Peer::start(|_| Answer::ok()).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;

@@ -301,17 +301,22 @@ pub(super) type Visit<'a> = dyn FnMut(Seq, &[u8]) -> Result<(), StoreError> + 'a
 /// Hands every waiting message to `each`, one table at a time in seq order, so
 /// each target's queue is rebuilt in delivery order without holding the whole
 /// backlog twice. Returns the dead-letter counts.
+///
+/// The replies go first: the relay delivers while it recovers, and a message
+/// delivered to the bot makes new replies at once. Those must queue behind the
+/// stored replies of the same conversation, so every stored reply has to be
+/// handed over before any message for the bot is.
 pub(super) fn recover(
     mut scan: impl FnMut(Table, &mut Visit) -> Result<(), StoreError>,
     each: &mut dyn FnMut(Pending),
 ) -> Result<DeadLetterCounts, StoreError> {
-    scan(Table::Inbound, &mut |seq, bytes| {
-        let m: InboundMessage = decode("inbound message", bytes)?;
+    scan(Table::Outbound, &mut |seq, bytes| {
+        let m: OutboundMessage = decode("outbound message", bytes)?;
         each(m.pending(seq));
         Ok(())
     })?;
-    scan(Table::Outbound, &mut |seq, bytes| {
-        let m: OutboundMessage = decode("outbound message", bytes)?;
+    scan(Table::Inbound, &mut |seq, bytes| {
+        let m: InboundMessage = decode("inbound message", bytes)?;
         each(m.pending(seq));
         Ok(())
     })?;

@@ -402,7 +402,8 @@ pub trait Store: Send + Sync + 'static {
         self.sync()?;
         Ok(outcomes)
     }
-    /// Hands every waiting message to `each`, in delivery order per target, and
+    /// Hands every waiting message to `each`, in delivery order per target and
+    /// all those for the response endpoint first (see `apply::recover`), and
     /// returns how many dead letters are held; called once, at start.
     fn recover(&self, each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError>;
     fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError>;

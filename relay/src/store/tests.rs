@@ -133,6 +133,40 @@ fn completion_queues_replies_in_order(store: &dyn Store) {
     assert_eq!(waiting(store), due[1..]);
 }
 
+/// A restart hands the stored replies over before the messages still waiting
+/// for the bot: delivering one of those makes new replies at once, which must
+/// queue behind the older replies of the same conversation.
+fn recovery_queues_stored_replies_before_messages_for_the_bot(store: &dyn Store) {
+    let Outcome::Accepted { pending: first, .. } = accept(store, "m1", 100) else {
+        panic!()
+    };
+    store
+        .commit(vec![Op::CompleteInbound {
+            seq: first.seq,
+            replies: vec![reply(1, "c1"), reply(2, "c1")],
+        }])
+        .unwrap();
+    // Accepted after the replies were stored, so later in seq order too.
+    let Outcome::Accepted {
+        pending: second, ..
+    } = accept(store, "m2", 200)
+    else {
+        panic!()
+    };
+    let targets: Vec<_> = waiting(store).iter().map(|p| (p.target, p.seq)).collect();
+    let replies: Vec<_> = targets
+        .iter()
+        .filter(|(t, _)| *t == Target::Response)
+        .collect();
+    assert_eq!(replies.len(), 2);
+    assert!(replies[0].1 < replies[1].1, "replies in the order made");
+    assert_eq!(
+        targets.last(),
+        Some(&(Target::Bot, second.seq)),
+        "{targets:?}"
+    );
+}
+
 fn dead_letters_are_kept_counted_and_redriven(store: &dyn Store) {
     let Outcome::Accepted { pending, .. } = accept(store, "m1", 100) else {
         panic!()
@@ -490,6 +524,11 @@ macro_rules! suite {
             fn completion() {
                 let (store, _dir) = $make;
                 completion_queues_replies_in_order(&store);
+            }
+            #[test]
+            fn recovery_order() {
+                let (store, _dir) = $make;
+                recovery_queues_stored_replies_before_messages_for_the_bot(&store);
             }
             #[test]
             fn dead_letters() {
