@@ -258,6 +258,59 @@ async fn an_unreadable_answer_of_the_bot_is_counted_and_not_sent_again() {
 }
 
 #[tokio::test]
+async fn answers_too_large_to_read_still_count_as_delivered() {
+    // Over the 4 MiB the relay reads of an answer.
+    let huge = || " ".repeat(5 << 20);
+    let bot = Peer::start(move |r| {
+        if r.body["tags"]["messageId"] == "huge" {
+            Answer {
+                body: huge(),
+                ..Answer::ok()
+            }
+        } else {
+            echo(r)
+        }
+    })
+    .await;
+    let endpoint = Peer::start(move |_| Answer {
+        body: huge(),
+        ..Answer::ok()
+    })
+    .await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    relay.send(&message("u", "c", "huge", "x")).await;
+    relay.send(&message("u", "c", "small", "x")).await;
+    endpoint
+        .wait_until("the small one's reply", WAIT, |r| r.len() == 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bot.received().len(), 2, "each message once");
+    assert_eq!(endpoint.received().len(), 1, "the reply once");
+    assert_eq!(
+        relay
+            .metric("botrelay_unreadable_bot_answers_total", &[])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        relay.metric("botrelay_delivery_retries_total", &[]).await,
+        0.0
+    );
+    for target in ["bot", "response"] {
+        assert_eq!(
+            relay
+                .metric(
+                    "botrelay_delivery_attempts_total",
+                    &[("target", target), ("outcome", "success")]
+                )
+                .await,
+            if target == "bot" { 2.0 } else { 1.0 },
+            "{target}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_failing_conversation_holds_back_only_itself() {
     let bot = Peer::start(|r| {
         if r.body["tags"]["conversationId"] == "stuck" {

@@ -1,7 +1,7 @@
 //! One delivery attempt of one message, and what follows from its result.
 
 use super::backoff::Backoff;
-use super::http::Sender;
+use super::http::{Answer, MAX_ANSWER_BYTES, Sender};
 use super::{Finish, Waiting, now_ms};
 use crate::credentials::CredentialStore;
 use crate::metrics::Metrics;
@@ -299,8 +299,15 @@ impl Deliverer {
     }
 
     /// The bot's synchronous replies as messages for the response endpoint.
-    fn replies(&self, answer: &[u8], to: &Outgoing) -> Vec<OutboundMessage> {
-        let replies = match wire::parse_sync_replies(answer) {
+    fn replies(&self, answer: &Answer, to: &Outgoing) -> Vec<OutboundMessage> {
+        let parsed = match answer {
+            Answer::Body(body) => wire::parse_sync_replies(body),
+            Answer::TooLarge => Err(wire::Invalid(format!(
+                "the answer is over {} MiB",
+                MAX_ANSWER_BYTES >> 20
+            ))),
+        };
+        let replies = match parsed {
             Ok(replies) => replies,
             Err(problem) => {
                 // The bot took the message (2xx); sending it again would duplicate

@@ -5,7 +5,7 @@ use crate::signing::{SigningKey, signature_header};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tower_service::Service;
 
 /// Largest answer body read from a target (a bot's synchronous replies).
-const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+/// A target's 2xx answer.
+#[derive(Debug)]
+pub enum Answer {
+    Body(Bytes),
+    /// The body ran past [`MAX_ANSWER_BYTES`]; it was not read to the end.
+    TooLarge,
+}
 
 /// Why an attempt failed; each is retried.
 #[derive(Debug)]
@@ -137,14 +145,14 @@ impl Sender {
         }
     }
 
-    /// POSTs `body` signed with every key in `keys`; returns the 2xx answer's body.
+    /// POSTs `body` signed with every key in `keys`; returns the 2xx answer.
     pub async fn post(
         &self,
         webhook_id: &str,
         body: Vec<u8>,
         keys: &[SigningKey],
         timeout: Duration,
-    ) -> Result<Bytes, Failure> {
+    ) -> Result<Answer, Failure> {
         let now = SystemTime::now();
         let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let signature = signature_header(keys, webhook_id, timestamp, &body);
@@ -188,14 +196,22 @@ impl Sender {
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| parse_retry_after(v, now));
-            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            // The status decides; a body too large to read does not make a
+            // 2xx a failure (the target took the request), nor hide the status
+            // of one that is not. Its connection is not reused.
+            let answer = match Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|e| Failure::Network(format!("reading the answer: {e}")))?
-                .to_bytes();
-            self.give_back(connection);
+            {
+                Ok(body) => {
+                    self.give_back(connection);
+                    Answer::Body(body.to_bytes())
+                }
+                Err(e) if e.is::<LengthLimitError>() => Answer::TooLarge,
+                Err(e) => return Err(Failure::Network(format!("reading the answer: {e}"))),
+            };
             if status.is_success() {
-                Ok(body)
+                Ok(answer)
             } else {
                 Err(Failure::Status {
                     status,
