@@ -206,6 +206,51 @@ async fn a_long_backlog_is_read_back_while_it_is_delivered_and_nothing_twice() {
     }
 }
 
+/// The `waiting` field of each log line with `message`, in order.
+fn logged_waiting(logs: &str, message: &str) -> Vec<u64> {
+    logs.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .map(|line| line["waiting"].as_u64().unwrap())
+        .collect()
+}
+
+// Multi-threaded: the bot must answer while `terminate` blocks this thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_count_of_waiting_messages_logged_at_stop_is_what_the_next_start_finds() {
+    // Deliveries to a slow bot are under way at the stop and finish in the
+    // drain; their replies wait for a response endpoint that is down.
+    let bot = Peer::start(|_| {
+        Answer::json(serde_json::json!({"responses": [
+            {"type": "text", "payload": {"text": "one"}},
+            {"type": "text", "payload": {"text": "two"}},
+        ]}))
+        .after(Duration::from_millis(700))
+    })
+    .await;
+    let down = free_addr();
+    let mut relay = Relay::start(&bot.url(), &format!("http://{down}/"), &[]).await;
+    for i in 0..20 {
+        let id = format!("m{i}");
+        relay.send(&message("u", &format!("c{i}"), &id, &id)).await;
+    }
+    bot.wait_until("deliveries under way", WAIT, |r| r.len() == 20)
+        .await;
+    assert_eq!(relay.terminate(), Some(0));
+    relay.restart().await;
+    let logs = relay.logs();
+    let stopped = logged_waiting(&logs, "botrelay stopped");
+    let started = logged_waiting(&logs, "botrelay is ready");
+    assert_eq!(stopped.len(), 1, "{logs}");
+    assert_eq!(started.len(), 2, "{logs}");
+    assert_eq!(stopped[0], started[1], "{logs}");
+    assert_eq!(started[1], 40, "two replies to each of the 20 wait");
+}
+
 #[tokio::test]
 async fn replies_stored_before_a_restart_go_out_before_those_made_after_it() {
     // Conversation A's first replies wait for a failing response endpoint.

@@ -92,8 +92,8 @@ impl Queues {
         self.pending.fetch_add(1, Ordering::Relaxed);
         self.unread.fetch_add(1, Ordering::Relaxed);
         if let Err(mpsc::error::SendError(Event::Due(pending))) = tx.send(Event::Due(pending)) {
-            // Shutting down: the message is stored and is delivered after the restart.
-            self.pending.fetch_sub(1, Ordering::Relaxed);
+            // Shutting down: the message is stored and is delivered after the
+            // restart. It still counts as waiting.
             self.unread.fetch_sub(1, Ordering::Relaxed);
             if let Some(message) = &pending.message {
                 self.fresh.release(message);
@@ -270,6 +270,11 @@ impl Scheduler {
                 );
                 self.tasks.abort_all();
             }
+        }
+        // What the deliveries that ended meanwhile reported, so that the count
+        // of waiting messages is right at the stop.
+        while let Ok(event) = inbox.try_recv() {
+            self.handle(event);
         }
     }
 
