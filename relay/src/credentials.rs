@@ -6,7 +6,7 @@ use crate::signing::SigningKey;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
 pub const CLIENT_TOKEN: &str = "client-token";
@@ -115,7 +115,9 @@ impl CredentialStore {
     /// Polls the files every `interval` and swaps in a new reading when their
     /// content changed. Content, not mtime: a mounted Secret changes by an
     /// atomic symlink swap that mtime-based watching can miss. A broken new
-    /// version is logged and the last good one stays in force.
+    /// version is logged and the last good one stays in force; while it stays
+    /// broken the same way, it is logged (and counted) again only every
+    /// [`REPEAT_PROBLEM`].
     pub async fn watch(
         self,
         mut last: Vec<String>,
@@ -124,34 +126,49 @@ impl CredentialStore {
     ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The problem last logged, and when.
+        let mut failing: Option<(String, Instant)> = None;
         loop {
             tick.tick().await;
             let dir = self.dir.clone();
             let loaded = tokio::task::spawn_blocking(move || Credentials::load(&dir)).await;
             match loaded {
-                Ok(Ok((credentials, texts))) if texts != last => {
-                    *self.current.write().unwrap_or_else(|p| p.into_inner()) =
-                        Arc::new(credentials);
-                    last = texts;
-                    metrics
-                        .credential_reloads
-                        .with_label_values(&["success"])
-                        .inc();
-                    tracing::info!(dir = %self.dir.display(), "credentials changed; new tokens and secrets in force");
+                Ok(Ok((credentials, texts))) => {
+                    if texts != last {
+                        *self.current.write().unwrap_or_else(|p| p.into_inner()) =
+                            Arc::new(credentials);
+                        last = texts;
+                        metrics
+                            .credential_reloads
+                            .with_label_values(&["success"])
+                            .inc();
+                        tracing::info!(dir = %self.dir.display(), "credentials changed; new tokens and secrets in force");
+                    } else if failing.is_some() {
+                        tracing::info!(dir = %self.dir.display(), "credentials can be read again, unchanged");
+                    }
+                    failing = None;
                 }
-                Ok(Ok(_)) => {}
                 Ok(Err(problem)) => {
-                    metrics
-                        .credential_reloads
-                        .with_label_values(&["error"])
-                        .inc();
-                    tracing::warn!(%problem, "credentials could not be re-read; keeping the ones in force");
+                    let logged = failing
+                        .as_ref()
+                        .is_some_and(|(p, at)| *p == problem && at.elapsed() < REPEAT_PROBLEM);
+                    if !logged {
+                        metrics
+                            .credential_reloads
+                            .with_label_values(&["error"])
+                            .inc();
+                        tracing::warn!(%problem, "credentials could not be re-read; keeping the ones in force");
+                        failing = Some((problem, Instant::now()));
+                    }
                 }
                 Err(e) => tracing::error!(error = %e, "credential reload task failed"),
             }
         }
     }
 }
+
+/// How often a problem with the credential files that lasts is logged again.
+const REPEAT_PROBLEM: Duration = Duration::from_secs(300);
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
 pub fn bearer(header: Option<&http::HeaderValue>) -> Option<&str> {
@@ -186,6 +203,47 @@ mod tests {
         assert_eq!(bearer(Some(&h("Basic abc"))), None);
         assert_eq!(bearer(Some(&h("Bearer"))), None);
         assert_eq!(bearer(None), None);
+    }
+
+    #[tokio::test]
+    async fn a_lasting_problem_is_reported_once_and_each_new_one_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write(CLIENT_TOKEN, "a");
+        write(BOT_TOKEN, "b");
+        write(BOT_SIGNING_SECRET, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        write(
+            RESPONSE_SIGNING_SECRET,
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        );
+        let (store, texts) = CredentialStore::open(dir.path()).unwrap();
+        let metrics = crate::metrics::Metrics::new("test");
+        let count = |outcome| {
+            metrics
+                .credential_reloads
+                .with_label_values(&[outcome])
+                .get()
+        };
+        let watching = tokio::spawn(store.clone().watch(
+            texts,
+            Duration::from_millis(5),
+            metrics.clone(),
+        ));
+        let settle = || tokio::time::sleep(Duration::from_millis(100));
+        write(CLIENT_TOKEN, "");
+        settle().await;
+        assert_eq!(count("error"), 1, "about 20 polls saw it; reported once");
+        write(BOT_TOKEN, "");
+        settle().await;
+        assert_eq!(count("error"), 1, "the first broken file still comes first");
+        write(CLIENT_TOKEN, "c");
+        settle().await;
+        assert_eq!(count("error"), 2, "a new problem: bot-token");
+        write(BOT_TOKEN, "b");
+        settle().await;
+        assert_eq!((count("error"), count("success")), (2, 1));
+        assert!(store.current().client_tokens.accepts("c"));
+        watching.abort();
     }
 
     #[test]
