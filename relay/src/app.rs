@@ -127,6 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         &queues,
         deliverer,
         config.max_in_flight as usize,
+        max_pending,
         stop.clone(),
         config.drain_timeout,
     );

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -796,6 +796,55 @@ async fn a_full_queue_answers_429_with_retry_after_and_loses_nothing() {
     }
     bot.wait_until("the late message", WAIT, |r| r.len() == 6)
         .await;
+}
+
+#[tokio::test]
+async fn deliveries_to_the_bot_pause_while_max_pending_replies_wait() {
+    // Six messages in one conversation (so the bot gets one at a time) wait
+    // for a bot that fails at first.
+    let bot = Peer::start(|_| Answer::status(500)).await;
+    let endpoint = Peer::start(|_| Answer::status(503)).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &["--max-pending=10"]).await;
+    for i in 0..6 {
+        let id = format!("m{i}");
+        assert_eq!(relay.send(&message("u", "c", &id, &id)).await.0, 200);
+    }
+    // Then it answers each with three replies, for a response endpoint that
+    // is down. After four messages, twelve replies wait: the rest stay stored.
+    let failed = bot.received().len();
+    bot.set(|r| {
+        let text = r.body["text"].as_str().unwrap_or_default().to_owned();
+        Answer::json(json!({"responses": (0..3)
+            .map(|i| json!({"type": "text", "payload": {"text": format!("{text}/{i}")}}))
+            .collect::<Vec<_>>()}))
+    });
+    let distinct = |r: &[Received]| {
+        r.iter()
+            .filter_map(|x| x.body["tags"]["messageId"].as_str())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    bot.wait_until("four messages", WAIT, |r| distinct(&r[failed..]) >= 4)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(distinct(&bot.received()[failed..]), 4);
+    assert!(relay.logs().contains("deliveries to the bot pause"));
+
+    // Once the replies can go, the bot gets the rest and every reply arrives.
+    endpoint.set(|_| Answer::ok());
+    bot.wait_until("all six", WAIT, |r| distinct(&r[failed..]) == 6)
+        .await;
+    let got = endpoint
+        .wait_until("the 18 replies", WAIT, |r| {
+            r.iter()
+                .filter_map(|x| x.body["payload"]["text"].as_str())
+                .collect::<HashSet<_>>()
+                .len()
+                == 18
+        })
+        .await;
+    assert!(got.len() >= 18);
+    assert!(relay.logs().contains("deliveries to the bot go on"));
 }
 
 #[tokio::test]

@@ -42,6 +42,9 @@ pub struct Queues {
     response: mpsc::UnboundedSender<Event>,
     /// Messages waiting in both directions, for back-pressure on intake.
     pending: Arc<AtomicUsize>,
+    /// Of those, the replies waiting for the response endpoint: past
+    /// `max_replies`, deliveries to the bot pause.
+    replies: Arc<AtomicUsize>,
     /// Messages pushed that the schedulers have not taken in yet.
     unread: Arc<AtomicUsize>,
     /// Bytes of the fresh copies held, from their push to their first attempt.
@@ -90,6 +93,9 @@ impl Queues {
             Target::Response => &self.response,
         };
         self.pending.fetch_add(1, Ordering::Relaxed);
+        if pending.target == Target::Response {
+            self.replies.fetch_add(1, Ordering::Relaxed);
+        }
         self.unread.fetch_add(1, Ordering::Relaxed);
         if let Err(mpsc::error::SendError(Event::Due(pending))) = tx.send(Event::Due(pending)) {
             // Shutting down: the message is stored and is delivered after the
@@ -127,6 +133,7 @@ pub fn queues() -> (Queues, Inboxes) {
             bot,
             response,
             pending: Arc::default(),
+            replies: Arc::default(),
             unread: Arc::default(),
             fresh: Arc::default(),
         },
@@ -138,12 +145,15 @@ pub fn queues() -> (Queues, Inboxes) {
 }
 
 /// Starts both schedulers; they run until `stop` turns true, then wait up to
-/// `drain` for deliveries under way.
+/// `drain` for deliveries under way. While `max_replies` replies or more wait
+/// for the response endpoint, no new delivery to the bot starts: each could
+/// add replies that nothing drains, past what memory was sized for.
 pub fn start(
     inboxes: Inboxes,
     queues: &Queues,
     deliverer: Deliverer,
     max_in_flight: usize,
+    max_replies: usize,
     stop: watch::Receiver<bool>,
     drain: Duration,
 ) -> JoinSet<()> {
@@ -167,6 +177,9 @@ pub fn start(
             metrics: deliverer.metrics().clone(),
             events: tx,
             pending: queues.pending.clone(),
+            replies: queues.replies.clone(),
+            max_replies,
+            paused: false,
             unread: queues.unread.clone(),
             tasks: JoinSet::new(),
         };
@@ -214,6 +227,11 @@ struct Scheduler {
     metrics: Metrics,
     events: mpsc::UnboundedSender<Event>,
     pending: Arc<AtomicUsize>,
+    /// Shared with `Queues::replies`.
+    replies: Arc<AtomicUsize>,
+    max_replies: usize,
+    /// Whether the bot's deliveries wait for replies to drain.
+    paused: bool,
     /// Shared with `Queues::unread`.
     unread: Arc<AtomicUsize>,
     tasks: JoinSet<()>,
@@ -321,6 +339,9 @@ impl Scheduler {
                         lane.failures = 0;
                         self.depth -= 1;
                         self.pending.fetch_sub(1, Ordering::Relaxed);
+                        if self.target == Target::Response {
+                            self.replies.fetch_sub(1, Ordering::Relaxed);
+                        }
                         if lane.queue.is_empty() {
                             self.lanes.remove(&key);
                         } else {
@@ -352,6 +373,9 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
+        if self.target == Target::Bot && self.replies_overflow() {
+            return;
+        }
         while self.in_flight < self.max_in_flight {
             let Some(key) = self.ready.pop_front() else {
                 return;
@@ -377,6 +401,25 @@ impl Scheduler {
                 let _ = events.send(Event::Finished { lane: key, finish });
             });
         }
+    }
+
+    /// Whether too many replies wait to deliver more to the bot; says so when
+    /// that changes. Checked again at every event and every second.
+    fn replies_overflow(&mut self) -> bool {
+        let replies = self.replies.load(Ordering::Relaxed);
+        let over = replies >= self.max_replies;
+        if over != self.paused {
+            self.paused = over;
+            if over {
+                tracing::warn!(
+                    replies,
+                    "deliveries to the bot pause: --max-pending replies wait for the response endpoint"
+                );
+            } else {
+                tracing::info!(replies, "deliveries to the bot go on: replies have drained");
+            }
+        }
+        over
     }
 
     fn update_gauges(&self) {
