@@ -897,7 +897,9 @@ fn set_aside(dir: &Path, file: &File, from: u64, to: u64) -> Result<(), StoreErr
         bytes = used_end - from,
         kept_in = %aside.display(),
         "the bytes after the journal's last whole commit were dropped from it and kept aside; \
-         after a crash they are a commit that was never acknowledged, and the file can be deleted"
+         after a crash they are a commit that was never acknowledged, and the file can be deleted; \
+         if the journal was cut short some other way (a copy or a disk fault), it may hold the \
+         rest of the last acknowledged commit"
     );
     Ok(())
 }
@@ -1146,8 +1148,9 @@ fn replay_journal(
                 tracing::warn!(
                     file = %path.display(),
                     offset = end,
-                    "the journal ends with an incomplete commit (the relay stopped while writing \
-                     it); it was never acknowledged and is dropped"
+                    "the journal ends with an incomplete commit, which is dropped; a crash while \
+                     writing it leaves this, and then it was never acknowledged, but a file cut \
+                     short some other way (a copy or a disk fault) may have lost an acknowledged one"
                 );
             }
             at = end;
