@@ -46,9 +46,11 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ChosenBody {
-    /// Message ids of the dead letters to act on; all of them when absent.
-    ids: Option<Vec<String>>,
+    /// Message ids of the dead letters to act on. Required in a body: a
+    /// mistyped key must not read as "all of them" (that is no body at all).
+    ids: Vec<String>,
 }
 
 const DEAD_LETTER_PATHS: [&str; 3] = [
@@ -200,8 +202,7 @@ impl Admin {
             return Ok(None);
         }
         let ids: HashSet<String> = match serde_json::from_slice::<ChosenBody>(&body) {
-            Ok(ChosenBody { ids: Some(ids) }) => ids.into_iter().collect(),
-            Ok(ChosenBody { ids: None }) => return Ok(None),
+            Ok(ChosenBody { ids }) => ids.into_iter().collect(),
             Err(e) => {
                 return Err(error(
                     StatusCode::BAD_REQUEST,

@@ -641,6 +641,18 @@ async fn dead_letters_can_be_discarded_by_id_or_all_at_once() {
     assert_eq!(ids.len(), 2);
     assert!(!ids.contains(&first.as_str()));
 
+    // A body that does not name `ids` is refused, never read as "all".
+    for typo in [
+        r#"{"id": ["x"]}"#,
+        r#"{"Ids": ["x"]}"#,
+        r#"{"ids": null}"#,
+        "{}",
+    ] {
+        for path in ["/dead-letters/discard", "/dead-letters/redrive"] {
+            let (status, answer) = call("POST", path, typo.as_bytes().to_vec()).await;
+            assert_eq!(status, 400, "{path} {typo}: {answer}");
+        }
+    }
     let (status, answer) = call("POST", "/dead-letters/discard", vec![]).await;
     assert_eq!((status, answer), (200, json!({"discarded": 2})));
     assert_eq!(
