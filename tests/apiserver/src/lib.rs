@@ -31,13 +31,37 @@
 //!   followed by a status saying all replicas are up to date and ready;
 //! - can fail chosen calls on purpose (`inject_failure`);
 //! - answers metadata-only lists and watches (`Accept: ...;as=PartialObjectMetadata`);
-//! - records every distinct (verb, API group, resource[/subresource]) called.
+//! - records every distinct (verb, API group, resource[/subresource]) called,
+//!   as kube-apiserver's authorizer names it (`authz.rs`): a server-side apply
+//!   that creates an object is a `patch` and a `create`; with a [`Policy`]
+//!   (the rules of Roles and ClusterRoles) it refuses what RBAC would refuse,
+//!   with a 403 worded as the real server words it. The policy's user is the
+//!   one with the kubeconfig's bearer token; a request without a token is the
+//!   test's own (a cluster admin's): neither checked nor recorded;
+//! - counts requests per call and per object, and can charge each request a
+//!   cost in time, served one at a time, so that a benchmark of many writes
+//!   means something ([`TestApiServer::set_request_costs`]);
+//! - `resourceVersion` preconditions: an update or patch naming a stale
+//!   `metadata.resourceVersion` is a 409 Conflict;
+//! - history compaction: after [`TestApiServer::compact`], a watch or a list
+//!   continuation from an older resourceVersion gets `410 Gone` (`Expired`),
+//!   and [`TestApiServer::close_watches`] ends every open watch, so clients
+//!   must re-list as they must on a real server;
+//! - paginated lists (`limit` and `continue`), every page read at the
+//!   resourceVersion of the first one;
+//! - with a CRD installed ([`TestApiServer::install_crd`]), its structural
+//!   schema prunes unknown fields and fills `default` values on every write,
+//!   and its status subresource is honoured (`schema.rs`).
 //!
-//! Limits: no authentication or authorization, no admission, no schema
-//! validation or defaulting (so a malformed object can be stored and served on
-//! purpose), no CEL, no discovery endpoints, no pagination (`limit` is
-//! ignored: lists are complete), no bookmarks, no protobuf, no finalizers, no
-//! `deletecollection`, no JSON patch, no YAML bodies, HTTP/1.1 only.
+//! Limits (what a real server does and this one does not): no
+//! authentication (one user, every request is theirs), no admission, no
+//! schema validation (patterns, enums, bounds, CEL: a malformed object can be
+//! stored and served on purpose), no validation of built-in kinds, no
+//! discovery endpoints, no bookmarks, no protobuf, no finalizers, no
+//! `deletecollection`, no JSON patch, no YAML bodies, no list-map merging in
+//! server-side apply (lists are atomic), no defaulting of built-in kinds
+//! (a Deployment is served back as it was applied), no `resourceNames` in
+//! RBAC rules, HTTP/1.1 only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -58,6 +82,10 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
+
+mod authz;
+mod schema;
+pub use authz::{Policy, Rule};
 
 /// One distinct API call, as RBAC names it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -127,6 +155,22 @@ struct Store {
     metadata_calls: BTreeSet<Call>,
     /// uids of stored objects, for the garbage collector's owner lookups.
     uids: std::collections::HashSet<String>,
+    /// Requests served, per call.
+    call_counts: BTreeMap<Call, u64>,
+    /// Requests that named one object, per (request kind, object): `get`,
+    /// `create`, `update`, `apply`, `merge-patch`, `delete`.
+    object_requests: BTreeMap<(String, Key), u64>,
+    /// History at or below this resourceVersion is gone: watching or
+    /// continuing a list from there is `410 Gone`.
+    compacted: u64,
+    /// Watches and list continuations refused with 410.
+    expired: u64,
+    /// Requests refused by the policy.
+    forbidden: u64,
+    /// Installed CRDs' schemas, by (group, plural).
+    schemas: BTreeMap<(String, String), Value>,
+    /// Resources whose `status` is a subresource.
+    status_subresources: BTreeSet<String>,
 }
 
 /// An injected failure: the next `times` calls matching (verb, group, resource) fail with `code`.
@@ -134,6 +178,14 @@ struct Fault {
     call: Call,
     code: u16,
     times: u32,
+    served: u32,
+}
+
+/// What each request costs, in time, served one at a time.
+#[derive(Default, Clone, Copy)]
+struct Costs {
+    write: Duration,
+    read: Duration,
 }
 
 struct Shared {
@@ -141,6 +193,14 @@ struct Shared {
     faults: Mutex<Vec<Fault>>,
     events: broadcast::Sender<WatchEvent>,
     simulate_deployments: AtomicBool,
+    /// How long the simulated Deployment controller takes to report a rollout ready.
+    deployment_ready_delay: Mutex<Duration>,
+    policy: Mutex<Option<Policy>>,
+    costs: Mutex<Costs>,
+    /// Held while a request's cost is paid: one request at a time.
+    cost_gate: tokio::sync::Mutex<()>,
+    /// Bumped to end every open watch.
+    close_watches: tokio::sync::watch::Sender<u64>,
 }
 
 /// A running test API server; it stops when dropped.
@@ -172,12 +232,19 @@ fn err(code: u16, reason: &'static str, message: impl Into<String>) -> ApiError 
     }
 }
 
+/// Built-in resources whose `status` is a subresource (a CRD adds its own).
 const STATUS_SUBRESOURCE: [&str; 4] = [
     "messagingendpoints",
     "deployments",
     "services",
     "persistentvolumeclaims",
 ];
+
+impl Store {
+    fn has_status_subresource(&self, resource: &str) -> bool {
+        STATUS_SUBRESOURCE.contains(&resource) || self.status_subresources.contains(resource)
+    }
+}
 
 impl TestApiServer {
     /// Starts on an ephemeral loopback port.
@@ -196,6 +263,11 @@ impl TestApiServer {
             faults: Mutex::default(),
             events,
             simulate_deployments: AtomicBool::new(true),
+            deployment_ready_delay: Mutex::new(Duration::ZERO),
+            policy: Mutex::default(),
+            costs: Mutex::default(),
+            cost_gate: tokio::sync::Mutex::new(()),
+            close_watches: tokio::sync::watch::channel(0).0,
         });
         let server_shared = shared.clone();
         let task = tokio::spawn(async move {
@@ -243,6 +315,14 @@ impl TestApiServer {
             .store(on, Ordering::Relaxed);
     }
 
+    /// With a delay, a Deployment write is first answered by a status saying
+    /// the new pods are not ready yet, and the delay later by one saying they
+    /// are (as the Deployment controller and kubelet would, in several writes).
+    /// Zero (the default): ready at once.
+    pub fn set_deployment_ready_delay(&self, delay: Duration) {
+        *self.shared.deployment_ready_delay.lock().unwrap() = delay;
+    }
+
     /// Makes the next `times` HTTP calls of (verb, group, resource) fail with
     /// `code` (a Status body with reason `InternalError` or `ServiceUnavailable`).
     pub fn inject_failure(&self, verb: &str, group: &str, resource: &str, code: u16, times: u32) {
@@ -250,7 +330,102 @@ impl TestApiServer {
             call: Call::new(verb, group, resource),
             code,
             times,
+            served: 0,
         });
+    }
+
+    /// Makes every HTTP call of (verb, group, resource) fail with `code` until
+    /// [`clear_failures`](Self::clear_failures).
+    pub fn fail_until_cleared(&self, verb: &str, group: &str, resource: &str, code: u16) {
+        self.inject_failure(verb, group, resource, code, u32::MAX);
+    }
+
+    /// Ends every injected failure; returns how many failures were served.
+    pub fn clear_failures(&self) -> u32 {
+        let mut faults = self.shared.faults.lock().unwrap();
+        let served = faults.iter().map(|f| f.served).sum();
+        faults.clear();
+        served
+    }
+
+    /// Enforces RBAC: from now on a call the policy does not allow is refused
+    /// with 403 Forbidden, as kube-apiserver refuses it.
+    pub fn enforce(&self, policy: Policy) {
+        *self.shared.policy.lock().unwrap() = Some(policy);
+    }
+
+    /// Requests refused by the policy so far.
+    pub fn forbidden_count(&self) -> u64 {
+        self.shared.store.lock().unwrap().forbidden
+    }
+
+    /// Charges every later request a cost, served one request at a time (as
+    /// an API server and etcd sharing a small machine would): `write` for
+    /// creates, updates, patches and deletes, `read` for gets and lists.
+    /// Watches are free. Zero for both (the default) turns it off.
+    pub fn set_request_costs(&self, write: Duration, read: Duration) {
+        *self.shared.costs.lock().unwrap() = Costs { write, read };
+    }
+
+    /// Requests served per call (verb, group, resource) so far.
+    pub fn call_count(&self, verb: &str, group: &str, resource: &str) -> u64 {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .call_counts
+            .get(&Call::new(verb, group, resource))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests that named one object, per (kind, object): kind is `get`,
+    /// `create`, `update`, `apply`, `merge-patch` or `delete`.
+    pub fn object_requests(&self) -> BTreeMap<(String, Key), u64> {
+        self.shared.store.lock().unwrap().object_requests.clone()
+    }
+
+    /// Forgets the history so far, as etcd's compaction does: a watch or a
+    /// list continuation from an older resourceVersion gets `410 Gone`.
+    pub fn compact(&self) {
+        let mut store = self.shared.store.lock().unwrap();
+        store.compacted = store.rv;
+    }
+
+    /// Ends every open watch (as a timeout or a restart of the API server does).
+    pub fn close_watches(&self) {
+        self.shared.close_watches.send_modify(|n| *n += 1);
+    }
+
+    /// Watches and list continuations refused with 410 Gone so far.
+    pub fn expired_count(&self) -> u64 {
+        self.shared.store.lock().unwrap().expired
+    }
+
+    /// Installs a CustomResourceDefinition: writes to its resource are pruned
+    /// and defaulted by the storage version's structural schema, and its
+    /// status subresource is honoured.
+    pub fn install_crd(&self, crd: &Value) -> Result<(), String> {
+        let group = crd["spec"]["group"]
+            .as_str()
+            .ok_or("CRD without spec.group")?;
+        let plural = crd["spec"]["names"]["plural"]
+            .as_str()
+            .ok_or("CRD without spec.names.plural")?;
+        let version = crd["spec"]["versions"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["storage"] == true))
+            .ok_or("CRD without a storage version")?;
+        let schema = version["schema"]["openAPIV3Schema"].clone();
+        if !schema.is_object() {
+            return Err("CRD storage version without openAPIV3Schema".into());
+        }
+        let mut store = self.shared.store.lock().unwrap();
+        store
+            .schemas
+            .insert((group.to_string(), plural.to_string()), schema);
+        if version["subresources"]["status"].is_object() {
+            store.status_subresources.insert(plural.to_string());
+        }
+        Ok(())
     }
 
     /// Every distinct (verb, group, resource) called over HTTP so far.
@@ -400,7 +575,7 @@ fn desired_part(object: &Value) -> Value {
 
 /// Stores `object` under `key` (new or changed), assigning resourceVersion and
 /// generation, and publishes the watch event. Unchanged writes are skipped.
-fn commit(shared: &Shared, store: &mut Store, key: &Key, object: Value) -> Arc<Value> {
+fn commit(shared: &Arc<Shared>, store: &mut Store, key: &Key, object: Value) -> Arc<Value> {
     let stored = store_object(shared, store, key, object);
     if key.group == "apps"
         && key.resource == "deployments"
@@ -411,7 +586,18 @@ fn commit(shared: &Shared, store: &mut Store, key: &Key, object: Value) -> Arc<V
     stored
 }
 
-fn store_object(shared: &Shared, store: &mut Store, key: &Key, mut object: Value) -> Arc<Value> {
+fn store_object(
+    shared: &Arc<Shared>,
+    store: &mut Store,
+    key: &Key,
+    mut object: Value,
+) -> Arc<Value> {
+    if let Some(schema) = store
+        .schemas
+        .get(&(key.group.clone(), key.resource.clone()))
+    {
+        schema::prune_and_default(&mut object, schema);
+    }
     let old = store.objects.get(key).map(|e| e.object.clone());
     if let Some(old) = &old {
         let mut a = (**old).clone();
@@ -451,22 +637,60 @@ fn store_object(shared: &Shared, store: &mut Store, key: &Key, mut object: Value
     object
 }
 
-/// What the Deployment controller and the kubelet would eventually report.
-fn simulate_deployment_status(shared: &Shared, store: &mut Store, key: &Key) {
+/// What the Deployment controller and the kubelet would eventually report:
+/// at once, or after the ready delay with a not-ready status meanwhile.
+fn simulate_deployment_status(shared: &Arc<Shared>, store: &mut Store, key: &Key) {
+    let Some(entry) = store.objects.get(key) else {
+        return;
+    };
+    let generation = entry.object["metadata"]["generation"].clone();
+    let delay = *shared.deployment_ready_delay.lock().unwrap();
+    if delay.is_zero() {
+        write_deployment_status(shared, store, key, true);
+        return;
+    }
+    write_deployment_status(shared, store, key, false);
+    let shared = shared.clone();
+    let key = key.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let mut store = shared.store.lock().unwrap();
+        // A newer write started its own rollout.
+        let current = store
+            .objects
+            .get(&key)
+            .map(|e| e.object["metadata"]["generation"].clone());
+        if current == Some(generation) {
+            write_deployment_status(&shared, &mut store, &key, true);
+        }
+    });
+}
+
+fn write_deployment_status(shared: &Arc<Shared>, store: &mut Store, key: &Key, ready: bool) {
     let Some(entry) = store.objects.get(key) else {
         return;
     };
     let object = &entry.object;
     let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
     let generation = object["metadata"]["generation"].clone();
-    let status = json!({
-        "observedGeneration": generation,
-        "replicas": replicas,
-        "updatedReplicas": replicas,
-        "readyReplicas": replicas,
-        "availableReplicas": replicas,
-        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
-    });
+    let status = if ready {
+        json!({
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": replicas,
+            "availableReplicas": replicas,
+            "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
+        })
+    } else {
+        json!({
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "unavailableReplicas": replicas,
+            "conditions": [{"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"}],
+        })
+    };
     if object["status"] == status {
         return;
     }
@@ -476,7 +700,7 @@ fn simulate_deployment_status(shared: &Shared, store: &mut Store, key: &Key) {
 }
 
 fn create(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     store: &mut Store,
     group: &str,
     resource: &str,
@@ -527,7 +751,7 @@ fn create(
         .unwrap_or_default();
     meta.insert("generation".into(), json!(1));
     meta.remove("resourceVersion");
-    if STATUS_SUBRESOURCE.contains(&resource)
+    if store.has_status_subresource(resource)
         && let Some(map) = object.as_object_mut()
     {
         map.remove("status");
@@ -545,7 +769,7 @@ fn create(
     Ok(stored)
 }
 
-fn delete(shared: &Shared, store: &mut Store, key: &Key) -> Result<Value, ApiError> {
+fn delete(shared: &Arc<Shared>, store: &mut Store, key: &Key) -> Result<Value, ApiError> {
     let Some(entry) = store.objects.remove(key) else {
         return Err(not_found(key));
     };
@@ -579,6 +803,18 @@ fn delete(shared: &Shared, store: &mut Store, key: &Key) -> Result<Value, ApiErr
         let _ = delete(shared, store, &dependent);
     }
     Ok(gone)
+}
+
+fn conflict(key: &Key) -> ApiError {
+    err(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {} \"{}\": the object has been modified; \
+             please apply your changes to the latest version and try again",
+            key.resource, key.name
+        ),
+    )
 }
 
 fn not_found(key: &Key) -> ApiError {
@@ -676,7 +912,7 @@ fn ownable(path: &[String]) -> bool {
 
 #[allow(clippy::too_many_arguments)]
 fn patch_object(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     store: &mut Store,
     key: &Key,
     subresource: Option<&str>,
@@ -689,7 +925,10 @@ fn patch_object(
         return Err(err(400, "BadRequest", "patch body is not a JSON object"));
     }
     let status_only = subresource == Some("status");
-    let has_status = STATUS_SUBRESOURCE.contains(&key.resource.as_str());
+    let has_status = store.has_status_subresource(&key.resource);
+    if status_only && !has_status {
+        return Err(not_found(key));
+    }
     let existing = store.objects.get(key).map(|e| (*e.object).clone());
     let manager_key = if status_only {
         format!("{manager}/status")
@@ -702,6 +941,11 @@ fn patch_object(
             "BadRequest",
             "apply patches must set apiVersion and kind",
         ));
+    }
+    if let (Some(o), Some(rv)) = (&existing, patch["metadata"]["resourceVersion"].as_str())
+        && o["metadata"]["resourceVersion"].as_str() != Some(rv)
+    {
+        return Err(conflict(key));
     }
     let current = match (&existing, kind) {
         (Some(o), _) => o.clone(),
@@ -1002,12 +1246,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .get("accept")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
+    // The kubeconfig's token is the user the policy is for; a request
+    // without a token is the test's own, as a cluster admin's.
+    let admin = req.headers().get("authorization").is_none();
     {
         let mut store = shared.store.lock().unwrap();
-        store.calls.insert(call.clone());
-        store
-            .scoped_calls
-            .insert((call.clone(), target.namespace.clone()));
+        if let Err(e) = authorize(&shared, &mut store, &call, &target, admin) {
+            return status_response(&e);
+        }
         if metadata_only {
             store.metadata_calls.insert(call.clone());
         }
@@ -1016,6 +1262,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         let mut faults = shared.faults.lock().unwrap();
         if let Some(fault) = faults.iter_mut().find(|f| f.call == call && f.times > 0) {
             fault.times -= 1;
+            fault.served += 1;
             let reason = if fault.code == 503 {
                 "ServiceUnavailable"
             } else {
@@ -1035,85 +1282,79 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Ok(b) => b.to_bytes(),
         Err(_) => return status_response(&err(400, "BadRequest", "could not read the body")),
     };
+    let cost = {
+        let costs = *shared.costs.lock().unwrap();
+        match verb {
+            "watch" => Duration::ZERO,
+            "get" | "list" => costs.read,
+            _ => costs.write,
+        }
+    };
+    if !cost.is_zero() {
+        let _one_at_a_time = shared.cost_gate.lock().await;
+        tokio::time::sleep(cost).await;
+    }
     let namespace = target.namespace.clone().unwrap_or_default();
     let key = |name: &str| Key::new(&target.group, &target.resource, &namespace, name);
     let parse_body = || -> Result<Value, ApiError> {
         serde_json::from_slice(&body)
             .map_err(|e| err(400, "BadRequest", format!("body is not JSON: {e}")))
     };
+    let created = std::cell::Cell::new(verb == "create");
+    let count = |store: &mut Store, kind: &str, key: Key| {
+        *store
+            .object_requests
+            .entry((kind.to_string(), key))
+            .or_insert(0) += 1;
+    };
 
     let result: Result<Value, ApiError> = match verb {
         "get" => {
-            let store = shared.store.lock().unwrap();
+            let mut store = shared.store.lock().unwrap();
+            let k = key(target.name.as_deref().unwrap());
+            count(&mut store, "get", k.clone());
             store
                 .objects
-                .get(&key(target.name.as_deref().unwrap()))
+                .get(&k)
                 .map(|e| (*e.object).clone())
-                .ok_or_else(|| not_found(&key(target.name.as_deref().unwrap())))
+                .ok_or_else(|| not_found(&k))
         }
         "list" => {
-            let store = shared.store.lock().unwrap();
-            let items: Vec<Value> = store
-                .objects
-                .iter()
-                .filter(|(k, e)| {
-                    k.group == target.group
-                        && k.resource == target.resource
-                        && target.namespace.as_ref().is_none_or(|ns| &k.namespace == ns)
-                        && matches(&e.object, query.get("labelSelector"), query.get("fieldSelector"))
-                })
-                .map(|(_, e)| {
-                    if metadata_only {
-                        partial_metadata(&e.object)
-                    } else {
-                        (*e.object).clone()
-                    }
-                })
-                .collect();
-            let kind = items
-                .first()
-                .and_then(|i| i["kind"].as_str())
-                .map(|k| format!("{k}List"))
-                .unwrap_or_else(|| "List".into());
-            let (kind, api_version) = if metadata_only {
-                ("PartialObjectMetadataList".to_string(), "meta.k8s.io/v1".to_string())
-            } else {
-                (kind, String::new())
-            };
-            let api_version = if metadata_only {
-                api_version
-            } else if target.group.is_empty() {
-                target.version.clone()
-            } else {
-                format!("{}/{}", target.group, target.version)
-            };
-            Ok(json!({
-                "kind": kind, "apiVersion": api_version,
-                "metadata": {"resourceVersion": store.rv.to_string()},
-                "items": items,
-            }))
+            let mut store = shared.store.lock().unwrap();
+            list(&mut store, &target, &query, metadata_only)
         }
         "watch" => return watch(shared, target, query, metadata_only),
         "create" => parse_body().and_then(|object| {
             let mut store = shared.store.lock().unwrap();
-            create(&shared, &mut store, &target.group, &target.resource, &namespace, object)
+            let created = create(
+                &shared,
+                &mut store,
+                &target.group,
+                &target.resource,
+                &namespace,
+                object,
+            )?;
+            let name = created["metadata"]["name"].as_str().unwrap_or_default();
+            count(&mut store, "create", key(name));
+            Ok(created)
         }),
         "update" => parse_body().and_then(|mut object| {
             let mut store = shared.store.lock().unwrap();
             let k = key(target.name.as_deref().unwrap());
+            count(&mut store, "update", k.clone());
             let Some(current) = store.objects.get(&k).map(|e| (*e.object).clone()) else {
                 return Err(not_found(&k));
             };
             if let Some(rv) = object["metadata"]["resourceVersion"].as_str()
                 && Some(rv) != current["metadata"]["resourceVersion"].as_str()
             {
-                return Err(err(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again"));
+                return Err(conflict(&k));
             }
             for field in ["uid", "creationTimestamp", "generation"] {
                 object["metadata"][field] = current["metadata"][field].clone();
             }
-            if STATUS_SUBRESOURCE.contains(&target.resource.as_str()) {
-                let status_only = target.subresource.as_deref() == Some("status");
+            let status_only = target.subresource.as_deref() == Some("status");
+            if store.has_status_subresource(&target.resource) {
                 let mut merged = current.clone();
                 if status_only {
                     merged["status"] = object["status"].clone();
@@ -1123,6 +1364,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                     merged["status"] = status;
                 }
                 object = merged;
+            } else if status_only {
+                return Err(not_found(&k));
             }
             Ok((*commit(&shared, &mut store, &k, object)).clone())
         }),
@@ -1134,18 +1377,45 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             {
                 "merge"
             } else {
-                return Err(err(415, "UnsupportedMediaType", format!("unsupported patch type {content_type}")));
+                return Err(err(
+                    415,
+                    "UnsupportedMediaType",
+                    format!("unsupported patch type {content_type}"),
+                ));
             };
-            let manager = query.get("fieldManager").cloned().unwrap_or_else(|| "unknown".into());
+            let manager = query
+                .get("fieldManager")
+                .cloned()
+                .unwrap_or_else(|| "unknown".into());
             if kind == "apply" && !query.contains_key("fieldManager") {
-                return Err(err(422, "Invalid", "fieldManager is required for apply patches"));
+                return Err(err(
+                    422,
+                    "Invalid",
+                    "fieldManager is required for apply patches",
+                ));
             }
             let force = query.get("force").map(String::as_str) == Some("true");
             let mut store = shared.store.lock().unwrap();
+            let k = key(target.name.as_deref().unwrap());
+            count(
+                &mut store,
+                if kind == "apply" {
+                    "apply"
+                } else {
+                    "merge-patch"
+                },
+                k.clone(),
+            );
+            // An apply that makes the object is also authorized as a create.
+            if kind == "apply" && target.subresource.is_none() && !store.objects.contains_key(&k) {
+                let create_call = Call::new("create", &target.group, &target.resource);
+                authorize(&shared, &mut store, &create_call, &target, admin)?;
+                created.set(true);
+            }
             patch_object(
                 &shared,
                 &mut store,
-                &key(target.name.as_deref().unwrap()),
+                &k,
                 target.subresource.as_deref(),
                 kind,
                 &patch,
@@ -1155,14 +1425,179 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         }),
         "delete" => {
             let mut store = shared.store.lock().unwrap();
-            delete(&shared, &mut store, &key(target.name.as_deref().unwrap()))
+            let k = key(target.name.as_deref().unwrap());
+            count(&mut store, "delete", k.clone());
+            delete(&shared, &mut store, &k)
         }
-        _ => Err(err(405, "MethodNotAllowed", "not supported by the test API server")),
+        _ => Err(err(
+            405,
+            "MethodNotAllowed",
+            "not supported by the test API server",
+        )),
     };
     match result {
-        Ok(value) => json_response(if verb == "create" { 201 } else { 200 }, &value),
+        Ok(value) => json_response(if created.get() { 201 } else { 200 }, &value),
         Err(e) => status_response(&e),
     }
+}
+
+/// Records `call` and checks it against the policy, if one is enforced.
+/// Calls of the test itself (`admin`) are neither recorded nor checked.
+fn authorize(
+    shared: &Shared,
+    store: &mut Store,
+    call: &Call,
+    target: &Target,
+    admin: bool,
+) -> Result<(), ApiError> {
+    if admin {
+        return Ok(());
+    }
+    store.calls.insert(call.clone());
+    store
+        .scoped_calls
+        .insert((call.clone(), target.namespace.clone()));
+    *store.call_counts.entry(call.clone()).or_insert(0) += 1;
+    let policy = shared.policy.lock().unwrap();
+    match policy.as_ref() {
+        Some(p) if !p.allows(call, target.namespace.as_deref()) => {
+            store.forbidden += 1;
+            Err(err(
+                403,
+                "Forbidden",
+                p.refusal(call, target.namespace.as_deref(), target.name.as_deref()),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A continue token: the resourceVersion of the first page and the last key served.
+fn continue_token(rv: u64, last: &Key) -> String {
+    let raw = json!([rv, last.namespace, last.name]).to_string();
+    raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_continue(token: &str) -> Option<(u64, String, String)> {
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| {
+            token
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect();
+    let value: Value = serde_json::from_slice(&bytes?).ok()?;
+    Some((
+        value[0].as_u64()?,
+        value[1].as_str()?.to_string(),
+        value[2].as_str()?.to_string(),
+    ))
+}
+
+fn list(
+    store: &mut Store,
+    target: &Target,
+    query: &BTreeMap<String, String>,
+    metadata_only: bool,
+) -> Result<Value, ApiError> {
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let (at, after) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let Some((rv, ns, name)) = parse_continue(token) else {
+                return Err(err(400, "BadRequest", "invalid continue token"));
+            };
+            if rv < store.compacted {
+                store.expired += 1;
+                return Err(err(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result. \
+                     You can start a new list without the continue parameter.",
+                ));
+            }
+            (
+                rv,
+                Some(Key::new(&target.group, &target.resource, &ns, &name)),
+            )
+        }
+        None => (store.rv, None),
+    };
+    let in_scope = |k: &Key| {
+        k.group == target.group
+            && k.resource == target.resource
+            && target
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| &k.namespace == ns)
+            && after.as_ref().is_none_or(|a| k > a)
+    };
+    // Every page shows the objects as they were at the first page's resourceVersion.
+    let snapshot: Vec<(Key, Arc<Value>)> = if at == store.rv {
+        store
+            .objects
+            .iter()
+            .filter(|(k, _)| in_scope(k))
+            .map(|(k, e)| (k.clone(), e.object.clone()))
+            .collect()
+    } else {
+        let mut then: BTreeMap<Key, Arc<Value>> = BTreeMap::new();
+        for e in store.history.iter().take_while(|e| e.rv <= at) {
+            if !in_scope(&e.key) {
+                continue;
+            }
+            if e.type_ == "DELETED" {
+                then.remove(&e.key);
+            } else {
+                then.insert(e.key.clone(), e.object.clone());
+            }
+        }
+        then.into_iter().collect()
+    };
+    let selected: Vec<&(Key, Arc<Value>)> = snapshot
+        .iter()
+        .filter(|(_, o)| matches(o, query.get("labelSelector"), query.get("fieldSelector")))
+        .collect();
+    let more = selected.len() > limit;
+    let page = &selected[..selected.len().min(limit)];
+    let items: Vec<Value> = page
+        .iter()
+        .map(|(_, o)| {
+            if metadata_only {
+                partial_metadata(o)
+            } else {
+                (**o).clone()
+            }
+        })
+        .collect();
+    let mut metadata = json!({"resourceVersion": at.to_string()});
+    if more && let Some((last, _)) = page.last() {
+        metadata["continue"] = json!(continue_token(at, last));
+        metadata["remainingItemCount"] = json!(selected.len() - page.len());
+    }
+    let (kind, api_version) = if metadata_only {
+        (
+            "PartialObjectMetadataList".to_string(),
+            "meta.k8s.io/v1".to_string(),
+        )
+    } else {
+        let kind = items
+            .first()
+            .and_then(|i| i["kind"].as_str())
+            .map(|k| format!("{k}List"))
+            .unwrap_or_else(|| "List".into());
+        let api_version = if target.group.is_empty() {
+            target.version.clone()
+        } else {
+            format!("{}/{}", target.group, target.version)
+        };
+        (kind, api_version)
+    };
+    Ok(json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": items}))
 }
 
 fn watch(
@@ -1194,7 +1629,21 @@ fn watch(
             )
     };
     let (backlog, mut live) = {
-        let store = shared.store.lock().unwrap();
+        let mut store = shared.store.lock().unwrap();
+        if from != 0 && from < store.compacted {
+            // As the real server answers: a 200 whose one event is the error.
+            store.expired += 1;
+            let gone = json!({"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("too old resource version: {from} ({})", store.compacted),
+                "reason": "Expired", "code": 410,
+            }});
+            return Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(format!("{gone}\n"))).boxed())
+                .unwrap();
+        }
         let backlog: Vec<WatchEvent> = if from == 0 {
             store
                 .objects
@@ -1220,6 +1669,7 @@ fn watch(
     };
     let last = backlog.last().map(|e| e.rv).unwrap_or(from);
     let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let mut closed = shared.close_watches.subscribe();
     tokio::spawn(async move {
         let line = |e: &WatchEvent| {
             let object = if metadata_only {
@@ -1242,6 +1692,7 @@ fn watch(
             tokio::select! {
                 _ = &mut deadline => return,
                 _ = tx.closed() => return,
+                _ = closed.changed() => return,
                 event = live.recv() => match event {
                     Ok(e) if e.rv > last && wanted(&e) => {
                         if tx.send(line(&e)).await.is_err() {

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use botrelay_test_apiserver::TestApiServer;
+use botrelay_test_apiserver::{Policy, TestApiServer};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -26,6 +26,23 @@ struct Args {
     /// Default namespace of the kubeconfig's context.
     #[arg(long, default_value = "default")]
     namespace: String,
+
+    /// Enforce RBAC: a JSON array of Role and ClusterRole objects (as `helm
+    /// template` renders them), all taken as bound to the one caller.
+    /// Without it every call is allowed.
+    #[arg(long)]
+    rbac: Option<PathBuf>,
+
+    /// The user named in a refusal.
+    #[arg(
+        long,
+        default_value = "system:serviceaccount:botrelay:botrelay-operator"
+    )]
+    user: String,
+
+    /// CustomResourceDefinitions (JSON files) whose schemas prune and default writes.
+    #[arg(long)]
+    crd: Vec<PathBuf>,
 }
 
 #[tokio::main]
@@ -34,6 +51,22 @@ async fn main() -> Result<(), String> {
     let server = TestApiServer::start_on_port(args.port)
         .await
         .map_err(|e| format!("listening on 127.0.0.1:{}: {e}", args.port))?;
+    let read_json = |path: &PathBuf| -> Result<serde_json::Value, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))
+    };
+    if let Some(path) = &args.rbac {
+        let roles = read_json(path)?;
+        let roles = roles
+            .as_array()
+            .ok_or_else(|| format!("{} is not a JSON array of roles", path.display()))?;
+        let policy = Policy::from_roles(&args.user, roles)?;
+        server.enforce(policy);
+    }
+    for path in &args.crd {
+        server.install_crd(&read_json(path)?)?;
+    }
     server
         .write_kubeconfig(&args.kubeconfig, &args.namespace)
         .map_err(|e| format!("writing {}: {e}", args.kubeconfig.display()))?;
