@@ -52,6 +52,11 @@ pub struct Config {
     /// Reconciliations running at once.
     #[arg(long, env = "BOTRELAY_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+
+    /// How long a burst of changes to an endpoint and its objects is gathered
+    /// into one reconciliation (e.g. `500ms`; `0s` turns it off).
+    #[arg(long, env = "BOTRELAY_RECONCILE_DEBOUNCE", default_value = "500ms")]
+    pub reconcile_debounce: humantime::Duration,
 }
 
 impl Config {

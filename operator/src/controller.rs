@@ -1,8 +1,10 @@
 //! The reconcile loop: validate → credentials → build → apply → status.
 //!
 //! Every object is written with server-side apply under one field manager
-//! (`botrelay-operator`), so a re-run that changes nothing writes nothing, and
-//! status is patched only when it differs, so there are no reconcile storms.
+//! (`botrelay-operator`), and only when what it would write is not already
+//! there (`applied.rs`): a reconcile that changes nothing sends no write at
+//! all. Status is patched only when it differs, and Events mark real changes,
+//! so the events that our own writes cause do not feed back into more writes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,17 +20,18 @@ use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta, error_boundary::InvalidObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::applied::{self, ObjectKey, Record, Records};
 use crate::build::{
     self, BuildSettings, Credentials, FIELD_MANAGER, MANAGED_BY_SELECTOR, MissingKeys,
 };
-use crate::crd::MessagingEndpoint;
+use crate::crd::{MessagingEndpoint, MessagingEndpointStatus};
 use crate::metrics::Metrics;
 use crate::status::{self, Observation, desired_status};
 use crate::validate::validate_spec;
@@ -94,7 +97,33 @@ pub struct Context {
     /// the cached object can lag behind our own status write, and must not
     /// make us announce the same transition twice.
     announced: Mutex<HashMap<String, (String, String)>>,
+    /// The status last written, per endpoint uid, for the same reason.
+    written_status: Mutex<HashMap<String, MessagingEndpointStatus>>,
+    /// Checks in a row that found an endpoint's own Secret missing or
+    /// incomplete: they come back sooner at first (no Secret is watched).
+    secret_waits: Mutex<HashMap<ObjectRef<Guarded>, u32>>,
+    /// What this process applied to each owned object.
+    applied: Records,
 }
+
+/// The owned objects as one controller's watches last saw them: the
+/// Deployments whole (their status makes the endpoint's), the others as
+/// metadata.
+pub struct OwnedCache {
+    deployments: Store<Deployment>,
+    services: Store<PartialObjectMeta<Service>>,
+    pvcs: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+}
+
+/// What one controller's reconciliations share.
+pub struct Scope {
+    ctx: Arc<Context>,
+    owned: OwnedCache,
+}
+
+/// Forgets entries of per-endpoint memos past this many: deleted endpoints
+/// leave entries behind, and forgetting costs at most one repeated write.
+const MEMO_LIMIT: usize = 10_000;
 
 impl Context {
     pub fn new(client: Client, settings: BuildSettings, metrics: Metrics, identity: &str) -> Self {
@@ -112,6 +141,9 @@ impl Context {
             recorder,
             failures: Mutex::default(),
             announced: Mutex::default(),
+            written_status: Mutex::default(),
+            secret_waits: Mutex::default(),
+            applied: Records::default(),
         }
     }
 }
@@ -119,11 +151,12 @@ impl Context {
 type Guarded = DeserializeGuard<MessagingEndpoint>;
 
 /// Entry point of the controller: times and counts each reconciliation.
-async fn reconcile(object: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(object: Arc<Guarded>, scope: Arc<Scope>) -> Result<Action, Error> {
     let started = Instant::now();
+    let ctx = &scope.ctx;
     let result = match &object.0 {
-        Ok(endpoint) => reconcile_endpoint(endpoint, &ctx).await,
-        Err(invalid) => report_undecodable(invalid, &ctx).await,
+        Ok(endpoint) => reconcile_endpoint(endpoint, &scope).await,
+        Err(invalid) => report_undecodable(invalid, ctx).await,
     };
     ctx.metrics
         .reconcile_duration
@@ -152,7 +185,8 @@ async fn reconcile(object: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Er
 }
 
 /// Per-object exponential backoff: 2 s, 4 s, … up to 5 min.
-fn error_policy(object: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(object: Arc<Guarded>, error: &Error, scope: Arc<Scope>) -> Action {
+    let ctx = &scope.ctx;
     let name = object.name_any();
     let namespace = object.namespace().unwrap_or_default();
     if let Error::UndecodableObject(_) = error {
@@ -171,7 +205,8 @@ fn error_policy(object: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Actio
     Action::requeue(delay)
 }
 
-async fn reconcile_endpoint(endpoint: &MessagingEndpoint, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_endpoint(endpoint: &MessagingEndpoint, scope: &Scope) -> Result<Action, Error> {
+    let ctx = &scope.ctx;
     if endpoint.meta().deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove what we made.
         return Ok(Action::await_change());
@@ -188,21 +223,26 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, ctx: &Context) -> Resu
         return Ok(Action::await_change());
     }
 
-    // 2. Credentials: the user's Secret, or ours (generated once).
+    // 2. Credentials: the user's Secret, or ours (generated once). No Secret
+    // is watched (that would take the right to read every Secret of the
+    // cluster): each reconcile reads the one Secret the endpoint uses.
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let (secret_name, credentials) = match &endpoint.spec.credentials_secret_ref {
+    let key = ObjectRef::<Guarded>::new(&name).within(&namespace);
+    let secret_name = match &endpoint.spec.credentials_secret_ref {
         Some(reference) => {
-            let found = secrets
-                .get_opt(&reference.name)
-                .await
-                .map_err(kube_err("get_secret"))?;
+            let found = match secrets.get_opt(&reference.name).await {
+                Ok(found) => found,
+                Err(e) => {
+                    return Err(report_failure(endpoint, ctx, kube_err("get_secret")(e)).await);
+                }
+            };
             let problem = match found.as_ref().map(Credentials::from_secret) {
-                Some(Ok(credentials)) => Ok(credentials),
-                Some(Err(MissingKeys(keys))) => Err((
+                Some(Ok(_)) => None,
+                Some(Err(MissingKeys(keys))) => Some((
                     "MissingSecretKey",
                     format!("Secret {} lacks {}", reference.name, keys.join(", ")),
                 )),
-                None => Err((
+                None => Some((
                     "SecretNotFound",
                     format!(
                         "Secret {} not found in namespace {namespace}",
@@ -210,26 +250,32 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, ctx: &Context) -> Resu
                     ),
                 )),
             };
-            match problem {
-                Ok(credentials) => (reference.name.clone(), credentials),
-                Err((reason, message)) => {
-                    let observation = Observation::CredentialsUnusable { reason, message };
-                    let status =
-                        desired_status(endpoint, &observation, Some(reference.name.clone()), now());
-                    update_status(endpoint, status, ctx).await?;
-                    // The Secret watch brings us back when it is created or fixed.
-                    return Ok(Action::requeue(Duration::from_secs(300)));
-                }
+            if let Some((reason, message)) = problem {
+                let observation = Observation::CredentialsUnusable { reason, message };
+                let status =
+                    desired_status(endpoint, &observation, Some(reference.name.clone()), now());
+                update_status(endpoint, status, ctx).await?;
+                return Ok(Action::requeue(secret_recheck_delay(ctx, key)));
             }
+            reference.name.clone()
         }
         None => {
             let secret_name = build::secret_name(&name);
-            let existing = secrets
-                .get_opt(&secret_name)
-                .await
-                .map_err(kube_err("get_secret"))?;
+            let existing = match secrets.get_opt(&secret_name).await {
+                Ok(existing) => existing,
+                Err(e) => {
+                    return Err(report_failure(endpoint, ctx, kube_err("get_secret")(e)).await);
+                }
+            };
             let credentials = generated_credentials(existing.as_ref());
-            if existing.is_none() {
+            let secret = build::build_secret(endpoint, &credentials);
+            let cached = existing.as_ref().map(|s| &s.metadata);
+            let written =
+                match ensure(ctx, &secrets, "Secret", cached, secret, "apply_secret").await {
+                    Ok(written) => written,
+                    Err(e) => return Err(report_failure(endpoint, ctx, e).await),
+                };
+            if existing.is_none() && written.is_some() {
                 publish(
                     ctx,
                     endpoint,
@@ -239,14 +285,13 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, ctx: &Context) -> Resu
                 )
                 .await;
             }
-            let secret = build::build_secret(endpoint, &credentials);
-            apply(&secrets, &secret_name, &secret, "apply_secret").await?;
-            (secret_name, credentials)
+            secret_name
         }
     };
+    ctx.secret_waits.lock().unwrap().remove(&key);
 
     // 3. Build and apply the relay.
-    let result = apply_relay(endpoint, &namespace, &secret_name, &credentials, ctx).await;
+    let result = apply_relay(endpoint, &namespace, &secret_name, scope).await;
     let observation = match &result {
         Ok(deployment) => Observation::Applied(Box::new(deployment.clone())),
         Err(e) => Observation::ApplyFailed(e.condition_message()),
@@ -256,7 +301,44 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, ctx: &Context) -> Resu
     let status = desired_status(endpoint, &observation, Some(secret_name), now());
     update_status(endpoint, status, ctx).await?;
     result?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // A user's Secret is not watched: look at it again now and then, so that
+    // a key removed from it shows in the status.
+    let resync = if endpoint.spec.credentials_secret_ref.is_some() {
+        60
+    } else {
+        300
+    };
+    Ok(Action::requeue(Duration::from_secs(resync)))
+}
+
+/// Says in the endpoint's status that a step failed (a refusal by RBAC
+/// included, in the API server's words), then hands the error on for the
+/// retry with backoff.
+async fn report_failure(endpoint: &MessagingEndpoint, ctx: &Context, error: Error) -> Error {
+    let observation = Observation::ApplyFailed(error.condition_message());
+    let secret = endpoint
+        .spec
+        .credentials_secret_ref
+        .as_ref()
+        .map(|r| r.name.clone())
+        .unwrap_or_else(|| build::secret_name(&endpoint.name_any()));
+    let status = desired_status(endpoint, &observation, Some(secret), now());
+    if let Err(e) = update_status(endpoint, status, ctx).await {
+        tracing::warn!(name = %endpoint.name_any(), error = %e, "could not report a failure in status");
+    }
+    error
+}
+
+/// When to look again for an endpoint's missing or incomplete Secret: 5 s,
+/// 10 s, 20 s, … then every minute.
+fn secret_recheck_delay(ctx: &Context, key: ObjectRef<Guarded>) -> Duration {
+    let mut waits = ctx.secret_waits.lock().unwrap();
+    if waits.len() > MEMO_LIMIT {
+        waits.clear();
+    }
+    let n = waits.entry(key).or_insert(0);
+    *n = n.saturating_add(1);
+    Duration::from_secs((5u64 << (*n - 1).min(4)).min(60))
 }
 
 /// The values of our generated Secret: the ones already there, never replaced;
@@ -283,55 +365,164 @@ async fn apply_relay(
     endpoint: &MessagingEndpoint,
     namespace: &str,
     secret_name: &str,
-    credentials: &Credentials,
-    ctx: &Context,
+    scope: &Scope,
 ) -> Result<Deployment, Error> {
+    let ctx = &scope.ctx;
     let name = endpoint.name_any();
+    fn cached_meta<K: Resource<DynamicType = ()> + Clone>(
+        store: &Store<PartialObjectMeta<K>>,
+        name: &str,
+        namespace: &str,
+    ) -> Option<ObjectMeta> {
+        store
+            .get(&ObjectRef::new(name).within(namespace))
+            .map(|o| o.metadata.clone())
+    }
     if let Some(pvc) = build::build_pvc(endpoint) {
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
-        apply(&pvcs, &build::pvc_name(&name), &pvc, "apply_pvc").await?;
+        let cached = cached_meta(&scope.owned.pvcs, &build::pvc_name(&name), namespace);
+        ensure(
+            ctx,
+            &pvcs,
+            "PersistentVolumeClaim",
+            cached.as_ref(),
+            pvc,
+            "apply_pvc",
+        )
+        .await?;
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
-    let service = build::build_service(endpoint);
-    apply(
-        &services,
+    let cached = cached_meta(
+        &scope.owned.services,
         &build::service_name(&name),
-        &service,
+        namespace,
+    );
+    let service = build::build_service(endpoint);
+    ensure(
+        ctx,
+        &services,
+        "Service",
+        cached.as_ref(),
+        service,
         "apply_service",
     )
     .await?;
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
-    let deployment = build::build_deployment(endpoint, &ctx.settings, secret_name, credentials);
-    apply(
-        &deployments,
-        &build::deployment_name(&name),
-        &deployment,
-        "apply_deployment",
-    )
-    .await
+    let deployment = build::build_deployment(endpoint, &ctx.settings, secret_name);
+    let key = owned_key("Deployment", &deployment);
+    let hash = applied::digest(&deployment);
+    // Its status makes the endpoint's: without an apply, the cached object
+    // must be the one we would write (not one from before our last apply).
+    let cached = scope
+        .owned
+        .deployments
+        .get(&ObjectRef::new(&key.2).within(namespace))
+        .filter(|d| d.annotations().get(applied::APPLIED_HASH_ANNOTATION) == Some(&hash));
+    match cached {
+        Some(current) if unchanged(ctx, &key, Some(&current.metadata), &hash) => {
+            Ok((*current).clone())
+        }
+        _ => write(ctx, &deployments, key, hash, deployment, "apply_deployment").await,
+    }
 }
 
-async fn apply<K>(api: &Api<K>, name: &str, object: &K, action: &'static str) -> Result<K, Error>
+fn owned_key<K: Resource>(kind: &'static str, object: &K) -> ObjectKey {
+    (
+        kind,
+        object.namespace().unwrap_or_default(),
+        object.name_any(),
+    )
+}
+
+/// Applies `object` unless what it would write is already there (see
+/// `applied.rs`); returns the object as written, or None when unchanged.
+async fn ensure<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    kind: &'static str,
+    cached: Option<&ObjectMeta>,
+    object: K,
+    action: &'static str,
+) -> Result<Option<K>, Error>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
     K::DynamicType: Default,
 {
+    let key = owned_key(kind, &object);
+    let hash = applied::digest(&object);
+    if unchanged(ctx, &key, cached, &hash) {
+        return Ok(None);
+    }
+    write(ctx, api, key, hash, object, action).await.map(Some)
+}
+
+/// Whether the object needs no apply (and counts it so).
+fn unchanged(ctx: &Context, key: &ObjectKey, cached: Option<&ObjectMeta>, hash: &str) -> bool {
+    let up_to_date = applied::up_to_date(ctx.applied.get(key).as_ref(), cached, hash);
+    if up_to_date {
+        ctx.metrics
+            .owned_objects
+            .with_label_values(&[key.0, "unchanged"])
+            .inc();
+    }
+    up_to_date
+}
+
+/// Server-side applies `object`, stamped with `hash`, and records the write.
+async fn write<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    key: ObjectKey,
+    hash: String,
+    mut object: K,
+    action: &'static str,
+) -> Result<K, Error>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    applied::stamp(object.meta_mut(), &hash);
     // Apply needs apiVersion and kind in the body; k8s-openapi adds them when serializing.
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(name, &params, &Patch::Apply(object))
+    let written = api
+        .patch(&key.2, &params, &Patch::Apply(&object))
         .await
-        .map_err(kube_err(action))
+        .map_err(kube_err(action))?;
+    ctx.metrics
+        .owned_objects
+        .with_label_values(&[key.0, "applied"])
+        .inc();
+    ctx.applied.insert(
+        key,
+        Record {
+            hash,
+            generation: written.meta().generation,
+        },
+    );
+    Ok(written)
 }
 
 /// Writes status when (and only when) it differs from what the object has, and
 /// records an Event when readiness flips.
 async fn update_status(
     endpoint: &MessagingEndpoint,
-    status: crate::crd::MessagingEndpointStatus,
+    status: MessagingEndpointStatus,
     ctx: &Context,
 ) -> Result<(), Error> {
     if endpoint.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let uid = endpoint.uid().unwrap_or_default();
+    // The cache may not show our last write yet: what we wrote then is the
+    // status now (only a new transition time would differ).
+    if ctx
+        .written_status
+        .lock()
+        .unwrap()
+        .get(&uid)
+        .is_some_and(|written| status::same_but_times(written, &status))
+    {
         return Ok(());
     }
     let before = endpoint.condition(status::READY).cloned();
@@ -354,23 +545,31 @@ async fn update_status(
     )
     .await
     .map_err(kube_err("patch_status"))?;
+    {
+        let mut written = ctx.written_status.lock().unwrap();
+        if written.len() > MEMO_LIMIT {
+            written.clear();
+        }
+        written.insert(uid.clone(), status.clone());
+    }
 
     if let Some(after) = after {
         let now = (after.status.clone(), after.reason.clone());
         let cached_differs = before
             .as_ref()
             .is_none_or(|b| (&b.status, &b.reason) != (&now.0, &now.1));
-        let uid = endpoint.uid().unwrap_or_default();
         let newly_announced = {
             let mut announced = ctx.announced.lock().unwrap();
-            // Deleted endpoints leave entries behind; forgetting all is cheap
-            // (at worst one repeated Event).
-            if announced.len() > 10_000 {
+            if announced.len() > MEMO_LIMIT {
                 announced.clear();
             }
             announced.insert(uid, now.clone()) != Some(now)
         };
-        if cached_differs && newly_announced {
+        // Pods not ready yet is news only when they were ready before: a new
+        // or changed endpoint goes through it on every rollout.
+        let worth_an_event = after.reason != "RelayNotReady"
+            || before.as_ref().is_some_and(|b| b.reason == "RelayReady");
+        if cached_differs && newly_announced && worth_an_event {
             let type_ = if after.status == "True" {
                 EventType::Normal
             } else {
@@ -468,55 +667,60 @@ pub fn controller(
     client: Client,
     namespace: Option<String>,
     ctx: Arc<Context>,
-    concurrency: u16,
+    config: kube::runtime::controller::Config,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> (Store<Guarded>, impl Future<Output = ()>) {
-    fn meta_stream<K>(
-        client: &Client,
-        namespace: Option<&String>,
-        config: watcher::Config,
-    ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
-    where
-        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-    {
-        // An Api of PartialObjectMeta makes metadata-only list and watch requests.
-        let api: Api<PartialObjectMeta<K>> = match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        watcher(api, config).touched_objects()
-    }
-    // Owned objects and Secrets are watched as metadata only: the controller
-    // needs names and owner references, never their specs or Secret values.
+    // Only our own objects (by label); Secrets are not watched at all.
     let owned_config = watcher::Config::default().labels(MANAGED_BY_SELECTOR);
+    let (deployments, deployments_writer) = reflector::store();
+    let (services, services_writer) = reflector::store();
+    let (pvcs, pvcs_writer) = reflector::store();
+    let deployment_events = owned_stream::<Deployment>(
+        watcher(
+            scoped_api(&client, namespace.as_ref()),
+            owned_config.clone(),
+        ),
+        deployments_writer,
+        deployments.clone(),
+        "Deployment",
+        ctx.clone(),
+    );
+    // An Api of PartialObjectMeta makes metadata-only list and watch requests.
+    let service_events = owned_stream::<PartialObjectMeta<Service>>(
+        watcher(
+            scoped_api(&client, namespace.as_ref()),
+            owned_config.clone(),
+        ),
+        services_writer,
+        services.clone(),
+        "Service",
+        ctx.clone(),
+    );
+    let pvc_events = owned_stream::<PartialObjectMeta<PersistentVolumeClaim>>(
+        watcher(scoped_api(&client, namespace.as_ref()), owned_config),
+        pvcs_writer,
+        pvcs.clone(),
+        "PersistentVolumeClaim",
+        ctx.clone(),
+    );
     let controller = Controller::new(endpoints, watcher::Config::default());
     let store = controller.store();
-    let endpoints_by_secret = store.clone();
-    let ns = namespace.as_ref();
+    let scope = Arc::new(Scope {
+        ctx,
+        owned: OwnedCache {
+            deployments,
+            services,
+            pvcs,
+        },
+    });
     let controller = controller
-        .owns_stream(meta_stream::<Deployment>(&client, ns, owned_config.clone()))
-        .owns_stream(meta_stream::<Service>(&client, ns, owned_config.clone()))
-        .owns_stream(meta_stream::<PersistentVolumeClaim>(
-            &client,
-            ns,
-            owned_config,
-        ))
-        // Every Secret, not only ours: a user's Secret named by credentialsSecretRef
-        // being created or fixed must reconcile the endpoints that use it.
-        .watches_stream(
-            meta_stream::<Secret>(&client, ns, watcher::Config::default()),
-            move |secret| endpoints_for_secret(&secret.metadata, &endpoints_by_secret),
-        )
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .owns_stream(deployment_events)
+        .owns_stream(service_events)
+        .owns_stream(pvc_events)
+        .with_config(config)
         .graceful_shutdown_on(shutdown);
     let run = controller
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, scope)
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => tracing::debug!(name = %object.name, "reconciled"),
@@ -526,32 +730,45 @@ pub fn controller(
     (store, run)
 }
 
-/// The endpoints a Secret matters to: its controller (our generated Secret)
-/// and every endpoint in its namespace whose credentialsSecretRef names it.
-fn endpoints_for_secret(secret: &ObjectMeta, store: &Store<Guarded>) -> Vec<ObjectRef<Guarded>> {
-    let (Some(namespace), Some(name)) = (secret.namespace.clone(), secret.name.clone()) else {
-        return vec![];
-    };
-    let mut refs: Vec<ObjectRef<Guarded>> = secret
-        .owner_references
-        .iter()
-        .flatten()
-        .filter(|r| r.controller == Some(true) && r.kind == "MessagingEndpoint")
-        .map(|r| ObjectRef::new(&r.name).within(&namespace))
-        .collect();
-    for object in store.state() {
-        if let Ok(endpoint) = &object.0
-            && endpoint.namespace().as_deref() == Some(namespace.as_str())
-            && endpoint
-                .spec
-                .credentials_secret_ref
-                .as_ref()
-                .is_some_and(|r| r.name == name)
-        {
-            refs.push(ObjectRef::from_obj(object.as_ref()));
-        }
+/// An Api over one namespace, or all.
+fn scoped_api<K>(client: &Client, namespace: Option<&String>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     }
-    refs
+}
+
+/// The watch of one kind of owned object, cached in `writer`: deletions (and
+/// objects a re-list no longer shows) are forgotten from the records of our
+/// applies, so that a deleted object is made again.
+fn owned_stream<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    writer: reflector::store::Writer<K>,
+    reader: Store<K>,
+    kind: &'static str,
+    ctx: Arc<Context>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+{
+    events
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(object)) => ctx.applied.forget(&(
+                kind,
+                object.namespace().unwrap_or_default(),
+                object.name_any(),
+            )),
+            Ok(watcher::Event::InitDone) => ctx.applied.retain(kind, |ns, name| {
+                reader.get(&ObjectRef::new(name).within(ns)).is_some()
+            }),
+            _ => {}
+        })
+        .touched_objects()
 }
 
 /// Counts ready and not-ready endpoints in the controllers' caches.

@@ -8,6 +8,7 @@
 //! `leader` (Lease-based leader election), `config` (flags), `telemetry` (logs).
 
 pub mod admin;
+pub mod applied;
 pub mod build;
 pub mod config;
 pub mod controller;

@@ -157,7 +157,9 @@ async fn main() -> anyhow::Result<()> {
             client.clone(),
             scope,
             ctx.clone(),
-            config.concurrency,
+            kube::runtime::controller::Config::default()
+                .concurrency(config.concurrency)
+                .debounce(config.reconcile_debounce.into()),
             stop.clone(),
         );
         stores.lock().unwrap().push(store);

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub endpoints: IntGaugeVec,
     /// `botrelay_operator_leader` (1 while this replica leads)
     pub leader: IntGauge,
+    /// `botrelay_operator_owned_objects_total{resource, outcome="applied"|"unchanged"}`
+    pub owned_objects: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -63,6 +65,15 @@ impl Default for Metrics {
             "1 while this operator replica holds the leader Lease.",
         )
         .unwrap();
+        let owned_objects = IntCounterVec::new(
+            Opts::new(
+                "botrelay_operator_owned_objects_total",
+                "Owned objects a reconciliation went through, by resource and by outcome: \
+                 applied (written) or unchanged (what it would write is already there).",
+            ),
+            &["resource", "outcome"],
+        )
+        .unwrap();
         for result in ["success", "error"] {
             reconciliations.with_label_values(&[result]);
         }
@@ -72,6 +83,7 @@ impl Default for Metrics {
         registry
             .register(Box::new(reconciliations.clone()))
             .unwrap();
+        registry.register(Box::new(owned_objects.clone())).unwrap();
         registry
             .register(Box::new(reconcile_errors.clone()))
             .unwrap();
@@ -87,6 +99,7 @@ impl Default for Metrics {
             reconcile_duration,
             endpoints,
             leader,
+            owned_objects,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::build::webhook_url;
@@ -172,6 +173,18 @@ pub fn desired_status(
     }
 }
 
+/// Whether two statuses say the same, transition times aside.
+pub fn same_but_times(a: &MessagingEndpointStatus, b: &MessagingEndpointStatus) -> bool {
+    let untimed = |s: &MessagingEndpointStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    untimed(a) == untimed(b)
+}
+
 /// Whether the endpoint's Ready condition is True.
 pub fn is_ready(endpoint: &MessagingEndpoint) -> bool {
     endpoint
@@ -184,7 +197,6 @@ mod tests {
     use super::*;
     use crate::build::tests::endpoint;
     use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
-    use k8s_openapi::jiff::Timestamp;
 
     fn at(secs: i64) -> Time {
         Time(Timestamp::from_second(secs).unwrap())

@@ -1,7 +1,10 @@
 //! Records every (verb, API group, resource) the real operator calls while it
-//! goes through every code path, checks it is exactly the expected set, and
-//! writes it to `<workspace>/target/rbac-observed.json`, where the chart's
-//! test compares it with the rendered ClusterRole and Role.
+//! goes through every code path, as kube-apiserver's authorizer names them
+//! (an apply that creates an object is a `patch` and a `create`), checks it
+//! is exactly the expected set, and writes it to
+//! `<workspace>/target/rbac-observed.json`, where the chart's test compares it
+//! with the rendered ClusterRole and Role. The server enforces the expected
+//! set as RBAC rules meanwhile, so the operator is shown to work with no more.
 
 mod support;
 
@@ -10,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
-use botrelay_test_apiserver::{Call, TestApiServer};
+use botrelay_test_apiserver::{Call, Policy, Rule};
 use serde_json::json;
 use support::*;
 
@@ -28,19 +31,44 @@ fn expected() -> BTreeSet<Call> {
         &["get", "list", "watch"],
     );
     add("botrelay.dev", "messagingendpoints/status", &["patch"]);
-    add("", "secrets", &["get", "list", "watch", "patch"]);
-    add("", "services", &["list", "watch", "patch"]);
-    add("", "persistentvolumeclaims", &["list", "watch", "patch"]);
-    add("apps", "deployments", &["list", "watch", "patch"]);
+    // Secrets: read by name (the one an endpoint uses), never listed or
+    // watched; create for the generated one (an apply that makes it), patch to
+    // fill a deleted key.
+    add("", "secrets", &["get", "create", "patch"]);
+    add("", "services", &["list", "watch", "create", "patch"]);
+    add(
+        "",
+        "persistentvolumeclaims",
+        &["list", "watch", "create", "patch"],
+    );
+    add("apps", "deployments", &["list", "watch", "create", "patch"]);
     // patch: the event recorder turns a repeated event into a series.
     add("events.k8s.io", "events", &["create", "patch"]);
     add("coordination.k8s.io", "leases", &["get", "create", "patch"]);
     set
 }
 
+/// The expected calls as RBAC rules: cluster-wide, but the Lease only in its namespace.
+fn expected_policy() -> Policy {
+    let rules = expected()
+        .into_iter()
+        .map(|call| Rule {
+            namespace: (call.resource == "leases").then(|| LEASE_NS.to_string()),
+            api_groups: vec![call.group],
+            resources: vec![call.resource],
+            verbs: vec![call.verb],
+        })
+        .collect();
+    Policy {
+        user: "system:serviceaccount:botrelay:botrelay-operator".into(),
+        rules,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_calls_exactly_the_expected_verbs_and_resources() {
-    let server = TestApiServer::start().await;
+    let server = start_server().await;
+    server.enforce(expected_policy());
     server
         .create(
             "botrelay.dev",
@@ -111,6 +139,12 @@ async fn operator_calls_exactly_the_expected_verbs_and_resources() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(operator.terminate(), Some(0));
 
+    assert_eq!(
+        server.forbidden_count(),
+        0,
+        "the operator was refused a call:\n{}",
+        operator.logs()
+    );
     let observed = server.calls();
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/rbac-observed.json");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();

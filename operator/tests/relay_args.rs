@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use botrelay::config::{Config, StoreKind};
-use botrelay_operator::build::{BuildSettings, Credentials, build_deployment};
+use botrelay_operator::build::{BuildSettings, build_deployment};
 use botrelay_operator::crd::MessagingEndpoint;
 use botrelay_operator::validate::validate_spec;
 use clap::Parser;
@@ -33,8 +33,7 @@ fn relay_pod(endpoint: &MessagingEndpoint) -> PodSpec {
     let settings = BuildSettings {
         relay_image: "botrelay/relay:test".into(),
     };
-    let credentials = Credentials::generate();
-    let deployment = build_deployment(endpoint, &settings, "credentials", &credentials);
+    let deployment = build_deployment(endpoint, &settings, "credentials");
     deployment.spec.unwrap().template.spec.unwrap()
 }
 

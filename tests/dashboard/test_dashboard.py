@@ -43,6 +43,8 @@ import pytest
 import requests
 import yaml
 
+from harness import start_apiserver, start_operator, stop, wait_for
+
 HERE = pathlib.Path(__file__).resolve().parent
 NAMESPACE = "botrelay-test"
 ENDPOINT = "support"
@@ -55,20 +57,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(what, check, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as e:  # noqa: BLE001 - report the last error on timeout
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}" + (f": {last!r}" if last else ""))
 
 
 # --- the bot and the response endpoint ----------------------------------------
@@ -170,39 +158,6 @@ class ApiServer:
         assert r.status_code == 200, r.text
         conditions = r.json().get("status", {}).get("conditions", [])
         return next((c["reason"] for c in conditions if c["type"] == "Ready"), None)
-
-
-def start_apiserver(apiserver_bin, tmp) -> tuple[subprocess.Popen, str, pathlib.Path]:
-    """The test API server on a port the kernel picks; (process, URL, kubeconfig)."""
-    kubeconfig = tmp / "kubeconfig"
-    proc = subprocess.Popen([str(apiserver_bin), "--kubeconfig", str(kubeconfig), "--namespace", NAMESPACE],
-                            stdout=subprocess.PIPE, stderr=open(tmp / "apiserver.log", "w"), text=True)
-    url = proc.stdout.readline().strip()  # printed once it listens and the kubeconfig is written
-    assert url.startswith("http://127.0.0.1:"), (
-        f"the test API server did not start (exit status {proc.poll()}):\n" + (tmp / "apiserver.log").read_text())
-    return proc, url, kubeconfig
-
-
-def start_operator(operator_bin, kubeconfig, log_path) -> tuple[subprocess.Popen, str]:
-    """The operator with leader election on and its admin server on a port the
-    kernel picks (a port picked here could be taken meanwhile); (process, admin)."""
-    env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kubeconfig),
-           "BOTRELAY_ADMIN_LISTEN": "127.0.0.1:0", "BOTRELAY_LEADER_ELECTION": "true",
-           "POD_NAMESPACE": "botrelay", "POD_NAME": "botrelay-operator-0", "BOTRELAY_LOG_LEVEL": "info"}
-    proc = subprocess.Popen([str(operator_bin)], env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
-
-    def admin_addr():
-        assert proc.poll() is None, f"the operator exited with {proc.returncode}"
-        for line in log_path.read_text().splitlines():
-            if "admin server listening" in line:
-                return json.loads(line)["addr"]
-        return None
-
-    try:
-        return proc, wait_for("the operator's admin server", admin_addr, timeout=20)
-    except AssertionError as e:
-        proc.kill()
-        raise AssertionError(f"{e}; operator log:\n" + log_path.read_text()[-3000:]) from None
 
 
 # --- the relay's traffic ------------------------------------------------------
@@ -348,18 +303,6 @@ def reconcile_endpoints(cluster: ApiServer, operator_admin: str, operator_log: p
         raise AssertionError(f"{e}; operator log:\n" + operator_log.read_text()[-3000:]) from None
 
 
-def stop(processes):
-    """SIGTERM in reverse order of start, each in turn: the operator hands its
-    Lease back to an API server that is still there."""
-    for p in reversed(processes):
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 @pytest.fixture(scope="module")
 def stack(repo, helm4, chart_dir, tmp_path_factory):
     binaries = {name: repo / "target" / "debug" / name
@@ -377,7 +320,7 @@ def stack(repo, helm4, chart_dir, tmp_path_factory):
         response, response_port = serve(receivers.response)
         servers += [bot, response]
 
-        apiserver, apiserver_url, kubeconfig = start_apiserver(binaries["botrelay-test-apiserver"], tmp)
+        apiserver, apiserver_url, kubeconfig = start_apiserver(binaries["botrelay-test-apiserver"], tmp, NAMESPACE)
         processes.append(apiserver)
         operator_log = tmp / "operator.log"
         operator, operator_admin = start_operator(binaries["botrelay-operator"], kubeconfig, operator_log)

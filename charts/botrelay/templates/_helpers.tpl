@@ -76,12 +76,10 @@ app.kubernetes.io/component: operator
 {{/* The rules the operator needs in every namespace whose MessagingEndpoints it
 manages. Keep this list equal to what the operator really calls: the chart test
 compares it with target/rbac-observed.json, written by the operator's
-integration test (operator/tests/rbac.rs). The operator creates and updates its
-objects with server-side apply, which is a patch (also when the object does not
-exist yet): no create or update verbs. It never deletes anything; owner
-references do. Secrets: get for a user's own credentials Secret
-(credentialsSecretRef), patch for the generated one, list/watch to roll a relay
-when its Secret changes. */}}
+integration test (operator/tests/rbac.rs). The operator creates and changes its
+objects with server-side apply: Kubernetes authorizes an apply that makes an
+object as create, one that changes it as patch, so both are granted. No update,
+no delete (owner references do that). */}}
 {{- define "botrelay.operatorRules" -}}
 - apiGroups: [botrelay.dev]
   resources: [messagingendpoints]
@@ -89,15 +87,18 @@ when its Secret changes. */}}
 - apiGroups: [botrelay.dev]
   resources: [messagingendpoints/status]
   verbs: [patch]
+# Secrets: read by name only (the one Secret an endpoint uses), never listed
+# or watched. A server-side apply that makes an object is authorized as
+# create, one that changes it as patch: both are needed.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, patch]
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [services, persistentvolumeclaims]
-  verbs: [list, watch, patch]
+  verbs: [list, watch, create, patch]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [list, watch, patch]
+  verbs: [list, watch, create, patch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

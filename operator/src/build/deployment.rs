@@ -16,13 +16,13 @@ use sha2::{Digest, Sha256};
 
 use super::credentials::hex;
 use super::{
-    BuildSettings, CREDENTIALS_DIR, Credentials, DATA_DIR, HTTP_PORT, METRICS_PORT,
-    deployment_name, labels, owned_metadata, pvc_name, selector_labels,
+    BuildSettings, CREDENTIALS_DIR, DATA_DIR, HTTP_PORT, METRICS_PORT, deployment_name, labels,
+    owned_metadata, pvc_name, selector_labels,
 };
 use crate::crd::{MessagingEndpoint, StorageType};
 
 /// Pod-template annotation holding a digest of everything that must roll the
-/// pods when it changes: image, flags, pod settings and the credentials.
+/// pods when it changes: image, flags, mounts and pod settings.
 pub const CHECKSUM_ANNOTATION: &str = "botrelay.dev/checksum";
 
 /// The uid/gid the relay runs as (distroless `nonroot`).
@@ -97,13 +97,11 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-/// The relay Deployment. `credentials` are the values the pods will mount; their
-/// digest (not the values) goes into the checksum annotation.
+/// The relay Deployment, mounting the Secret `credentials_secret`.
 pub fn build_deployment(
     endpoint: &MessagingEndpoint,
     settings: &BuildSettings,
     credentials_secret: &str,
-    credentials: &Credentials,
 ) -> Deployment {
     let name = endpoint.name_any();
     let spec = &endpoint.spec;
@@ -210,11 +208,12 @@ pub fn build_deployment(
         ..PodSpec::default()
     };
 
-    // The digest covers the pod spec as built (image, flags, mounts, scheduling)
-    // and the credential values, so any of them changing rolls the pods.
+    // The digest covers the pod spec as built (image, flags, mounts, scheduling),
+    // so any of them changing rolls the pods. Credential values are not in it:
+    // the relay re-reads its mounted files when the Secret changes, so a token
+    // rotation needs no restart (and the operator need not read Secrets to roll).
     let mut hasher = Sha256::new();
     hasher.update(serde_json::to_vec(&pod_spec).expect("a PodSpec serializes"));
-    hasher.update(credentials.digest().as_bytes());
     let checksum = hex(&hasher.finalize());
 
     Deployment {
@@ -256,8 +255,8 @@ mod tests {
     use crate::build::tests::{endpoint, settings};
     use crate::crd::DeliverySpec;
 
-    fn build(ep: &MessagingEndpoint, creds: &Credentials) -> Deployment {
-        build_deployment(ep, &settings(), "support-credentials", creds)
+    fn build(ep: &MessagingEndpoint) -> Deployment {
+        build_deployment(ep, &settings(), "support-credentials")
     }
 
     fn pod(d: &Deployment) -> &PodSpec {
@@ -280,7 +279,7 @@ mod tests {
 
     #[test]
     fn relay_runs_with_the_contract_flags() {
-        let d = build(&endpoint(), &Credentials::generate());
+        let d = build(&endpoint());
         let c = &pod(&d).containers[0];
         assert_eq!(c.image.as_deref(), Some("botrelay/relay:0.1.0"));
         assert_eq!(
@@ -308,7 +307,7 @@ mod tests {
             dedupe_window: Some("48h".into()),
             max_body_bytes: Some(65536),
         });
-        let d = build(&ep, &Credentials::generate());
+        let d = build(&ep);
         let c = &pod(&d).containers[0];
         assert_eq!(c.image.as_deref(), Some("registry.example/relay:dev"));
         let args = c.args.as_ref().unwrap().join(" ");
@@ -324,7 +323,7 @@ mod tests {
 
     #[test]
     fn pod_is_locked_down_and_probed_on_the_admin_port() {
-        let d = build(&endpoint(), &Credentials::generate());
+        let d = build(&endpoint());
         let pod = pod(&d);
         let psc = pod.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
@@ -373,7 +372,7 @@ mod tests {
 
     #[test]
     fn credentials_and_data_are_mounted_and_the_store_gets_recreate() {
-        let d = build(&endpoint(), &Credentials::generate());
+        let d = build(&endpoint());
         let spec = d.spec.as_ref().unwrap();
         assert_eq!(
             spec.strategy.as_ref().unwrap().type_.as_deref(),
@@ -405,7 +404,7 @@ mod tests {
 
     #[test]
     fn pods_carry_the_monitoring_labels_and_the_selector_matches_them() {
-        let d = build(&endpoint(), &Credentials::generate());
+        let d = build(&endpoint());
         let spec = d.spec.as_ref().unwrap();
         let pod_labels = spec
             .template
@@ -431,31 +430,27 @@ mod tests {
     }
 
     #[test]
-    fn checksum_changes_with_config_or_credentials_and_only_then() {
-        let creds = Credentials::generate();
-        let base = checksum(&build(&endpoint(), &creds));
-        assert_eq!(base, checksum(&build(&endpoint(), &creds)), "stable");
+    fn checksum_changes_with_config_and_only_then() {
+        let base = checksum(&build(&endpoint()));
+        assert_eq!(base, checksum(&build(&endpoint())), "stable");
 
         let mut ep = endpoint();
         ep.spec.bot.url = "http://other-bot.shop.svc/events".into();
-        assert_ne!(base, checksum(&build(&ep, &creds)), "config change rolls");
+        assert_ne!(base, checksum(&build(&ep)), "config change rolls");
 
-        assert_ne!(
-            base,
-            checksum(&build(&endpoint(), &Credentials::generate())),
-            "credential change rolls"
-        );
+        let other_secret = build_deployment(&endpoint(), &settings(), "mine");
+        assert_ne!(base, checksum(&other_secret), "another Secret rolls");
 
         let mut ep = endpoint();
         ep.spec.replicas = 0;
-        assert_eq!(base, checksum(&build(&ep, &creds)), "scaling does not roll");
+        assert_eq!(base, checksum(&build(&ep)), "scaling does not roll");
     }
 
     #[test]
     fn memory_store_uses_an_empty_dir() {
         let mut ep = endpoint();
         ep.spec.storage.type_ = StorageType::Memory;
-        let d = build(&ep, &Credentials::generate());
+        let d = build(&ep);
         let args = pod(&d).containers[0].args.as_ref().unwrap().join(" ");
         assert!(args.contains("--store memory"));
         let data = pod(&d)

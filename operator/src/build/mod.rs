@@ -2,6 +2,7 @@
 //! Kubernetes objects out. No I/O here, so every object is unit-tested as is.
 
 mod credentials;
+pub(crate) use credentials::hex;
 mod deployment;
 mod pvc;
 mod secret;

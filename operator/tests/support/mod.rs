@@ -151,6 +151,15 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A test API server with the MessagingEndpoint CRD installed, so that its
+/// schema prunes and defaults what is written, as a real server's does.
+pub async fn start_server() -> TestApiServer {
+    let server = TestApiServer::start().await;
+    let crd = serde_json::to_value(botrelay_operator::crd()).expect("the CRD serializes");
+    server.install_crd(&crd).expect("the CRD installs");
+    server
+}
+
 pub fn endpoint(name: &str, extra_spec: Value) -> Value {
     let mut spec = json!({
         "bot": {"url": "http://support-bot.shop.svc:8080/events"},
