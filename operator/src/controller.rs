@@ -102,8 +102,16 @@ pub struct Context {
     /// Checks in a row that found an endpoint's own Secret missing or
     /// incomplete: they come back sooner at first (no Secret is watched).
     secret_waits: Mutex<HashMap<ObjectRef<Guarded>, u32>>,
+    /// The Secret each endpoint uses, per endpoint uid, as last found usable:
+    /// (endpoint generation, Secret name, when). Reconciles that follow within
+    /// a minute for the same generation do not read it again.
+    secret_checked: Mutex<HashMap<String, SecretCheck>>,
     /// What this process applied to each owned object.
     applied: Records,
+    /// The Deployments as our last apply returned them, until the watch
+    /// cache shows them: a reconcile that runs before the cache caught up
+    /// reads the relay's state from here instead of applying again.
+    written_deployments: Mutex<HashMap<(String, String), Arc<Deployment>>>,
 }
 
 /// The owned objects as one controller's watches last saw them: the
@@ -120,6 +128,13 @@ pub struct Scope {
     ctx: Arc<Context>,
     owned: OwnedCache,
 }
+
+/// A Secret found usable: for which endpoint generation, its name, when.
+type SecretCheck = (Option<i64>, String, Instant);
+
+/// How long a Secret found usable is trusted without reading it again (the
+/// resyncs come later than this, so each of them reads it).
+const SECRET_CHECK_TTL: Duration = Duration::from_secs(50);
 
 /// Forgets entries of per-endpoint memos past this many: deleted endpoints
 /// leave entries behind, and forgetting costs at most one repeated write.
@@ -143,7 +158,9 @@ impl Context {
             announced: Mutex::default(),
             written_status: Mutex::default(),
             secret_waits: Mutex::default(),
+            secret_checked: Mutex::default(),
             applied: Records::default(),
+            written_deployments: Mutex::default(),
         }
     }
 }
@@ -228,7 +245,25 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, scope: &Scope) -> Resu
     // cluster): each reconcile reads the one Secret the endpoint uses.
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = ObjectRef::<Guarded>::new(&name).within(&namespace);
+    let uid = endpoint.uid().unwrap_or_default();
+    let wanted_secret = endpoint
+        .spec
+        .credentials_secret_ref
+        .as_ref()
+        .map(|r| r.name.clone())
+        .unwrap_or_else(|| build::secret_name(&name));
+    let checked_lately =
+        ctx.secret_checked
+            .lock()
+            .unwrap()
+            .get(&uid)
+            .is_some_and(|(generation, secret, at)| {
+                *generation == endpoint.metadata.generation
+                    && *secret == wanted_secret
+                    && at.elapsed() < SECRET_CHECK_TTL
+            });
     let secret_name = match &endpoint.spec.credentials_secret_ref {
+        _ if checked_lately => wanted_secret,
         Some(reference) => {
             let found = match secrets.get_opt(&reference.name).await {
                 Ok(found) => found,
@@ -289,6 +324,20 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, scope: &Scope) -> Resu
         }
     };
     ctx.secret_waits.lock().unwrap().remove(&key);
+    if !checked_lately {
+        let mut checked = ctx.secret_checked.lock().unwrap();
+        if checked.len() > MEMO_LIMIT {
+            checked.clear();
+        }
+        checked.insert(
+            uid,
+            (
+                endpoint.metadata.generation,
+                secret_name.clone(),
+                Instant::now(),
+            ),
+        );
+    }
 
     // 3. Build and apply the relay.
     let result = apply_relay(endpoint, &namespace, &secret_name, scope).await;
@@ -412,19 +461,57 @@ async fn apply_relay(
     let deployment = build::build_deployment(endpoint, &ctx.settings, secret_name);
     let key = owned_key("Deployment", &deployment);
     let hash = applied::digest(&deployment);
-    // Its status makes the endpoint's: without an apply, the cached object
-    // must be the one we would write (not one from before our last apply).
+    // Its status makes the endpoint's: without an apply, the object we read
+    // it from must be the one we would write, from the cache or, while the
+    // cache has not caught up with our last write, as that write returned it.
+    let stamped =
+        |d: &Arc<Deployment>| d.annotations().get(applied::APPLIED_HASH_ANNOTATION) == Some(&hash);
+    let object_key = (key.1.clone(), key.2.clone());
     let cached = scope
         .owned
         .deployments
         .get(&ObjectRef::new(&key.2).within(namespace))
-        .filter(|d| d.annotations().get(applied::APPLIED_HASH_ANNOTATION) == Some(&hash));
-    match cached {
+        .filter(stamped);
+    let current = {
+        let mut memo = ctx.written_deployments.lock().unwrap();
+        let written = memo.get(&object_key).filter(|d| stamped(d)).cloned();
+        match (cached, written) {
+            (Some(c), Some(w)) if newer(&w, &c) => Some(w),
+            // The cache has caught up: the memo has served its turn.
+            (Some(c), _) => {
+                memo.remove(&object_key);
+                Some(c)
+            }
+            (None, w) => w,
+        }
+    };
+    match current {
         Some(current) if unchanged(ctx, &key, Some(&current.metadata), &hash) => {
             Ok((*current).clone())
         }
-        _ => write(ctx, &deployments, key, hash, deployment, "apply_deployment").await,
+        _ => {
+            let written =
+                write(ctx, &deployments, key, hash, deployment, "apply_deployment").await?;
+            let mut memo = ctx.written_deployments.lock().unwrap();
+            if memo.len() > MEMO_LIMIT {
+                memo.clear();
+            }
+            memo.insert(object_key, Arc::new(written.clone()));
+            Ok(written)
+        }
     }
+}
+
+/// Whether `a` is a later version than `b` of the same object, by
+/// resourceVersion (etcd's revisions, which real servers and ours number in order).
+fn newer(a: &Deployment, b: &Deployment) -> bool {
+    let rv = |d: &Deployment| {
+        d.metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    rv(a) > rv(b)
 }
 
 fn owned_key<K: Resource>(kind: &'static str, object: &K) -> ObjectKey {
@@ -758,14 +845,25 @@ where
         .default_backoff()
         .reflect(writer)
         .inspect(move |event| match event {
-            Ok(watcher::Event::Delete(object)) => ctx.applied.forget(&(
-                kind,
-                object.namespace().unwrap_or_default(),
-                object.name_any(),
-            )),
-            Ok(watcher::Event::InitDone) => ctx.applied.retain(kind, |ns, name| {
-                reader.get(&ObjectRef::new(name).within(ns)).is_some()
-            }),
+            Ok(watcher::Event::Delete(object)) => {
+                let (ns, name) = (object.namespace().unwrap_or_default(), object.name_any());
+                ctx.written_deployments
+                    .lock()
+                    .unwrap()
+                    .remove(&(ns.clone(), name.clone()));
+                ctx.applied.forget(&(kind, ns, name));
+            }
+            Ok(watcher::Event::InitDone) => {
+                let present =
+                    |ns: &str, name: &str| reader.get(&ObjectRef::new(name).within(ns)).is_some();
+                if kind == "Deployment" {
+                    ctx.written_deployments
+                        .lock()
+                        .unwrap()
+                        .retain(|(ns, name), _| present(ns, name));
+                }
+                ctx.applied.retain(kind, present);
+            }
             _ => {}
         })
         .touched_objects()

@@ -152,3 +152,78 @@ async fn an_endpoint_gets_its_objects_and_status() {
         .delete(&ns, &DeleteParams::default())
         .await;
 }
+
+/// Asks the real authorizer (SubjectAccessReview) what the chart's
+/// ServiceAccount may do: every call the operator makes, create included,
+/// and no listing or watching of Secrets.
+#[tokio::test]
+#[ignore = "needs a cluster with the chart installed: KUBECONFIG"]
+async fn the_operator_service_account_may_do_what_it_needs_and_no_more() {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let client = client().await;
+    let user = std::env::var("BOTRELAY_E2E_OPERATOR_USER")
+        .unwrap_or_else(|_| "system:serviceaccount:botrelay:botrelay-operator".into());
+    let reviews: Api<SubjectAccessReview> = Api::all(client);
+    let allowed = |verb: &str, group: &str, resource: &str, namespace: Option<&str>| {
+        let (resource, subresource) = match resource.split_once('/') {
+            Some((r, s)) => (r.to_string(), Some(s.to_string())),
+            None => (resource.to_string(), None),
+        };
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.clone()),
+                groups: Some(vec![
+                    "system:serviceaccounts".into(),
+                    "system:authenticated".into(),
+                ]),
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(verb.into()),
+                    group: Some(group.into()),
+                    resource: Some(resource),
+                    subresource,
+                    namespace: namespace.map(String::from),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        };
+        let reviews = reviews.clone();
+        async move {
+            reviews
+                .create(&PostParams::default(), &review)
+                .await
+                .expect("a SubjectAccessReview")
+                .status
+                .is_some_and(|s| s.allowed)
+        }
+    };
+    for (verb, group, resource) in [
+        ("create", "", "secrets"),
+        ("patch", "", "secrets"),
+        ("get", "", "secrets"),
+        ("create", "apps", "deployments"),
+        ("patch", "apps", "deployments"),
+        ("create", "", "services"),
+        ("create", "", "persistentvolumeclaims"),
+        ("patch", "botrelay.dev", "messagingendpoints/status"),
+        ("create", "events.k8s.io", "events"),
+    ] {
+        assert!(
+            allowed(verb, group, resource, Some("shop")).await,
+            "{user} may not {verb} {group}/{resource}"
+        );
+    }
+    for (verb, resource) in [
+        ("list", "secrets"),
+        ("watch", "secrets"),
+        ("delete", "secrets"),
+    ] {
+        assert!(
+            !allowed(verb, "", resource, None).await,
+            "{user} may {verb} {resource} across the cluster"
+        );
+    }
+}

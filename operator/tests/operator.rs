@@ -35,16 +35,11 @@ fn flag(args: &[String], name: &str) -> Option<String> {
 async fn endpoint_becomes_a_ready_relay_with_owned_objects_and_status() {
     let server = start_server().await;
     let operator = Operator::start(&server, "op-1", &[]);
-    let created = server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint(
-                "support",
-                json!({"delivery": {"botTimeout": "10s", "maxAttempts": 5}}),
-            ),
-        )
-        .unwrap();
+    let created = create_endpoint(
+        &server,
+        "support",
+        json!({"delivery": {"botTimeout": "10s", "maxAttempts": 5}}),
+    );
     let uid = created["metadata"]["uid"].clone();
 
     let ep = wait_reason(&server, &operator, "support", "RelayReady").await;
@@ -195,13 +190,7 @@ async fn endpoint_becomes_a_ready_relay_with_owned_objects_and_status() {
 async fn spec_change_rolls_the_deployment_but_never_regenerates_the_secret() {
     let server = start_server().await;
     let operator = Operator::start(&server, "op-1", &[]);
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("support", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "support", json!({}));
     wait_reason(&server, &operator, "support", "RelayReady").await;
     let secret_before = server.get(&secret_key("support-credentials")).unwrap()["data"].clone();
     let checksum_before = checksum(&server.get(&deployment_key("support-relay")).unwrap());
@@ -245,8 +234,8 @@ async fn spec_change_rolls_the_deployment_but_never_regenerates_the_secret() {
     .await;
 
     // Someone deletes one key: at the next reconcile (Secrets are not
-    // watched; here a touch of the endpoint brings it at once) only that key
-    // is generated again, the others stay.
+    // watched; here a change of the endpoint's spec brings it at once) only
+    // that key is generated again, the others stay.
     server
         .merge_patch(
             &secret_key("support-credentials"),
@@ -257,7 +246,7 @@ async fn spec_change_rolls_the_deployment_but_never_regenerates_the_secret() {
     server
         .merge_patch(
             &ep_key("support"),
-            json!({"metadata": {"annotations": {"touched": "1"}}}),
+            json!({"spec": {"delivery": {"maxAttempts": 7}}}),
             false,
         )
         .unwrap();
@@ -285,16 +274,11 @@ async fn user_secret_missing_a_key_gets_a_condition_until_fixed() {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(s)
     };
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint(
-                "byo",
-                json!({"credentialsSecretRef": {"name": "my-tokens"}}),
-            ),
-        )
-        .unwrap();
+    create_endpoint(
+        &server,
+        "byo",
+        json!({"credentialsSecretRef": {"name": "my-tokens"}}),
+    );
     let ep = wait_reason(&server, &operator, "byo", "SecretNotFound").await;
     assert!(
         condition(&ep, "Ready").unwrap()["message"]
@@ -350,20 +334,12 @@ async fn user_secret_missing_a_key_gets_a_condition_until_fixed() {
 async fn invalid_specs_get_a_condition_naming_the_field_and_nothing_is_applied() {
     let server = start_server().await;
     let operator = Operator::start(&server, "op-1", &[]);
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("bad-url", json!({"bot": {"url": "ftp://bot.example/x"}})),
-        )
-        .unwrap();
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("too-many", json!({"replicas": 3})),
-        )
-        .unwrap();
+    create_endpoint(
+        &server,
+        "bad-url",
+        json!({"bot": {"url": "ftp://bot.example/x"}}),
+    );
+    create_endpoint(&server, "too-many", json!({"replicas": 3}));
     let ep = wait_reason(&server, &operator, "bad-url", "InvalidSpec").await;
     let message = condition(&ep, "Ready").unwrap()["message"]
         .as_str()
@@ -400,24 +376,13 @@ async fn invalid_specs_get_a_condition_naming_the_field_and_nothing_is_applied()
 async fn undecodable_endpoint_gets_a_condition_and_the_others_still_reconcile() {
     let server = start_server().await;
     // The malformed object is there before the operator's first list.
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint(
-                "broken",
-                json!({"bot": "not-an-object", "replicas": "many"}),
-            ),
-        )
-        .unwrap();
+    create_endpoint(
+        &server,
+        "broken",
+        json!({"bot": "not-an-object", "replicas": "many"}),
+    );
     let operator = Operator::start(&server, "op-1", &[]);
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("fine", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "fine", json!({}));
     wait_reason(&server, &operator, "fine", "RelayReady").await;
     let broken = wait_reason(&server, &operator, "broken", "InvalidObject").await;
     assert!(
@@ -427,13 +392,7 @@ async fn undecodable_endpoint_gets_a_condition_and_the_others_still_reconcile() 
             .contains("does not match the MessagingEndpoint schema")
     );
     // And endpoints created later are still seen.
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("later", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "later", json!({}));
     wait_reason(&server, &operator, "later", "RelayReady").await;
     assert!(
         operator
@@ -449,13 +408,7 @@ async fn relay_not_ready_is_reported_then_ready_when_pods_come_up() {
     let server = start_server().await;
     server.simulate_deployments(false);
     let operator = Operator::start(&server, "op-1", &[]);
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("slow", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "slow", json!({}));
     let ep = wait_reason(&server, &operator, "slow", "RelayNotReady").await;
     assert_eq!(condition(&ep, "Progressing").unwrap()["status"], "True");
     let not_ready_since = condition(&ep, "Ready").unwrap()["lastTransitionTime"].clone();
@@ -498,13 +451,7 @@ async fn relay_not_ready_is_reported_then_ready_when_pods_come_up() {
 async fn deleting_the_endpoint_deletes_everything_it_owns() {
     let server = start_server().await;
     let operator = Operator::start(&server, "op-1", &[]);
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("gone", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "gone", json!({}));
     wait_reason(&server, &operator, "gone", "RelayReady").await;
     server.delete(&ep_key("gone")).unwrap();
     // The test server's garbage collector follows ownerReferences, as the real one does.
@@ -542,13 +489,7 @@ async fn two_replicas_one_leader_and_a_clean_handover_on_sigterm() {
     })
     .await;
     let second = Operator::start(&server, "op-b", &[]);
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("one", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "one", json!({}));
     wait_reason(&server, &first, "one", "RelayReady").await;
     // The standby is healthy and ready, but not leading and not reconciling.
     eventually(10, "op-b admin up", &second, || Some(())).await;
@@ -571,13 +512,7 @@ async fn two_replicas_one_leader_and_a_clean_handover_on_sigterm() {
         (lease_holder(&server)? == "op-b").then_some(())
     })
     .await;
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("two", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "two", json!({}));
     wait_reason(&server, &second, "two", "RelayReady").await;
     assert_eq!(second.metric("botrelay_operator_leader").await, Some(1.0));
 }
@@ -589,13 +524,7 @@ async fn failed_applies_are_reported_retried_with_backoff_and_recover() {
     // transient state cannot slip by between two polls.
     server.fail_until_cleared("patch", "apps", "deployments", 500);
     let operator = Operator::start(&server, "op-1", &[]);
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("flaky", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "flaky", json!({}));
     let ep = wait_reason(&server, &operator, "flaky", "ApplyFailed").await;
     assert_eq!(
         condition(&ep, "Degraded").unwrap()["message"],
@@ -633,13 +562,7 @@ async fn only_the_watched_namespaces_are_reconciled() {
     server
         .create("botrelay.dev", "messagingendpoints", elsewhere)
         .unwrap();
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("seen", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "seen", json!({}));
     wait_reason(&server, &operator, "seen", "RelayReady").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ignored = server
@@ -708,13 +631,7 @@ async fn a_killed_leader_is_replaced_once_its_lease_expires() {
         killed_at.elapsed() >= Duration::from_secs(1),
         "op-b took over before the dead leader's Lease could expire"
     );
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("after", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "after", json!({}));
     wait_reason(&server, &second, "after", "RelayReady").await;
 }
 
@@ -722,13 +639,7 @@ async fn a_killed_leader_is_replaced_once_its_lease_expires() {
 async fn without_leader_election_it_reconciles_at_once_and_never_touches_a_lease() {
     let server = start_server().await;
     let mut operator = Operator::start(&server, "solo", &[("BOTRELAY_LEADER_ELECTION", "false")]);
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("solo", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "solo", json!({}));
     wait_reason(&server, &operator, "solo", "RelayReady").await;
     assert_eq!(operator.metric("botrelay_operator_leader").await, Some(1.0));
     assert_eq!(operator.terminate(), Some(0));

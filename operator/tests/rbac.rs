@@ -69,23 +69,11 @@ fn expected_policy() -> Policy {
 async fn operator_calls_exactly_the_expected_verbs_and_resources() {
     let server = start_server().await;
     server.enforce(expected_policy());
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("broken", json!({"bot": 42})),
-        )
-        .unwrap();
+    create_endpoint(&server, "broken", json!({"bot": 42}));
     let mut operator = Operator::start(&server, "op-rbac", &[]);
 
     // A generated Secret, the full relay, and a spec update.
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("gen", json!({})),
-        )
-        .unwrap();
+    create_endpoint(&server, "gen", json!({}));
     wait_reason(&server, &operator, "gen", "RelayReady").await;
     server
         .merge_patch(&ep_key("gen"), json!({"spec": {"replicas": 0}}), false)
@@ -93,13 +81,11 @@ async fn operator_calls_exactly_the_expected_verbs_and_resources() {
     wait_reason(&server, &operator, "gen", "ScaledToZero").await;
 
     // A user's Secret, missing first.
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("byo", json!({"credentialsSecretRef": {"name": "mine"}})),
-        )
-        .unwrap();
+    create_endpoint(
+        &server,
+        "byo",
+        json!({"credentialsSecretRef": {"name": "mine"}}),
+    );
     wait_reason(&server, &operator, "byo", "SecretNotFound").await;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     server
@@ -114,13 +100,7 @@ async fn operator_calls_exactly_the_expected_verbs_and_resources() {
     wait_reason(&server, &operator, "byo", "RelayReady").await;
 
     // An invalid spec, fixed, then broken the same way again (a repeated event).
-    server
-        .create(
-            "botrelay.dev",
-            "messagingendpoints",
-            endpoint("flappy", json!({"replicas": 3})),
-        )
-        .unwrap();
+    create_endpoint(&server, "flappy", json!({"replicas": 3}));
     wait_reason(&server, &operator, "flappy", "InvalidSpec").await;
     server
         .merge_patch(&ep_key("flappy"), json!({"spec": {"replicas": 1}}), false)

@@ -160,6 +160,18 @@ pub async fn start_server() -> TestApiServer {
     server
 }
 
+/// Creates the endpoint `name` in namespace NS with `extra_spec` (as kubectl
+/// would); returns it as stored.
+pub fn create_endpoint(server: &TestApiServer, name: &str, extra_spec: Value) -> Value {
+    server
+        .create(
+            "botrelay.dev",
+            "messagingendpoints",
+            endpoint(name, extra_spec),
+        )
+        .unwrap()
+}
+
 pub fn endpoint(name: &str, extra_spec: Value) -> Value {
     let mut spec = json!({
         "bot": {"url": "http://support-bot.shop.svc:8080/events"},

@@ -197,8 +197,8 @@ struct Shared {
     deployment_ready_delay: Mutex<Duration>,
     policy: Mutex<Option<Policy>>,
     costs: Mutex<Costs>,
-    /// Held while a request's cost is paid: one request at a time.
-    cost_gate: tokio::sync::Mutex<()>,
+    /// When the requests charged so far will have been served.
+    free_at: Mutex<tokio::time::Instant>,
     /// Bumped to end every open watch.
     close_watches: tokio::sync::watch::Sender<u64>,
 }
@@ -266,7 +266,7 @@ impl TestApiServer {
             deployment_ready_delay: Mutex::new(Duration::ZERO),
             policy: Mutex::default(),
             costs: Mutex::default(),
-            cost_gate: tokio::sync::Mutex::new(()),
+            free_at: Mutex::new(tokio::time::Instant::now()),
             close_watches: tokio::sync::watch::channel(0).0,
         });
         let server_shared = shared.clone();
@@ -645,6 +645,10 @@ fn simulate_deployment_status(shared: &Arc<Shared>, store: &mut Store, key: &Key
     };
     let generation = entry.object["metadata"]["generation"].clone();
     let delay = *shared.deployment_ready_delay.lock().unwrap();
+    // A write that did not change the spec starts no rollout.
+    if !delay.is_zero() && entry.object["status"]["observedGeneration"] == generation {
+        return;
+    }
     if delay.is_zero() {
         write_deployment_status(shared, store, key, true);
         return;
@@ -1291,8 +1295,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         }
     };
     if !cost.is_zero() {
-        let _one_at_a_time = shared.cost_gate.lock().await;
-        tokio::time::sleep(cost).await;
+        // One request at a time: each is served when the previous ones are,
+        // at its own cost. The schedule is kept exactly, so the timer's
+        // coarseness delays a request's answer but never adds up.
+        let done_at = {
+            let mut free_at = shared.free_at.lock().unwrap();
+            let start = (*free_at).max(tokio::time::Instant::now());
+            *free_at = start + cost;
+            *free_at
+        };
+        tokio::time::sleep_until(done_at).await;
     }
     let namespace = target.namespace.clone().unwrap_or_default();
     let key = |name: &str| Key::new(&target.group, &target.resource, &namespace, name);
