@@ -1,6 +1,6 @@
 //! The HTTP/1.1 accept loop shared by the API and admin ports: a bound on
-//! concurrent connections, a header-read timeout (which also ends idle
-//! keep-alive connections), and a graceful stop.
+//! concurrent connections, on the size of a request's head, a header-read
+//! timeout (which also ends idle keep-alive connections), and a graceful stop.
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -18,6 +18,40 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 pub type Body = Full<Bytes>;
+
+/// Largest request head (request line and headers). hyper refuses a head
+/// that outgrows its read buffer of this size, but it reads in large pieces:
+/// a head that arrived in one piece passed up to about 112 KiB. So each head
+/// it lets through is measured again here, and the limit is the same however
+/// the bytes arrive.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The size of a request's head as sent: the request line, and each header
+/// as `name: value` and its line end.
+fn head_bytes<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    req.headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
+        + 2
+}
+
+/// What hyper answers to a head that is too large: `431`, no body, and the
+/// connection closed.
+fn head_too_large() -> Response<Body> {
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
+}
 
 pub struct Limits {
     pub max_connections: usize,
@@ -44,7 +78,7 @@ pub async fn serve<H, F>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true)
-        .max_buf_size(64 * 1024);
+        .max_buf_size(MAX_HEAD_BYTES);
     loop {
         // Past the connection limit, new connections wait in the kernel's backlog.
         let slot = tokio::select! {
@@ -68,7 +102,12 @@ pub async fn serve<H, F>(
         let handler = handler.clone();
         let service = service_fn(move |req| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
+            async move {
+                if head_bytes(&req) > MAX_HEAD_BYTES {
+                    return Ok::<_, Infallible>(head_too_large());
+                }
+                Ok(handler(req).await)
+            }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {

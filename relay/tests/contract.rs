@@ -529,3 +529,49 @@ async fn a_refused_request_on_a_kept_alive_connection_does_not_break_the_next_on
         );
     }
 }
+
+/// The status line of the answer to `head` (a request line and headers,
+/// without the blank line) followed by a small message, written at once.
+async fn status_of_raw_request(relay: &Relay, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = message("u", "c", "raw", "x").to_string();
+    let request = format!(
+        "{head}\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(relay.api).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 256];
+    let n = stream.read(&mut answer).await.unwrap_or(0);
+    String::from_utf8_lossy(&answer[..n])
+        .lines()
+        .next()
+        .unwrap_or("closed")
+        .to_owned()
+}
+
+/// Request heads are held to 64 KiB however they arrive: sent in one piece,
+/// up to about 112 KiB used to pass.
+#[tokio::test]
+async fn request_heads_over_64_kib_get_431_however_they_arrive() {
+    let bot = Peer::start(|_| Answer::ok()).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    let head = |pad: usize| {
+        format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: relay\r\nX-Pad: {}",
+            "a".repeat(pad)
+        )
+    };
+    assert_eq!(
+        status_of_raw_request(&relay, &head(60 * 1024)).await,
+        "HTTP/1.1 200 OK"
+    );
+    for kib in [65, 80, 110] {
+        assert_eq!(
+            status_of_raw_request(&relay, &head(kib * 1024)).await,
+            "HTTP/1.1 431 Request Header Fields Too Large",
+            "{kib} KiB"
+        );
+    }
+}
