@@ -11,7 +11,7 @@ use crate::store::{Op, Outcome, Seq, Store, Target};
 use crate::wire;
 use crate::writer::Writer;
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -59,6 +59,15 @@ const DEAD_LETTER_PATHS: [&str; 3] = [
     "/dead-letters/discard",
 ];
 
+/// The method a path of the admin port takes; `None` for an unknown path.
+fn allowed_method(path: &str) -> Option<&'static str> {
+    match path {
+        "/metrics" | "/healthz" | "/readyz" | "/dead-letters" => Some("GET"),
+        "/dead-letters/redrive" | "/dead-letters/discard" => Some("POST"),
+        _ => None,
+    }
+}
+
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
@@ -84,17 +93,20 @@ impl Admin {
             (&Method::GET, "/dead-letters") => self.list(req.uri().query()).await,
             (&Method::POST, "/dead-letters/redrive") => self.redrive(req).await,
             (&Method::POST, "/dead-letters/discard") => self.discard(req).await,
-            (_, path)
-                if DEAD_LETTER_PATHS.contains(&path)
-                    || ["/metrics", "/healthz", "/readyz"].contains(&path) =>
-            {
-                error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    "wrong method for this path",
-                )
-            }
-            _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+            (_, path) => match allowed_method(path) {
+                Some(allowed) => {
+                    let mut answer = error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method_not_allowed",
+                        &format!("{path} takes {allowed} only"),
+                    );
+                    answer
+                        .headers_mut()
+                        .insert(header::ALLOW, HeaderValue::from_static(allowed));
+                    answer
+                }
+                None => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+            },
         }
     }
 

@@ -575,3 +575,35 @@ async fn request_heads_over_64_kib_get_431_however_they_arrive() {
         );
     }
 }
+
+/// A `405` names the methods the path takes, on both ports.
+#[tokio::test]
+async fn every_405_says_which_methods_are_allowed() {
+    let bot = Peer::start(|_| Answer::ok()).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    let with_token = [("authorization", auth.as_str())];
+    let admin = |p: &str| format!("http://{}{p}", relay.admin);
+    for (method, url, allowed) in [
+        ("GET", relay.url("/"), "POST"),
+        ("PUT", relay.url("/v1/messages"), "POST"),
+        ("GET", relay.url("/v1/bot/messages"), "POST"),
+        ("POST", admin("/metrics"), "GET"),
+        ("POST", admin("/healthz"), "GET"),
+        ("DELETE", admin("/readyz"), "GET"),
+        ("POST", admin("/dead-letters"), "GET"),
+        ("GET", admin("/dead-letters/redrive"), "POST"),
+        ("GET", admin("/dead-letters/discard"), "POST"),
+    ] {
+        let (status, headers, _) = request(method, &url, &with_token, Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(status, 405, "{method} {url}");
+        assert_eq!(
+            headers.get("allow").map(|v| v.to_str().unwrap()),
+            Some(allowed),
+            "{method} {url}"
+        );
+    }
+}
