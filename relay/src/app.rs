@@ -256,10 +256,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .map_err(|_| anyhow!("the store syncer panicked"))?;
     let _ = admin_stop_tx.send(true);
     let _ = admin_server.await;
-    tracing::info!(
-        waiting = queues.pending(),
-        "botrelay stopped; waiting messages are delivered after the next start"
-    );
+    let waiting = queues.pending();
+    match config.store {
+        StoreKind::Embedded => tracing::info!(
+            waiting,
+            "botrelay stopped; waiting messages are delivered after the next start"
+        ),
+        // Nothing of the memory store outlives the process.
+        StoreKind::Memory if waiting > 0 => tracing::warn!(
+            waiting,
+            "botrelay stopped; the waiting messages are lost: the memory store keeps nothing across a restart (--store embedded does)"
+        ),
+        StoreKind::Memory => tracing::info!(waiting, "botrelay stopped; nothing was waiting"),
+    }
     Ok(())
 }
 

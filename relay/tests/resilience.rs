@@ -502,3 +502,39 @@ async fn a_message_stored_for_a_client_that_left_is_delivered_and_counted() {
         );
     }
 }
+
+/// The memory store keeps nothing across a restart: its stop says that the
+/// messages still waiting are lost, as a warning, rather than promising them
+/// for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_store_stopping_with_messages_waiting_warns_that_they_are_lost() {
+    let down = free_addr();
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let mut relay = Relay::start(
+        &format!("http://{down}/"),
+        &endpoint.url(),
+        &["--store=memory"],
+    )
+    .await;
+    for i in 0..3 {
+        let id = format!("m{i}");
+        assert_eq!(relay.send(&message("u", "c", &id, &id)).await.0, 200);
+    }
+    assert_eq!(relay.terminate(), Some(0));
+    let logs = relay.logs();
+    let stop: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("botrelay stopped"))
+        })
+        .collect();
+    assert_eq!(stop.len(), 1, "{logs}");
+    assert_eq!(stop[0]["level"], "WARN", "{logs}");
+    assert_eq!(stop[0]["waiting"], 3, "{logs}");
+    let said = stop[0]["message"].as_str().unwrap();
+    assert!(said.contains("lost"), "{said}");
+    assert!(!said.contains("after the next start"), "{said}");
+}
