@@ -3,7 +3,9 @@
 use rand::Rng;
 use std::time::{Duration, SystemTime};
 
-/// The longest `Retry-After` honoured; a larger one is taken as this.
+/// The longest `Retry-After` honoured; a larger one is taken as this, so
+/// that a careless header (a day, a date far ahead) cannot hold a
+/// conversation back for that long. The README states it.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Copy, Debug)]
@@ -16,7 +18,8 @@ impl Backoff {
     /// The wait after failed attempt number `attempt` (0 for the first):
     /// `initial * 2^attempt`, capped at `max`, then "equal jitter" (a uniform
     /// pick in the upper half) so that conversations failing together do not
-    /// retry together. A `Retry-After` from the target is a floor.
+    /// retry together. A `Retry-After` from the target is a floor, up to
+    /// [`MAX_RETRY_AFTER`].
     pub fn delay(
         &self,
         attempt: u32,
@@ -89,6 +92,29 @@ mod tests {
             b.delay(0, Some(Duration::from_secs(86_400)), &mut rng),
             MAX_RETRY_AFTER
         );
+    }
+
+    /// The README promises the ceiling the code keeps, wherever it speaks of
+    /// `Retry-After` as a floor.
+    #[test]
+    fn the_readme_gives_the_retry_after_ceiling() {
+        // Lines joined: a paragraph may wrap anywhere.
+        let readme = include_str!("../../../README.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let floor = format!(
+            "`Retry-After` is a floor up to {} h",
+            MAX_RETRY_AFTER.as_secs() / 3600
+        );
+        let said = readme.matches("`Retry-After` is a floor").count();
+        assert!(said > 0);
+        assert_eq!(readme.matches(&floor).count(), said, "{floor}");
+        let retries = readme
+            .split("**Retries**")
+            .nth(1)
+            .expect("the README's retries paragraph");
+        assert!(retries.contains(&floor), "{floor}");
     }
 
     #[test]
