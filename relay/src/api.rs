@@ -226,7 +226,8 @@ impl Api {
             .inc();
     }
 
-    /// The checks every message goes through before its body is read.
+    /// The checks every message goes through before its body is read:
+    /// not draining, and the right token.
     fn admit(
         &self,
         req: &Request<Incoming>,
@@ -261,6 +262,12 @@ impl Api {
             }
             Some(_) => {}
         }
+        Ok(())
+    }
+
+    /// The back-pressure refusal due now, if any: the store's disk is nearly
+    /// full, or `--max-pending` messages wait.
+    fn pressure(&self) -> Result<(), Refusal> {
         if self.disk.as_ref().is_some_and(|disk| disk.low()) {
             return Err(Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -360,11 +367,36 @@ impl Api {
         }
     }
 
+    /// A duplicate stores nothing, so back-pressure is no reason to refuse
+    /// it: under pressure, its first answer if it is one, else `refusal`.
+    fn duplicate_or(
+        &self,
+        message_id: &str,
+        now: u64,
+        refusal: Refusal,
+    ) -> Result<Response<Body>, Refusal> {
+        let window = self.dedupe_window.as_millis() as u64;
+        match self.store.first_answer(message_id, now, window) {
+            Ok(Some(answer)) => {
+                self.received("client", "duplicate");
+                Ok(json(StatusCode::OK, answer))
+            }
+            Ok(None) => Err(refusal),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up a messageId under back-pressure");
+                Err(refusal)
+            }
+        }
+    }
+
     async fn client_message(&self, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
         self.admit(&req, |c| &c.client_tokens)?;
         let body = self.read_body(req).await?;
         let m = ClientMessage::parse(&body)?;
         let now = now_ms();
+        if let Err(refusal) = self.pressure() {
+            return self.duplicate_or(&m.message_id, now, refusal.after_body());
+        }
         let message = InboundMessage {
             id: ids::message_id(),
             conversation_id: ids::conversation_id(&m.conversation_id),
@@ -379,6 +411,8 @@ impl Api {
             queued_at_ms: now,
         };
         let answer = wire::accept_answer(&message);
+        // Kept for a lookup when the store is too busy to take the message.
+        let caller_message_id = message.caller_message_id.clone();
         let op = Op::Accept {
             message,
             dedupe_window_ms: self.dedupe_window.as_millis() as u64,
@@ -399,6 +433,11 @@ impl Api {
         match committed {
             Ok(Outcome::Duplicate { answer }) => Ok(json(StatusCode::OK, answer)),
             Ok(_) => Ok(json(StatusCode::OK, answer)),
+            Err(CommitError::Busy) => {
+                received.outcome = None;
+                drop(received);
+                self.duplicate_or(&caller_message_id, now, unavailable(CommitError::Busy))
+            }
             Err(e) => {
                 received.outcome = None;
                 Err(unavailable(e))
@@ -408,6 +447,7 @@ impl Api {
 
     async fn bot_message(&self, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
         self.admit(&req, |c| &c.bot_tokens)?;
+        self.pressure()?;
         let body = self.read_body(req).await?;
         let m = BotMessage::parse(&body)?;
         let store = self.store.clone();

@@ -351,6 +351,14 @@ mod tests {
         fn dedupe_count(&self) -> u64 {
             self.inner.dedupe_count()
         }
+        fn first_answer(
+            &self,
+            id: &str,
+            now_ms: u64,
+            window_ms: u64,
+        ) -> Result<Option<String>, StoreError> {
+            self.inner.first_answer(id, now_ms, window_ms)
+        }
         fn dedupe_cutoff(&self, part: u8, keep: usize) -> Option<u64> {
             self.inner.dedupe_cutoff(part, keep)
         }

@@ -810,6 +810,35 @@ async fn a_full_queue_answers_429_with_retry_after_and_loses_nothing() {
         .await;
 }
 
+/// A duplicate stores nothing, so a full queue is no reason to refuse it: it
+/// gets the first answer, as it would at any other time.
+#[tokio::test]
+async fn a_duplicate_gets_its_first_answer_while_the_queue_is_full() {
+    let down = free_addr();
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(
+        &format!("http://{down}/"),
+        &endpoint.url(),
+        &["--max-pending=2"],
+    )
+    .await;
+    let (status, first) = relay.send(&message("u", "c0", "m0", "x")).await;
+    assert_eq!(status, 200);
+    assert_eq!(relay.send(&message("u", "c1", "m1", "x")).await.0, 200);
+    assert_eq!(relay.send(&message("u", "c2", "m2", "x")).await.0, 429);
+    let (status, again) = relay.send(&message("u", "c0", "m0", "x")).await;
+    assert_eq!((status, &again), (200, &first));
+    assert_eq!(
+        relay
+            .metric(
+                "botrelay_messages_received_total",
+                &[("source", "client"), ("outcome", "duplicate")]
+            )
+            .await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn deliveries_to_the_bot_pause_while_max_pending_replies_wait() {
     // Six messages in one conversation (so the bot gets one at a time) wait

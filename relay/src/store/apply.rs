@@ -48,7 +48,7 @@ pub(super) enum First {
 }
 
 impl First {
-    fn answer(self) -> Result<String, StoreError> {
+    pub(super) fn answer(self) -> Result<String, StoreError> {
         Ok(match self {
             First::Message(bytes) => {
                 crate::wire::accept_answer(&decode::<InboundMessage>("accepted message", &bytes)?)

@@ -406,6 +406,25 @@ fn value_of(record: &[u8]) -> Result<&[u8], StoreError> {
     }
 }
 
+/// What a dedupe entry's record holds to answer a duplicate with.
+fn first_of(record: &[u8]) -> Result<First, StoreError> {
+    Ok(
+        match (Reader {
+            buf: record,
+            pos: 0,
+        })
+        .record()?
+        {
+            Record::Accept { value, .. } => First::Message(value.to_vec()),
+            Record::Dedupe { answer, .. } => First::Answer(
+                String::from_utf8(answer.to_vec())
+                    .map_err(|e| corrupt(format!("dedupe answer: {e}")))?,
+            ),
+            _ => return Err(corrupt("a dedupe entry points at another kind of record")),
+        },
+    )
+}
+
 /// A copy of the record at `loc` when it is among the frames not yet written,
 /// which start at `written` in the file.
 fn unwritten_record(unwritten: &[u8], written: u64, loc: Loc) -> Option<Vec<u8>> {
@@ -758,16 +777,7 @@ impl Tables for Txn<'_> {
         let Some(entry) = self.index.dedupe.get(&dedupe_key(key.as_bytes())).copied() else {
             return Ok(None);
         };
-        let raw = self.raw(entry.loc)?;
-        let first = match (Reader { buf: &raw, pos: 0 }).record()? {
-            Record::Accept { value, .. } => First::Message(value.to_vec()),
-            Record::Dedupe { answer, .. } => First::Answer(
-                String::from_utf8(answer.to_vec())
-                    .map_err(|e| corrupt(format!("dedupe answer: {e}")))?,
-            ),
-            _ => return Err(corrupt("a dedupe entry points at another kind of record")),
-        };
-        Ok(Some((entry.accepted_ms, first)))
+        Ok(Some((entry.accepted_ms, first_of(&self.raw(entry.loc)?)?)))
     }
 
     fn accept(
@@ -1762,6 +1772,34 @@ impl Store for EmbeddedStore {
 
     fn dedupe_count(&self) -> u64 {
         self.lock().index.dedupe.len() as u64
+    }
+
+    fn first_answer(
+        &self,
+        caller_message_id: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Result<Option<String>, StoreError> {
+        // The record is copied under the lock when it is not written yet, and
+        // read from the file after it otherwise.
+        let (file, loc) = {
+            let inner = self.lock();
+            let key = dedupe_key(caller_message_id.as_bytes());
+            let Some(entry) = inner
+                .index
+                .dedupe
+                .get(&key)
+                .filter(|e| now_ms.saturating_sub(e.accepted_ms) < window_ms)
+                .copied()
+            else {
+                return Ok(None);
+            };
+            match inner.locate(entry.loc) {
+                Ok(record) => return first_of(&record)?.answer().map(Some),
+                Err(file) => (file, entry.loc),
+            }
+        };
+        first_of(&read_at(&file, loc)?)?.answer().map(Some)
     }
 
     fn dedupe_cutoff(&self, part: u8, keep: usize) -> Option<u64> {

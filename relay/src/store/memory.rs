@@ -302,6 +302,21 @@ impl Store for MemoryStore {
         self.lock().dedupe.len() as u64
     }
 
+    fn first_answer(
+        &self,
+        caller_message_id: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let first = self
+            .lock()
+            .dedupe
+            .get(caller_message_id)
+            .filter(|(accepted, _)| now_ms.saturating_sub(*accepted) < window_ms)
+            .map(|(_, message)| First::Message(message.clone()));
+        first.map(First::answer).transpose()
+    }
+
     fn dedupe_cutoff(&self, part: u8, keep: usize) -> Option<u64> {
         let accepted = {
             let state = self.lock();

@@ -416,6 +416,15 @@ pub trait Store: Send + Sync + 'static {
     fn conversation_count(&self) -> u64;
     /// How many message ids the dedupe table holds.
     fn dedupe_count(&self) -> u64;
+    /// The first answer to `caller_message_id`, when it was accepted less
+    /// than `window_ms` before `now_ms`: what an `Op::Accept` of it would
+    /// answer as a duplicate, read without writing anything.
+    fn first_answer(
+        &self,
+        caller_message_id: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Result<Option<String>, StoreError>;
     /// The acceptance time before which the dedupe entries of `part` (of
     /// [`PRUNE_PARTS`]) must be forgotten for at most `keep` of them to
     /// remain: `None` when the part holds no more than `keep`.

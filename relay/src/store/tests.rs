@@ -81,6 +81,14 @@ fn dedupe_returns_the_first_answer_within_the_window(store: &dyn Store) {
             answer: answer("m2", 100)
         }
     );
+    // Looked up without a write, as under back-pressure: the same answer
+    // within the window, none past it or for an id never seen.
+    assert_eq!(
+        store.first_answer("m1", 900, 1000).unwrap(),
+        Some(answer("m1", 100))
+    );
+    assert_eq!(store.first_answer("m1", 1100, 1000).unwrap(), None);
+    assert_eq!(store.first_answer("never", 900, 1000).unwrap(), None);
     // Past the window the id is new again.
     assert!(matches!(
         accept(store, "m1", 1100),
