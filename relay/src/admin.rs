@@ -155,15 +155,9 @@ impl Admin {
             Err(problem) => return error(StatusCode::BAD_REQUEST, "invalid_request", &problem),
         };
         let store = self.store.clone();
-        let listed = tokio::task::spawn_blocking(move || {
-            Ok::<_, crate::store::StoreError>((
-                store.dead_letters(from, limit)?,
-                store.dead_letter_counts()?,
-            ))
-        })
-        .await;
+        let listed = tokio::task::spawn_blocking(move || page_of(&*store, from, limit)).await;
         match listed {
-            Ok(Ok((letters, counts))) => {
+            Ok(Ok((letters, total))) => {
                 let items: Vec<_> = letters
                     .iter()
                     .map(|l| {
@@ -178,7 +172,7 @@ impl Admin {
                     .collect();
                 let mut body = serde_json::json!({
                     "deadLetters": items,
-                    "total": counts.bot + counts.response,
+                    "total": total,
                 });
                 if letters.len() == limit
                     && let Some(last) = letters.last()
@@ -282,6 +276,16 @@ impl Admin {
     }
 }
 
+/// A page of dead letters and how many are held in all.
+fn page_of(
+    store: &dyn Store,
+    from: Seq,
+    limit: usize,
+) -> Result<(Vec<crate::store::DeadLetter>, u64), crate::store::StoreError> {
+    let (letters, counts) = store.dead_letter_page(from, limit)?;
+    Ok((letters, counts.bot + counts.response))
+}
+
 /// The first position and the size of the page a list query asks for.
 fn page(query: Option<&str>) -> Result<(Seq, usize), String> {
     let (mut from, mut limit) = (0, LIST_LIMIT);
@@ -312,4 +316,83 @@ fn store_unavailable(e: impl std::fmt::Display) -> Response<Body> {
         "store_unavailable",
         &e.to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{EmbeddedStore, InboundMessage, Pending};
+
+    fn waiting(id: &str) -> Op {
+        let raw = |s: &str| serde_json::value::RawValue::from_string(s.to_owned()).unwrap();
+        Op::Accept {
+            message: InboundMessage {
+                id: format!("id-{id}"),
+                conversation_id: format!("conv-{id}"),
+                user_id: "user".into(),
+                caller_conversation_id: id.into(),
+                caller_user_id: "u".into(),
+                caller_message_id: id.into(),
+                kind: "text".into(),
+                text: "hi".into(),
+                payload: raw(r#"{"text":"hi"}"#),
+                created_at_ms: 1,
+                queued_at_ms: 1,
+            },
+            dedupe_window_ms: 1000,
+        }
+    }
+
+    fn dead(due: &[Pending]) -> Vec<Op> {
+        due.iter()
+            .map(|p| Op::DeadLetter {
+                target: p.target,
+                seq: p.seq,
+                reason: "test".into(),
+                now_ms: 2,
+            })
+            .collect()
+    }
+
+    /// While dead letters are redriven and fail again, a listing of them all
+    /// counts exactly what it lists: `total` and the items come from one
+    /// moment of the store.
+    #[test]
+    fn a_listing_counts_what_it_lists_while_letters_come_and_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let accepted = store
+            .commit((0..20).map(|i| waiting(&format!("m{i}"))).collect())
+            .unwrap();
+        let due: Vec<Pending> = accepted.iter().flat_map(|o| o.due().to_vec()).collect();
+        store.commit(dead(&due)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let redriven = store
+                        .commit(vec![Op::Redrive {
+                            seqs: None,
+                            now_ms: 2,
+                        }])
+                        .unwrap();
+                    store.commit(dead(redriven[0].due())).unwrap();
+                }
+            })
+        };
+        let mut contradictions = 0;
+        for _ in 0..30_000 {
+            let (letters, total) = page_of(&*store, 0, LIST_LIMIT).unwrap();
+            if letters.len() as u64 != total {
+                contradictions += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
+        assert_eq!(
+            contradictions, 0,
+            "listings whose total was not their length"
+        );
+    }
 }

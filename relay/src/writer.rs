@@ -345,6 +345,13 @@ mod tests {
         fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
             self.inner.dead_letter_counts()
         }
+        fn dead_letter_page(
+            &self,
+            from: Seq,
+            limit: usize,
+        ) -> Result<(Vec<DeadLetter>, DeadLetterCounts), StoreError> {
+            self.inner.dead_letter_page(from, limit)
+        }
         fn conversation_count(&self) -> u64 {
             self.inner.conversation_count()
         }

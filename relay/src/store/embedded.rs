@@ -1737,8 +1737,17 @@ impl Store for EmbeddedStore {
     }
 
     fn dead_letters(&self, from: Seq, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        // Records still unwritten are copied under the lock; the rest are read after.
-        let (file, records): (Arc<File>, Vec<Result<Vec<u8>, Loc>>) = {
+        Ok(self.dead_letter_page(from, limit)?.0)
+    }
+
+    fn dead_letter_page(
+        &self,
+        from: Seq,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, DeadLetterCounts), StoreError> {
+        // Records still unwritten are copied under the lock; the rest are read
+        // after, from the file of that moment (a compaction leaves it whole).
+        let (file, records, counts): (Arc<File>, Vec<Result<Vec<u8>, Loc>>, _) = {
             let inner = self.lock();
             let records = inner
                 .index
@@ -1748,9 +1757,9 @@ impl Store for EmbeddedStore {
                 .take(limit)
                 .map(|loc| inner.locate(*loc).map_err(|_| *loc))
                 .collect();
-            (inner.file.clone(), records)
+            (inner.file.clone(), records, inner.index.dead_letter_counts)
         };
-        records
+        let letters = records
             .into_iter()
             .map(|record| {
                 let record = match record {
@@ -1759,7 +1768,8 @@ impl Store for EmbeddedStore {
                 };
                 decode("dead letter", value_of(&record)?)
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((letters, counts))
     }
 
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {

@@ -280,14 +280,23 @@ impl Store for MemoryStore {
     }
 
     fn dead_letters(&self, from: Seq, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self.dead_letter_page(from, limit)?.0)
+    }
+
+    fn dead_letter_page(
+        &self,
+        from: Seq,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, DeadLetterCounts), StoreError> {
         let state = self.lock();
-        state
+        let letters = state
             .dead_letters
             .range(from..)
             .map(|(_, b)| b)
             .take(limit)
             .map(|b| decode("dead letter", b))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((letters, state.dead_letter_counts))
     }
 
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {

@@ -412,6 +412,14 @@ pub trait Store: Send + Sync + 'static {
     /// Dead letters at positions from `from` on, in order, at most `limit`.
     fn dead_letters(&self, from: Seq, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError>;
+    /// `dead_letters` and `dead_letter_counts` as of one moment, so that the
+    /// counts never contradict the letters (as two calls may, with a redrive
+    /// between them).
+    fn dead_letter_page(
+        &self,
+        from: Seq,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, DeadLetterCounts), StoreError>;
     /// How many conversations are remembered.
     fn conversation_count(&self) -> u64;
     /// How many message ids the dedupe table holds.
