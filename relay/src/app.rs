@@ -30,6 +30,8 @@ const RECOVERY_READ_AHEAD: usize = 4096;
 const WRITE_QUEUE: usize = 16 * 1024;
 /// How often dedupe entries older than the window are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often, after a prune round, a compaction under way is checked on.
+const TIDY_EVERY: Duration = Duration::from_secs(1);
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
@@ -291,10 +293,28 @@ async fn prune(pruning: Pruning) {
     loop {
         tick.tick().await;
         pruning.round(now_ms()).await;
+        pruning.tidy().await;
     }
 }
 
 impl Pruning {
+    /// Lets the store give back the disk that the round (or anything before
+    /// it) made dead, even if no write follows: a compaction it starts is
+    /// checked once a second until it is swapped in, up to the next round.
+    async fn tidy(&self) {
+        for _ in 1..PRUNE_EVERY.as_secs() {
+            let store = self.store.clone();
+            match tokio::task::spawn_blocking(move || store.maintain()).await {
+                Ok(Ok(true)) => tokio::time::sleep(TIDY_EVERY).await,
+                Ok(Ok(false)) | Err(_) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not compact the journal");
+                    return;
+                }
+            }
+        }
+    }
+
     async fn round(&self, now: u64) {
         let before = |d: Duration| now.saturating_sub(d.as_millis() as u64);
         let dedupe_before = before(self.dedupe_window);
@@ -387,6 +407,65 @@ mod tests {
             },
             dedupe_window_ms: 86_400_000,
         }
+    }
+
+    /// Once the window passes over the ids of messages long delivered, most
+    /// of the journal is dead: the prune round gives the disk back, though
+    /// no write follows it.
+    #[tokio::test]
+    async fn an_idle_relay_compacts_the_journal_its_prune_made_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = crate::store::Tuning {
+            grow_step: 4096,
+            compact_min_bytes: 16 * 1024,
+        };
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open_tuned(dir.path(), tuning).unwrap());
+        let metrics = Metrics::new("test");
+        let (queues, _inboxes) = delivery::queues();
+        let (writer, syncer) = Writer::start(store.clone(), queues, metrics.clone(), 1024);
+        let now = 100_000_000;
+        // Ids of the last prune part only: the round's last write is the
+        // prune that makes the journal dead, and no sync follows it.
+        let ids = (0u64..)
+            .map(|i| format!("m{i}"))
+            .filter(|id| {
+                crate::store::part_of(crate::store::dedupe_key(id.as_bytes())) == PRUNE_PARTS - 1
+            })
+            .take(500);
+        for (i, id) in ids.enumerate() {
+            let Outcome::Accepted { pending, .. } =
+                writer.commit(accept(&id, now + i as u64)).await.unwrap()
+            else {
+                panic!("accepted")
+            };
+            let done = Op::CompleteInbound {
+                seq: pending.seq,
+                replies: Vec::new(),
+            };
+            writer.commit(done).await.unwrap();
+        }
+        let journal = dir.path().join(crate::store::embedded_file_name());
+        let before = std::fs::metadata(&journal).unwrap().len();
+        let pruning = Pruning {
+            writer: writer.clone(),
+            store: store.clone(),
+            metrics,
+            dedupe_window: Duration::from_secs(3600),
+            dedupe_max: None,
+            conversation_retention: Duration::ZERO,
+        };
+        // Two hours on: every id is past the window.
+        pruning.round(now + 7_200_000).await;
+        pruning.tidy().await;
+        let after = std::fs::metadata(&journal).unwrap().len();
+        assert!(
+            after < before / 4,
+            "the journal went from {before} to {after} bytes"
+        );
+        assert_eq!(store.dedupe_count(), 0);
+        writer.close().await;
+        syncer.join().unwrap();
     }
 
     #[tokio::test]

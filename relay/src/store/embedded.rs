@@ -1337,7 +1337,7 @@ impl EmbeddedStore {
                 .map_err(|e| io("cannot write", &path, e))?;
         }
         let compact_at = tuning.compact_min_bytes;
-        Ok(Self {
+        let store = Self {
             dir: dir.to_owned(),
             tuning,
             syncing: Mutex::new(()),
@@ -1350,9 +1350,18 @@ impl EmbeddedStore {
                 failed: None,
                 compaction: None,
                 compact_at,
-                damaged,
+                damaged: false,
             }),
-        })
+        };
+        // A journal left mostly dead starts its copy now, while the relay
+        // reads back what waits; the first sync swaps it in. One with damage
+        // is copied at the first write, which sets off a copy of any size.
+        {
+            let mut inner = store.lock();
+            store.maybe_compact(&mut inner);
+            inner.damaged = damaged;
+        }
+        Ok(store)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -1590,6 +1599,23 @@ impl EmbeddedStore {
 }
 
 impl Store for EmbeddedStore {
+    fn maintain(&self) -> Result<bool, StoreError> {
+        // As a sync does, with nothing to write: only syncs touch the file.
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.lock();
+        if let Some(e) = &guard.failed {
+            return Err(StoreError::Embedded(e.clone()));
+        }
+        guard = self.finish_compaction(guard);
+        if let Some(e) = &guard.failed {
+            return Err(StoreError::Embedded(e.clone()));
+        }
+        if guard.unwritten.is_empty() {
+            self.maybe_compact(&mut guard);
+        }
+        Ok(guard.compaction.is_some())
+    }
+
     fn write(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
         let mut guard = self.lock();
         let inner = &mut *guard;

@@ -11,6 +11,14 @@ mod embedded;
 mod memory;
 
 pub use embedded::EmbeddedStore;
+#[cfg(test)]
+pub(crate) use embedded::Tuning;
+
+/// The embedded store's file in its directory, for tests.
+#[cfg(test)]
+pub(crate) fn embedded_file_name() -> &'static str {
+    embedded::FILE_NAME
+}
 pub use memory::MemoryStore;
 
 use serde::{Deserialize, Serialize};
@@ -390,6 +398,14 @@ pub trait Store: Send + Sync + 'static {
     /// How much disk the store uses, when it uses any.
     fn usage(&self) -> Option<Usage> {
         None
+    }
+    /// Gives disk back while no writes come: finishes a compaction whose
+    /// copy is done, and starts one when most of the file is dead. Returns
+    /// whether a compaction is under way, so that the caller knows to call
+    /// again. Syncs do the same at every write; this is for a relay that is
+    /// idle.
+    fn maintain(&self) -> Result<bool, StoreError> {
+        Ok(false)
     }
     /// Whether a write needs a `sync` to be durable (false when writes are
     /// durable at once, or never).

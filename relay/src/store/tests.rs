@@ -1140,6 +1140,79 @@ mod journal {
         assert_eq!(seqs(&store).len(), 600, "every waiting message is kept");
     }
 
+    /// A journal that is mostly dead when it is opened (the relay was
+    /// stopped before it compacted) starts its compaction at the open: any
+    /// sync then swaps it in, even one that writes nothing.
+    #[test]
+    fn a_mostly_dead_journal_starts_compacting_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let waiting_seqs = {
+            let never = Tuning {
+                compact_min_bytes: u64::MAX,
+                ..small()
+            };
+            let store = EmbeddedStore::open_tuned(dir.path(), never).unwrap();
+            let (waiting_seqs, _) = churn(&store);
+            store
+                .commit(vec![Op::PruneDedupe {
+                    before_ms: u64::MAX,
+                    part: None,
+                }])
+                .unwrap();
+            waiting_seqs
+        };
+        let before = file_len(dir.path());
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        for _ in 0..200 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            store.sync().unwrap();
+            if file_len(dir.path()) < before / 3 {
+                break;
+            }
+        }
+        let after = file_len(dir.path());
+        assert!(after < before / 3, "from {before} to {after} bytes");
+        assert_eq!(seqs(&store), waiting_seqs);
+    }
+
+    /// A write that leaves the journal mostly dead starts a compaction, which
+    /// a later sync swaps in; when no write follows, `maintain` does it.
+    #[test]
+    fn an_idle_journal_is_compacted_by_maintain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        let (waiting_seqs, _) = churn(&store);
+        for _ in 0..100 {
+            store.commit(vec![]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        store
+            .commit(vec![Op::PruneDedupe {
+                before_ms: u64::MAX,
+                part: None,
+            }])
+            .unwrap();
+        let before = store.usage().unwrap().file_bytes;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(
+            store.usage().unwrap().file_bytes,
+            before,
+            "nothing is swapped in without a sync"
+        );
+        for _ in 0..200 {
+            if !store.maintain().unwrap() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let after = store.usage().unwrap().file_bytes;
+        assert!(after < before / 2, "from {before} to {after} bytes");
+        assert_eq!(seqs(&store), waiting_seqs);
+        drop(store);
+        let store = EmbeddedStore::open_tuned(dir.path(), small()).unwrap();
+        assert_eq!(seqs(&store), waiting_seqs);
+    }
+
     #[test]
     fn compaction_keeps_every_live_record_and_frees_the_rest() {
         let never = tempfile::tempdir().unwrap();
