@@ -7,7 +7,7 @@ use crate::credentials::CredentialStore;
 use crate::delivery::{
     self, Deliverer,
     backoff::Backoff,
-    http::{Endpoint, Sender},
+    http::{AnswerBudget, Endpoint, Sender},
     now_ms,
 };
 use crate::disk::DiskGuard;
@@ -102,12 +102,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (writer, syncer_thread) =
         Writer::start(store.clone(), queues.clone(), metrics.clone(), WRITE_QUEUE);
     let (stop_tx, stop) = watch::channel(false);
+    let answer_budget =
+        AnswerBudget::new(usize::try_from(config.answer_memory_bytes).unwrap_or(usize::MAX));
     let deliverer = Deliverer {
         store: store.clone(),
         writer: writer.clone(),
-        senders: [&config.bot_url, &config.response_url].map(|url| {
+        // Only the bot's answers are kept: they carry its replies.
+        senders: [
+            (&config.bot_url, Some(answer_budget)),
+            (&config.response_url, None),
+        ]
+        .map(|(url, budget)| {
             Sender::new(
                 Endpoint::new(url),
+                budget,
                 config.connect_timeout,
                 config.max_in_flight as usize,
             )
@@ -122,6 +130,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         },
         max_attempts: config.max_attempts,
         max_age: config.max_message_age,
+        max_replies: config.max_replies_per_answer as usize,
         failure_logs: Default::default(),
     };
     let mut engine = delivery::start(

@@ -142,6 +142,22 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_in_flight: u32,
 
+    /// Memory for the bot's answers over 64 KiB, all deliveries together,
+    /// in bytes (at least 4 MiB). One of known length takes its length, one
+    /// of unknown length 4 MiB once it passes 64 KiB; an answer that does
+    /// not fit waits for room, and the wait does not count against
+    /// --bot-timeout. Smaller answers need none: --max-in-flight bounds them.
+    #[arg(long, env = "BOTRELAY_ANSWER_MEMORY_BYTES", default_value_t = 16 << 20,
+          value_parser = clap::value_parser!(u64).range((4 << 20)..))]
+    pub answer_memory_bytes: u64,
+
+    /// Replies one answer of the bot may carry. An answer with more still
+    /// counts as delivered, and its replies are dropped, logged and counted
+    /// as an unreadable answer's are.
+    #[arg(long, env = "BOTRELAY_MAX_REPLIES_PER_ANSWER", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_replies_per_answer: u32,
+
     /// Connections served at once on the API port; more wait in the kernel's backlog.
     /// Each open connection can hold a request body of up to --max-body-bytes.
     #[arg(long, env = "BOTRELAY_MAX_CONNECTIONS", default_value_t = 4096)]
@@ -445,5 +461,14 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap();
+        // Room for one answer of the largest size read, at least.
+        let e = parse(&["--answer-memory-bytes=65536"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--answer-memory-bytes"), "{e}");
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.answer_memory_bytes, 16 << 20);
+        assert_eq!(c.max_replies_per_answer, 100);
+        assert!(parse(&["--max-replies-per-answer=0"]).is_err());
     }
 }

@@ -310,6 +310,88 @@ async fn answers_too_large_to_read_still_count_as_delivered() {
     }
 }
 
+/// An answer with more replies than `--max-replies-per-answer` is taken as
+/// delivered, and its replies are dropped and counted as an unreadable
+/// answer's: one message of the bot cannot turn into any number of messages.
+#[tokio::test]
+async fn an_answer_with_too_many_replies_is_delivered_and_its_replies_dropped() {
+    let bot = Peer::start(|r| {
+        let n = if r.body["text"] == "many" { 4 } else { 3 };
+        Answer::json(json!({"responses": (0..n)
+            .map(|i| json!({"type": "text", "payload": {"n": i}}))
+            .collect::<Vec<_>>()}))
+    })
+    .await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &["--max-replies-per-answer=3"]).await;
+    relay.send(&message("u", "c", "m1", "many")).await;
+    relay.send(&message("u", "c", "m2", "three")).await;
+    endpoint
+        .wait_until("the three replies to the second", WAIT, |r| r.len() == 3)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bot.received().len(), 2, "each message once");
+    assert_eq!(endpoint.received().len(), 3);
+    assert_eq!(
+        relay
+            .metric("botrelay_unreadable_bot_answers_total", &[])
+            .await,
+        1.0
+    );
+    assert!(relay.logs().contains("--max-replies-per-answer"));
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+/// Whatever a bot sends, the answers read at once stay within a budget of
+/// memory: 64 answers of nearly 4 MiB each (256 MiB if all were read at
+/// once) leave the relay far below that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_of_the_bot_are_read_within_a_memory_budget() {
+    let answer = Arc::new(format!(
+        "{{\"responses\":[]}}{}",
+        " ".repeat((4 << 20) - 64)
+    ));
+    let bot = Peer::start(move |_| Answer {
+        body: answer.to_string(),
+        ..Answer::ok()
+    })
+    .await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let url = relay.url("/v1/messages");
+        let body = message("u", &format!("c{i}"), &format!("m{i}"), "x").to_string();
+        sends.spawn(async move { post(&url, Some(CLIENT_TOKEN), body.into_bytes()).await });
+    }
+    while let Some(sent) = sends.join_next().await {
+        assert_eq!(sent.unwrap().unwrap().0, 200);
+    }
+    let delivered = relay
+        .wait_for_metric(
+            "botrelay_messages_delivered_total",
+            &[("target", "bot")],
+            |n| n >= 64.0,
+        )
+        .await;
+    assert_eq!(delivered, 64.0);
+    let peak = peak_rss_mib(relay.pid());
+    // 74 MiB with the default --answer-memory-bytes (16 MiB); 198 when each
+    // answer was read whole as it came.
+    assert!(peak < 96, "peak RSS {peak} MiB");
+}
+
 #[tokio::test]
 async fn a_failing_conversation_holds_back_only_itself() {
     let bot = Peer::start(|r| {

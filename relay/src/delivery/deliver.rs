@@ -24,6 +24,8 @@ pub struct Deliverer {
     pub backoff: Backoff,
     pub max_attempts: u32,
     pub max_age: Duration,
+    /// Replies one answer of the bot may carry (`--max-replies-per-answer`).
+    pub max_replies: usize,
     /// One per target: `Target::index`.
     pub failure_logs: [FailureLog; 2],
 }
@@ -301,12 +303,21 @@ impl Deliverer {
     /// The bot's synchronous replies as messages for the response endpoint.
     fn replies(&self, answer: &Answer, to: &Outgoing) -> Vec<OutboundMessage> {
         let parsed = match answer {
-            Answer::Body(body) => wire::parse_sync_replies(body),
+            Answer::Body(body, _) => wire::parse_sync_replies(body),
             Answer::TooLarge => Err(wire::Invalid(format!(
                 "the answer is over {} MiB",
                 MAX_ANSWER_BYTES >> 20
             ))),
         };
+        // Each reply is a message to store and deliver: a bot must not turn
+        // one message into more than the relay was sized for.
+        let parsed = parsed.and_then(|replies| match replies.len() {
+            n if n > self.max_replies => Err(wire::Invalid(format!(
+                "{n} replies, over --max-replies-per-answer ({})",
+                self.max_replies
+            ))),
+            _ => Ok(replies),
+        });
         let replies = match parsed {
             Ok(replies) => replies,
             Err(problem) => {

@@ -2,23 +2,72 @@
 
 use super::backoff::parse_retry_after;
 use crate::signing::{SigningKey, signature_header};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 /// Largest answer body read from a target (a bot's synchronous replies).
 pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
+/// Bytes of an answer that an attempt keeps without asking the
+/// [`AnswerBudget`]: `--max-in-flight` attempts bound them.
+pub const SMALL_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The memory shared by the answers kept past [`SMALL_ANSWER_BYTES`]: one of
+/// known length takes its length, one of unknown length [`MAX_ANSWER_BYTES`]
+/// once it grows past the small size; an answer that does not fit waits for
+/// room before reading on. Each takes its room in one go and then waits for
+/// nothing more, so answers cannot hold parts of it while waiting for each
+/// other.
+#[derive(Clone, Debug)]
+pub struct AnswerBudget {
+    bytes: Arc<Semaphore>,
+}
+
+/// An answer's room in the [`AnswerBudget`], given back when it is dropped.
+pub type Room = OwnedSemaphorePermit;
+
+impl AnswerBudget {
+    /// `bytes` of at least [`MAX_ANSWER_BYTES`], so that any answer fits.
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            bytes: Arc::new(Semaphore::new(
+                bytes.clamp(MAX_ANSWER_BYTES, Semaphore::MAX_PERMITS),
+            )),
+        }
+    }
+
+    /// Room for `n` bytes (at most [`MAX_ANSWER_BYTES`]); the time waited
+    /// for it moves `deadline` on, since the target is not the one slow.
+    async fn take(&self, n: usize, deadline: &mut tokio::time::Instant) -> Room {
+        let started = tokio::time::Instant::now();
+        let n = u32::try_from(n.min(MAX_ANSWER_BYTES)).expect("4 MiB fits");
+        let room = self
+            .bytes
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .expect("the budget is never closed");
+        *deadline += started.elapsed();
+        room
+    }
+}
+
 /// A target's 2xx answer.
 #[derive(Debug)]
 pub enum Answer {
-    Body(Bytes),
+    /// The body (empty from a sender that keeps no answers), and its room in
+    /// the budget when it is over [`SMALL_ANSWER_BYTES`]: held as long as the
+    /// answer, and what is made of it, are.
+    Body(Bytes, Option<Room>),
     /// The body ran past [`MAX_ANSWER_BYTES`]; it was not read to the end.
     TooLarge,
 }
@@ -103,6 +152,9 @@ pub struct Sender {
 
 struct SenderInner {
     endpoint: Endpoint,
+    /// Where the answers' bodies are kept; `None`: they are read and dropped
+    /// (the response endpoint's answers say nothing beyond their status).
+    budget: Option<AnswerBudget>,
     connector: hyper_rustls::HttpsConnector<HttpConnector>,
     /// Most recently used last.
     idle: Mutex<Vec<Idle>>,
@@ -119,7 +171,14 @@ struct Idle {
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Sender {
-    pub fn new(endpoint: Endpoint, connect_timeout: Duration, max_idle: usize) -> Self {
+    /// A sender whose 2xx answers are kept within `budget`, or, without
+    /// one, read and dropped.
+    pub fn new(
+        endpoint: Endpoint,
+        budget: Option<AnswerBudget>,
+        connect_timeout: Duration,
+        max_idle: usize,
+    ) -> Self {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
@@ -138,6 +197,7 @@ impl Sender {
         Self {
             inner: Arc::new(SenderInner {
                 endpoint,
+                budget,
                 connector,
                 idle: Mutex::new(Vec::new()),
                 max_idle,
@@ -173,6 +233,7 @@ impl Sender {
         headers.insert(WEBHOOK_ID, header_value(webhook_id)?);
         headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
         headers.insert(WEBHOOK_SIGNATURE, header_value(&signature)?);
+        let mut deadline = tokio::time::Instant::now() + timeout;
         let exchange = async {
             let mut connection = self.connection(true).await?;
             let response = match connection.try_send_request(request).await {
@@ -190,38 +251,33 @@ impl Sender {
                     None => return Err(Failure::Network(describe(e.error()))),
                 },
             };
-            let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, now));
-            // The status decides; a body too large to read does not make a
-            // 2xx a failure (the target took the request), nor hide the status
-            // of one that is not. Its connection is not reused.
-            let answer = match Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-            {
-                Ok(body) => {
-                    self.give_back(connection);
-                    Answer::Body(body.to_bytes())
-                }
-                Err(e) if e.is::<LengthLimitError>() => Answer::TooLarge,
-                Err(e) => return Err(Failure::Network(format!("reading the answer: {e}"))),
-            };
-            if status.is_success() {
-                Ok(answer)
-            } else {
-                Err(Failure::Status {
-                    status,
-                    retry_after,
-                })
-            }
+            Ok((connection, response))
         };
-        tokio::time::timeout(timeout, exchange)
+        let (connection, response) = tokio::time::timeout_at(deadline, exchange)
             .await
-            .unwrap_or(Err(Failure::Timeout))
+            .unwrap_or(Err(Failure::Timeout))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, now));
+        // The status decides; a body too large to read does not make a 2xx a
+        // failure (the target took the request), nor hide the status of one
+        // that is not. Its connection is not reused.
+        let budget = self.inner.budget.as_ref().filter(|_| status.is_success());
+        let answer = read_answer(response.into_body(), budget, &mut deadline).await?;
+        if matches!(answer, Answer::Body(..)) {
+            self.give_back(connection);
+        }
+        if status.is_success() {
+            Ok(answer)
+        } else {
+            Err(Failure::Status {
+                status,
+                retry_after,
+            })
+        }
     }
 
     /// An idle connection ready for a request (if `reuse`), or a new one.
@@ -260,7 +316,11 @@ impl Sender {
             .call(self.inner.endpoint.url.clone())
             .await
             .map_err(|e| Failure::Network(describe(e.as_ref())))?;
-        let (connection, driver) = hyper::client::conn::http1::handshake(stream)
+        // Its read buffer holds what is read of an answer ahead of the
+        // relay: kept to the size an attempt may hold without the budget.
+        let (connection, driver) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(SMALL_ANSWER_BYTES)
+            .handshake(stream)
             .await
             .map_err(|e| Failure::Network(describe(&e)))?;
         tokio::spawn(async move {
@@ -283,6 +343,65 @@ impl Sender {
             });
         }
     }
+}
+
+/// Reads an answer's body by `deadline`: kept within `budget`, or without
+/// one read and dropped. Past [`MAX_ANSWER_BYTES`] it is not read on.
+async fn read_answer(
+    mut body: Incoming,
+    budget: Option<&AnswerBudget>,
+    deadline: &mut tokio::time::Instant,
+) -> Result<Answer, Failure> {
+    let known = body.size_hint().exact();
+    if known.is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
+        return Ok(Answer::TooLarge);
+    }
+    let mut room = None;
+    if let (Some(budget), Some(n)) = (budget, known)
+        && n as usize > SMALL_ANSWER_BYTES
+    {
+        room = Some(budget.take(n as usize, deadline).await);
+    }
+    let mut joined = BytesMut::with_capacity(match (budget, known) {
+        (Some(_), Some(n)) if n as usize > SMALL_ANSWER_BYTES => n as usize,
+        _ => 0,
+    });
+    // Most answers come in one piece: kept without copying.
+    let mut first: Option<Bytes> = None;
+    let mut total = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(*deadline, body.frame()).await {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(Failure::Network(format!("reading the answer: {e}")));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len();
+        if total > MAX_ANSWER_BYTES {
+            return Ok(Answer::TooLarge);
+        }
+        let Some(budget) = budget else {
+            continue;
+        };
+        if total > SMALL_ANSWER_BYTES && room.is_none() {
+            room = Some(budget.take(MAX_ANSWER_BYTES, deadline).await);
+        }
+        match first.take() {
+            None if joined.is_empty() && joined.capacity() == 0 => first = Some(data),
+            held => {
+                if let Some(held) = held {
+                    joined.extend_from_slice(&held);
+                }
+                joined.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(Answer::Body(first.unwrap_or_else(|| joined.freeze()), room))
 }
 
 const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
