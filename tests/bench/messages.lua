@@ -1,10 +1,10 @@
 -- wrk script: POST a client message with a fresh messageId on every request,
--- spread over many conversations as real traffic is.
+-- spread over many conversations as real traffic is. A message is about 230
+-- bytes, with a small payload object.
 -- Arguments (after --): token, run id, conversations.
 local token, run, conversations
 local counter = 0
 local thread_no = 0
-local threads = {}
 
 function setup(thread)
   thread:set("tid", thread_no)
@@ -24,7 +24,8 @@ function request()
   counter = counter + 1
   local c = (counter * 7919) % conversations
   local body = string.format(
-    '{"userId":"user-%d","conversationId":"conv-%d","messageId":"%s-%d-%d","type":"text","text":"hello %d"}',
-    c, c, run, tid, counter, counter)
+    '{"userId":"user-%d","conversationId":"conv-%d","messageId":"%s-%d-%d","type":"text",' ..
+    '"text":"hello, this is test message %d","payload":{"text":"hello, this is test message %d","locale":"en-GB","channel":"web-chat"}}',
+    c, c, run, tid, counter, counter, counter)
   return wrk.format(nil, nil, nil, body)
 end
