@@ -168,21 +168,23 @@ impl Deliverer {
                     .delivery_attempts
                     .with_label_values(&[label, "success"])
                     .inc();
+                // The lane goes on once the completion is written, without
+                // waiting for it to be durable. Writes become durable in the
+                // order they are made, and the replies they store are queued
+                // for the response endpoint only then, in that order: so the
+                // replies to a message still go before those to the next one,
+                // and none leaves before it is durable. After a crash, the
+                // completions not yet durable are the lane's last few: those
+                // messages are sent again, in order, with the same webhook-id.
                 let recorded = match target {
-                    // Wait for the completion to be durable before the lane moves on:
-                    // the bot's replies must be queued before those of the next message.
                     Target::Bot => {
                         let replies = self.replies(&answer, &outgoing);
                         let op = Op::CompleteInbound {
                             seq: pending.seq,
                             replies,
                         };
-                        self.writer.commit(op).await.map(drop)
+                        self.writer.submit(op).await
                     }
-                    // Nothing follows from a response delivery, so the lane goes on at
-                    // once. Completions are committed in the order they are sent, so
-                    // after a crash the unrecorded ones are the last few, sent again
-                    // in order with the same webhook-id.
                     Target::Response => {
                         self.writer
                             .submit(Op::CompleteOutbound { seq: pending.seq })
