@@ -436,6 +436,49 @@ mod tests {
         thread.join().unwrap();
     }
 
+    fn reply(n: u32) -> Op {
+        Op::AddOutbound {
+            message: OutboundMessage {
+                id: format!("r{n}"),
+                conversation_id: "conv".into(),
+                caller_conversation_id: "c".into(),
+                user_id: "user".into(),
+                kind: "text".into(),
+                payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                created_at_ms: 1,
+                queued_at_ms: 1,
+            },
+        }
+    }
+
+    /// What a submitted write makes due (a bot's replies, as the delivery
+    /// engine submits them without waiting) is queued only once a sync made
+    /// it durable, and in the order of the writes: the next message of a
+    /// conversation may go before the last one's completion is durable.
+    #[tokio::test]
+    async fn submitted_writes_queue_what_they_make_due_after_their_sync_in_order() {
+        let store = Gated::new();
+        let (queues, mut inboxes) = crate::delivery::queues();
+        let (writer, thread) =
+            Writer::start(store.clone(), queues.clone(), Metrics::new("test"), 100);
+        for n in 0..5 {
+            writer.submit(reply(n)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(queues.unread(), 0, "queued before the sync");
+        store.open();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queues.unread() < 5 {
+            assert!(Instant::now() < deadline, "{} queued", queues.unread());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seqs = crate::delivery::tests::drain_response(&mut inboxes);
+        assert_eq!(seqs.len(), 5);
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        writer.close().await;
+        thread.join().unwrap();
+    }
+
     #[tokio::test]
     async fn try_commit_is_refused_while_too_many_writes_wait_for_the_disk() {
         let store = Gated::new();

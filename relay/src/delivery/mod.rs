@@ -460,9 +460,19 @@ pub fn now_ms() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::OutboundMessage;
+
+    /// The positions of the messages queued for the response endpoint, in
+    /// the order they were queued.
+    pub(crate) fn drain_response(inboxes: &mut Inboxes) -> Vec<Seq> {
+        let mut seqs = Vec::new();
+        while let Ok(Event::Due(pending)) = inboxes.response.try_recv() {
+            seqs.push(pending.seq);
+        }
+        seqs
+    }
 
     fn reply(seq: Seq, payload_bytes: usize) -> Pending {
         let payload = format!("\"{}\"", "x".repeat(payload_bytes));
