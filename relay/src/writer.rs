@@ -123,11 +123,12 @@ impl Writer {
             }
         };
         written(&outcome);
+        shared.queues.announce(outcome.due());
         if !shared.syncs {
             // Durable already; the lock still orders the queue pushes.
             shared.metrics.store_batch_size.observe(1.0);
             for pending in outcome.due() {
-                shared.queues.push(pending.clone());
+                shared.queues.push_announced(pending.clone());
             }
             drop(state);
             if let Some(done) = done {
@@ -257,7 +258,7 @@ fn sync_loop(shared: &Shared) {
             Ok(()) => {
                 for unsynced in batch.drain(..) {
                     for pending in unsynced.outcome.due() {
-                        shared.queues.push(pending.clone());
+                        shared.queues.push_announced(pending.clone());
                     }
                     if let Some(done) = unsynced.done {
                         // The requester may have gone (client disconnected); the commit stands.
@@ -269,6 +270,7 @@ fn sync_loop(shared: &Shared) {
                 tracing::error!(error = %e, "store sync failed; the writes it covered were not acknowledged");
                 let e = CommitError::Store(e.to_string());
                 for unsynced in batch.drain(..) {
+                    shared.queues.withdraw(unsynced.outcome.due());
                     if let Some(done) = unsynced.done {
                         let _ = done.send(Err(e.clone()));
                     }

@@ -82,7 +82,36 @@ impl Fresh {
 
 impl Queues {
     /// Queues a message that is now durable.
-    pub fn push(&self, mut pending: Pending) {
+    pub fn push(&self, pending: Pending) {
+        self.push_counted(pending, false);
+    }
+
+    /// Counts the replies among `due` as waiting from the moment they are
+    /// written, before they are durable and pushed (with
+    /// [`Self::push_announced`]): deliveries to the bot pause on them at
+    /// once, and a conversation that goes on before its last completion is
+    /// durable cannot slip past `max_replies`.
+    pub fn announce(&self, due: &[Pending]) {
+        let n = due.iter().filter(|p| p.target == Target::Response).count();
+        if n > 0 {
+            self.replies.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes back [`Self::announce`] for writes that never became durable.
+    pub fn withdraw(&self, due: &[Pending]) {
+        let n = due.iter().filter(|p| p.target == Target::Response).count();
+        if n > 0 {
+            self.replies.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// [`Self::push`] for a message whose reply count was announced.
+    pub fn push_announced(&self, pending: Pending) {
+        self.push_counted(pending, true);
+    }
+
+    fn push_counted(&self, mut pending: Pending, announced: bool) {
         if let Some(message) = &pending.message
             && !self.fresh.admit(message.size())
         {
@@ -93,7 +122,7 @@ impl Queues {
             Target::Response => &self.response,
         };
         self.pending.fetch_add(1, Ordering::Relaxed);
-        if pending.target == Target::Response {
+        if pending.target == Target::Response && !announced {
             self.replies.fetch_add(1, Ordering::Relaxed);
         }
         self.unread.fetch_add(1, Ordering::Relaxed);
