@@ -81,6 +81,11 @@ impl Admin {
             (&Method::GET, "/readyz") => {
                 if self.draining.load(Ordering::Relaxed) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if let Some(problem) = self.store.unavailable() {
+                    let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "");
+                    *r.body_mut() =
+                        Full::new(Bytes::from(format!("store unavailable: {problem}\n")));
+                    r
                 } else {
                     text(StatusCode::OK, "ready\n")
                 }

@@ -56,8 +56,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (credentials, credential_texts) =
         CredentialStore::open(&config.credentials_dir).map_err(|e| anyhow!("credentials: {e}"))?;
 
+    let mut nats = None;
     let store: Arc<dyn Store> = match config.store {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Nats => {
+            let store = Arc::new(crate::cluster::NatsStore::new(
+                config.nats.clone(),
+                &config.endpoint_name,
+                config.dedupe_window,
+                config.conversation_retention,
+            ));
+            nats = Some(store.clone());
+            store
+        }
         StoreKind::Embedded => {
             let dir = config.data_dir.clone();
             Arc::new(
@@ -85,7 +96,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             store.clone(),
             metrics.clone(),
         )),
-        StoreKind::Memory => None,
+        StoreKind::Memory | StoreKind::Nats => None,
     };
     let disk_bytes = disk.as_ref().and_then(|disk| disk.total());
     let (dedupe_max, derived) = config.dedupe_max_entries(memory_limit, disk_bytes);
@@ -142,6 +153,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         stop.clone(),
         config.drain_timeout,
     );
+
+    // The NATS store queues each partition's messages as it takes the partition.
+    if let Some(nats) = &nats {
+        nats.start(queues.clone());
+    }
 
     // The schedulers are running, so they take the recovered messages as they
     // are read instead of all of them piling up in the queues' channels.
@@ -279,6 +295,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             "botrelay stopped; the waiting messages are lost: the memory store keeps nothing across a restart (--store embedded does)"
         ),
         StoreKind::Memory => tracing::info!(waiting, "botrelay stopped; nothing was waiting"),
+        StoreKind::Nats => tracing::info!(
+            waiting,
+            "botrelay stopped; its partitions were given back, and the other replicas (or the next start) deliver what waits"
+        ),
     }
     Ok(())
 }

@@ -12,6 +12,9 @@ pub enum StoreKind {
     Memory,
     /// Messages wait in a crash-safe file under --data-dir.
     Embedded,
+    /// Messages wait in NATS JetStream (--nats-url), shared by several relay
+    /// replicas of one endpoint.
+    Nats,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -70,6 +73,9 @@ pub struct Config {
     /// Name of this endpoint, the `endpoint` label of every metric and log line.
     #[arg(long, env = "BOTRELAY_ENDPOINT_NAME", default_value = "default")]
     pub endpoint_name: String,
+
+    #[command(flatten)]
+    pub nats: crate::cluster::NatsFlags,
 
     /// Time allowed for the bot to answer one delivery.
     #[arg(long, env = "BOTRELAY_BOT_TIMEOUT", default_value = "10s", value_parser = duration)]
@@ -321,6 +327,9 @@ impl Config {
         let refresh = Duration::from_millis(crate::store::CONVERSATION_REFRESH_MS);
         if !self.conversation_retention.is_zero() && self.conversation_retention < refresh {
             return Err("--conversation-retention must be 0 (keep for good) or at least 1h".into());
+        }
+        if self.store == StoreKind::Nats {
+            self.nats.validate(&self.endpoint_name)?;
         }
         if self.max_body_bytes == 0 || self.max_pending == Some(0) || self.max_connections == 0 {
             return Err(

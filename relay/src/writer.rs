@@ -9,7 +9,8 @@
 //! answers the requests it covered and hands what their writes made due to the
 //! delivery queues, in write order: that is what keeps the messages of a
 //! conversation in order. A store whose writes are durable at once (`memory`)
-//! skips the syncer.
+//! skips the syncer. A remote store (`nats`) takes each op as it comes and
+//! queues deliveries itself, from its log.
 
 use crate::delivery::Queues;
 use crate::metrics::Metrics;
@@ -26,6 +27,20 @@ pub enum CommitError {
     Busy,
     #[error("the relay is shutting down")]
     Closed,
+}
+
+/// A store that commits ops itself, over the network, each as it comes: the
+/// store's own log, not this writer, then orders what becomes due.
+pub trait RemoteStore: Send + Sync {
+    /// Commits `op`; with `bounded`, fails with `Busy` rather than let too
+    /// many writes pile up.
+    fn commit(
+        self: Arc<Self>,
+        op: Op,
+        bounded: bool,
+    ) -> futures::future::BoxFuture<'static, Result<Outcome, CommitError>>;
+    /// Called once, at shutdown, after the last delivery.
+    fn close(self: Arc<Self>) -> futures::future::BoxFuture<'static, ()>;
 }
 
 type Done = oneshot::Sender<Result<Outcome, CommitError>>;
@@ -60,6 +75,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct Writer {
     shared: Arc<Shared>,
+    remote: Option<Arc<dyn RemoteStore>>,
 }
 
 impl Writer {
@@ -71,6 +87,7 @@ impl Writer {
         capacity: usize,
     ) -> (Writer, std::thread::JoinHandle<()>) {
         let syncs = store.needs_sync();
+        let remote = store.remote();
         let shared = Arc::new(Shared {
             store,
             queues,
@@ -90,7 +107,7 @@ impl Writer {
                 .spawn(move || sync_loop(&shared))
                 .expect("spawn the store syncer thread")
         };
-        (Writer { shared }, thread)
+        (Writer { shared, remote }, thread)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -153,6 +170,14 @@ impl Writer {
         bounded: bool,
         written: impl FnOnce(&Outcome),
     ) -> Result<Outcome, CommitError> {
+        if let Some(remote) = &self.remote {
+            if self.lock().closed {
+                return Err(CommitError::Closed);
+            }
+            let outcome = remote.clone().commit(op, bounded).await?;
+            written(&outcome);
+            return Ok(outcome);
+        }
         let (done, wait) = oneshot::channel();
         self.write(op, Some(done), bounded, written)?;
         wait.await.map_err(|_| CommitError::Closed)?
@@ -166,6 +191,11 @@ impl Writer {
     /// Writes `op` without waiting for it to be durable; a failure to sync is
     /// logged by the syncer.
     pub async fn submit(&self, op: Op) -> Result<(), CommitError> {
+        if self.remote.is_some() {
+            // A remote store's write is durable once it is written: waiting
+            // for it keeps a lane's completions in its log in the order made.
+            return self.wait(op, false, |_| {}).await.map(drop);
+        }
         self.write(op, None, false, |_| {})
     }
 
@@ -191,6 +221,9 @@ impl Writer {
     pub async fn close(&self) {
         self.lock().closed = true;
         self.shared.wake.notify_one();
+        if let Some(remote) = &self.remote {
+            remote.clone().close().await;
+        }
     }
 }
 

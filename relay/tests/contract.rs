@@ -475,6 +475,12 @@ async fn admin_port_serves_health_readiness_and_metrics() {
         401,
         "dead letters need a token"
     );
+    if nats::contract_on_nats() {
+        // The NATS store has no file, and reads conversations back from the
+        // stream rather than counting them: what follows is the embedded store's.
+        assert_eq!(relay.send(&message("u", "c", "m1", "hi")).await.0, 200);
+        return;
+    }
     // The embedded store reports its file: a stored message grows it.
     let before = relay.metric("botrelay_store_file_bytes", &[]).await;
     assert_eq!(relay.send(&message("u", "c", "m1", "hi")).await.0, 200);

@@ -380,6 +380,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store is closed")]
     Closed,
+    #[error("NATS store: {0}")]
+    Nats(String),
 }
 
 /// Durable state behind one interface. Implementations apply a batch atomically:
@@ -393,6 +395,17 @@ pub trait Store: Send + Sync + 'static {
     /// Why the store takes no more writes, once it cannot: the relay must
     /// restart to recover.
     fn failure(&self) -> Option<String> {
+        None
+    }
+    /// Why the store cannot take writes for now, while it cannot (a store
+    /// over the network that lost it): the relay is not ready meanwhile, and
+    /// recovers by itself.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+    /// A store that commits each op itself, over the network: the writer
+    /// hands it every op instead of writing and syncing here.
+    fn remote(&self) -> Option<Arc<dyn crate::writer::RemoteStore>> {
         None
     }
     /// How much disk the store uses, when it uses any.

@@ -2,6 +2,8 @@
 //! with a test bot and a test response endpoint that are real HTTP servers.
 #![allow(dead_code)] // each test file uses part of the harness
 
+pub mod nats;
+
 use base64::Engine;
 use botrelay::signing::SigningKey;
 use bytes::Bytes;
@@ -272,6 +274,11 @@ impl Relay {
             "--log-format=json".into(),
             "--log-level=debug".into(),
         ];
+        // With BOTRELAY_TEST_STORE=nats, a relay whose test picks no store
+        // runs on the shared NATS cluster, under a prefix of its own.
+        if nats::contract_on_nats() && !extra.iter().any(|e| e.starts_with("--store")) {
+            args.extend(nats::relay_flags(nats::shared(), &nats::fresh_prefix()));
+        }
         // A flag given by the test replaces the harness's default for it.
         let flag = |a: &str| a.split('=').next().unwrap_or_default().to_owned();
         args.retain(|a| !extra.iter().any(|e| flag(e) == flag(a)));

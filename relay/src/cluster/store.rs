@@ -1,0 +1,1296 @@
+//! The NATS store: the I/O around [`super::log`] and [`super::leases`].
+
+use super::NatsFlags;
+use super::leases::{self, partition_key, replica_key};
+use super::log::{self, Due, Handle, Names, PARTITIONS, Partition, Place, Record};
+use crate::delivery::{Queues, now_ms};
+use crate::store::{
+    Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
+    Pending, Seq, Store, StoreError, Target,
+};
+use crate::writer::{CommitError, RemoteStore};
+use async_nats::jetstream::{self, kv, stream};
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
+use sha2::Digest;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Longest a write waits for JetStream's acknowledgement before the client
+/// is told to retry (the write may still land: a retry with the same
+/// `messageId` then gets the first answer).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Writes under way at once before clients get `503 overloaded`.
+const MAX_WRITES: usize = 16 * 1024;
+/// How often the setup is tried again while NATS cannot be reached.
+const SETUP_RETRY: Duration = Duration::from_secs(2);
+
+pub struct NatsStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    flags: NatsFlags,
+    names: Names,
+    /// This replica's id in the lease bucket.
+    replica: String,
+    dedupe_window: Duration,
+    conversation_retention: Duration,
+    runtime: tokio::runtime::Handle,
+    /// Set once the stream and buckets exist.
+    conn: OnceLock<Conn>,
+    /// Why the store is not usable yet, while it is not.
+    problem: Mutex<Option<String>>,
+    slots: Mutex<Vec<Slot>>,
+    queues: OnceLock<Queues>,
+    dead_letters: Mutex<DeadLetterCounts>,
+    writes: AtomicUsize,
+    closed: AtomicBool,
+    /// Whether the first round of leases was taken and replayed: until then
+    /// the replica is not ready.
+    started: AtomicBool,
+    /// Told when a partition's follower applied records (one per partition).
+    applied: Vec<tokio::sync::Notify>,
+}
+
+#[derive(Clone)]
+struct Conn {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    leases: kv::Store,
+    dead: kv::Store,
+}
+
+/// One partition as this replica sees it.
+#[derive(Default)]
+struct Slot {
+    /// Bumped whenever ownership is taken or lost.
+    generation: u8,
+    owned: Option<Owned>,
+}
+
+struct Owned {
+    state: Partition,
+    /// Whether the replay reached the end of the log as it was when it began:
+    /// from then on, what each record makes due is queued at once.
+    caught_up: bool,
+    /// The stream sequence of the last record applied.
+    applied: u64,
+    /// The lease's revision in the bucket, for the next compare-and-set.
+    revision: u64,
+    /// When the last renewal was sent that succeeded.
+    renewed: Instant,
+    follower: tokio::task::AbortHandle,
+}
+
+/// The `Nats-Msg-Id` of a caller's message id.
+fn dedupe_id(caller_message_id: &str) -> String {
+    let digest = sha2::Sha256::digest(caller_message_id.as_bytes());
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A dead letter's key in the bucket: its target, then its place, so that
+/// the keys alone give the counts and the order.
+fn dead_letter_key(target: Target, place: Place) -> String {
+    format!("{}.{:016x}", target.as_str(), place.packed())
+}
+
+fn parse_dead_letter_key(key: &str) -> Option<(Target, u64)> {
+    let (target, packed) = key.split_once('.')?;
+    let target = match target {
+        "bot" => Target::Bot,
+        "response" => Target::Response,
+        _ => return None,
+    };
+    Some((target, u64::from_str_radix(packed, 16).ok()?))
+}
+
+fn nats_error<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> StoreError + '_ {
+    move |e| StoreError::Nats(format!("{what}: {e}"))
+}
+
+impl NatsStore {
+    /// A store for the endpoint; nothing is contacted before [`NatsStore::start`].
+    pub fn new(
+        flags: NatsFlags,
+        endpoint_name: &str,
+        dedupe_window: Duration,
+        conversation_retention: Duration,
+    ) -> NatsStore {
+        let prefix = flags.prefix(endpoint_name);
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let host = log::prefix_from(&host);
+        let replica = format!(
+            "{}{}{}",
+            host,
+            if host.is_empty() { "" } else { "-" },
+            &crate::ids::message_id()[..8]
+        );
+        NatsStore {
+            inner: Arc::new(Inner {
+                names: Names::new(&prefix),
+                flags,
+                replica,
+                dedupe_window,
+                conversation_retention,
+                runtime: tokio::runtime::Handle::current(),
+                conn: OnceLock::new(),
+                problem: Mutex::new(Some("connecting to NATS".into())),
+                slots: Mutex::new((0..PARTITIONS).map(|_| Slot::default()).collect()),
+                queues: OnceLock::new(),
+                dead_letters: Mutex::default(),
+                writes: AtomicUsize::new(0),
+                closed: AtomicBool::new(false),
+                started: AtomicBool::new(false),
+                applied: (0..PARTITIONS)
+                    .map(|_| tokio::sync::Notify::new())
+                    .collect(),
+            }),
+        }
+    }
+
+    /// Connects, creates or updates the stream and buckets (again and again
+    /// until it works), then takes and renews partition leases; what the
+    /// owned partitions hold goes to `queues`.
+    pub fn start(&self, queues: Queues) {
+        let _ = self.inner.queues.set(queues);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let conn = inner.clone().setup().await;
+            let _ = inner.conn.set(conn);
+            *inner.problem() = None;
+            inner.lease_loop().await;
+        });
+    }
+
+    /// This replica's id in the lease bucket.
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
+    }
+}
+
+impl Inner {
+    fn problem(&self) -> MutexGuard<'_, Option<String>> {
+        self.problem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why writes cannot go through now, if they cannot.
+    fn unavailable(&self) -> Option<String> {
+        if let Some(problem) = self.problem().clone() {
+            return Some(problem);
+        }
+        let conn = self.conn.get()?;
+        match conn.client.connection_state() {
+            async_nats::connection::State::Connected => {}
+            state => return Some(format!("NATS connection {state}")),
+        }
+        (!self.started.load(Ordering::Relaxed))
+            .then(|| "taking partition leases and replaying them".into())
+    }
+
+    fn ready(&self) -> Result<&Conn, CommitError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(CommitError::Closed);
+        }
+        if let Some(problem) = self.unavailable() {
+            return Err(CommitError::Store(problem));
+        }
+        self.conn
+            .get()
+            .ok_or_else(|| CommitError::Store("not connected to NATS".into()))
+    }
+
+    async fn connect(&self) -> Result<async_nats::Client, String> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("botrelay {}", self.replica))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(ACK_TIMEOUT))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((100 * attempts as u64).min(2000))
+            });
+        if let Some(path) = &self.flags.nats_credentials {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| format!("--nats-credentials {}: {e}", path.display()))?;
+        }
+        if let Some(ca) = &self.flags.nats_tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        options
+            .connect(self.flags.servers())
+            .await
+            .map_err(|e| format!("cannot connect to NATS: {e}"))
+    }
+
+    /// Creates or updates what the endpoint needs in JetStream; idempotent,
+    /// so every replica does it at start. Tries until it works, saying why
+    /// not in the log and on `/readyz`.
+    async fn setup(self: Arc<Self>) -> Conn {
+        let mut client = None;
+        loop {
+            let attempt = async {
+                let client = match &client {
+                    Some(client) => Clone::clone(client),
+                    None => {
+                        let connected = self.connect().await?;
+                        client = Some(connected.clone());
+                        connected
+                    }
+                };
+                self.create(client).await
+            };
+            match attempt.await {
+                Ok(conn) => {
+                    tracing::info!(
+                        stream = %self.names.stream,
+                        replicas = self.flags.nats_stream_replicas,
+                        replica = %self.replica,
+                        "NATS JetStream stream and buckets are ready"
+                    );
+                    return conn;
+                }
+                Err(problem) => {
+                    let mut current = self.problem();
+                    if current.as_deref() != Some(problem.as_str()) {
+                        tracing::error!(%problem, "the NATS store is not usable yet; clients get 503 and /readyz fails until it is (retrying every 2s)");
+                    }
+                    *current = Some(problem);
+                }
+            }
+            tokio::time::sleep(SETUP_RETRY).await;
+        }
+    }
+
+    async fn create(&self, client: async_nats::Client) -> Result<Conn, String> {
+        if client.connection_state() != async_nats::connection::State::Connected {
+            return Err(format!(
+                "cannot reach the NATS servers {}",
+                self.flags.servers().join(",")
+            ));
+        }
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(ACK_TIMEOUT);
+        let replicas = usize::from(self.flags.nats_stream_replicas);
+        js.create_or_update_stream(stream::Config {
+            name: self.names.stream.clone(),
+            description: Some("botrelay: the endpoint's messages and delivery progress".into()),
+            subjects: vec![format!("{}.>", self.names.subjects)],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: self.dedupe_window,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot create or update stream {}: {e}", self.names.stream))?;
+        let stream = js
+            .get_stream(&self.names.stream)
+            .await
+            .map_err(|e| format!("cannot open stream {}: {e}", self.names.stream))?;
+        let bucket = |name: &str, max_age: Duration| kv::Config {
+            bucket: name.to_owned(),
+            history: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let leases = js
+            .create_or_update_key_value(bucket(&self.names.leases, self.flags.nats_lease_ttl))
+            .await
+            .map_err(|e| format!("cannot create or update bucket {}: {e}", self.names.leases))?;
+        let dead = js
+            .create_or_update_key_value(bucket(&self.names.dead_letters, Duration::ZERO))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot create or update bucket {}: {e}",
+                    self.names.dead_letters
+                )
+            })?;
+        Ok(Conn {
+            client,
+            js,
+            stream,
+            leases,
+            dead,
+        })
+    }
+
+    /// Publishes a record and waits until JetStream has it (a quorum of
+    /// servers stored it).
+    async fn append(
+        &self,
+        conn: &Conn,
+        subject: String,
+        record: &Record,
+        msg_id: Option<&str>,
+    ) -> Result<jetstream::publish::PublishAck, CommitError> {
+        let payload = bytes::Bytes::from(record.encode());
+        let mut conflicts = 0;
+        loop {
+            let publish = async {
+                let ack = match msg_id {
+                    Some(id) => {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", id);
+                        conn.js
+                            .publish_with_headers(subject.clone(), headers, payload.clone())
+                            .await
+                    }
+                    None => conn.js.publish(subject.clone(), payload.clone()).await,
+                }
+                .map_err(|e| e.to_string())?;
+                ack.await.map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(ACK_TIMEOUT, publish).await {
+                Ok(Ok(ack)) => return Ok(ack),
+                // The same message id from another replica, not yet stored:
+                // once it is, this one is a duplicate of it.
+                Ok(Err(e)) if e.contains("in process") && conflicts < 50 => {
+                    conflicts += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Err(e)) => return Err(CommitError::Store(format!("NATS: {e}"))),
+                Err(_) => {
+                    return Err(CommitError::Store(
+                        "NATS did not acknowledge the write in time".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn commit(self: Arc<Self>, op: Op, bounded: bool) -> Result<Outcome, CommitError> {
+        match op {
+            // JetStream forgets message ids past the stream's duplicate window
+            // by itself, and conversations are read from the stream.
+            Op::PruneDedupe { .. } => return Ok(Outcome::Pruned(0)),
+            Op::ForgetConversations { .. } => return Ok(Outcome::Done),
+            _ => {}
+        }
+        let conn = self.ready()?.clone();
+        let writes = self.writes.fetch_add(1, Ordering::Relaxed);
+        struct Release<'a>(&'a AtomicUsize);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _release = Release(&self.writes);
+        if bounded && writes >= MAX_WRITES {
+            return Err(CommitError::Busy);
+        }
+        match op {
+            Op::Accept { message, .. } => self.accept(&conn, message).await,
+            Op::AddOutbound { message } => {
+                let subject = self.names.conversation(&message.conversation_id);
+                let pending = message.pending(0);
+                let ack = self
+                    .append(&conn, subject, &Record::AddOutbound { message }, None)
+                    .await?;
+                self.queued_through(log::partition_of(&pending.conversation_id), ack.sequence)
+                    .await;
+                Ok(Outcome::Queued(vec![pending]))
+            }
+            Op::CompleteInbound { seq, replies } => {
+                let handle = Handle::of(seq);
+                let record = Record::Delivered {
+                    place: handle.place,
+                    replies,
+                };
+                let ack = self
+                    .append(&conn, self.names.progress(handle.partition), &record, None)
+                    .await?;
+                self.queued_through(handle.partition, ack.sequence).await;
+                Ok(Outcome::Queued(Vec::new()))
+            }
+            Op::CompleteOutbound { seq } => {
+                let handle = Handle::of(seq);
+                let record = Record::Sent {
+                    place: handle.place,
+                };
+                self.append(&conn, self.names.progress(handle.partition), &record, None)
+                    .await?;
+                Ok(Outcome::Done)
+            }
+            Op::DeadLetter {
+                target,
+                seq,
+                reason,
+                now_ms,
+            } => self.dead_letter(&conn, target, seq, reason, now_ms).await,
+            Op::Redrive { seqs, now_ms } => self.redrive(&conn, seqs, now_ms).await,
+            Op::Discard { seqs } => {
+                let letters = self.chosen(&conn, seqs.as_deref()).await?;
+                let mut discarded = 0;
+                for (key, target, _) in letters {
+                    conn.dead.delete(&key).await.map_err(store_failed)?;
+                    self.count_dead_letter(target, -1);
+                    discarded += 1;
+                }
+                Ok(Outcome::Discarded(discarded))
+            }
+            Op::PruneDedupe { .. } | Op::ForgetConversations { .. } => {
+                unreachable!("answered above")
+            }
+        }
+    }
+
+    async fn accept(&self, conn: &Conn, message: InboundMessage) -> Result<Outcome, CommitError> {
+        let subject = self.names.conversation(&message.conversation_id);
+        let msg_id = dedupe_id(&message.caller_message_id);
+        let (id, pending) = (message.id.clone(), message.pending(0));
+        let ack = self
+            .append(conn, subject, &Record::Accept { message }, Some(&msg_id))
+            .await?;
+        if !ack.duplicate {
+            self.queued_through(log::partition_of(&pending.conversation_id), ack.sequence)
+                .await;
+            return Ok(Outcome::Accepted { id, pending });
+        }
+        // The first message with this id, read back: its answer is the first answer.
+        let first = conn
+            .stream
+            .get_raw_message(ack.sequence)
+            .await
+            .map_err(|e| CommitError::Store(format!("NATS: reading the first message: {e}")))?;
+        match Record::decode(&first.payload) {
+            Ok(Record::Accept { message }) => Ok(Outcome::Duplicate {
+                answer: crate::wire::accept_answer(&message),
+            }),
+            Ok(_) | Err(_) => Err(CommitError::Store(format!(
+                "NATS: record {} is not the accepted message it should be",
+                ack.sequence
+            ))),
+        }
+    }
+
+    /// The first message published with this caller id within the stream's
+    /// duplicate window, found without storing anything: a publish with the
+    /// id, on a subject that never holds a record, expecting a last sequence
+    /// it cannot have. JetStream answers a duplicate with the first one's
+    /// sequence before it checks the expectation; anything else is refused
+    /// by the expectation, and nothing is stored.
+    async fn probe(&self, caller_message_id: &str) -> Result<Option<InboundMessage>, StoreError> {
+        let conn = self.ready().map_err(|e| StoreError::Nats(e.to_string()))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", dedupe_id(caller_message_id).as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            u64::MAX.to_string().as_str(),
+        );
+        let subject = format!("{}.probe", self.names.subjects);
+        let asked = async {
+            conn.js
+                .publish_with_headers(subject, headers, bytes::Bytes::new())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let ack = match tokio::time::timeout(ACK_TIMEOUT, asked).await {
+            Ok(Ok(ack)) if ack.duplicate => ack,
+            Ok(Ok(ack)) => {
+                tracing::error!(
+                    seq = ack.sequence,
+                    "a dedupe probe was stored; it is ignored"
+                );
+                return Ok(None);
+            }
+            // Refused by the expectation: not a duplicate.
+            Ok(Err(_)) => return Ok(None),
+            Err(_) => return Err(StoreError::Nats("no answer from NATS in time".into())),
+        };
+        let first = conn
+            .stream
+            .get_raw_message(ack.sequence)
+            .await
+            .map_err(nats_error("reading the first message"))?;
+        match Record::decode(&first.payload) {
+            Ok(Record::Accept { message }) => Ok(Some(message)),
+            _ => Ok(None),
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        conn: &Conn,
+        target: Target,
+        seq: Seq,
+        reason: String,
+        now_ms: u64,
+    ) -> Result<Outcome, CommitError> {
+        let handle = Handle::of(seq);
+        let json = {
+            let slots = self.slots();
+            let Some(owned) = &slots[usize::from(handle.partition)].owned else {
+                return Ok(Outcome::Missing);
+            };
+            match target {
+                Target::Bot => owned
+                    .state
+                    .inbound
+                    .get(&handle.place)
+                    .map(|m| (m.id.clone(), m.conversation_id.clone(), encode(m))),
+                Target::Response => owned
+                    .state
+                    .outbound
+                    .get(&handle.place)
+                    .map(|m| (m.id.clone(), m.conversation_id.clone(), encode(m))),
+            }
+        };
+        let Some((message_id, conversation_id, json)) = json else {
+            return Ok(Outcome::Missing);
+        };
+        let letter = DeadLetter {
+            seq: handle.place.packed(),
+            target,
+            reason,
+            dead_at_ms: now_ms,
+            message_id,
+            conversation_id,
+            message: serde_json::value::RawValue::from_string(json).expect("JSON"),
+        };
+        // Kept first, then taken out of the queue: a crash between the two
+        // delivers it again rather than losing it.
+        conn.dead
+            .put(
+                dead_letter_key(target, handle.place),
+                serde_json::to_vec(&letter).expect("JSON").into(),
+            )
+            .await
+            .map_err(store_failed)?;
+        self.count_dead_letter(target, 1);
+        let record = Record::DeadLettered {
+            target,
+            place: handle.place,
+        };
+        self.append(conn, self.names.progress(handle.partition), &record, None)
+            .await?;
+        Ok(Outcome::Done)
+    }
+
+    /// The dead letters named by `seqs` (their places), or all of them: (key, target, letter).
+    async fn chosen(
+        &self,
+        conn: &Conn,
+        seqs: Option<&[Seq]>,
+    ) -> Result<Vec<(String, Target, DeadLetter)>, CommitError> {
+        let keys = self.dead_letter_keys(conn).await.map_err(store_failed)?;
+        let mut chosen = Vec::new();
+        for (key, target, packed) in keys {
+            if seqs.is_some_and(|seqs| !seqs.contains(&packed)) {
+                continue;
+            }
+            let Some(bytes) = conn.dead.get(&key).await.map_err(store_failed)? else {
+                continue;
+            };
+            let letter: DeadLetter = serde_json::from_slice(&bytes)
+                .map_err(|e| CommitError::Store(format!("dead letter {key}: {e}")))?;
+            chosen.push((key, target, letter));
+        }
+        Ok(chosen)
+    }
+
+    async fn redrive(
+        &self,
+        conn: &Conn,
+        seqs: Option<Vec<Seq>>,
+        now_ms: u64,
+    ) -> Result<Outcome, CommitError> {
+        let letters = self.chosen(conn, seqs.as_deref()).await?;
+        let mut due = Vec::new();
+        for (key, target, letter) in letters {
+            let corrupt =
+                |e: serde_json::Error| CommitError::Store(format!("dead letter {key}: {e}"));
+            let (subject, record, pending) = match target {
+                Target::Bot => {
+                    let mut message: InboundMessage =
+                        serde_json::from_str(letter.message.get()).map_err(corrupt)?;
+                    message.queued_at_ms = now_ms;
+                    let pending = message.pending(0);
+                    (
+                        self.names.conversation(&message.conversation_id),
+                        Record::RedrivenInbound { message },
+                        pending,
+                    )
+                }
+                Target::Response => {
+                    let mut message: OutboundMessage =
+                        serde_json::from_str(letter.message.get()).map_err(corrupt)?;
+                    message.queued_at_ms = now_ms;
+                    let pending = message.pending(0);
+                    (
+                        self.names.conversation(&message.conversation_id),
+                        Record::RedrivenOutbound { message },
+                        pending,
+                    )
+                }
+            };
+            // Queued first, then let go of: a crash between the two leaves a
+            // dead letter that was also redriven, never one lost.
+            self.append(conn, subject, &record, None).await?;
+            conn.dead.delete(&key).await.map_err(store_failed)?;
+            self.count_dead_letter(target, -1);
+            due.push(pending);
+        }
+        Ok(Outcome::Queued(due))
+    }
+
+    /// (key, target, place packed) of every dead letter, in stream order.
+    async fn dead_letter_keys(&self, conn: &Conn) -> Result<Vec<(String, Target, u64)>, String> {
+        let keys: Vec<String> = match conn.dead.keys().await {
+            Ok(keys) => keys.try_collect().await.map_err(|e| e.to_string())?,
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut parsed: Vec<_> = keys
+            .into_iter()
+            .filter_map(|key| {
+                let (target, packed) = parse_dead_letter_key(&key)?;
+                Some((key, target, packed))
+            })
+            .collect();
+        parsed.sort_by_key(|(_, _, packed)| *packed);
+        Ok(parsed)
+    }
+
+    fn count_dead_letter(&self, target: Target, n: i64) {
+        let mut counts = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = match target {
+            Target::Bot => &mut counts.bot,
+            Target::Response => &mut counts.response,
+        };
+        *slot = slot.saturating_add_signed(n);
+    }
+
+    async fn refresh_dead_letter_counts(&self, conn: &Conn) {
+        if let Ok(keys) = self.dead_letter_keys(conn).await {
+            let mut counts = DeadLetterCounts::default();
+            for (_, target, _) in keys {
+                match target {
+                    Target::Bot => counts.bot += 1,
+                    Target::Response => counts.response += 1,
+                }
+            }
+            *self.dead_letters.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+        }
+    }
+
+    /// Takes, renews and gives back partition leases, every fifth of the TTL,
+    /// until the relay stops.
+    async fn lease_loop(self: Arc<Self>) {
+        let conn = self.conn.get().expect("set up").clone();
+        let ttl = self.flags.nats_lease_ttl;
+        let mut tick = tokio::time::interval(ttl / 5);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut order: Vec<u16> = Vec::new();
+        let mut disconnected = false;
+        loop {
+            tick.tick().await;
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            // A replica that cannot reach NATS can record no progress:
+            // it stops delivering at once; its leases run out meanwhile.
+            if conn.client.connection_state() != async_nats::connection::State::Connected {
+                if !disconnected {
+                    tracing::warn!(
+                        "lost the connection to NATS: deliveries pause until it is back"
+                    );
+                    disconnected = true;
+                }
+                for partition in std::mem::take(&mut order) {
+                    self.release(partition);
+                }
+                continue;
+            }
+            disconnected = false;
+            if let Err(e) = self.balance(&conn, &mut order, ttl).await {
+                tracing::warn!(error = %e, "could not renew or take partition leases");
+            } else if !self.started.load(Ordering::Relaxed) {
+                self.wait_for_replays(&order).await;
+                self.started.store(true, Ordering::Relaxed);
+            }
+            // Whatever could not be renewed for most of the TTL may be
+            // someone else's by now.
+            let stale: Vec<u16> = {
+                let slots = self.slots();
+                order
+                    .iter()
+                    .copied()
+                    .filter(|&p| {
+                        slots[usize::from(p)]
+                            .owned
+                            .as_ref()
+                            .is_none_or(|o| o.renewed.elapsed() > ttl * 4 / 5)
+                    })
+                    .collect()
+            };
+            for partition in stale {
+                tracing::warn!(
+                    partition,
+                    "partition lease not renewed in time; giving it up"
+                );
+                order.retain(|&p| p != partition);
+                self.release(partition);
+            }
+            self.refresh_dead_letter_counts(&conn).await;
+        }
+    }
+
+    async fn balance(
+        self: &Arc<Self>,
+        conn: &Conn,
+        order: &mut Vec<u16>,
+        ttl: Duration,
+    ) -> Result<(), String> {
+        let id = bytes::Bytes::from(self.replica.clone());
+        conn.leases
+            .put(replica_key(&self.replica), id.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        // Renew what this replica holds.
+        for &partition in order.iter() {
+            let revision = match &self.slots()[usize::from(partition)].owned {
+                Some(owned) => owned.revision,
+                None => continue,
+            };
+            let sent = Instant::now();
+            match conn
+                .leases
+                .update(partition_key(partition), id.clone(), revision)
+                .await
+            {
+                Ok(revision) => {
+                    if let Some(owned) = &mut self.slots()[usize::from(partition)].owned {
+                        owned.revision = revision;
+                        owned.renewed = sent;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "lost the lease of a partition");
+                    self.release(partition);
+                }
+            }
+        }
+        order.retain(|&p| self.slots()[usize::from(p)].owned.is_some());
+
+        let keys: Vec<String> = conn
+            .leases
+            .keys()
+            .await
+            .map_err(|e| e.to_string())?
+            .try_collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let live = keys.iter().filter(|k| k.starts_with("replica.")).count();
+        let (give_back, take) = leases::rebalance(order, leases::share(live));
+        for partition in give_back {
+            tracing::info!(
+                partition,
+                live,
+                "giving a partition back to even out the replicas"
+            );
+            order.retain(|&p| p != partition);
+            let revision = self.release(partition);
+            if let Some(revision) = revision {
+                let _ = conn
+                    .leases
+                    .delete_expect_revision(partition_key(partition), Some(revision))
+                    .await;
+            }
+        }
+        let mut wanted = take;
+        for partition in leases::preference(&self.replica) {
+            if wanted == 0 {
+                break;
+            }
+            if order.contains(&partition) || keys.contains(&partition_key(partition)) {
+                continue;
+            }
+            let sent = Instant::now();
+            let Ok(revision) = conn
+                .leases
+                .create(partition_key(partition), id.clone())
+                .await
+            else {
+                continue;
+            };
+            if sent.elapsed() > ttl / 2 {
+                continue; // too slow to be sure of it; renewed or taken next round
+            }
+            self.acquire(partition, revision, sent);
+            order.push(partition);
+            wanted -= 1;
+        }
+        Ok(())
+    }
+
+    /// Waits (a TTL at most) until the partitions in `order` are replayed.
+    async fn wait_for_replays(&self, order: &[u16]) {
+        let deadline = Instant::now() + self.flags.nats_lease_ttl;
+        while Instant::now() < deadline {
+            let replaying = {
+                let slots = self.slots();
+                order.iter().any(|&p| {
+                    slots[usize::from(p)]
+                        .owned
+                        .as_ref()
+                        .is_some_and(|o| !o.caught_up)
+                })
+            };
+            if !replaying {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts delivering a partition: replays its log, then follows it.
+    fn acquire(self: &Arc<Self>, partition: u16, revision: u64, renewed: Instant) {
+        let mut slots = self.slots();
+        let slot = &mut slots[usize::from(partition)];
+        slot.generation = log::next_generation(slot.generation);
+        let generation = slot.generation;
+        let follower = tokio::spawn(self.clone().follow(partition, generation)).abort_handle();
+        slot.owned = Some(Owned {
+            state: Partition::default(),
+            caught_up: false,
+            applied: 0,
+            revision,
+            renewed,
+            follower,
+        });
+        tracing::info!(partition, replica = %self.replica, "took a partition: replaying its log");
+    }
+
+    /// Stops delivering a partition; returns the lease's last revision if it was held.
+    fn release(&self, partition: u16) -> Option<u64> {
+        let mut slots = self.slots();
+        let slot = &mut slots[usize::from(partition)];
+        let owned = slot.owned.take()?;
+        owned.follower.abort();
+        slot.generation = log::next_generation(slot.generation);
+        Some(owned.revision)
+    }
+
+    /// Replays a partition's records into its state, then follows new ones,
+    /// queueing what becomes due.
+    async fn follow(self: Arc<Self>, partition: u16, generation: u8) {
+        let conn = self.conn.get().expect("set up").clone();
+        let started = Instant::now();
+        let result: Result<(), String> = async {
+            let consumer = conn
+                .stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: self.names.partition(partition),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            if consumer.cached_info().num_pending == 0 {
+                self.caught_up(partition, generation, started);
+            }
+            let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|e| e.to_string())?;
+                let info = message.info().map_err(|e| e.to_string())?;
+                let (seq, last) = (info.stream_sequence, info.pending == 0);
+                let record = match Record::decode(&message.payload) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        tracing::error!(partition, seq, error = %e, "skipping a record that does not read");
+                        continue;
+                    }
+                };
+                if !self.applied(partition, generation, seq, record) {
+                    return Ok(());
+                }
+                if last {
+                    self.caught_up(partition, generation, started);
+                }
+            }
+            Err("the partition's consumer ended".into())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(partition, error = %e, "stopped following a partition; it is taken again when NATS allows");
+            let mut slots = self.slots();
+            let slot = &mut slots[usize::from(partition)];
+            if slot.generation == generation {
+                // Given up here; the lease loop sees it no longer owned.
+                slot.owned = None;
+                slot.generation = log::next_generation(generation);
+            }
+        }
+    }
+
+    /// Applies one record of an owned partition; false once the partition is
+    /// no longer owned under `generation`.
+    fn applied(&self, partition: u16, generation: u8, seq: u64, record: Record) -> bool {
+        let mut slots = self.slots();
+        let slot = &mut slots[usize::from(partition)];
+        if slot.generation != generation {
+            return false;
+        }
+        let Some(owned) = &mut slot.owned else {
+            return false;
+        };
+        let due = owned.state.apply(seq, record);
+        owned.applied = seq;
+        if owned.caught_up {
+            self.queue(partition, generation, &owned.state, &due);
+        }
+        self.applied[usize::from(partition)].notify_waiters();
+        true
+    }
+
+    /// Waits until this replica's follower of `partition` applied the record
+    /// at `seq`, when this replica delivers that partition: what the record
+    /// made due is then queued, as the other stores have it queued when a
+    /// commit returns (the bot's replies before the next message's, the
+    /// message counted against --max-pending before its 200).
+    async fn queued_through(&self, partition: u16, seq: u64) {
+        let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
+        loop {
+            let notified = self.applied[usize::from(partition)].notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match &self.slots()[usize::from(partition)].owned {
+                Some(owned) if owned.caught_up && owned.applied < seq => {}
+                // Not delivered here, or still replaying (it queues all at the end).
+                _ => return,
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn caught_up(&self, partition: u16, generation: u8, started: Instant) {
+        let mut slots = self.slots();
+        let slot = &mut slots[usize::from(partition)];
+        if slot.generation != generation {
+            return;
+        }
+        let Some(owned) = &mut slot.owned else {
+            return;
+        };
+        if owned.caught_up {
+            return;
+        }
+        owned.caught_up = true;
+        let waiting = owned.state.waiting();
+        self.queue(partition, generation, &owned.state, &waiting);
+        tracing::info!(
+            partition,
+            waiting = waiting.len(),
+            replay_ms = started.elapsed().as_millis() as u64,
+            "partition replayed; delivering it"
+        );
+    }
+
+    fn queue(&self, partition: u16, generation: u8, state: &Partition, due: &[Due]) {
+        let Some(queues) = self.queues.get() else {
+            return;
+        };
+        for due in due {
+            let seq = Handle {
+                generation,
+                partition,
+                place: due.place,
+            }
+            .seq();
+            let pending: Option<Pending> = match due.target {
+                Target::Bot => state.inbound.get(&due.place).map(|m| m.pending(seq)),
+                Target::Response => state.outbound.get(&due.place).map(|m| m.pending(seq)),
+            };
+            if let Some(pending) = pending {
+                queues.push(pending);
+            }
+        }
+    }
+
+    /// The message waiting at `seq`, if this replica still delivers its partition.
+    fn waiting<T: Clone>(
+        &self,
+        seq: Seq,
+        pick: impl Fn(&Partition, &Place) -> Option<T>,
+    ) -> Option<T> {
+        let handle = Handle::of(seq);
+        let slots = self.slots();
+        let slot = slots.get(usize::from(handle.partition))?;
+        if slot.generation != handle.generation {
+            return None;
+        }
+        pick(&slot.owned.as_ref()?.state, &handle.place)
+    }
+
+    async fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        let conn = self
+            .conn
+            .get()
+            .ok_or_else(|| StoreError::Nats("not connected to NATS".into()))?;
+        let last = match conn
+            .stream
+            .get_last_raw_message_by_subject(&self.names.conversation(id))
+            .await
+        {
+            Ok(last) => last,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None);
+            }
+            Err(e) => return Err(nats_error("reading a conversation")(e)),
+        };
+        let record = Record::decode(&last.payload).map_err(nats_error("a conversation record"))?;
+        let (caller_id, user_id, seen_ms) = match record {
+            Record::Accept { message } | Record::RedrivenInbound { message } => (
+                message.caller_conversation_id,
+                message.user_id,
+                message.created_at_ms,
+            ),
+            Record::AddOutbound { message } | Record::RedrivenOutbound { message } => (
+                message.caller_conversation_id,
+                message.user_id,
+                message.created_at_ms,
+            ),
+            _ => return Ok(None),
+        };
+        let retention = self.conversation_retention.as_millis() as u64;
+        if retention > 0 && now_ms().saturating_sub(seen_ms) > retention {
+            return Ok(None);
+        }
+        Ok(Some(Conversation {
+            id: id.to_owned(),
+            caller_id,
+            user_id,
+            seen_ms: Some(seen_ms),
+        }))
+    }
+
+    /// Stops delivering and gives every lease back at once, so that the other
+    /// replicas take over without waiting for the TTL.
+    async fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let Some(conn) = self.conn.get() else {
+            return;
+        };
+        let released: Vec<(u16, u64)> = (0..PARTITIONS)
+            .filter_map(|p| Some((p, self.release(p)?)))
+            .collect();
+        for (partition, revision) in released {
+            let _ = conn
+                .leases
+                .delete_expect_revision(partition_key(partition), Some(revision))
+                .await;
+        }
+        let _ = conn.leases.delete(replica_key(&self.replica)).await;
+        let _ = conn.client.flush().await;
+    }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("JSON")
+}
+
+fn store_failed(e: impl std::fmt::Display) -> CommitError {
+    CommitError::Store(format!("NATS: {e}"))
+}
+
+impl RemoteStore for Inner {
+    fn commit(
+        self: Arc<Self>,
+        op: Op,
+        bounded: bool,
+    ) -> BoxFuture<'static, Result<Outcome, CommitError>> {
+        Box::pin(Inner::commit(self, op, bounded))
+    }
+
+    fn close(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { Inner::close(&self).await })
+    }
+}
+
+impl Store for NatsStore {
+    fn write(&self, _ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
+        Err(StoreError::Nats(
+            "the NATS store is written through its remote commits".into(),
+        ))
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn needs_sync(&self) -> bool {
+        false
+    }
+
+    fn remote(&self) -> Option<Arc<dyn RemoteStore>> {
+        Some(self.inner.clone())
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.inner.unavailable()
+    }
+
+    /// Nothing to hand over here: each partition's messages are queued as
+    /// its log is replayed, once this replica holds its lease.
+    fn recover(&self, _each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError> {
+        Ok(DeadLetterCounts::default())
+    }
+
+    fn inbound(&self, seq: Seq) -> Result<Option<InboundMessage>, StoreError> {
+        Ok(self
+            .inner
+            .waiting(seq, |state, place| state.inbound.get(place).cloned()))
+    }
+
+    fn outbound(&self, seq: Seq) -> Result<Option<OutboundMessage>, StoreError> {
+        Ok(self
+            .inner
+            .waiting(seq, |state, place| state.outbound.get(place).cloned()))
+    }
+
+    /// Read from the stream (the conversation's last record), so that a
+    /// bot's message reaches any replica. Called from a blocking thread.
+    fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        self.inner.runtime.block_on(self.inner.conversation(id))
+    }
+
+    /// Called from a blocking thread.
+    fn dead_letters(&self, from: Seq, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self.dead_letter_page(from, limit)?.0)
+    }
+
+    /// Called from a blocking thread. The counts are the endpoint's, from
+    /// the same listing of the bucket as the letters.
+    fn dead_letter_page(
+        &self,
+        from: Seq,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, DeadLetterCounts), StoreError> {
+        let inner = &self.inner;
+        inner.runtime.block_on(async {
+            let conn = inner
+                .conn
+                .get()
+                .ok_or_else(|| StoreError::Nats("not connected to NATS".into()))?;
+            let keys = inner
+                .dead_letter_keys(conn)
+                .await
+                .map_err(|e| StoreError::Nats(e.to_string()))?;
+            let mut counts = DeadLetterCounts::default();
+            for (_, target, _) in &keys {
+                match target {
+                    Target::Bot => counts.bot += 1,
+                    Target::Response => counts.response += 1,
+                }
+            }
+            let mut letters = Vec::new();
+            for (key, _, _) in keys.into_iter().filter(|(_, _, packed)| *packed >= from) {
+                if letters.len() >= limit {
+                    break;
+                }
+                let Some(bytes) = conn
+                    .dead
+                    .get(&key)
+                    .await
+                    .map_err(nats_error("dead letter"))?
+                else {
+                    continue;
+                };
+                letters.push(
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| StoreError::Corrupt(format!("dead letter {key}: {e}")))?,
+                );
+            }
+            Ok((letters, counts))
+        })
+    }
+
+    /// Asks JetStream whether the id was published within the window,
+    /// without storing anything (see [`Inner::probe`]). Called on the API's
+    /// request task: the wait happens in place on the multi-threaded runtime
+    /// the relay runs on (elsewhere the answer is "not known").
+    fn first_answer(
+        &self,
+        caller_message_id: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if !multi_thread {
+            return Ok(None);
+        }
+        let inner = &self.inner;
+        let first =
+            tokio::task::block_in_place(|| inner.runtime.block_on(inner.probe(caller_message_id)))?;
+        Ok(first
+            .filter(|m| now_ms.saturating_sub(m.created_at_ms) < window_ms)
+            .map(|m| crate::wire::accept_answer(&m)))
+    }
+
+    fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
+        Ok(*self
+            .inner
+            .dead_letters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Conversations are read from the stream as needed, not counted.
+    fn conversation_count(&self) -> u64 {
+        0
+    }
+
+    /// Message ids are remembered by JetStream (the stream's duplicate window).
+    fn dedupe_count(&self) -> u64 {
+        0
+    }
+
+    fn dedupe_cutoff(&self, _part: u8, _keep: usize) -> Option<u64> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_keys_give_target_and_order() {
+        let key = dead_letter_key(
+            Target::Response,
+            Place {
+                record: 7,
+                index: 2,
+            },
+        );
+        assert_eq!(
+            parse_dead_letter_key(&key),
+            Some((
+                Target::Response,
+                Place {
+                    record: 7,
+                    index: 2
+                }
+                .packed()
+            ))
+        );
+        assert_eq!(parse_dead_letter_key("replica.x"), None);
+        assert_eq!(dedupe_id("m-1"), dedupe_id("m-1"));
+        assert_ne!(dedupe_id("m-1"), dedupe_id("m-2"));
+    }
+}
