@@ -335,7 +335,12 @@ impl Inner {
         msg_id: Option<&str>,
     ) -> Result<jetstream::publish::PublishAck, CommitError> {
         let payload = bytes::Bytes::from(record.encode());
-        let mut conflicts = 0;
+        // Retried until the deadline: while JetStream elects a new stream
+        // leader (a server died), publishes fail for a moment. A retry that
+        // follows a write which did land is harmless: the records that add
+        // a message carry a message id (the server drops the second), and
+        // the others are idempotent when applied.
+        let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
         loop {
             let publish = async {
                 let ack = match msg_id {
@@ -351,21 +356,16 @@ impl Inner {
                 .map_err(|e| e.to_string())?;
                 ack.await.map_err(|e| e.to_string())
             };
-            match tokio::time::timeout(ACK_TIMEOUT, publish).await {
+            let problem = match tokio::time::timeout_at(deadline, publish).await {
                 Ok(Ok(ack)) => return Ok(ack),
-                // The same message id from another replica, not yet stored:
-                // once it is, this one is a duplicate of it.
-                Ok(Err(e)) if e.contains("in process") && conflicts < 50 => {
-                    conflicts += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Ok(Err(e)) => return Err(CommitError::Store(format!("NATS: {e}"))),
-                Err(_) => {
-                    return Err(CommitError::Store(
-                        "NATS did not acknowledge the write in time".into(),
-                    ));
-                }
+                Ok(Err(e)) => e,
+                Err(_) => "NATS did not acknowledge the write in time".into(),
+            };
+            let retry_at = tokio::time::Instant::now() + Duration::from_millis(50);
+            if retry_at >= deadline || self.closed.load(Ordering::Relaxed) {
+                return Err(CommitError::Store(format!("NATS: {problem}")));
             }
+            tokio::time::sleep_until(retry_at).await;
         }
     }
 
@@ -394,9 +394,9 @@ impl Inner {
             Op::AddOutbound { message } => {
                 let subject = self.names.conversation(&message.conversation_id);
                 let pending = message.pending(0);
-                let ack = self
-                    .append(&conn, subject, &Record::AddOutbound { message }, None)
-                    .await?;
+                let msg_id = format!("o-{}", message.id);
+                let record = Record::AddOutbound { message };
+                let ack = self.append(&conn, subject, &record, Some(&msg_id)).await?;
                 self.queued_through(log::partition_of(&pending.conversation_id), ack.sequence)
                     .await;
                 Ok(Outcome::Queued(vec![pending]))
@@ -638,7 +638,8 @@ impl Inner {
             };
             // Queued first, then let go of: a crash between the two leaves a
             // dead letter that was also redriven, never one lost.
-            self.append(conn, subject, &record, None).await?;
+            let msg_id = format!("r-{}-{now_ms}", letter.message_id);
+            self.append(conn, subject, &record, Some(&msg_id)).await?;
             conn.dead.delete(&key).await.map_err(store_failed)?;
             self.count_dead_letter(target, -1);
             due.push(pending);
@@ -814,15 +815,27 @@ impl Inner {
             if wanted == 0 {
                 break;
             }
-            if order.contains(&partition) || keys.contains(&partition_key(partition)) {
+            if order.contains(&partition) {
                 continue;
             }
+            let key = partition_key(partition);
             let sent = Instant::now();
-            let Ok(revision) = conn
-                .leases
-                .create(partition_key(partition), id.clone())
-                .await
-            else {
+            let taken = if keys.contains(&key) {
+                // Still this replica's lease (its follower stopped, or NATS
+                // was briefly away): take it back rather than wait for it to
+                // expire.
+                match conn.leases.entry(key.clone()).await {
+                    Ok(Some(entry)) if entry.value == id => conn
+                        .leases
+                        .update(&key, id.clone(), entry.revision)
+                        .await
+                        .ok(),
+                    _ => None,
+                }
+            } else {
+                conn.leases.create(&key, id.clone()).await.ok()
+            };
+            let Some(revision) = taken else {
                 continue;
             };
             if sent.elapsed() > ttl / 2 {
