@@ -126,6 +126,13 @@ pub enum Record {
     RedrivenOutbound {
         message: OutboundMessage,
     },
+    /// What waited in the partition once every record up to `through` was
+    /// applied: a new owner starts from it and replays only what follows.
+    Snapshot {
+        through: u64,
+        inbound: Vec<(Place, InboundMessage)>,
+        outbound: Vec<(Place, OutboundMessage)>,
+    },
 }
 
 impl Record {
@@ -178,6 +185,11 @@ impl Names {
     /// Delivery progress of a partition.
     pub fn progress(&self, partition: u16) -> String {
         format!("{}.{partition}.d", self.subjects)
+    }
+
+    /// Snapshots of a partition; the last one is where a replay starts.
+    pub fn snapshots(&self, partition: u16) -> String {
+        format!("{}.{partition}.s", self.subjects)
     }
 }
 
@@ -275,7 +287,44 @@ impl Partition {
                 };
                 Vec::new()
             }
+            // A replay that meets one has applied everything it holds already.
+            Record::Snapshot { .. } => Vec::new(),
         }
+    }
+
+    /// The partition as a snapshot record, after the record at `through`.
+    pub fn snapshot(&self, through: u64) -> Record {
+        Record::Snapshot {
+            through,
+            inbound: self.inbound.iter().map(|(p, m)| (*p, m.clone())).collect(),
+            outbound: self.outbound.iter().map(|(p, m)| (*p, m.clone())).collect(),
+        }
+    }
+
+    /// The partition a snapshot holds, and the last record it covers.
+    pub fn from_snapshot(record: Record) -> Option<(Partition, u64)> {
+        match record {
+            Record::Snapshot {
+                through,
+                inbound,
+                outbound,
+            } => Some((
+                Partition {
+                    inbound: inbound.into_iter().collect(),
+                    outbound: outbound.into_iter().collect(),
+                },
+                through,
+            )),
+            _ => None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inbound.len() + self.outbound.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Every waiting message, in the order to queue them after a replay: the
@@ -440,6 +489,50 @@ mod tests {
             ],
             "replies first, then the messages for the bot"
         );
+    }
+
+    /// Records 1 to 6 of a partition, those from `from` on applied to `p`.
+    fn history(p: &mut Partition, from: u64, to: u64) {
+        let all = [
+            Record::Accept {
+                message: inbound("m1"),
+            },
+            Record::Accept {
+                message: inbound("m2"),
+            },
+            Record::Delivered {
+                place: place(1, 0),
+                replies: vec![outbound("r1")],
+            },
+            Record::Accept {
+                message: inbound("m3"),
+            },
+            Record::Sent { place: place(3, 0) },
+            Record::Delivered {
+                place: place(2, 0),
+                replies: vec![outbound("r2")],
+            },
+        ];
+        for (seq, record) in (1..).zip(all) {
+            if (from..=to).contains(&seq) {
+                p.apply(seq, record);
+            }
+        }
+    }
+
+    #[test]
+    fn a_snapshot_then_the_records_after_it_rebuild_what_a_full_replay_does() {
+        let mut full = Partition::default();
+        history(&mut full, 1, 6);
+        let mut head = Partition::default();
+        history(&mut head, 1, 3);
+        let snapshot = Record::decode(&head.snapshot(3).encode()).unwrap();
+        let (mut resumed, through) = Partition::from_snapshot(snapshot).unwrap();
+        assert_eq!(through, 3);
+        history(&mut resumed, through + 1, 6);
+        assert_eq!(resumed.waiting(), full.waiting());
+        assert_eq!(resumed.len(), 2, "m3 and r2 wait");
+        assert!(Partition::from_snapshot(Record::Sent { place: place(1, 0) }).is_none());
     }
 
     #[test]

@@ -23,6 +23,10 @@ use std::time::{Duration, Instant};
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Writes under way at once before clients get `503 overloaded`.
 const MAX_WRITES: usize = 16 * 1024;
+/// Records a partition's owner applies between two snapshots, at least:
+/// more when many messages wait (a snapshot holds them all), so that the
+/// snapshots cost a bounded share of the writes.
+const SNAPSHOT_EVERY: usize = 1000;
 /// How often the setup is tried again while NATS cannot be reached.
 const SETUP_RETRY: Duration = Duration::from_secs(2);
 
@@ -78,6 +82,8 @@ struct Owned {
     caught_up: bool,
     /// The stream sequence of the last record applied.
     applied: u64,
+    /// Records applied since the last snapshot (or the replay's start).
+    since_snapshot: usize,
     /// The lease's revision in the bucket, for the next compare-and-set.
     revision: u64,
     /// When the last renewal was sent that succeeded.
@@ -879,6 +885,7 @@ impl Inner {
             state: Partition::default(),
             caught_up: false,
             applied: 0,
+            since_snapshot: 0,
             revision,
             renewed,
             follower,
@@ -902,11 +909,14 @@ impl Inner {
         let conn = self.conn.get().expect("set up").clone();
         let started = Instant::now();
         let result: Result<(), String> = async {
+            let start = self.restore(&conn, partition, generation).await?;
             let consumer = conn
                 .stream
                 .create_consumer(jetstream::consumer::pull::OrderedConfig {
                     filter_subject: self.names.partition(partition),
-                    deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
                     ..Default::default()
                 })
                 .await
@@ -948,9 +958,90 @@ impl Inner {
         }
     }
 
+    /// Loads the partition's last snapshot, if it has one; returns the
+    /// stream sequence the replay goes on from.
+    async fn restore(&self, conn: &Conn, partition: u16, generation: u8) -> Result<u64, String> {
+        let last = conn
+            .stream
+            .get_last_raw_message_by_subject(&self.names.snapshots(partition))
+            .await;
+        let snapshot = match last {
+            Ok(message) => message,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(1),
+            Err(e) => return Err(format!("reading the partition's snapshot: {e}")),
+        };
+        let restored = Record::decode(&snapshot.payload)
+            .ok()
+            .and_then(Partition::from_snapshot);
+        let Some((state, through)) = restored else {
+            tracing::error!(
+                partition,
+                seq = snapshot.sequence,
+                "the partition's snapshot does not read; replaying its whole log"
+            );
+            return Ok(1);
+        };
+        let mut slots = self.slots();
+        let slot = &mut slots[usize::from(partition)];
+        if slot.generation == generation
+            && let Some(owned) = &mut slot.owned
+        {
+            owned.state = state;
+            owned.applied = through;
+        }
+        Ok(through + 1)
+    }
+
+    /// Writes a snapshot of a partition as of the record at `through`, then
+    /// drops from the stream the delivery records it covers and the older
+    /// snapshots. Accepted and bot messages stay: a duplicate's answer and
+    /// the conversations are read from them.
+    async fn snapshot(self: Arc<Self>, partition: u16, through: u64, record: Record) {
+        let Some(conn) = self.conn.get() else {
+            return;
+        };
+        let payload = record.encode();
+        let room = conn.client.server_info().max_payload * 3 / 4;
+        if payload.len() > room {
+            tracing::warn!(
+                partition,
+                bytes = payload.len(),
+                "too many messages wait in the partition for a snapshot; a new owner replays its whole log"
+            );
+            return;
+        }
+        let published = async {
+            conn.js
+                .publish(self.names.snapshots(partition), payload.into())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.stream
+                .purge()
+                .filter(self.names.progress(partition))
+                .sequence(through + 1)
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.stream
+                .purge()
+                .filter(self.names.snapshots(partition))
+                .keep(1)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(ACK_TIMEOUT, published).await {
+            Ok(Ok(_)) => tracing::debug!(partition, through, "partition snapshot written"),
+            Ok(Err(e)) => {
+                tracing::warn!(partition, error = %e, "could not write a partition snapshot")
+            }
+            Err(_) => tracing::warn!(partition, "writing a partition snapshot timed out"),
+        }
+    }
+
     /// Applies one record of an owned partition; false once the partition is
     /// no longer owned under `generation`.
-    fn applied(&self, partition: u16, generation: u8, seq: u64, record: Record) -> bool {
+    fn applied(self: &Arc<Self>, partition: u16, generation: u8, seq: u64, record: Record) -> bool {
         let mut slots = self.slots();
         let slot = &mut slots[usize::from(partition)];
         if slot.generation != generation {
@@ -959,10 +1050,23 @@ impl Inner {
         let Some(owned) = &mut slot.owned else {
             return false;
         };
+        if seq <= owned.applied {
+            return true; // in the snapshot the replay started from
+        }
         let due = owned.state.apply(seq, record);
         owned.applied = seq;
+        owned.since_snapshot += 1;
         if owned.caught_up {
             self.queue(partition, generation, &owned.state, &due);
+            // Only a holder sure of its lease writes one: a snapshot also
+            // removes records that a new owner replaying them still reads.
+            let sure = owned.renewed.elapsed() < self.flags.nats_lease_ttl / 2;
+            if sure && owned.since_snapshot >= SNAPSHOT_EVERY.max(2 * owned.state.len()) {
+                owned.since_snapshot = 0;
+                let snapshot = owned.state.snapshot(seq);
+                let inner = Arc::clone(self);
+                tokio::spawn(inner.snapshot(partition, seq, snapshot));
+            }
         }
         self.applied[usize::from(partition)].notify_waiters();
         true
