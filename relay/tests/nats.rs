@@ -562,3 +562,49 @@ async fn one_message_id_sent_to_two_replicas_at_once_is_one_message_with_one_ans
         "each messageId reached the bot once: {ids:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_refused_for_back_pressure_is_taken_when_sent_again() {
+    // Asking JetStream whether a refused message is a duplicate must not
+    // make it one.
+    let cluster = Cluster::start(3);
+    let down = free_addr();
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let mut flags = relay_flags(&cluster, &fresh_prefix());
+    flags.push("--max-pending=2".into());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let relay = Relay::start(&format!("http://{down}/"), &endpoint.url(), &flags).await;
+    let (status, first) = relay.send(&message("u", "c0", "m0", "x")).await;
+    assert_eq!(status, 200);
+    assert_eq!(relay.send(&message("u", "c1", "m1", "x")).await.0, 200);
+    assert_eq!(relay.send(&message("u", "c2", "m2", "x")).await.0, 429);
+    // A duplicate still gets its first answer meanwhile.
+    assert_eq!(
+        relay.send(&message("u", "c0", "m0", "x")).await,
+        (200, first)
+    );
+    let bot = Peer::start_on(down, echo).await;
+    bot.wait_until("m0 and m1", Duration::from_secs(20), |r| r.len() >= 2)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, answer) = relay.send(&message("u", "c2", "m2", "x")).await;
+        if status == 200 {
+            assert_eq!(answer["message"]["tags"]["id"], "m2");
+            break;
+        }
+        assert_eq!(status, 429, "{answer}");
+        assert!(Instant::now() < deadline, "m2 is never taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = bot
+        .wait_until("m2", Duration::from_secs(20), |r| {
+            r.iter().any(|x| x.body["tags"]["messageId"] == "m2")
+        })
+        .await;
+    let ids: Vec<_> = got
+        .iter()
+        .map(|r| r.body["tags"]["messageId"].clone())
+        .collect();
+    assert_eq!(ids.len(), 3, "each message once: {ids:?}");
+}
