@@ -608,3 +608,86 @@ async fn a_message_refused_for_back_pressure_is_taken_when_sent_again() {
         .collect();
     assert_eq!(ids.len(), 3, "each message once: {ids:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_add_up_over_replicas_and_any_replica_redrives_them() {
+    let cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(|_| Answer::status(500)).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relays = replicas(2, &cluster, &prefix, &bot, &endpoint, &["--max-attempts=1"]).await;
+    // Both replicas deliver a share of the partitions before the messages come.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for c in 0..12 {
+        let relay = &relays[c % 2];
+        let (status, _) = relay
+            .send(&message("u", &format!("c{c}"), &format!("c{c}-m0"), "0"))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    let list = |relay: &Relay| {
+        let url = format!("http://{}/dead-letters", relay.admin);
+        let auth = auth.clone();
+        async move {
+            let (status, _, body) = request("GET", &url, &[("authorization", &auth)], vec![])
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while list(&relays[0]).await["total"] != 12 {
+        assert!(Instant::now() < deadline, "not all dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every replica lists all of them; the gauges add up to them.
+    assert_eq!(
+        list(&relays[1]).await["deadLetters"]
+            .as_array()
+            .unwrap()
+            .len(),
+        12
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let gauges = loop {
+        let mut gauges = Vec::new();
+        for relay in &relays {
+            gauges.push(
+                relay
+                    .metric("botrelay_dead_letters", &[("target", "bot")])
+                    .await,
+            );
+        }
+        if gauges.iter().sum::<f64>() == 12.0 || Instant::now() > deadline {
+            break gauges;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(gauges.iter().sum::<f64>(), 12.0, "{gauges:?}");
+    assert!(
+        gauges.iter().all(|&g| g > 0.0),
+        "each replica holds a share: {gauges:?}"
+    );
+
+    // One replica redrives them all; the bot now takes them.
+    bot.set(echo);
+    let (status, _, body) = request(
+        "POST",
+        &format!("http://{}/dead-letters/redrive", relays[1].admin),
+        &[("authorization", &auth)],
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["redriven"],
+        12
+    );
+    endpoint
+        .wait_until("12 replies", Duration::from_secs(20), |r| r.len() >= 12)
+        .await;
+    assert_eq!(list(&relays[0]).await["total"], 0);
+}

@@ -97,20 +97,24 @@ fn dedupe_id(caller_message_id: &str) -> String {
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A dead letter's key in the bucket: its target, then its place, so that
-/// the keys alone give the counts and the order.
-fn dead_letter_key(target: Target, place: Place) -> String {
-    format!("{}.{:016x}", target.as_str(), place.packed())
+/// A dead letter's key in the bucket: its target, partition and place, so
+/// that the keys alone give the counts (per replica, of the partitions it
+/// delivers) and the order.
+fn dead_letter_key(target: Target, partition: u16, place: Place) -> String {
+    format!("{}.{partition}.{:016x}", target.as_str(), place.packed())
 }
 
-fn parse_dead_letter_key(key: &str) -> Option<(Target, u64)> {
-    let (target, packed) = key.split_once('.')?;
-    let target = match target {
+/// (target, partition, place packed) of a dead letter's key.
+fn parse_dead_letter_key(key: &str) -> Option<(Target, u16, u64)> {
+    let mut parts = key.split('.');
+    let target = match parts.next()? {
         "bot" => Target::Bot,
         "response" => Target::Response,
         _ => return None,
     };
-    Some((target, u64::from_str_radix(packed, 16).ok()?))
+    let partition = parts.next()?.parse().ok()?;
+    let packed = u64::from_str_radix(parts.next()?, 16).ok()?;
+    Some((target, partition, packed))
 }
 
 fn nats_error<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> StoreError + '_ {
@@ -438,9 +442,9 @@ impl Inner {
             Op::Discard { seqs } => {
                 let letters = self.chosen(&conn, seqs.as_deref()).await?;
                 let mut discarded = 0;
-                for (key, target, _) in letters {
+                for (key, target, letter) in letters {
                     conn.dead.delete(&key).await.map_err(store_failed)?;
-                    self.count_dead_letter(target, -1);
+                    self.count_dead_letter(target, log::partition_of(&letter.conversation_id), -1);
                     discarded += 1;
                 }
                 Ok(Outcome::Discarded(discarded))
@@ -570,12 +574,12 @@ impl Inner {
         // delivers it again rather than losing it.
         conn.dead
             .put(
-                dead_letter_key(target, handle.place),
+                dead_letter_key(target, handle.partition, handle.place),
                 serde_json::to_vec(&letter).expect("JSON").into(),
             )
             .await
             .map_err(store_failed)?;
-        self.count_dead_letter(target, 1);
+        self.count_dead_letter(target, handle.partition, 1);
         let record = Record::DeadLettered {
             target,
             place: handle.place,
@@ -647,7 +651,8 @@ impl Inner {
             let msg_id = format!("r-{}-{now_ms}", letter.message_id);
             self.append(conn, subject, &record, Some(&msg_id)).await?;
             conn.dead.delete(&key).await.map_err(store_failed)?;
-            self.count_dead_letter(target, -1);
+            let partition = log::partition_of(&letter.conversation_id);
+            self.count_dead_letter(target, partition, -1);
             due.push(pending);
         }
         Ok(Outcome::Queued(due))
@@ -662,7 +667,7 @@ impl Inner {
         let mut parsed: Vec<_> = keys
             .into_iter()
             .filter_map(|key| {
-                let (target, packed) = parse_dead_letter_key(&key)?;
+                let (target, _, packed) = parse_dead_letter_key(&key)?;
                 Some((key, target, packed))
             })
             .collect();
@@ -670,7 +675,13 @@ impl Inner {
         Ok(parsed)
     }
 
-    fn count_dead_letter(&self, target: Target, n: i64) {
+    /// Counts a dead letter in or out of `botrelay_dead_letters`, when this
+    /// replica delivers its partition: so that the replicas' gauges add up
+    /// to the endpoint's dead letters.
+    fn count_dead_letter(&self, target: Target, partition: u16, n: i64) {
+        if self.slots()[usize::from(partition)].owned.is_none() {
+            return;
+        }
         let mut counts = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
         let slot = match target {
             Target::Bot => &mut counts.bot,
@@ -681,8 +692,13 @@ impl Inner {
 
     async fn refresh_dead_letter_counts(&self, conn: &Conn) {
         if let Ok(keys) = self.dead_letter_keys(conn).await {
+            let owned: Vec<bool> = self.slots().iter().map(|s| s.owned.is_some()).collect();
             let mut counts = DeadLetterCounts::default();
-            for (_, target, _) in keys {
+            for (key, target, _) in keys {
+                let partition = parse_dead_letter_key(&key).map_or(0, |(_, p, _)| p);
+                if !owned[usize::from(partition)] {
+                    continue;
+                }
                 match target {
                     Target::Bot => counts.bot += 1,
                     Target::Response => counts.response += 1,
@@ -1359,6 +1375,9 @@ impl Store for NatsStore {
             .map(|m| crate::wire::accept_answer(&m)))
     }
 
+    /// The dead letters of the partitions this replica delivers (the
+    /// `botrelay_dead_letters` gauge), so that the replicas' gauges add up to
+    /// the endpoint's; the admin API's total is the endpoint's.
     fn dead_letter_counts(&self) -> Result<DeadLetterCounts, StoreError> {
         Ok(*self
             .inner
@@ -1388,23 +1407,14 @@ mod tests {
 
     #[test]
     fn dead_letter_keys_give_target_and_order() {
-        let key = dead_letter_key(
-            Target::Response,
-            Place {
-                record: 7,
-                index: 2,
-            },
-        );
+        let place = Place {
+            record: 7,
+            index: 2,
+        };
+        let key = dead_letter_key(Target::Response, 31, place);
         assert_eq!(
             parse_dead_letter_key(&key),
-            Some((
-                Target::Response,
-                Place {
-                    record: 7,
-                    index: 2
-                }
-                .packed()
-            ))
+            Some((Target::Response, 31, place.packed()))
         );
         assert_eq!(parse_dead_letter_key("replica.x"), None);
         assert_eq!(dedupe_id("m-1"), dedupe_id("m-1"));
