@@ -133,6 +133,9 @@ struct WatchEvent {
     key: Key,
     type_: &'static str,
     object: Arc<Value>,
+    /// The object before a MODIFIED change: a watch with a selector sees the
+    /// object leave (DELETED) or enter (ADDED) it.
+    previous: Option<Arc<Value>>,
 }
 
 #[derive(Default)]
@@ -241,6 +244,18 @@ const STATUS_SUBRESOURCE: [&str; 4] = [
 ];
 
 impl Store {
+    /// Whether objects of a resource carry `metadata.generation`: custom
+    /// resources and the built-in kinds whose registries set it (workloads,
+    /// disruption budgets, jobs, ingresses); not Services, Secrets, PVCs or
+    /// ConfigMaps, whose spec changes leave no count.
+    fn has_generation(&self, group: &str, resource: &str) -> bool {
+        matches!(group, "apps" | "batch" | "policy" | "networking.k8s.io")
+            || self
+                .schemas
+                .contains_key(&(group.to_string(), resource.to_string()))
+            || resource == "messagingendpoints"
+    }
+
     fn has_status_subresource(&self, resource: &str) -> bool {
         STATUS_SUBRESOURCE.contains(&resource) || self.status_subresources.contains(resource)
     }
@@ -611,13 +626,17 @@ fn store_object(
         if a == b {
             return old.clone();
         }
-        let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
-        let bumped = if desired_part(old) != desired_part(&object) {
-            generation + 1
-        } else {
-            generation
-        };
-        object["metadata"]["generation"] = json!(bumped);
+        if store.has_generation(&key.group, &key.resource) {
+            let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+            let bumped = if desired_part(old) != desired_part(&object) {
+                generation + 1
+            } else {
+                generation
+            };
+            object["metadata"]["generation"] = json!(bumped);
+        } else if let Some(m) = object["metadata"].as_object_mut() {
+            m.remove("generation");
+        }
     }
     store.rv += 1;
     let rv = store.rv;
@@ -631,6 +650,7 @@ fn store_object(
         key: key.clone(),
         type_,
         object: object.clone(),
+        previous: old,
     };
     store.history.push(event.clone());
     let _ = shared.events.send(event);
@@ -753,8 +773,12 @@ fn create(
                 .collect()
         })
         .unwrap_or_default();
-    meta.insert("generation".into(), json!(1));
     meta.remove("resourceVersion");
+    if store.has_generation(group, resource) {
+        object["metadata"]["generation"] = json!(1);
+    } else if let Some(m) = object["metadata"].as_object_mut() {
+        m.remove("generation");
+    }
     if store.has_status_subresource(resource)
         && let Some(map) = object.as_object_mut()
     {
@@ -788,6 +812,7 @@ fn delete(shared: &Arc<Shared>, store: &mut Store, key: &Key) -> Result<Value, A
         key: key.clone(),
         type_: "DELETED",
         object: Arc::new(gone.clone()),
+        previous: None,
     };
     store.history.push(event.clone());
     let _ = shared.events.send(event);
@@ -1238,6 +1263,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         ));
     };
     let query = query(&req);
+    if std::env::var_os("BOTRELAY_TEST_APISERVER_TRACE").is_some() {
+        eprintln!("test-apiserver: {} {}", req.method(), req.uri());
+    }
     let verb = verb(req.method(), &target, &query);
     let resource_label = match &target.subresource {
         Some(sub) => format!("{}/{sub}", target.resource),
@@ -1627,18 +1655,29 @@ fn watch(
         .and_then(|s| s.parse().ok())
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(1800));
-    let wanted = move |e: &WatchEvent| {
-        e.key.group == target.group
+    // What a watcher sees of an event: a change that takes an object out of
+    // the selector is a DELETED, one that brings it in an ADDED.
+    let seen = move |e: &WatchEvent| -> Option<WatchEvent> {
+        let in_scope = e.key.group == target.group
             && e.key.resource == target.resource
             && target
                 .namespace
                 .as_ref()
-                .is_none_or(|ns| &e.key.namespace == ns)
-            && matches(
-                &e.object,
-                query.get("labelSelector"),
-                query.get("fieldSelector"),
-            )
+                .is_none_or(|ns| &e.key.namespace == ns);
+        if !in_scope {
+            return None;
+        }
+        let selected =
+            |o: &Value| matches(o, query.get("labelSelector"), query.get("fieldSelector"));
+        let now = selected(&e.object);
+        let before = e.previous.as_deref().map(selected);
+        let type_ = match (e.type_, before, now) {
+            ("MODIFIED", Some(false), true) => "ADDED",
+            ("MODIFIED", Some(true), false) => "DELETED",
+            (t, _, true) => t,
+            _ => return None,
+        };
+        Some(WatchEvent { type_, ..e.clone() })
     };
     let (backlog, mut live) = {
         let mut store = shared.store.lock().unwrap();
@@ -1660,21 +1699,19 @@ fn watch(
             store
                 .objects
                 .iter()
-                .map(|(k, e)| WatchEvent {
-                    rv: store.rv,
-                    key: k.clone(),
-                    type_: "ADDED",
-                    object: e.object.clone(),
+                .filter_map(|(k, e)| {
+                    seen(&WatchEvent {
+                        rv: store.rv,
+                        key: k.clone(),
+                        type_: "ADDED",
+                        object: e.object.clone(),
+                        previous: None,
+                    })
                 })
-                .filter(&wanted)
                 .collect()
         } else {
             let start = store.history.partition_point(|e| e.rv <= from);
-            store.history[start..]
-                .iter()
-                .filter(|e| wanted(e))
-                .cloned()
-                .collect()
+            store.history[start..].iter().filter_map(&seen).collect()
         };
         // Subscribing under the lock: no event falls between backlog and live.
         (backlog, shared.events.subscribe())
@@ -1706,8 +1743,10 @@ fn watch(
                 _ = tx.closed() => return,
                 _ = closed.changed() => return,
                 event = live.recv() => match event {
-                    Ok(e) if e.rv > last && wanted(&e) => {
-                        if tx.send(line(&e)).await.is_err() {
+                    Ok(e) if e.rv > last => {
+                        if let Some(e) = seen(&e)
+                            && tx.send(line(&e)).await.is_err()
+                        {
                             return;
                         }
                     }

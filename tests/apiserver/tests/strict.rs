@@ -291,3 +291,68 @@ async fn an_installed_crd_prunes_unknown_fields_and_fills_defaults() {
     assert_eq!(code, 200, "{stored}");
     assert_eq!(stored["status"], json!({"ready": true}));
 }
+
+#[tokio::test]
+async fn only_the_kinds_that_have_one_carry_a_generation() {
+    let server = TestApiServer::start().await;
+    let secret = server.create("", "secrets", secret("s")).unwrap();
+    assert!(secret["metadata"].get("generation").is_none(), "{secret}");
+    let deployment = server
+        .create(
+            "apps",
+            "deployments",
+            json!({"metadata": {"name": "d", "namespace": "shop"}, "spec": {"replicas": 1}}),
+        )
+        .unwrap();
+    assert_eq!(deployment["metadata"]["generation"], 1);
+}
+
+#[tokio::test]
+async fn an_object_leaving_a_watched_selector_is_deleted_for_that_watch() {
+    let server = TestApiServer::start().await;
+    let mut labelled = secret("s");
+    labelled["metadata"]["labels"] = json!({"app": "x"});
+    server.create("", "secrets", labelled).unwrap();
+    let rv = server.resource_version();
+    let watch = tokio::spawn({
+        let url = server.url();
+        async move {
+            let addr = url.trim_start_matches("http://").to_string();
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "GET /api/v1/secrets?watch=true&labelSelector=app%3Dx&resourceVersion={rv} HTTP/1.0\r\nHost: x\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            stream.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let key = Key::new("", "secrets", "shop", "s");
+    server
+        .merge_patch(&key, json!({"metadata": {"labels": {"app": null}}}), false)
+        .unwrap();
+    server
+        .merge_patch(&key, json!({"metadata": {"labels": {"app": "x"}}}), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.close_watches();
+    let out = tokio::time::timeout(Duration::from_secs(5), watch)
+        .await
+        .unwrap()
+        .unwrap();
+    let types: Vec<String> = out
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(types, ["DELETED", "ADDED"]);
+}
