@@ -61,7 +61,7 @@ pub struct NatsFlags {
 
     /// Names the endpoint's stream and buckets, so that endpoints never share
     /// data: letters, digits, `-` and `_`. Default: --endpoint-name, with any
-    /// other character made `_`. The operator sets it to `<namespace>-<name>`.
+    /// other character made `_`. The operator sets it to `<namespace>_<name>` (a longer one: its first 47 characters, `-` and a digest).
     #[arg(long, env = "BOTRELAY_NATS_PREFIX")]
     pub nats_prefix: Option<String>,
 
