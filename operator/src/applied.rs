@@ -7,7 +7,9 @@
 //!   spec, or deleted), or
 //! - someone else changed its spec since our write (its `generation` moved
 //!   past the one our apply returned; kinds without a generation, such as
-//!   Services, are then re-applied at the next change of what we would write).
+//!   Services, are then re-applied at the next change of what we would write),
+//!   or, for an object this process has not written yet, its spec changed at
+//!   all since it was made (`generation` above 1): one apply then tells.
 //!
 //! The operator also remembers what it applied, so that a reconcile that runs
 //! before the watch has delivered our own write does not write it again.
@@ -62,8 +64,11 @@ pub fn up_to_date(record: Option<&Record>, cached: Option<&ObjectMeta>, hash: &s
         // Applied by us a moment ago; the watch has not shown it yet. (A
         // deletion forgets the record, so a deleted object is made again.)
         (Some(r), None) => r.hash == hash,
-        // Written by an earlier operator process: trust its stamp.
-        (None, Some(_)) => cached_hash == Some(hash),
+        // Written by an earlier operator process: its stamp says what it
+        // wrote, but not whether someone changed the spec since, unless the
+        // spec never changed at all (generation 1). Otherwise one apply
+        // finds out (and undoes a change made while no operator ran).
+        (None, Some(c)) => cached_hash == Some(hash) && c.generation.is_none_or(|g| g == 1),
         _ => false,
     }
 }
@@ -125,10 +130,14 @@ mod tests {
     }
 
     #[test]
-    fn an_earlier_process_stamp_is_trusted_when_it_matches() {
-        assert!(up_to_date(None, Some(&meta(Some("h"), Some(4))), "h"));
-        assert!(!up_to_date(None, Some(&meta(Some("old"), Some(4))), "h"));
-        assert!(!up_to_date(None, Some(&meta(None, Some(4))), "h"));
+    fn an_earlier_process_stamp_is_trusted_when_nothing_can_have_changed_since() {
+        assert!(up_to_date(None, Some(&meta(Some("h"), Some(1))), "h"));
+        assert!(up_to_date(None, Some(&meta(Some("h"), None)), "h"));
+        assert!(!up_to_date(None, Some(&meta(Some("old"), Some(1))), "h"));
+        assert!(!up_to_date(None, Some(&meta(None, Some(1))), "h"));
+        // Changed since it was made, by us or by a `kubectl scale` while no
+        // operator ran: one apply tells (and undoes the latter).
+        assert!(!up_to_date(None, Some(&meta(Some("h"), Some(4))), "h"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -31,10 +32,10 @@ use crate::applied::{self, ObjectKey, Record, Records};
 use crate::build::{
     self, BuildSettings, Credentials, FIELD_MANAGER, MANAGED_BY_SELECTOR, MissingKeys,
 };
-use crate::crd::{MessagingEndpoint, MessagingEndpointStatus};
+use crate::crd::{MessagingEndpoint, MessagingEndpointStatus, StorageType};
 use crate::metrics::Metrics;
 use crate::status::{self, Observation, desired_status};
-use crate::validate::validate_spec;
+use crate::validate::validate;
 
 /// What can make a reconciliation fail.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,15 @@ impl Error {
 }
 
 impl Error {
+    /// Whether the API server said the endpoint itself is gone.
+    fn endpoint_gone(&self) -> bool {
+        matches!(
+            self,
+            Error::Kube { action: "patch_status" | "get_endpoint", source: kube::Error::Api(status) }
+                if status.code == 404
+        )
+    }
+
     /// A one-line message for a condition: the API server's own words when it answered.
     pub fn condition_message(&self) -> String {
         match self {
@@ -97,8 +107,10 @@ pub struct Context {
     /// the cached object can lag behind our own status write, and must not
     /// make us announce the same transition twice.
     announced: Mutex<HashMap<String, (String, String)>>,
-    /// The status last written, per endpoint uid, for the same reason.
-    written_status: Mutex<HashMap<String, MessagingEndpointStatus>>,
+    /// The status last written, per endpoint uid, with the resourceVersion
+    /// the write made: while the cache shows an older version, it is the
+    /// status now.
+    written_status: Mutex<HashMap<String, (MessagingEndpointStatus, u64)>>,
     /// Checks in a row that found an endpoint's own Secret missing or
     /// incomplete: they come back sooner at first (no Secret is watched).
     secret_waits: Mutex<HashMap<ObjectRef<Guarded>, u32>>,
@@ -121,6 +133,7 @@ pub struct OwnedCache {
     deployments: Store<Deployment>,
     services: Store<PartialObjectMeta<Service>>,
     pvcs: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
 }
 
 /// What one controller's reconciliations share.
@@ -174,6 +187,12 @@ async fn reconcile(object: Arc<Guarded>, scope: Arc<Scope>) -> Result<Action, Er
     let result = match &object.0 {
         Ok(endpoint) => reconcile_endpoint(endpoint, &scope).await,
         Err(invalid) => report_undecodable(invalid, ctx).await,
+    };
+    // The endpoint was deleted while we worked on it: nothing is left to do,
+    // and nothing failed.
+    let result = match result {
+        Err(e) if e.endpoint_gone() => Ok(Action::await_change()),
+        other => other,
     };
     ctx.metrics
         .reconcile_duration
@@ -233,7 +252,7 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, scope: &Scope) -> Resu
     tracing::debug!(%namespace, %name, "reconciling");
 
     // 1. Validate.
-    if let Err(invalid) = validate_spec(&endpoint.spec) {
+    if let Err(invalid) = validate(&name, &endpoint.spec) {
         let message = invalid.to_string();
         let status = desired_status(endpoint, &Observation::InvalidSpec(message), None, now());
         update_status(endpoint, status, ctx).await?;
@@ -323,6 +342,18 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, scope: &Scope) -> Resu
             secret_name
         }
     };
+    if !checked_lately {
+        let problem = match nats_secret_problem(endpoint, &secrets).await {
+            Ok(problem) => problem,
+            Err(e) => return Err(report_failure(endpoint, ctx, e).await),
+        };
+        if let Some((reason, message)) = problem {
+            let observation = Observation::CredentialsUnusable { reason, message };
+            let status = desired_status(endpoint, &observation, Some(secret_name), now());
+            update_status(endpoint, status, ctx).await?;
+            return Ok(Action::requeue(secret_recheck_delay(ctx, key)));
+        }
+    }
     ctx.secret_waits.lock().unwrap().remove(&key);
     if !checked_lately {
         let mut checked = ctx.secret_checked.lock().unwrap();
@@ -358,6 +389,71 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, scope: &Scope) -> Resu
         300
     };
     Ok(Action::requeue(Duration::from_secs(resync)))
+}
+
+/// What is wrong with the Secrets the `nats` store names (credentials file,
+/// CA), if anything: a missing Secret or key would leave the relay pods
+/// unable to start, so it is said in the status instead.
+async fn nats_secret_problem(
+    endpoint: &MessagingEndpoint,
+    secrets: &Api<Secret>,
+) -> Result<Option<(&'static str, String)>, Error> {
+    let Some(nats) = endpoint
+        .spec
+        .storage
+        .nats
+        .as_ref()
+        .filter(|_| endpoint.spec.storage.type_ == StorageType::Nats)
+    else {
+        return Ok(None);
+    };
+    for (field, reference, key) in [
+        (
+            "credentialsSecretRef",
+            &nats.credentials_secret_ref,
+            build::NATS_CREDENTIALS_KEY,
+        ),
+        (
+            "tlsCaSecretRef",
+            &nats.tls_ca_secret_ref,
+            build::NATS_CA_KEY,
+        ),
+    ] {
+        let Some(reference) = reference else { continue };
+        let found = secrets
+            .get_opt(&reference.name)
+            .await
+            .map_err(kube_err("get_secret"))?;
+        let has_key = found.as_ref().is_some_and(|s| {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .is_some_and(|v| !v.0.is_empty())
+        });
+        match (found, has_key) {
+            (None, _) => {
+                return Ok(Some((
+                    "SecretNotFound",
+                    format!(
+                        "Secret {} (spec.storage.nats.{field}) not found in namespace {}",
+                        reference.name,
+                        endpoint.namespace().unwrap_or_default()
+                    ),
+                )));
+            }
+            (Some(_), false) => {
+                return Ok(Some((
+                    "MissingSecretKey",
+                    format!(
+                        "Secret {} (spec.storage.nats.{field}) lacks {key}",
+                        reference.name
+                    ),
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
 }
 
 /// Says in the endpoint's status that a step failed (a refusal by RBAC
@@ -427,16 +523,16 @@ async fn apply_relay(
             .get(&ObjectRef::new(name).within(namespace))
             .map(|o| o.metadata.clone())
     }
-    if let Some(pvc) = build::build_pvc(endpoint) {
-        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
-        let cached = cached_meta(&scope.owned.pvcs, &build::pvc_name(&name), namespace);
+    if let Some(pdb) = build::build_pdb(endpoint) {
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), namespace);
+        let cached = cached_meta(&scope.owned.pdbs, &build::pdb_name(&name), namespace);
         ensure(
             ctx,
-            &pvcs,
-            "PersistentVolumeClaim",
+            &pdbs,
+            "PodDisruptionBudget",
             cached.as_ref(),
-            pvc,
-            "apply_pvc",
+            pdb,
+            "apply_pdb",
         )
         .await?;
     }
@@ -457,6 +553,36 @@ async fn apply_relay(
     )
     .await?;
 
+    let deployment = apply_deployment(endpoint, namespace, secret_name, scope).await?;
+
+    // The claim last: a real API server refuses most changes to a claim's
+    // spec (a smaller size, another class), and such a refusal must not hold
+    // back the relay's other changes. Its pods wait for it when it is new.
+    if let Some(pvc) = build::build_pvc(endpoint) {
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+        let cached = cached_meta(&scope.owned.pvcs, &build::pvc_name(&name), namespace);
+        ensure(
+            ctx,
+            &pvcs,
+            "PersistentVolumeClaim",
+            cached.as_ref(),
+            pvc,
+            "apply_pvc",
+        )
+        .await?;
+    }
+    Ok(deployment)
+}
+
+/// Applies the relay Deployment unless it is as we would write it; returns
+/// it with the newest status known.
+async fn apply_deployment(
+    endpoint: &MessagingEndpoint,
+    namespace: &str,
+    secret_name: &str,
+    scope: &Scope,
+) -> Result<Deployment, Error> {
+    let ctx = &scope.ctx;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     let deployment = build::build_deployment(endpoint, &ctx.settings, secret_name);
     let key = owned_key("Deployment", &deployment);
@@ -502,16 +628,17 @@ async fn apply_relay(
     }
 }
 
-/// Whether `a` is a later version than `b` of the same object, by
-/// resourceVersion (etcd's revisions, which real servers and ours number in order).
+/// Whether `a` is a later version than `b` of the same object.
 fn newer(a: &Deployment, b: &Deployment) -> bool {
-    let rv = |d: &Deployment| {
-        d.metadata
-            .resource_version
-            .as_deref()
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    rv(a) > rv(b)
+    resource_version(&a.metadata) > resource_version(&b.metadata)
+}
+
+/// An object's resourceVersion as a number: etcd's revision, which real
+/// servers (and ours) number in order, so later versions compare greater.
+fn resource_version(meta: &ObjectMeta) -> Option<u64> {
+    meta.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
 }
 
 fn owned_key<K: Resource>(kind: &'static str, object: &K) -> ObjectKey {
@@ -602,13 +729,19 @@ async fn update_status(
     }
     let uid = endpoint.uid().unwrap_or_default();
     // The cache may not show our last write yet: what we wrote then is the
-    // status now (only a new transition time would differ).
+    // status now (only a new transition time would differ). Once it shows
+    // that version or a later one (a status someone else changed), the cache
+    // is what the status is.
+    let cached_version = resource_version(endpoint.meta());
     if ctx
         .written_status
         .lock()
         .unwrap()
         .get(&uid)
-        .is_some_and(|written| status::same_but_times(written, &status))
+        .is_some_and(|(written, version)| {
+            cached_version.is_none_or(|cached| cached < *version)
+                && status::same_but_times(written, &status)
+        })
     {
         return Ok(());
     }
@@ -625,19 +758,20 @@ async fn update_status(
         "kind": MessagingEndpoint::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        &endpoint.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(kube_err("patch_status"))?;
-    {
+    let updated = api
+        .patch_status(
+            &endpoint.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(kube_err("patch_status"))?;
+    if let Some(version) = resource_version(updated.meta()) {
         let mut written = ctx.written_status.lock().unwrap();
         if written.len() > MEMO_LIMIT {
             written.clear();
         }
-        written.insert(uid.clone(), status.clone());
+        written.insert(uid.clone(), (status.clone(), version));
     }
 
     if let Some(after) = after {
@@ -762,6 +896,7 @@ pub fn controller(
     let (deployments, deployments_writer) = reflector::store();
     let (services, services_writer) = reflector::store();
     let (pvcs, pvcs_writer) = reflector::store();
+    let (pdbs, pdbs_writer) = reflector::store();
     let deployment_events = owned_stream::<Deployment>(
         watcher(
             scoped_api(&client, namespace.as_ref()),
@@ -784,10 +919,20 @@ pub fn controller(
         ctx.clone(),
     );
     let pvc_events = owned_stream::<PartialObjectMeta<PersistentVolumeClaim>>(
-        watcher(scoped_api(&client, namespace.as_ref()), owned_config),
+        watcher(
+            scoped_api(&client, namespace.as_ref()),
+            owned_config.clone(),
+        ),
         pvcs_writer,
         pvcs.clone(),
         "PersistentVolumeClaim",
+        ctx.clone(),
+    );
+    let pdb_events = owned_stream::<PartialObjectMeta<PodDisruptionBudget>>(
+        watcher(scoped_api(&client, namespace.as_ref()), owned_config),
+        pdbs_writer,
+        pdbs.clone(),
+        "PodDisruptionBudget",
         ctx.clone(),
     );
     let controller = Controller::new(endpoints, watcher::Config::default());
@@ -798,12 +943,14 @@ pub fn controller(
             deployments,
             services,
             pvcs,
+            pdbs,
         },
     });
     let controller = controller
         .owns_stream(deployment_events)
         .owns_stream(service_events)
         .owns_stream(pvc_events)
+        .owns_stream(pdb_events)
         .with_config(config)
         .graceful_shutdown_on(shutdown);
     let run = controller
@@ -867,21 +1014,54 @@ where
             _ => {}
         })
         .touched_objects()
+        // This stream backs off on its own errors (a 410 Gone makes it list
+        // again); passed on, each error would also pause every other watch
+        // feeding the controller, so they stop here.
+        .filter_map(move |result| async move {
+            match result {
+                Ok(object) => Some(Ok(object)),
+                Err(e) => {
+                    tracing::debug!(kind, error = %e, "watch of owned objects: retrying");
+                    None
+                }
+            }
+        })
 }
 
-/// Counts ready and not-ready endpoints in the controllers' caches.
-pub fn count_endpoints(stores: &[Store<Guarded>]) -> (usize, usize) {
-    let mut ready = 0;
-    let mut not_ready = 0;
+/// What the controllers' caches say of the endpoints, for the gauges.
+#[derive(Debug, Default, PartialEq)]
+pub struct EndpointCounts {
+    pub ready: usize,
+    pub not_ready: usize,
+    /// Per endpoint that decodes: (namespace, name, pods asked for, pods ready).
+    pub pods: Vec<(String, String, i32, i32)>,
+}
+
+/// Counts ready and not-ready endpoints, and their relay pods, in the controllers' caches.
+pub fn count_endpoints(stores: &[Store<Guarded>]) -> EndpointCounts {
+    let mut counts = EndpointCounts::default();
     for store in stores {
         for object in store.state() {
             match &object.0 {
-                Ok(endpoint) if status::is_ready(endpoint) => ready += 1,
-                _ => not_ready += 1,
+                Ok(endpoint) => {
+                    if status::is_ready(endpoint) {
+                        counts.ready += 1;
+                    } else {
+                        counts.not_ready += 1;
+                    }
+                    let ready_pods = endpoint.status.as_ref().map_or(0, |s| s.ready_replicas);
+                    counts.pods.push((
+                        endpoint.namespace().unwrap_or_default(),
+                        endpoint.name_any(),
+                        endpoint.spec.replicas,
+                        ready_pods,
+                    ));
+                }
+                Err(_) => counts.not_ready += 1,
             }
         }
     }
-    (ready, not_ready)
+    counts
 }
 
 #[cfg(test)]

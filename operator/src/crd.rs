@@ -38,13 +38,15 @@ pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
     status = "MessagingEndpointStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Pods Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.replicas"}"#,
     printcolumn = r#"{"name":"Webhook URL","type":"string","jsonPath":".status.webhookUrl"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "!has(self.replicas) || self.replicas <= 1",
-    "message": "replicas above 1 need a shared store; the embedded and memory stores serve one replica"
+    "rule": "!has(self.replicas) || self.replicas <= 1 || (has(self.storage) && has(self.storage.type) && self.storage.type == 'nats')",
+    "message": "replicas above 1 need storage.type nats; the embedded and memory stores serve one replica"
 }]))]
 pub struct MessagingEndpointSpec {
     /// Where the relay delivers user messages (the bot's webhook).
@@ -54,7 +56,7 @@ pub struct MessagingEndpointSpec {
     pub response_endpoint: ResponseEndpointSpec,
 
     /// Relay pods to run. 0 stops the relay (its data is kept). The embedded
-    /// and memory stores serve exactly one replica.
+    /// and memory stores serve exactly one replica; `nats` serves 1 to 10.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 10))]
     pub replicas: i32,
@@ -173,6 +175,8 @@ pub enum StorageType {
     Embedded,
     /// In memory: accepted messages are lost when the pod restarts.
     Memory,
+    /// NATS JetStream: several relay replicas share it, and no volume is needed.
+    Nats,
 }
 
 impl StorageType {
@@ -181,6 +185,7 @@ impl StorageType {
         match self {
             StorageType::Embedded => "embedded",
             StorageType::Memory => "memory",
+            StorageType::Nats => "nats",
         }
     }
 }
@@ -188,17 +193,64 @@ impl StorageType {
 /// The relay's store.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.type) && self.type == 'nats') == has(self.nats)",
+    "message": "storage.nats is set exactly when storage.type is nats"
+}, {
+    "rule": "has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)",
+    "message": "storage.storageClassName cannot change once the volume is made"
+}]))]
 pub struct StorageSpec {
-    /// `embedded` (default, on a PersistentVolumeClaim) or `memory`.
+    /// `embedded` (default, on a PersistentVolumeClaim), `memory`, or `nats`
+    /// (NATS JetStream shared by several replicas; see `nats`).
     #[serde(default, rename = "type")]
     pub type_: StorageType,
-    /// Size of the PersistentVolumeClaim, e.g. `1Gi`.
+    /// Size of the PersistentVolumeClaim, e.g. `1Gi`. It can only grow, and
+    /// only where the StorageClass allows expansion.
     #[serde(default = "default_storage_size")]
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
     pub size: String,
-    /// StorageClass of the PersistentVolumeClaim; the cluster default when unset.
+    /// StorageClass of the PersistentVolumeClaim; the cluster default when
+    /// unset. Fixed once the endpoint is made (a claim's class cannot change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+    /// Where the `nats` store is: required with `type: nats`, refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsSpec>,
+}
+
+/// A NATS cluster with JetStream on (e.g. from the official NATS Helm chart).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsSpec {
+    /// Its servers, e.g. `nats://nats.nats.svc:4222` (`nats://` or `tls://`).
+    #[schemars(schema_with = "nats_urls_schema")]
+    pub urls: Vec<String>,
+    /// A Secret (same namespace) holding a NATS credentials file (`.creds`)
+    /// under the key `nats.creds`, for servers that require one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretReference>,
+    /// A Secret (same namespace) holding, under the key `ca.crt`, the CA
+    /// that signed the servers' certificates, when it is a private one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_secret_ref: Option<SecretReference>,
+    /// Copies JetStream keeps of the endpoint's data: 3 (default) survives
+    /// the loss of one server of three; 1 for a single server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 5))]
+    pub stream_replicas: Option<i32>,
+}
+
+/// The pattern of a NATS server URL.
+pub const NATS_URL_PATTERN: &str = r"^(nats|tls)://[^\s/?#@]+$";
+
+fn nats_urls_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 16,
+        "items": {"type": "string", "maxLength": 512, "pattern": NATS_URL_PATTERN},
+    })
 }
 
 fn default_storage_size() -> String {
@@ -211,6 +263,7 @@ impl Default for StorageSpec {
             type_: StorageType::default(),
             size: default_storage_size(),
             storage_class_name: None,
+            nats: None,
         }
     }
 }
@@ -239,6 +292,9 @@ pub struct MessagingEndpointStatus {
     /// Relay pods that are ready.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Relay pods asked for (`spec.replicas`): ready ones are `readyReplicas` of these.
+    #[serde(default)]
+    pub replicas: i32,
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -5,7 +5,7 @@
 //! express), `build` (pure builders: spec in, objects out), `status`
 //! (conditions), `controller` (the reconcile loop: validate → build → apply →
 //! status), `metrics`, `admin` (the `/metrics` `/healthz` `/readyz` server),
-//! `leader` (Lease-based leader election), `config` (flags), `telemetry` (logs).
+//! `lease` (leader election on a Lease), `config` (flags), `telemetry` (logs).
 
 pub mod admin;
 pub mod applied;
@@ -13,6 +13,7 @@ pub mod build;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod lease;
 pub mod metrics;
 pub mod status;
 pub mod telemetry;

@@ -10,13 +10,12 @@ use clap::Parser;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use kube::{Api, Client};
-use kube_lease_manager::LeaseManagerBuilder;
-use tokio::sync::watch;
 
 use botrelay_operator::admin::{self, AdminState};
 use botrelay_operator::build::BuildSettings;
 use botrelay_operator::config::Config;
 use botrelay_operator::controller::{self, Context};
+use botrelay_operator::lease::{self, Elector, Leadership};
 use botrelay_operator::metrics::Metrics;
 use botrelay_operator::telemetry;
 
@@ -40,8 +39,8 @@ async fn main() -> anyhow::Result<()> {
             let stores = stores.clone();
             let metrics = metrics.clone();
             Arc::new(move || {
-                let (up, down) = controller::count_endpoints(&stores.lock().unwrap());
-                metrics.set_endpoints(up, down);
+                let counts = controller::count_endpoints(&stores.lock().unwrap());
+                metrics.set_endpoints(&counts);
             })
         },
     };
@@ -61,70 +60,54 @@ async fn main() -> anyhow::Result<()> {
         .context("building a Kubernetes client (in-cluster or KUBECONFIG)")?;
 
     // Leader election: wait for the Lease before touching anything.
-    let mut leadership: Option<(watch::Receiver<bool>, tokio::task::JoinHandle<_>)> = None;
+    let mut leadership: Option<Leadership> = None;
     if config.leader_election {
         let namespace = config
             .lease_namespace
             .clone()
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| client.default_namespace().to_string());
-        let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
-            .with_namespace(&namespace)
-            .with_identity(&identity)
-            .with_field_manager(format!("botrelay-operator-lease-{identity}"))
-            .with_duration(config.lease_duration_seconds)
-            .with_grace(config.lease_duration_seconds.div_ceil(3).max(1))
-            .build()
-            .await
-            .context("setting up leader election")?;
-        let (mut rx, task) = manager.watch().await;
+        let elector = Arc::new(Elector::new(
+            client.clone(),
+            lease::Settings {
+                name: config.lease_name.clone(),
+                namespace: namespace.clone(),
+                identity: identity.clone(),
+                duration: Duration::from_secs(config.lease_duration_seconds.max(1)),
+            },
+        ));
         // A replica that stands by is healthy and ready: it can take over.
         ready.store(true, Ordering::Relaxed);
         tracing::info!(lease = %config.lease_name, %namespace, "waiting to lead");
-        loop {
-            if *rx.borrow_and_update() {
-                break;
-            }
-            tokio::select! {
-                changed = rx.changed() => if changed.is_err() {
-                    anyhow::bail!("leader election stopped before this replica led");
-                },
-                _ = shutdown.clone() => {
-                    drop(rx);
-                    let _ = task.await;
-                    tracing::info!("stopped while standing by");
-                    return Ok(());
-                }
-            }
-        }
+        let Some(held) = elector.acquire(shutdown.clone()).await else {
+            tracing::info!("stopped while standing by");
+            return Ok(());
+        };
         tracing::info!("leading");
-        leadership = Some((rx, task));
+        leadership = Some(Leadership::start(elector, held));
     }
     metrics.leader.set(1);
 
     // Stop the controllers on SIGTERM, or when leadership is lost.
     let lost_leadership = Arc::new(AtomicBool::new(false));
+    let lost: Signal = match &leadership {
+        Some(l) => l.lost().boxed().shared(),
+        None => futures::future::pending().boxed().shared(),
+    };
     let stop: Signal = {
         let shutdown = shutdown.clone();
-        let mut rx = leadership.as_ref().map(|(rx, _)| rx.clone());
-        let lost = lost_leadership.clone();
+        let lost = lost.clone();
+        let lost_flag = lost_leadership.clone();
+        let metrics = metrics.clone();
         async move {
-            let lost_lease = async {
-                match rx.as_mut() {
-                    Some(rx) => {
-                        while *rx.borrow_and_update() {
-                            if rx.changed().await.is_err() {
-                                break;
-                            }
-                        }
-                        lost.store(true, Ordering::Relaxed);
-                    }
-                    None => futures::future::pending::<()>().await,
-                }
-            };
             tokio::select! {
                 _ = shutdown => {},
-                _ = lost_lease => tracing::error!("lost the leader Lease; stopping"),
+                _ = lost => {
+                    // No longer leading, whatever the controllers still finish.
+                    metrics.leader.set(0);
+                    lost_flag.store(true, Ordering::Relaxed);
+                    tracing::error!("lost the leader Lease; stopping");
+                }
             }
         }
         .boxed()
@@ -167,19 +150,26 @@ async fn main() -> anyhow::Result<()> {
     }
     ready.store(true, Ordering::Relaxed);
     tracing::info!("controller running");
-    futures::future::join_all(runs).await;
+    // Once the Lease is lost, another replica may take it a grace period
+    // after the last renewal: the controllers get part of that to stop, then
+    // the process ends regardless.
+    let step_down = leadership
+        .as_ref()
+        .map(|l| l.grace() / 2)
+        .unwrap_or_default();
+    tokio::select! {
+        _ = futures::future::join_all(runs) => {}
+        _ = async { lost.await; tokio::time::sleep(step_down).await } => {
+            tracing::error!("lost the leader Lease; the controllers did not stop in time, exiting");
+            std::process::exit(1);
+        }
+    }
     metrics.leader.set(0);
 
-    if let Some((rx, task)) = leadership {
-        // Closing the channel ends the lease task; then hand the Lease over.
-        drop(rx);
-        match tokio::time::timeout(Duration::from_secs(5), task).await {
-            Ok(Ok(Ok(manager))) => {
-                if let Err(e) = manager.release().await {
-                    tracing::warn!(error = %e, "could not release the Lease");
-                }
-            }
-            other => tracing::warn!(?other, "lease task did not end cleanly"),
+    if let Some(leadership) = leadership {
+        // Stop renewing; hand the Lease over only while it is still ours.
+        if let Err(lost) = leadership.release().await {
+            anyhow::bail!("lost the leader Lease: {lost}");
         }
     }
     if lost_leadership.load(Ordering::Relaxed) {

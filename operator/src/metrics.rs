@@ -1,6 +1,7 @@
 //! The operator's Prometheus metrics. The chart's dashboard and alerts use
 //! these exact names.
 
+use crate::controller::EndpointCounts;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -21,6 +22,8 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// `botrelay_operator_owned_objects_total{resource, outcome="applied"|"unchanged"}`
     pub owned_objects: IntCounterVec,
+    /// `botrelay_operator_relay_pods{namespace, endpoint, state="desired"|"ready"}`
+    pub relay_pods: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -74,6 +77,14 @@ impl Default for Metrics {
             &["resource", "outcome"],
         )
         .unwrap();
+        let relay_pods = IntGaugeVec::new(
+            Opts::new(
+                "botrelay_operator_relay_pods",
+                "Relay pods of each MessagingEndpoint: asked for (spec.replicas) and ready.",
+            ),
+            &["namespace", "endpoint", "state"],
+        )
+        .unwrap();
         for result in ["success", "error"] {
             reconciliations.with_label_values(&[result]);
         }
@@ -84,6 +95,7 @@ impl Default for Metrics {
             .register(Box::new(reconciliations.clone()))
             .unwrap();
         registry.register(Box::new(owned_objects.clone())).unwrap();
+        registry.register(Box::new(relay_pods.clone())).unwrap();
         registry
             .register(Box::new(reconcile_errors.clone()))
             .unwrap();
@@ -100,19 +112,30 @@ impl Default for Metrics {
             endpoints,
             leader,
             owned_objects,
+            relay_pods,
         }
     }
 }
 
 impl Metrics {
-    /// Sets the endpoint gauge from a count taken at scrape time.
-    pub fn set_endpoints(&self, ready: usize, not_ready: usize) {
+    /// Sets the endpoint gauges from a count taken at scrape time; an
+    /// endpoint gone since the last scrape leaves no series behind.
+    pub fn set_endpoints(&self, counts: &EndpointCounts) {
         self.endpoints
             .with_label_values(&["true"])
-            .set(ready as i64);
+            .set(counts.ready as i64);
         self.endpoints
             .with_label_values(&["false"])
-            .set(not_ready as i64);
+            .set(counts.not_ready as i64);
+        self.relay_pods.reset();
+        for (namespace, endpoint, desired, ready) in &counts.pods {
+            self.relay_pods
+                .with_label_values(&[namespace.as_str(), endpoint.as_str(), "desired"])
+                .set(i64::from(*desired));
+            self.relay_pods
+                .with_label_values(&[namespace.as_str(), endpoint.as_str(), "ready"])
+                .set(i64::from(*ready));
+        }
     }
 
     /// The Prometheus text exposition.
@@ -137,7 +160,11 @@ mod tests {
             .with_label_values(&["apply_deployment"])
             .inc();
         m.reconcile_duration.observe(0.02);
-        m.set_endpoints(3, 1);
+        m.set_endpoints(&EndpointCounts {
+            ready: 3,
+            not_ready: 1,
+            pods: vec![("shop".into(), "support".into(), 3, 2)],
+        });
         m.leader.set(1);
         let text = m.render();
         for line in [
@@ -148,6 +175,8 @@ mod tests {
             "botrelay_operator_endpoints{ready=\"true\"} 3",
             "botrelay_operator_endpoints{ready=\"false\"} 1",
             "botrelay_operator_leader 1",
+            "botrelay_operator_relay_pods{endpoint=\"support\",namespace=\"shop\",state=\"desired\"} 3",
+            "botrelay_operator_relay_pods{endpoint=\"support\",namespace=\"shop\",state=\"ready\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

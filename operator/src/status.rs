@@ -169,6 +169,7 @@ pub fn desired_status(
         webhook_url: Some(url),
         credentials_secret,
         ready_replicas,
+        replicas: desired,
         conditions,
     }
 }

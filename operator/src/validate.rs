@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::crd::{DeliverySpec, MessagingEndpointSpec, StorageType};
+use crate::crd::{DeliverySpec, MessagingEndpointSpec, NatsSpec, StorageType};
 
 /// Every problem found in a spec, each naming its field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +17,45 @@ impl std::fmt::Display for InvalidSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0.join("; "))
     }
+}
+
+/// Checks an endpoint: its name, then its spec (see [`validate_spec`]).
+pub fn validate(name: &str, spec: &MessagingEndpointSpec) -> Result<(), InvalidSpec> {
+    let mut problems = vec![];
+    if let Some(problem) = check_name(name) {
+        problems.push(problem);
+    }
+    if let Err(InvalidSpec(more)) = validate_spec(spec) {
+        problems.extend(more);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec(problems))
+    }
+}
+
+/// The longest endpoint name: its Service `<name>-relay` must be a DNS-1035
+/// label (63 characters), and the name is a label value (63) on every object.
+pub const MAX_NAME_LENGTH: usize = 57;
+
+/// An endpoint's name must make valid names for what the operator makes.
+fn check_name(name: &str) -> Option<String> {
+    let mut chars = name.chars();
+    let starts_with_letter = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+    let ok = starts_with_letter
+        && name.len() <= MAX_NAME_LENGTH
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-');
+    (!ok).then(|| {
+        format!(
+            "metadata.name: {name:?} must start with a letter, hold only a-z, 0-9 and -, \
+             and have at most {MAX_NAME_LENGTH} characters (the relay's Service is \
+             <name>-relay, a DNS-1035 label); make a new endpoint with such a name"
+        )
+    })
 }
 
 /// Checks a spec; returns all problems at once so a user fixes them in one go.
@@ -30,15 +69,23 @@ pub fn validate_spec(spec: &MessagingEndpointSpec) -> Result<(), InvalidSpec> {
     }
     if !(0..=10).contains(&spec.replicas) {
         problems.push(format!("spec.replicas: {} is outside 0..10", spec.replicas));
-    } else if spec.replicas > 1 {
-        let store = match spec.storage.type_ {
-            StorageType::Embedded => "embedded",
-            StorageType::Memory => "memory",
-        };
+    } else if spec.replicas > 1 && spec.storage.type_ != StorageType::Nats {
         problems.push(format!(
-            "spec.replicas: {} replicas need a shared store; the {store} store serves one replica",
-            spec.replicas
+            "spec.replicas: {} replicas need storage.type nats; the {} store serves one replica",
+            spec.replicas,
+            spec.storage.type_.as_flag()
         ));
+    }
+    match (&spec.storage.nats, spec.storage.type_) {
+        (Some(nats), StorageType::Nats) => check_nats(nats, &mut problems),
+        (None, StorageType::Nats) => {
+            problems.push("spec.storage.nats: required with storage.type nats".to_string())
+        }
+        (Some(_), other) => problems.push(format!(
+            "spec.storage.nats: set, but storage.type is {}",
+            other.as_flag()
+        )),
+        (None, _) => {}
     }
     if let Some(delivery) = &spec.delivery {
         check_delivery(delivery, &mut problems);
@@ -66,6 +113,45 @@ pub fn validate_spec(spec: &MessagingEndpointSpec) -> Result<(), InvalidSpec> {
         Ok(())
     } else {
         Err(InvalidSpec(problems))
+    }
+}
+
+fn check_nats(nats: &NatsSpec, problems: &mut Vec<String>) {
+    if nats.urls.is_empty() {
+        problems.push("spec.storage.nats.urls: name at least one server".to_string());
+    }
+    for (i, url) in nats.urls.iter().enumerate() {
+        let host = url
+            .strip_prefix("nats://")
+            .or_else(|| url.strip_prefix("tls://"));
+        let ok = host.is_some_and(|h| {
+            !h.is_empty() && !h.contains(|c: char| c.is_whitespace() || "/?#@,".contains(c))
+        });
+        if !ok {
+            problems.push(format!(
+                "spec.storage.nats.urls[{i}]: {url:?} is not nats://host[:port] or tls://host[:port]"
+            ));
+        }
+    }
+    for (field, reference) in [
+        ("credentialsSecretRef", &nats.credentials_secret_ref),
+        ("tlsCaSecretRef", &nats.tls_ca_secret_ref),
+    ] {
+        if let Some(r) = reference
+            && !is_dns_subdomain(&r.name)
+        {
+            problems.push(format!(
+                "spec.storage.nats.{field}.name: {:?} is not a valid Secret name",
+                r.name
+            ));
+        }
+    }
+    if let Some(n) = nats.stream_replicas
+        && !(1..=5).contains(&n)
+    {
+        problems.push(format!(
+            "spec.storage.nats.streamReplicas: {n} is outside 1..5"
+        ));
     }
 }
 
@@ -236,10 +322,60 @@ pub(crate) mod tests {
         s.replicas = 3;
         assert_eq!(
             problems(&s),
-            "spec.replicas: 3 replicas need a shared store; the embedded store serves one replica"
+            "spec.replicas: 3 replicas need storage.type nats; the embedded store serves one replica"
         );
         s.replicas = 0;
         assert_eq!(validate_spec(&s), Ok(()));
+    }
+
+    #[test]
+    fn names_must_make_valid_service_names() {
+        assert_eq!(validate("support-2", &spec()), Ok(()));
+        let long = "a".repeat(MAX_NAME_LENGTH);
+        assert_eq!(validate(&long, &spec()), Ok(()));
+        for bad in ["1abc", "a.b", "a_b", "ab-", &format!("{long}a")] {
+            let e = validate(bad, &spec()).unwrap_err().to_string();
+            assert!(e.starts_with("metadata.name: "), "{bad}: {e}");
+        }
+        // Name and spec problems come together.
+        let mut s = spec();
+        s.replicas = 11;
+        assert_eq!(validate("1abc", &s).unwrap_err().0.len(), 2);
+    }
+
+    #[test]
+    fn the_nats_store_takes_replicas_and_needs_its_servers() {
+        let mut s = spec();
+        s.replicas = 3;
+        s.storage.type_ = StorageType::Nats;
+        assert_eq!(
+            problems(&s),
+            "spec.storage.nats: required with storage.type nats"
+        );
+        s.storage.nats = Some(NatsSpec {
+            urls: vec!["nats://nats.nats.svc:4222".into(), "tls://n2:4222".into()],
+            credentials_secret_ref: None,
+            tls_ca_secret_ref: None,
+            stream_replicas: Some(3),
+        });
+        assert_eq!(validate_spec(&s), Ok(()));
+        let nats = s.storage.nats.as_mut().unwrap();
+        nats.urls = vec!["http://nats:4222".into(), "nats://a,b".into()];
+        nats.stream_replicas = Some(7);
+        assert_eq!(
+            problems(&s),
+            "spec.storage.nats.urls[0]: \"http://nats:4222\" is not nats://host[:port] or tls://host[:port]; \
+             spec.storage.nats.urls[1]: \"nats://a,b\" is not nats://host[:port] or tls://host[:port]; \
+             spec.storage.nats.streamReplicas: 7 is outside 1..5"
+        );
+        s.storage.type_ = StorageType::Memory;
+        s.replicas = 1;
+        s.storage.nats.as_mut().unwrap().urls = vec!["nats://n:4222".into()];
+        s.storage.nats.as_mut().unwrap().stream_replicas = None;
+        assert_eq!(
+            problems(&s),
+            "spec.storage.nats: set, but storage.type is memory"
+        );
     }
 
     #[test]

@@ -186,7 +186,10 @@ fn crd_names_scope_columns_and_status_subresource() {
         .filter(|c| c.get("priority").is_none())
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["Ready", "Webhook URL", "Age"]);
+    assert_eq!(
+        columns,
+        ["Ready", "Pods Ready", "Pods", "Webhook URL", "Age"]
+    );
 }
 
 #[test]
@@ -209,7 +212,7 @@ fn schema_carries_validation_and_defaults() {
     assert_eq!(props["replicas"]["maximum"].as_f64(), Some(10.0));
     assert_eq!(
         props["storage"]["properties"]["type"]["enum"],
-        serde_json::json!(["embedded", "memory"])
+        serde_json::json!(["embedded", "memory", "nats"])
     );
     assert_eq!(
         props["storage"]["properties"]["type"]["default"],
@@ -305,9 +308,52 @@ fn cel_rules_accept_good_specs_and_reject_cross_field_mistakes() {
 
     let too_many = check(serde_json::json!({"replicas": 2})).unwrap_err();
     assert!(
-        format!("{too_many:?}").contains("replicas above 1 need a shared store"),
+        format!("{too_many:?}").contains("replicas above 1 need storage.type nats"),
         "{too_many:?}"
     );
+    let nats = serde_json::json!({"type": "nats", "nats": {"urls": ["nats://nats.nats.svc:4222"]}});
+    assert!(check(serde_json::json!({"replicas": 3, "storage": nats})).is_ok());
+    for storage in [
+        serde_json::json!({"type": "nats"}),
+        serde_json::json!({"nats": {"urls": ["nats://n:4222"]}}),
+        serde_json::json!({"type": "memory", "nats": {"urls": ["nats://n:4222"]}}),
+    ] {
+        let wrong = check(serde_json::json!({"storage": storage})).unwrap_err();
+        assert!(
+            format!("{wrong:?}").contains("storage.nats is set exactly when storage.type is nats"),
+            "{storage}: {wrong:?}"
+        );
+    }
+    // Transition rules: the storage class is fixed once set (or unset).
+    let with_class = |class: Option<&str>| {
+        let mut storage = serde_json::json!({"type": "embedded", "size": "1Gi"});
+        if let Some(c) = class {
+            storage["storageClassName"] = serde_json::json!(c);
+        }
+        object(serde_json::json!({"storage": storage}))
+    };
+    assert!(
+        validator
+            .validate(
+                schema,
+                &with_class(Some("fast")),
+                Some(&with_class(Some("fast")))
+            )
+            .is_ok()
+    );
+    for (new, old) in [
+        (Some("slow"), Some("fast")),
+        (Some("fast"), None),
+        (None, Some("fast")),
+    ] {
+        let changed = validator
+            .validate(schema, &with_class(new), Some(&with_class(old)))
+            .unwrap_err();
+        assert!(
+            format!("{changed:?}").contains("storageClassName cannot change"),
+            "{old:?} -> {new:?}: {changed:?}"
+        );
+    }
     let backwards = check(
         serde_json::json!({"delivery": {"retryInitialBackoff": "10m", "retryMaxBackoff": "1m"}}),
     )

@@ -354,7 +354,7 @@ async fn invalid_specs_get_a_condition_naming_the_field_and_nothing_is_applied()
         condition(&ep, "Degraded").unwrap()["message"]
             .as_str()
             .unwrap()
-            .contains("spec.replicas: 3 replicas need a shared store")
+            .contains("spec.replicas: 3 replicas need storage.type nats")
     );
     for name in ["bad-url", "too-many"] {
         assert!(
@@ -647,5 +647,93 @@ async fn without_leader_election_it_reconciles_at_once_and_never_touches_a_lease
         server.calls().iter().all(|c| c.resource != "leases"),
         "{:?}",
         server.calls()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_endpoint_runs_several_relay_pods_without_a_volume() {
+    let server = start_server().await;
+    let operator = Operator::start(&server, "op-1", &[]);
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    create_endpoint(
+        &server,
+        "ha",
+        json!({"replicas": 3, "storage": {"type": "nats", "nats": {
+            "urls": ["nats://nats-0.nats.svc:4222", "nats://nats-1.nats.svc:4222"],
+            "credentialsSecretRef": {"name": "nats-user"},
+            "streamReplicas": 3,
+        }}}),
+    );
+    // The credentials file's Secret is missing: said in the status, no relay yet.
+    let ep = wait_reason(&server, &operator, "ha", "SecretNotFound").await;
+    assert!(
+        condition(&ep, "Ready").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("Secret nats-user (spec.storage.nats.credentialsSecretRef) not found"),
+        "{ep}"
+    );
+    assert!(server.get(&deployment_key("ha-relay")).is_none());
+    server
+        .create(
+            "",
+            "secrets",
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "nats-user", "namespace": NS},
+                   "data": {"nats.creds": b64("-----BEGIN NATS USER JWT-----")}}),
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "ha", "RelayReady").await;
+    assert_eq!(ep["status"]["replicas"], 3);
+    assert_eq!(ep["status"]["readyReplicas"], 3);
+
+    let deployment = server.get(&deployment_key("ha-relay")).unwrap();
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(spec["strategy"]["type"], "RollingUpdate");
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let a = args(&deployment);
+    assert_eq!(flag(&a, "--store").unwrap(), "nats");
+    assert_eq!(
+        flag(&a, "--nats-url").unwrap(),
+        "nats://nats-0.nats.svc:4222,nats://nats-1.nats.svc:4222"
+    );
+    assert_eq!(flag(&a, "--nats-prefix").unwrap(), format!("{NS}_ha"));
+    assert_eq!(
+        flag(&a, "--nats-credentials").unwrap(),
+        "/var/run/botrelay/nats-credentials/nats.creds"
+    );
+    let pod = &spec["template"]["spec"];
+    let spread: Vec<&str> = pod["topologySpreadConstraints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["topologyKey"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        spread,
+        ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    );
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "nats-user")
+    );
+    assert!(
+        server.get(&pvc_key("ha-data")).is_none(),
+        "no volume for the nats store"
+    );
+    let pdb = server
+        .get(&Key::new("policy", "poddisruptionbudgets", NS, "ha-relay"))
+        .expect("a PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["metadata"]["ownerReferences"][0]["name"], "ha",
+        "deleted with the endpoint"
     );
 }

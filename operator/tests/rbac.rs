@@ -42,6 +42,12 @@ fn expected() -> BTreeSet<Call> {
         &["list", "watch", "create", "patch"],
     );
     add("apps", "deployments", &["list", "watch", "create", "patch"]);
+    // For endpoints with several relay pods (the nats store).
+    add(
+        "policy",
+        "poddisruptionbudgets",
+        &["list", "watch", "create", "patch"],
+    );
     // patch: the event recorder turns a repeated event into a series.
     add("events.k8s.io", "events", &["create", "patch"]);
     add("coordination.k8s.io", "leases", &["get", "create", "patch"]);
@@ -98,6 +104,14 @@ async fn operator_calls_exactly_the_expected_verbs_and_resources() {
         )
         .unwrap();
     wait_reason(&server, &operator, "byo", "RelayReady").await;
+
+    // Several relay pods on the shared store: a PodDisruptionBudget.
+    create_endpoint(
+        &server,
+        "ha",
+        json!({"replicas": 2, "storage": {"type": "nats", "nats": {"urls": ["nats://nats.nats.svc:4222"]}}}),
+    );
+    wait_reason(&server, &operator, "ha", "RelayReady").await;
 
     // An invalid spec, fixed, then broken the same way again (a repeated event).
     create_endpoint(&server, "flappy", json!({"replicas": 3}));

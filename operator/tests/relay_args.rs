@@ -188,3 +188,36 @@ fn every_delivery_field_reaches_the_relay_with_its_value() {
     assert_eq!(config.dedupe_window, Duration::from_secs(48 * 3600));
     assert_eq!(config.max_body_bytes, 1024 * 1024);
 }
+
+#[test]
+fn a_nats_endpoint_reaches_the_relay_with_its_servers_prefix_and_mounted_files() {
+    let ep = endpoint(
+        "support.eu",
+        json!({
+            "bot": {"url": "http://support-bot.shop.svc:8080/events"},
+            "responseEndpoint": {"url": "https://backend.example/bot-responses"},
+            "replicas": 3,
+            "storage": {"type": "nats", "nats": {
+                "urls": ["nats://nats-0.nats.svc:4222", "tls://nats-1.nats.svc:4222"],
+                "credentialsSecretRef": {"name": "nats-user"},
+                "tlsCaSecretRef": {"name": "nats-ca"},
+                "streamReplicas": 5,
+            }},
+        }),
+    );
+    let pod = relay_pod(&ep);
+    let container = relay_container(&pod);
+    let config = relay_config_for(&ep);
+    assert_eq!(config.store, StoreKind::Nats);
+    assert_eq!(
+        config.nats.servers(),
+        ["nats://nats-0.nats.svc:4222", "tls://nats-1.nats.svc:4222"]
+    );
+    assert_eq!(config.nats.nats_stream_replicas, 5);
+    // Two endpoints never share a prefix: the namespace comes first.
+    assert_eq!(config.nats.prefix(&config.endpoint_name), "shop_support_eu");
+    let credentials = config.nats.nats_credentials.as_deref().unwrap();
+    assert!(credentials.starts_with(mount_path(container, "nats-credentials")));
+    let ca = config.nats.nats_tls_ca.as_deref().unwrap();
+    assert!(ca.starts_with(mount_path(container, "nats-ca")));
+}

@@ -181,3 +181,53 @@ async fn a_hand_edit_of_the_relay_deployment_is_undone_and_nothing_else_is_rewri
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_operator_process_still_undoes_hand_edits_and_restores_a_tampered_status() {
+    let server = start_server().await;
+    let mut first = Operator::start(&server, "op-a", &[]);
+    create_endpoint(&server, "support", json!({}));
+    wait_reason(&server, &first, "support", "RelayReady").await;
+    assert_eq!(first.terminate(), Some(0));
+
+    // A new process (an upgrade, a failover) has written nothing itself yet.
+    let operator = Operator::start(&server, "op-b", &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let key = Key::new("apps", "deployments", NS, "support-relay");
+    server
+        .merge_patch(
+            &key,
+            json!({"spec": {"replicas": 0, "template": {"spec": {"containers": [{"name": "relay", "image": "evil/image:1"}]}}}}),
+            false,
+        )
+        .unwrap();
+    let restored = eventually(
+        20,
+        "the relay Deployment as the operator writes it",
+        &operator,
+        || {
+            let d = server.get(&key)?;
+            (d["spec"]["replicas"] == 1
+                && d["spec"]["template"]["spec"]["containers"][0]["image"]
+                    == "botrelay/relay:0.1.0")
+                .then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(restored["spec"]["replicas"], 1);
+
+    // Someone else's status is not the endpoint's status: it is written again.
+    server
+        .merge_patch(
+            &ep_key("support"),
+            json!({"status": {"webhookUrl": "http://evil/", "conditions": [{"type": "Ready", "status": "False",
+                "reason": "Tampered", "message": "x", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}),
+            true,
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "support", "RelayReady").await;
+    assert_eq!(
+        ep["status"]["webhookUrl"],
+        format!("http://support-relay.{NS}.svc:8080/v1/messages")
+    );
+}

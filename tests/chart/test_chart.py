@@ -363,6 +363,11 @@ def test_operator_service_monitor_selects_the_metrics_service(render):
     assert ep["path"] == "/metrics"
     # jobLabel makes job="botrelay-operator", which the operator alerts select.
     assert svc["metadata"]["labels"][sm["spec"]["jobLabel"]] == "botrelay-operator"
+    # botrelay_operator_relay_pods names each endpoint by its own labels
+    # namespace and endpoint; prometheus-operator's target labels of the same
+    # names (the operator's namespace, the port name) must not win over them,
+    # or BotrelayRelayPodsDown and the relay pods panel see one endpoint.
+    assert ep.get("honorLabels") is True, ep
 
 
 def rule_groups(objs):
@@ -383,7 +388,7 @@ def test_alerts_cover_what_on_call_needs(render):
     alerts = {r["alert"]: r for g in rule_groups(render(values=ALL_ON)) for r in g["rules"]}
     assert {"BotrelayRelayDown", "BotrelayDeliveriesFailing", "BotrelayDeadLettersGrowing",
             "BotrelayOldestPendingTooOld", "BotrelayRejectingMessages",
-            "BotrelayDedupeTableFull", "BotrelayBotAnswersUnreadable",
+            "BotrelayDedupeTableFull", "BotrelayBotAnswersUnreadable", "BotrelayRelayPodsDown",
             "BotrelayReconcileErrors"} <= set(alerts)
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
@@ -394,6 +399,11 @@ def test_alerts_cover_what_on_call_needs(render):
         assert "kubectl" in rule["annotations"]["description"] or "dashboard" in rule["annotations"]["description"], name
     assert "> 0.2" in alerts["BotrelayDeliveriesFailing"]["expr"]
     assert "> 600" in alerts["BotrelayOldestPendingTooOld"]["expr"]
+    # Several relay pods per endpoint: desired and ready compared endpoint by endpoint.
+    pods_down = " ".join(alerts["BotrelayRelayPodsDown"]["expr"].split())
+    assert 'state="desired"' in pods_down and 'state="ready"' in pods_down, pods_down
+    assert "on (namespace, endpoint)" in pods_down, pods_down
+    assert alerts["BotrelayRelayPodsDown"]["for"] == "10m"
 
 
 def test_dashboard_config_map_holds_the_dashboard(render, chart_dir):

@@ -1,25 +1,31 @@
 """The Grafana dashboard and the alerts against a real Prometheus.
 
 The test starts the real relay (target/debug/botrelay) on loopback with a bot
-and a response endpoint that are HTTP servers in this process, drives traffic
-through it that has every kind of outcome (accepted, duplicate, invalid,
+and a response endpoint that are HTTP servers in this process, twice for one
+endpoint (two relay pods of an endpoint with replicas: 2, each its own scrape
+target with its own series, as with storage.type nats), drives traffic through
+both that has every kind of outcome (accepted, duplicate, invalid,
 unauthorized, too large, unknown conversation; deliveries that succeed, fail
 once and are retried, or fail until they are dead-lettered; one delivery held
-open so that the queue is not empty), and has Debian's Prometheus scrape it
+open on each relay so that the queues are not empty), and has Debian's Prometheus scrape it
 with tests/dashboard/prometheus.yml and load the chart's alert rules. Then every
 query of every panel is evaluated through Prometheus's HTTP API, with the
 dashboard's variables set as Grafana would: each must be valid PromQL and
-return data.
+return data, and each must add up the two relay pods of the endpoint (sum) or
+take the larger (max for ages), never show them apart.
 
 The operator's panels read the real operator (target/debug/botrelay-operator,
 leader election on), run through a kubeconfig against the test API server
 (target/debug/botrelay-test-apiserver). The test creates MessagingEndpoints
 through that server's HTTP API, as kubectl would: two valid ones, which become
-Ready (the test server plays the Deployment controller), and one that does not
-match the CRD's schema (a real API server would refuse it; the test server
+Ready (the test server plays the Deployment controller; the relays' endpoint
+asks for two pods on the nats store), one that asks for two relay pods whose
+NATS credentials Secret is missing, so none can be ready (the operator says
+SecretNotFound and BotrelayRelayPodsDown becomes pending), and one that does
+not match the CRD's schema (a real API server would refuse it; the test server
 stores it on purpose), which the operator fails to reconcile with reason
 undecodable_object and counts as not ready. Prometheus scrapes the operator's
-/metrics as the chart's ServiceMonitor would.
+/metrics as the chart's ServiceMonitor would (with its honorLabels).
 
 The values Prometheus returned are written to target/dashboard-query-results.json,
 the alerts' states and values to target/dashboard-alert-states.json.
@@ -48,6 +54,10 @@ from harness import start_apiserver, start_operator, stop, wait_for
 HERE = pathlib.Path(__file__).resolve().parent
 NAMESPACE = "botrelay-test"
 ENDPOINT = "support"
+RELAY_PODS = (f"{ENDPOINT}-relay-0", f"{ENDPOINT}-relay-1")
+# Where the nats store would be; the operator only writes it into the relay
+# Deployment (the relays of this test run on their own stores).
+NATS = {"type": "nats", "nats": {"urls": ["nats://127.0.0.1:4222"]}}
 CLIENT_TOKEN = "client-" + secrets.token_hex(8)
 BOT_TOKEN = "bot-" + secrets.token_hex(8)
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for in the test
@@ -231,6 +241,7 @@ def scraped(admin: str, name: str, **labels) -> float:
 class Prometheus:
     def __init__(self, base: str):
         self.base = base
+        self.relay_admins = []  # the admin addresses of the endpoint's relay pods, in RELAY_PODS order
 
     def api(self, path, **params):
         r = requests.get(self.base + "/api/v1/" + path, params=params, timeout=10)
@@ -238,8 +249,9 @@ class Prometheus:
         assert body.get("status") == "success", f"{path} {params}: {body}"
         return body["data"]
 
-    def query(self, expr: str):
-        return self.api("query", query=expr)["result"]
+    def query(self, expr: str, at: float | None = None):
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        return self.api("query", **params)["result"]
 
 
 def start_relay(relay_bin, args, log_path, tries=5):
@@ -274,11 +286,21 @@ def start_relay(relay_bin, args, log_path, tries=5):
     raise AssertionError(f"the relay did not start in {tries} tries; log:\n" + log_path.read_text()[-3000:])
 
 
-def render_rules(helm: str, chart_dir: pathlib.Path) -> dict:
+def render_template(helm: str, chart_dir: pathlib.Path, template: str) -> dict:
     out = subprocess.run([helm, "template", "botrelay", str(chart_dir), "-n", "botrelay",
-                          "--set", "monitoring.enabled=true", "--show-only", "templates/prometheusrule.yaml"],
+                          "--set", "monitoring.enabled=true", "--show-only", template],
                          check=True, capture_output=True, text=True).stdout
-    return yaml.safe_load(out)["spec"]
+    return yaml.safe_load(out)
+
+
+def render_rules(helm: str, chart_dir: pathlib.Path) -> dict:
+    return render_template(helm, chart_dir, "templates/prometheusrule.yaml")["spec"]
+
+
+def operator_honor_labels(helm: str, chart_dir: pathlib.Path) -> str:
+    """honor_labels of the operator's scrape, as the chart's ServiceMonitor sets it."""
+    (endpoint,) = render_template(helm, chart_dir, "templates/servicemonitor-operator.yaml")["spec"]["endpoints"]
+    return "true" if endpoint.get("honorLabels") is True else "false"
 
 
 def reconcile_endpoints(cluster: ApiServer, operator_admin: str, operator_log: pathlib.Path, create: dict,
@@ -343,12 +365,19 @@ def stack(repo, helm4, chart_dir, tmp_path_factory):
                       "--retry-max-backoff", "1s", "--max-attempts", "3", "--bot-timeout", "60s"]
         relay, api, admin = start_relay(binaries["botrelay"], relay_args, tmp / "relay.log")
         processes.append(relay)
+        # The endpoint's second relay pod: the same endpoint name and
+        # credentials, a store of its own (a stand-in for the shared one).
+        relay2_args = list(relay_args)
+        relay2_args[relay2_args.index("embedded")] = "memory"
+        relay2, api2, admin2 = start_relay(binaries["botrelay"], relay2_args, tmp / "relay-1.log")
+        processes.append(relay2)
 
         rules_file = tmp / "botrelay.rules.yaml"
         rules_file.write_text(yaml.safe_dump(render_rules(helm4, chart_dir)))
         config = (HERE / "prometheus.yml").read_text()
-        for key, value in {"@RULES_FILE@": str(rules_file), "@RELAY_ADMIN@": admin, "@NAMESPACE@": NAMESPACE,
-                           "@ENDPOINT@": ENDPOINT, "@OPERATOR_ADMIN@": operator_admin}.items():
+        for key, value in {"@RULES_FILE@": str(rules_file), "@RELAY_ADMIN@": admin, "@RELAY2_ADMIN@": admin2,
+                           "@NAMESPACE@": NAMESPACE, "@ENDPOINT@": ENDPOINT, "@OPERATOR_ADMIN@": operator_admin,
+                           "@OPERATOR_HONOR_LABELS@": operator_honor_labels(helm4, chart_dir)}.items():
             config = config.replace(key, value)
         assert not re.search(r"@[A-Z_]+@", config), config
         (tmp / "prometheus.yml").write_text(config)
@@ -359,33 +388,42 @@ def stack(repo, helm4, chart_dir, tmp_path_factory):
              f"--web.listen-address={prom_addr}", "--log.level=warn"],
             stdout=prom_log, stderr=subprocess.STDOUT))
         prom = Prometheus(f"http://{prom_addr}")
+        prom.relay_admins = [admin, admin2]
         wait_for("Prometheus to be ready", lambda: requests.get(f"http://{prom_addr}/-/ready", timeout=1).ok)
         try:
-            wait_for("both targets to be up", lambda: len(prom.query("up == 1")) == 2, timeout=30)
+            wait_for("every target to be up", lambda: len(prom.query("up == 1")) == 3, timeout=30)
         except AssertionError:
             targets = prom.api("targets")["activeTargets"]
             raise AssertionError("targets not up: " + "; ".join(
                 f"{t['labels'].get('job')} {t['scrapeUrl']}: {t['health']} {t['lastError']}" for t in targets)
                 + f"\nrelay exit status: {relay.poll()}\nrelay log:\n" + (tmp / "relay.log").read_text()[-3000:]
+                + f"\nsecond relay exit status: {relay2.poll()}\nits log:\n" + (tmp / "relay-1.log").read_text()[-3000:]
                 + f"\noperator exit status: {operator.poll()}\noperator log:\n" + operator_log.read_text()[-3000:])
 
         # The operator's work, in two rounds with scrapes in between (as the
         # relay's traffic below), so that rate() sees its counters grow: the
-        # endpoint this relay stands for and a malformed one first; then a
-        # second endpoint, and a change to the malformed one that leaves it
-        # malformed (so it is reconciled, and fails, again).
+        # endpoint these two relays stand for (two pods on the nats store) and
+        # a malformed one first; then a second endpoint (one pod), a third
+        # whose two pods cannot start (its NATS credentials Secret is
+        # missing), and a change to the malformed one that leaves it malformed
+        # (so it is reconciled, and fails, again).
         reconcile_endpoints(cluster, operator_admin, operator_log, {
-            ENDPOINT: ({"bot": {"url": bot_url}, "responseEndpoint": {"url": response_url}}, "RelayReady"),
+            ENDPOINT: ({"bot": {"url": bot_url}, "responseEndpoint": {"url": response_url},
+                        "replicas": 2, "storage": NATS}, "RelayReady"),
             "broken": ({"bot": "not-an-object", "responseEndpoint": {"url": response_url}, "replicas": "many"},
                        "InvalidObject"),
         })
 
         # Two rounds of traffic with scrapes in between, so that every counter
         # exists before it grows and rate() sees the growth.
-        client = Client(f"http://{api}")
+        client, client2 = Client(f"http://{api}"), Client(f"http://{api2}")
         drive_traffic(client, hold=False)
+        drive_traffic(client2, hold=False)
         time.sleep(3)
         drive_traffic(client, hold=True)
+        drive_traffic(client2, hold=True)  # a held message on each pod, the second one younger
+        # More on the second pod, so that the two pods' numbers differ.
+        assert all(client2.send("hello").status_code == 200 for _ in range(3))
         # Wait for the relay to be done with everything but the held message:
         # 2 rounds x (fail-always to the bot, reply-reject to the response).
         wait_for("dead letters for the bot and the response endpoint",
@@ -395,9 +433,18 @@ def stack(repo, helm4, chart_dir, tmp_path_factory):
         wait_for("the held message to be the only one pending",
                  lambda: scraped(admin, "botrelay_queue_depth", target="bot") == 1
                  and scraped(admin, "botrelay_queue_depth", target="response") == 0, timeout=60)
+        wait_for("the second relay's dead letters, and its held message the only one pending there",
+                 lambda: scraped(admin2, "botrelay_messages_dead_lettered_total", target="bot") >= 2
+                 and scraped(admin2, "botrelay_messages_dead_lettered_total", target="response") >= 2
+                 and scraped(admin2, "botrelay_queue_depth", target="bot") == 1
+                 and scraped(admin2, "botrelay_queue_depth", target="response") == 0, timeout=60)
 
         reconcile_endpoints(cluster, operator_admin, operator_log, {
             "orders": ({"bot": {"url": bot_url}, "responseEndpoint": {"url": response_url}}, "RelayReady"),
+            "billing": ({"bot": {"url": bot_url}, "responseEndpoint": {"url": response_url}, "replicas": 2,
+                         "storage": {**NATS, "nats": {**NATS["nats"],
+                                                      "credentialsSecretRef": {"name": "billing-nats"}}}},
+                        "SecretNotFound"),
         }, patch={"broken": {"spec": {"bot": {"url": bot_url}}}})
         time.sleep(4)  # a few scrapes and rule evaluations after the traffic
         yield prom
@@ -459,9 +506,11 @@ def test_dashboard_variables_find_the_namespace_and_endpoint(stack, chart_dir):
 
 
 def test_relay_endpoint_label_survives_the_scrape(stack):
-    """honor_labels (honorLabels in the chart's PodMonitor) keeps the relay's own
-    endpoint label; without it Prometheus would rename it exported_endpoint."""
-    assert stack.query('count({exported_endpoint!=""})') == []
+    """honor_labels (honorLabels in the chart's PodMonitor, and in its
+    ServiceMonitor for the operator's botrelay_operator_relay_pods) keeps the
+    series' own endpoint and namespace labels; without it Prometheus would
+    rename them exported_endpoint and exported_namespace."""
+    assert stack.query('count({exported_endpoint!=""} or {exported_namespace!=""})') == []
     assert stack.query(f'botrelay_build_info{{endpoint="{ENDPOINT}", namespace="{NAMESPACE}"}}')
 
 
@@ -485,7 +534,7 @@ def test_panels_show_the_traffic_that_was_sent(stack):
     held = values('sum by (target) (botrelay_dead_letters{endpoint=~"$endpoint"})')
     assert held[(("target", "bot"),)] >= 2 and held[(("target", "response"),)] >= 2, held
     depth = values('sum by (target) (botrelay_queue_depth{endpoint=~"$endpoint"})')
-    assert depth[(("target", "bot"),)] == 1, depth
+    assert depth[(("target", "bot"),)] == 2, depth  # one held on each relay pod
     oldest = values('max by (target) (botrelay_oldest_pending_age_seconds{endpoint=~"$endpoint"})')
     assert oldest[(("target", "bot"),)] > 0, oldest
     ratio = values('sum by (target) (rate(botrelay_delivery_attempts_total{endpoint=~"$endpoint", outcome="success"}[1m]))'
@@ -507,7 +556,8 @@ def test_operator_panels_show_what_the_operator_did(stack, chart_dir):
     errors = values(panel["Reconcile errors per second by reason", "A"])
     assert list(errors) == [(("reason", "undecodable_object"),)] and all(v > 0 for v in errors.values()), errors
     readiness = values(panel["Endpoints by readiness", "A"])
-    assert readiness == {(("ready", "true"),): 2.0, (("ready", "false"),): 1.0}, readiness
+    # Ready: the relays' endpoint and orders; not: billing (no pod can start) and the malformed one.
+    assert readiness == {(("ready", "true"),): 2.0, (("ready", "false"),): 2.0}, readiness
     leader = values(panel["Operator leader", "A"])
     assert leader == {(): 1.0}, leader
     quantiles = [values(panel["Reconcile duration p50 / p95 / p99", ref])[()] for ref in "ABC"]
@@ -516,6 +566,93 @@ def test_operator_panels_show_what_the_operator_did(stack, chart_dir):
     # Every operator series comes from the operator's own scrape job.
     jobs = values('count by (job) ({__name__=~"botrelay_operator_.*"})')
     assert list(jobs) == [(("job", "botrelay-operator"),)], jobs
+
+
+def test_relay_pods_panel_shows_ready_and_desired_per_endpoint(stack, chart_dir):
+    """The operator's view of each endpoint's relay pods, under the endpoint's
+    own namespace and name (which the operator's scrape must keep)."""
+    panel = {(title, ref): expr for title, ref, expr in panel_queries(load_dashboard(chart_dir))}
+
+    def pods(ref, endpoint):
+        expr = panel["Relay pods: ready / desired", ref].replace("$endpoint", endpoint)
+        return {(r["metric"]["namespace"], r["metric"]["endpoint"]): float(r["value"][1])
+                for r in stack.query(as_grafana_would(expr))}
+
+    ready, desired = pods("A", ENDPOINT), pods("B", ENDPOINT)
+    assert ready == {(NAMESPACE, ENDPOINT): 2.0} and desired == {(NAMESPACE, ENDPOINT): 2.0}, (ready, desired)
+    ready, desired = pods("A", ".*"), pods("B", ".*")
+    assert desired == {(NAMESPACE, ENDPOINT): 2.0, (NAMESPACE, "orders"): 1.0, (NAMESPACE, "billing"): 2.0}, desired
+    assert ready == {(NAMESPACE, ENDPOINT): 2.0, (NAMESPACE, "orders"): 1.0, (NAMESPACE, "billing"): 0.0}, ready
+
+
+def aggregation(expr: str) -> str:
+    """How a relay panel's query must combine the series of an endpoint's
+    pods, by what it shows: the oldest pending age of an endpoint is the
+    oldest of its pods'; counts, rates and sizes add up."""
+    if "histogram_quantile" in expr or ") / " in expr:
+        return "ratio"  # of sums: not additive, but over all pods at once
+    if "botrelay_oldest_pending_age_seconds" in expr:
+        return "max"
+    return "sum"
+
+
+def test_relay_panels_add_up_the_pods_of_an_endpoint(stack, chart_dir):
+    """The endpoint runs on two relay pods, each with its own series. Every
+    relay panel must show the endpoint, not its pods: no series of its has a
+    pod or instance label, and evaluated at one instant, a summing panel is
+    the sum of the same query over each pod alone, an age panel the larger."""
+    def values(expr, at):
+        return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in stack.query(expr, at=at)}
+
+    at = time.time() - 2  # an instant both pods' scrapes have reached
+    both_counted, checked = set(), 0
+    for title, ref, expr in panel_queries(load_dashboard(chart_dir)):
+        if "botrelay_operator_" in expr:
+            continue
+        whole = values(as_grafana_would(expr), at)
+        for labels in whole:
+            assert not {"pod", "instance"} & {k for k, _ in labels}, f"{title} [{ref}] shows pods apart: {labels}"
+        kind = aggregation(expr)
+        if kind == "ratio":
+            continue
+        per_pod = [values(as_grafana_would(expr.replace('endpoint=~"$endpoint"',
+                                                        f'endpoint=~"$endpoint", pod="{pod}"')), at)
+                   for pod in RELAY_PODS]
+        for labels, value in whole.items():
+            parts = [p.get(labels, 0.0) for p in per_pod]
+            combined = sum(parts) if kind == "sum" else max(parts)
+            assert abs(value - combined) <= 1e-9 * max(1.0, abs(value)), (
+                f"{title} [{ref}] {dict(labels)}: {value}, but the pods have {parts} ({kind})")
+            if all(v > 0 for v in parts):
+                both_counted.add((title, ref))
+        checked += 1
+    assert checked >= 20, checked
+    # Panels where both pods had something to add, so that the check meant something.
+    for panel in (("Relays up", "A"), ("Accepted messages/s", "A"), ("Dead letters held", "A"),
+                  ("Oldest pending", "A"), ("Messages received per second by outcome", "A"),
+                  ("Relay versions", "A")):
+        assert panel in both_counted, (panel, sorted(both_counted))
+
+
+def test_top_row_adds_up_what_each_relay_pod_reports(stack, chart_dir):
+    """What each relay pod reports on its own /metrics, added up (the oldest,
+    for the pending age), is what the top row shows for the endpoint."""
+    # The stats of the top row (a graph of the same title follows some).
+    stat = {p["title"]: p["targets"][0]["expr"] for p in load_dashboard(chart_dir)["panels"] if p["type"] == "stat"}
+    own = [scraped(admin, "botrelay_dead_letters") for admin in stack.relay_admins]
+    assert all(n > 0 for n in own), own
+    (shown,) = stack.query(as_grafana_would(stat["Dead letters held"]))
+    assert float(shown["value"][1]) == sum(own), (shown, own)
+    depth = [scraped(admin, "botrelay_queue_depth") for admin in stack.relay_admins]
+    (shown,) = stack.query(as_grafana_would(stat["Queue depth"]))
+    assert float(shown["value"][1]) == sum(depth) == 2, (shown, depth)
+    # The oldest pending message of the endpoint is the older of the two held.
+    ages = [scraped(admin, "botrelay_oldest_pending_age_seconds", target="bot") for admin in stack.relay_admins]
+    (shown,) = stack.query(as_grafana_would(stat["Oldest pending"]))
+    # (each relay sets its gauge every second, Prometheus scrapes every second)
+    assert all(a > 0 for a in ages) and max(ages) - 2.5 <= float(shown["value"][1]) <= max(ages), (shown, ages)
+    (shown,) = stack.query(as_grafana_would(stat["Relays up"]))
+    assert float(shown["value"][1]) == len(stack.relay_admins), shown
 
 
 # --- the alerts -------------------------------------------------------------------
@@ -549,6 +686,12 @@ def test_alert_rules_load_and_evaluate(stack, repo):
     assert state["BotrelayDedupeTableFull"] == "inactive", state
     # The test's bot answers with replies the relay can read.
     assert state["BotrelayBotAnswersUnreadable"] == "inactive", state
+    # billing asks for two relay pods and has none ready; the relays'
+    # endpoint (two of two) and orders (one of one) are whole. Pending until
+    # its "for" (10 minutes) has passed.
+    assert state["BotrelayRelayPodsDown"] == "pending", state
+    pods_down = {r["alert"]: r["result"] for r in states}["BotrelayRelayPodsDown"]
+    assert pods_down == [{"labels": {"namespace": NAMESPACE, "endpoint": "billing"}, "value": "2"}], pods_down
     # The operator leads and is scraped: these must stay quiet.
     assert state["BotrelayOperatorNoLeader"] == "inactive", state
     assert state["BotrelayOperatorDown"] == "inactive", state

@@ -99,6 +99,10 @@ no delete (owner references do that). */}}
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [list, watch, create, patch]
+# A disruption budget for endpoints with several relay pods (the nats store).
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [list, watch, create, patch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

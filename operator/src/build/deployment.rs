@@ -2,11 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -16,8 +19,9 @@ use sha2::{Digest, Sha256};
 
 use super::credentials::hex;
 use super::{
-    BuildSettings, CREDENTIALS_DIR, DATA_DIR, HTTP_PORT, METRICS_PORT, deployment_name, labels,
-    owned_metadata, pvc_name, selector_labels,
+    BuildSettings, CREDENTIALS_DIR, DATA_DIR, HTTP_PORT, METRICS_PORT, NATS_CA_DIR, NATS_CA_KEY,
+    NATS_CREDENTIALS_DIR, NATS_CREDENTIALS_KEY, deployment_name, labels, owned_metadata, pvc_name,
+    selector_labels,
 };
 use crate::crd::{MessagingEndpoint, StorageType};
 
@@ -49,6 +53,33 @@ pub fn relay_args(endpoint: &MessagingEndpoint) -> Vec<String> {
         "--endpoint-name".into(),
         endpoint.name_any(),
     ];
+    if let Some(nats) = spec
+        .storage
+        .nats
+        .as_ref()
+        .filter(|_| spec.storage.type_ == StorageType::Nats)
+    {
+        args.extend([
+            "--nats-url".into(),
+            nats.urls.join(","),
+            "--nats-prefix".into(),
+            nats_prefix(endpoint),
+            "--nats-stream-replicas".into(),
+            nats.stream_replicas.unwrap_or(3).to_string(),
+        ]);
+        if nats.credentials_secret_ref.is_some() {
+            args.extend([
+                "--nats-credentials".into(),
+                format!("{NATS_CREDENTIALS_DIR}/{NATS_CREDENTIALS_KEY}"),
+            ]);
+        }
+        if nats.tls_ca_secret_ref.is_some() {
+            args.extend([
+                "--nats-tls-ca".into(),
+                format!("{NATS_CA_DIR}/{NATS_CA_KEY}"),
+            ]);
+        }
+    }
     if let Some(d) = &spec.delivery {
         let optional = [
             ("--bot-timeout", d.bot_timeout.clone()),
@@ -69,6 +100,62 @@ pub fn relay_args(endpoint: &MessagingEndpoint) -> Vec<String> {
         }
     }
     args
+}
+
+/// One writer at a time for the embedded and memory stores (a single file on
+/// a ReadWriteOnce volume, or the pod's memory): the old pod must stop before
+/// the new starts. With a shared store, a rolling update that adds a new pod
+/// before it takes an old one away, so the endpoint never has fewer.
+fn strategy(shared_store: bool) -> DeploymentStrategy {
+    if !shared_store {
+        return DeploymentStrategy {
+            type_: Some("Recreate".to_string()),
+            ..DeploymentStrategy::default()
+        };
+    }
+    DeploymentStrategy {
+        type_: Some("RollingUpdate".to_string()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(1)),
+            max_unavailable: Some(IntOrString::Int(0)),
+        }),
+    }
+}
+
+/// Relay pods of one endpoint on different nodes, and zones, where the
+/// cluster has room: a node or zone lost takes down as few as it can.
+fn spread(endpoint: &str) -> Vec<TopologySpreadConstraint> {
+    ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        .into_iter()
+        .map(|key| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: key.to_string(),
+            when_unsatisfiable: "ScheduleAnyway".to_string(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(endpoint)),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        })
+        .collect()
+}
+
+/// What names the endpoint's streams and buckets in NATS: `<namespace>_<name>`,
+/// with the dots a name may hold made `_`. Neither a namespace nor a name may
+/// hold `_`, so two endpoints never share one, whatever their names. The
+/// relay takes at most 64 characters: a longer one keeps its first 47 and
+/// ends with `-` and a digest of the whole.
+pub fn nats_prefix(endpoint: &MessagingEndpoint) -> String {
+    let full = format!(
+        "{}_{}",
+        endpoint.namespace().unwrap_or_default(),
+        endpoint.name_any().replace('.', "_")
+    );
+    if full.len() <= 64 {
+        return full;
+    }
+    let digest = hex(&Sha256::digest(full.as_bytes())[..8]);
+    format!("{}-{digest}", &full[..47])
 }
 
 fn default_resources() -> ResourceRequirements {
@@ -120,13 +207,15 @@ pub fn build_deployment(
             }),
             ..Volume::default()
         },
-        StorageType::Memory => Volume {
+        // No state on the pod: an emptyDir keeps the mount the relay expects.
+        StorageType::Memory | StorageType::Nats => Volume {
             name: "data".into(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Volume::default()
         },
     };
-    let volumes = vec![
+    let shared_store = spec.storage.type_ == StorageType::Nats;
+    let mut volumes = vec![
         Volume {
             name: "credentials".into(),
             secret: Some(SecretVolumeSource {
@@ -156,6 +245,49 @@ pub fn build_deployment(
         ..ContainerPort::default()
     };
 
+    let mut mounts = vec![
+        mount("credentials", CREDENTIALS_DIR, true),
+        mount("data", DATA_DIR, false),
+        mount("tmp", "/tmp", false),
+    ];
+    // The NATS credentials file and CA, each from the Secret the spec names.
+    let nats = spec
+        .storage
+        .nats
+        .as_ref()
+        .filter(|_| spec.storage.type_ == StorageType::Nats);
+    for (volume, reference, dir, key) in [
+        (
+            "nats-credentials",
+            nats.and_then(|n| n.credentials_secret_ref.as_ref()),
+            NATS_CREDENTIALS_DIR,
+            NATS_CREDENTIALS_KEY,
+        ),
+        (
+            "nats-ca",
+            nats.and_then(|n| n.tls_ca_secret_ref.as_ref()),
+            NATS_CA_DIR,
+            NATS_CA_KEY,
+        ),
+    ] {
+        let Some(reference) = reference else { continue };
+        volumes.push(Volume {
+            name: volume.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(reference.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: key.into(),
+                    path: key.into(),
+                    ..KeyToPath::default()
+                }]),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount(volume, dir, true));
+    }
+
     let container = Container {
         name: "relay".into(),
         image: Some(image),
@@ -176,11 +308,7 @@ pub fn build_deployment(
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            mount("credentials", CREDENTIALS_DIR, true),
-            mount("data", DATA_DIR, false),
-            mount("tmp", "/tmp", false),
-        ]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
 
@@ -205,6 +333,7 @@ pub fn build_deployment(
         tolerations: spec.tolerations.clone(),
         affinity: spec.affinity.clone(),
         priority_class_name: spec.priority_class_name.clone(),
+        topology_spread_constraints: shared_store.then(|| spread(&name)),
         ..PodSpec::default()
     };
 
@@ -224,12 +353,7 @@ pub fn build_deployment(
                 match_labels: Some(selector_labels(&name)),
                 ..LabelSelector::default()
             },
-            // One writer at a time: the embedded store is a single file on a
-            // ReadWriteOnce volume, so the old pod must stop before the new starts.
-            strategy: Some(DeploymentStrategy {
-                type_: Some("Recreate".to_string()),
-                ..DeploymentStrategy::default()
-            }),
+            strategy: Some(strategy(shared_store)),
             revision_history_limit: Some(3),
             progress_deadline_seconds: Some(600),
             template: PodTemplateSpec {
@@ -444,6 +568,27 @@ mod tests {
         let mut ep = endpoint();
         ep.spec.replicas = 0;
         assert_eq!(base, checksum(&build(&ep)), "scaling does not roll");
+    }
+
+    #[test]
+    fn nats_prefixes_never_collide_and_fit_the_relays_limit() {
+        let prefix = |ns: &str, name: &str| {
+            let mut ep = endpoint();
+            ep.metadata.namespace = Some(ns.into());
+            ep.metadata.name = Some(name.into());
+            nats_prefix(&ep)
+        };
+        assert_eq!(prefix("shop", "support"), "shop_support");
+        assert_eq!(prefix("shop", "support.eu"), "shop_support_eu");
+        assert_ne!(prefix("a-b", "c"), prefix("a", "b-c"));
+        let long = "x".repeat(200);
+        let (p1, p2) = (prefix("shop", &long), prefix("shop", &format!("{long}y")));
+        assert_eq!((p1.len(), p2.len()), (64, 64));
+        assert_ne!(p1, p2);
+        assert!(
+            p1.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
     }
 
     #[test]

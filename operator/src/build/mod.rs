@@ -4,12 +4,14 @@
 mod credentials;
 pub(crate) use credentials::hex;
 mod deployment;
+mod pdb;
 mod pvc;
 mod secret;
 mod service;
 
 pub use credentials::{CREDENTIAL_KEYS, Credentials, MissingKeys};
-pub use deployment::{CHECKSUM_ANNOTATION, build_deployment, relay_args};
+pub use deployment::{CHECKSUM_ANNOTATION, build_deployment, nats_prefix, relay_args};
+pub use pdb::build_pdb;
 pub use pvc::build_pvc;
 pub use secret::build_secret;
 pub use service::build_service;
@@ -33,6 +35,12 @@ pub const METRICS_PORT: i32 = 9090;
 pub const CREDENTIALS_DIR: &str = "/var/run/botrelay/credentials";
 /// Where the store's volume is mounted in the relay container.
 pub const DATA_DIR: &str = "/var/lib/botrelay";
+/// Where the NATS credentials file is mounted, and its key in the Secret.
+pub const NATS_CREDENTIALS_DIR: &str = "/var/run/botrelay/nats-credentials";
+pub const NATS_CREDENTIALS_KEY: &str = "nats.creds";
+/// Where the NATS servers' CA is mounted, and its key in the Secret.
+pub const NATS_CA_DIR: &str = "/var/run/botrelay/nats-ca";
+pub const NATS_CA_KEY: &str = "ca.crt";
 
 /// Settings that come from the operator, not from the endpoint.
 #[derive(Debug, Clone)]
@@ -49,6 +57,9 @@ pub fn deployment_name(endpoint: &str) -> String {
     format!("{endpoint}-relay")
 }
 pub fn service_name(endpoint: &str) -> String {
+    format!("{endpoint}-relay")
+}
+pub fn pdb_name(endpoint: &str) -> String {
     format!("{endpoint}-relay")
 }
 pub fn pvc_name(endpoint: &str) -> String {
