@@ -691,3 +691,101 @@ async fn dead_letters_add_up_over_replicas_and_any_replica_redrives_them() {
         .await;
     assert_eq!(list(&relays[0]).await["total"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_leave_the_stream_past_the_window_and_their_conversations_stay() {
+    let cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let flags = ["--dedupe-window=2s", "--nats-snapshot-records=20"];
+    let relays = replicas(1, &cluster, &prefix, &bot, &endpoint, &flags).await;
+    let relay = &relays[0];
+    let conversations: Vec<String> = (0..20).map(|c| format!("c{c}")).collect();
+    let mut sent = 0;
+    for round in 0..10 {
+        for c in &conversations {
+            let id = format!("{c}-m{round}");
+            assert_eq!(
+                relay
+                    .send(&message("u", c, &id, &round.to_string()))
+                    .await
+                    .0,
+                200
+            );
+            sent += 1;
+        }
+    }
+    endpoint
+        .wait_until("every reply", Duration::from_secs(30), |r| r.len() >= sent)
+        .await;
+    // Past the window, more traffic makes snapshots that let the first
+    // messages go.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for round in 10..20 {
+        for c in &conversations {
+            let id = format!("{c}-m{round}");
+            assert_eq!(
+                relay
+                    .send(&message("u", c, &id, &round.to_string()))
+                    .await
+                    .0,
+                200
+            );
+            sent += 1;
+        }
+    }
+    endpoint
+        .wait_until("every reply", Duration::from_secs(30), |r| r.len() >= sent)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let records = stream_records(&cluster, &prefix).await;
+        if records < sent as u64 || Instant::now() > deadline {
+            break records;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("{sent} messages with their replies, the stream holds {records} records");
+    assert!(
+        records < sent as u64,
+        "{records} records for {sent} messages"
+    );
+    // A bot still writes to a conversation whose messages left the stream,
+    // and the next owner, replaying from the snapshot, still delivers.
+    let conversation = bot.received()[0].body["conversationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _, body) = post(
+        &relay.url("/v1/bot/messages"),
+        Some(BOT_TOKEN),
+        serde_json::json!({"conversationId": conversation, "type": "text", "payload": {"text": "later"}})
+            .to_string()
+            .into_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    endpoint
+        .wait_until("the bot's own message", Duration::from_secs(20), |r| {
+            r.iter().any(|x| x.body["payload"]["text"] == "later")
+        })
+        .await;
+    let mut again = replicas(1, &cluster, &prefix, &bot, &endpoint, &flags).await;
+    drop(relays);
+    assert_eq!(
+        again[0].send(&message("u", "c0", "c0-m99", "99")).await.0,
+        200
+    );
+    bot.wait_until(
+        "the message after the takeover",
+        Duration::from_secs(30),
+        |r| r.iter().any(|x| x.body["tags"]["messageId"] == "c0-m99"),
+    )
+    .await;
+    let repeats = bot.received().len() - (sent + 1);
+    println!("after a restart from the snapshot: {repeats} messages sent to the bot again");
+    assert!(repeats < 10, "{repeats} messages delivered again");
+    again[0].kill();
+}

@@ -132,10 +132,77 @@ pub enum Record {
         through: u64,
         inbound: Vec<(Place, InboundMessage)>,
         outbound: Vec<(Place, OutboundMessage)>,
+        /// When this snapshot and the earlier ones still of use were taken:
+        /// (through, ms since the Unix epoch), oldest first. See [`expired`].
+        #[serde(default)]
+        marks: Marks,
     },
 }
 
+/// When snapshots were taken: (the last record each covers, ms since the
+/// Unix epoch), oldest first.
+pub type Marks = Vec<(u64, u64)>;
+
+/// The last record, by the `marks` of the snapshots, that is older than the
+/// dedupe window and covered by a snapshot: the accepted messages up to it
+/// are no longer read (a duplicate's answer is read only within the window,
+/// a replay starts from the snapshot), so they may leave the stream.
+pub fn expired(marks: &[(u64, u64)], now_ms: u64, window_ms: u64) -> Option<u64> {
+    let before = now_ms.checked_sub(window_ms)?;
+    marks
+        .iter()
+        .filter(|(_, at)| *at <= before)
+        .map(|(through, _)| *through)
+        .max()
+}
+
+/// `marks` and a new snapshot's, less those older than the newest expired
+/// one, which alone still counts.
+pub fn next_marks(
+    marks: &[(u64, u64)],
+    through: u64,
+    now_ms: u64,
+    window_ms: u64,
+) -> Vec<(u64, u64)> {
+    let mut next: Vec<(u64, u64)> = marks.to_vec();
+    next.push((through, now_ms));
+    if let Some(cut) = expired(&next, now_ms, window_ms) {
+        next.retain(|(t, _)| *t >= cut);
+    }
+    // A bounded record: a busy partition snapshots often.
+    while next.len() > 64 {
+        next.remove(1);
+    }
+    next
+}
+
 impl Record {
+    /// The conversation a record that carries a message names, as a bot
+    /// can write to it: (relay id, caller id, user id, when).
+    pub fn conversation(&self) -> Option<crate::store::Conversation> {
+        let (id, caller_id, user_id, at) = match self {
+            Record::Accept { message } | Record::RedrivenInbound { message } => (
+                &message.conversation_id,
+                &message.caller_conversation_id,
+                &message.user_id,
+                message.created_at_ms,
+            ),
+            Record::AddOutbound { message } | Record::RedrivenOutbound { message } => (
+                &message.conversation_id,
+                &message.caller_conversation_id,
+                &message.user_id,
+                message.created_at_ms,
+            ),
+            _ => return None,
+        };
+        Some(crate::store::Conversation {
+            id: id.clone(),
+            caller_id: caller_id.clone(),
+            user_id: user_id.clone(),
+            seen_ms: Some(at),
+        })
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("records serialize")
     }
@@ -153,6 +220,7 @@ pub struct Names {
     pub subjects: String,
     pub leases: String,
     pub dead_letters: String,
+    pub conversations: String,
 }
 
 impl Names {
@@ -163,6 +231,7 @@ impl Names {
             subjects: format!("botrelay.{prefix}"),
             leases: format!("botrelay-{prefix}-leases"),
             dead_letters: format!("botrelay-{prefix}-dead-letters"),
+            conversations: format!("botrelay-{prefix}-conversations"),
         }
     }
 
@@ -185,6 +254,11 @@ impl Names {
     /// Delivery progress of a partition.
     pub fn progress(&self, partition: u16) -> String {
         format!("{}.{partition}.d", self.subjects)
+    }
+
+    /// The accepted and bot messages of a partition.
+    pub fn messages(&self, partition: u16) -> String {
+        format!("{}.{partition}.c.>", self.subjects)
     }
 
     /// Snapshots of a partition; the last one is where a replay starts.
@@ -293,27 +367,30 @@ impl Partition {
     }
 
     /// The partition as a snapshot record, after the record at `through`.
-    pub fn snapshot(&self, through: u64) -> Record {
+    pub fn snapshot(&self, through: u64, marks: Marks) -> Record {
         Record::Snapshot {
             through,
             inbound: self.inbound.iter().map(|(p, m)| (*p, m.clone())).collect(),
             outbound: self.outbound.iter().map(|(p, m)| (*p, m.clone())).collect(),
+            marks,
         }
     }
 
-    /// The partition a snapshot holds, and the last record it covers.
-    pub fn from_snapshot(record: Record) -> Option<(Partition, u64)> {
+    /// The partition a snapshot holds, the last record it covers, and its marks.
+    pub fn from_snapshot(record: Record) -> Option<(Partition, u64, Marks)> {
         match record {
             Record::Snapshot {
                 through,
                 inbound,
                 outbound,
+                marks,
             } => Some((
                 Partition {
                     inbound: inbound.into_iter().collect(),
                     outbound: outbound.into_iter().collect(),
                 },
                 through,
+                marks,
             )),
             _ => None,
         }
@@ -526,13 +603,36 @@ mod tests {
         history(&mut full, 1, 6);
         let mut head = Partition::default();
         history(&mut head, 1, 3);
-        let snapshot = Record::decode(&head.snapshot(3).encode()).unwrap();
-        let (mut resumed, through) = Partition::from_snapshot(snapshot).unwrap();
-        assert_eq!(through, 3);
+        let snapshot = Record::decode(&head.snapshot(3, vec![(3, 1000)]).encode()).unwrap();
+        let (mut resumed, through, marks) = Partition::from_snapshot(snapshot).unwrap();
+        assert_eq!((through, marks), (3, vec![(3, 1000)]));
         history(&mut resumed, through + 1, 6);
         assert_eq!(resumed.waiting(), full.waiting());
         assert_eq!(resumed.len(), 2, "m3 and r2 wait");
         assert!(Partition::from_snapshot(Record::Sent { place: place(1, 0) }).is_none());
+    }
+
+    #[test]
+    fn accepted_messages_expire_once_a_snapshot_covers_them_and_the_window_passed() {
+        let window = 1000;
+        assert_eq!(expired(&[], 5000, window), None);
+        let marks = next_marks(&[], 10, 1000, window);
+        assert_eq!(expired(&marks, 1500, window), None, "within the window");
+        assert_eq!(expired(&marks, 2000, window), Some(10));
+        let marks = next_marks(&marks, 20, 1800, window);
+        let marks = next_marks(&marks, 30, 3000, window);
+        // At 3000 the snapshots of 1000 and 1800 are past the window: the
+        // later one alone counts, the earlier is dropped.
+        assert_eq!(marks, [(20, 1800), (30, 3000)]);
+        assert_eq!(expired(&marks, 3000, window), Some(20));
+        assert_eq!(
+            expired(&marks, 500, window),
+            None,
+            "a clock before the window"
+        );
+        let many = (0..100).fold(Vec::new(), |m, i| next_marks(&m, i, 5000 + i, window));
+        assert_eq!(many.len(), 64);
+        assert_eq!(many[0], (0, 5000), "the oldest mark is kept");
     }
 
     #[test]

@@ -26,6 +26,11 @@
 //!   `webhook-id`.
 //! - **Dead letters** live in the `botrelay-<prefix>-dead-letters` bucket,
 //!   so that every replica's admin port lists and redrives all of them.
+//! - **Compaction**: the owner snapshots its partition every
+//!   `--nats-snapshot-records` records and drops the delivery records the
+//!   snapshot covers, and the accepted messages once they are past the dedupe
+//!   window; conversations stay in the `botrelay-<prefix>-conversations`
+//!   bucket for `--conversation-retention`.
 
 pub mod leases;
 pub mod log;
@@ -71,6 +76,12 @@ pub struct NatsFlags {
     #[arg(long, env = "BOTRELAY_NATS_LEASE_TTL", default_value = "10s",
           value_parser = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()))]
     pub nats_lease_ttl: Duration,
+
+    /// Records a partition's owner applies between two snapshots, at least
+    /// (more when many messages wait). For tests.
+    #[arg(long, env = "BOTRELAY_NATS_SNAPSHOT_RECORDS", default_value_t = 1000, hide = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub nats_snapshot_records: u32,
 }
 
 impl NatsFlags {

@@ -23,10 +23,6 @@ use std::time::{Duration, Instant};
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Writes under way at once before clients get `503 overloaded`.
 const MAX_WRITES: usize = 16 * 1024;
-/// Records a partition's owner applies between two snapshots, at least:
-/// more when many messages wait (a snapshot holds them all), so that the
-/// snapshots cost a bounded share of the writes.
-const SNAPSHOT_EVERY: usize = 1000;
 /// How often the setup is tried again while NATS cannot be reached.
 const SETUP_RETRY: Duration = Duration::from_secs(2);
 
@@ -65,6 +61,8 @@ struct Conn {
     stream: stream::Stream,
     leases: kv::Store,
     dead: kv::Store,
+    /// Conversations a bot can write to, once their messages left the stream.
+    conversations: kv::Store,
 }
 
 /// One partition as this replica sees it.
@@ -84,6 +82,11 @@ struct Owned {
     applied: u64,
     /// Records applied since the last snapshot (or the replay's start).
     since_snapshot: usize,
+    /// When the snapshots still of use were taken (see [`log::expired`]).
+    marks: Vec<(u64, u64)>,
+    /// Conversations written to the conversations bucket: by key, the user
+    /// who wrote last and when it was written.
+    remembered: std::collections::HashMap<u128, (String, u64)>,
     /// The lease's revision in the bucket, for the next compare-and-set.
     revision: u64,
     /// When the last renewal was sent that succeeded.
@@ -326,12 +329,23 @@ impl Inner {
                     self.names.dead_letters
                 )
             })?;
+        let retention = self.conversation_retention;
+        let conversations = js
+            .create_or_update_key_value(bucket(&self.names.conversations, retention))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot create or update bucket {}: {e}",
+                    self.names.conversations
+                )
+            })?;
         Ok(Conn {
             client,
             js,
             stream,
             leases,
             dead,
+            conversations,
         })
     }
 
@@ -902,6 +916,8 @@ impl Inner {
             caught_up: false,
             applied: 0,
             since_snapshot: 0,
+            marks: Vec::new(),
+            remembered: Default::default(),
             revision,
             renewed,
             follower,
@@ -989,7 +1005,7 @@ impl Inner {
         let restored = Record::decode(&snapshot.payload)
             .ok()
             .and_then(Partition::from_snapshot);
-        let Some((state, through)) = restored else {
+        let Some((state, through, marks)) = restored else {
             tracing::error!(
                 partition,
                 seq = snapshot.sequence,
@@ -1004,6 +1020,7 @@ impl Inner {
         {
             owned.state = state;
             owned.applied = through;
+            owned.marks = marks;
         }
         Ok(through + 1)
     }
@@ -1012,7 +1029,13 @@ impl Inner {
     /// drops from the stream the delivery records it covers and the older
     /// snapshots. Accepted and bot messages stay: a duplicate's answer and
     /// the conversations are read from them.
-    async fn snapshot(self: Arc<Self>, partition: u16, through: u64, record: Record) {
+    async fn snapshot(
+        self: Arc<Self>,
+        partition: u16,
+        through: u64,
+        record: Record,
+        expired: Option<u64>,
+    ) {
         let Some(conn) = self.conn.get() else {
             return;
         };
@@ -1044,7 +1067,18 @@ impl Inner {
                 .filter(self.names.snapshots(partition))
                 .keep(1)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            // The accepted messages past the dedupe window that a snapshot
+            // covers: their conversations are in the bucket.
+            if let Some(expired) = expired {
+                conn.stream
+                    .purge()
+                    .filter(self.names.messages(partition))
+                    .sequence(expired + 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(())
         };
         match tokio::time::timeout(ACK_TIMEOUT, published).await {
             Ok(Ok(_)) => tracing::debug!(partition, through, "partition snapshot written"),
@@ -1069,6 +1103,9 @@ impl Inner {
         if seq <= owned.applied {
             return true; // in the snapshot the replay started from
         }
+        if let Some(conversation) = record.conversation() {
+            self.remember(owned, conversation);
+        }
         let due = owned.state.apply(seq, record);
         owned.applied = seq;
         owned.since_snapshot += 1;
@@ -1077,15 +1114,54 @@ impl Inner {
             // Only a holder sure of its lease writes one: a snapshot also
             // removes records that a new owner replaying them still reads.
             let sure = owned.renewed.elapsed() < self.flags.nats_lease_ttl / 2;
-            if sure && owned.since_snapshot >= SNAPSHOT_EVERY.max(2 * owned.state.len()) {
+            // At least --nats-snapshot-records apart, and more when many
+            // messages wait (a snapshot holds them all), so that snapshots
+            // cost a bounded share of the writes.
+            let every = (self.flags.nats_snapshot_records as usize).max(2 * owned.state.len());
+            if sure && owned.since_snapshot >= every {
                 owned.since_snapshot = 0;
-                let snapshot = owned.state.snapshot(seq);
+                let (now, window) = (now_ms(), self.dedupe_window.as_millis() as u64);
+                owned.marks = log::next_marks(&owned.marks, seq, now, window);
+                owned.remembered.retain(|_, (_, at)| {
+                    now.saturating_sub(*at) < crate::store::CONVERSATION_REFRESH_MS
+                });
+                let expired = log::expired(&owned.marks, now, window);
+                let snapshot = owned.state.snapshot(seq, owned.marks.clone());
                 let inner = Arc::clone(self);
-                tokio::spawn(inner.snapshot(partition, seq, snapshot));
+                tokio::spawn(inner.snapshot(partition, seq, snapshot, expired));
             }
         }
         self.applied[usize::from(partition)].notify_waiters();
         true
+    }
+
+    /// Writes a conversation to the bucket when it is new here, another user
+    /// wrote, or it was written over an hour ago, so that a bot can write to
+    /// it after its messages left the stream. In the background: until it is
+    /// written, the conversation is read from the stream.
+    fn remember(self: &Arc<Self>, owned: &mut Owned, conversation: Conversation) {
+        let key = crate::ids::key(&conversation.id);
+        let seen = conversation.seen_ms.unwrap_or_default();
+        let fresh = owned.remembered.get(&key).is_some_and(|(user, at)| {
+            *user == conversation.user_id
+                && seen.saturating_sub(*at) < crate::store::CONVERSATION_REFRESH_MS
+        });
+        if fresh {
+            return;
+        }
+        owned
+            .remembered
+            .insert(key, (conversation.user_id.clone(), seen));
+        let Some(conn) = self.conn.get() else {
+            return;
+        };
+        let bucket = conn.conversations.clone();
+        tokio::spawn(async move {
+            let value = serde_json::to_vec(&conversation).expect("JSON");
+            if let Err(e) = bucket.put(format!("{key:032x}"), value.into()).await {
+                tracing::warn!(error = %e, "could not remember a conversation; it is read from the stream meanwhile");
+            }
+        });
     }
 
     /// Waits until this replica's follower of `partition` applied the record
@@ -1169,45 +1245,41 @@ impl Inner {
         pick(&slot.owned.as_ref()?.state, &handle.place)
     }
 
+    /// The conversation, from its last message in the stream, or from the
+    /// conversations bucket once its messages left the stream.
     async fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
         let conn = self
             .conn
             .get()
             .ok_or_else(|| StoreError::Nats("not connected to NATS".into()))?;
-        let last = match conn
+        let found = match conn
             .stream
             .get_last_raw_message_by_subject(&self.names.conversation(id))
             .await
         {
-            Ok(last) => last,
+            Ok(last) => Record::decode(&last.payload)
+                .map_err(nats_error("a conversation record"))?
+                .conversation(),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(None);
+                let key = format!("{:032x}", crate::ids::key(id));
+                match conn
+                    .conversations
+                    .get(key)
+                    .await
+                    .map_err(nats_error("reading a conversation"))?
+                {
+                    Some(bytes) => Some(
+                        serde_json::from_slice::<Conversation>(&bytes)
+                            .map_err(nats_error("a remembered conversation"))?,
+                    ),
+                    None => None,
+                }
             }
             Err(e) => return Err(nats_error("reading a conversation")(e)),
         };
-        let record = Record::decode(&last.payload).map_err(nats_error("a conversation record"))?;
-        let (caller_id, user_id, seen_ms) = match record {
-            Record::Accept { message } | Record::RedrivenInbound { message } => (
-                message.caller_conversation_id,
-                message.user_id,
-                message.created_at_ms,
-            ),
-            Record::AddOutbound { message } | Record::RedrivenOutbound { message } => (
-                message.caller_conversation_id,
-                message.user_id,
-                message.created_at_ms,
-            ),
-            _ => return Ok(None),
-        };
         let retention = self.conversation_retention.as_millis() as u64;
-        if retention > 0 && now_ms().saturating_sub(seen_ms) > retention {
-            return Ok(None);
-        }
-        Ok(Some(Conversation {
-            id: id.to_owned(),
-            caller_id,
-            user_id,
-            seen_ms: Some(seen_ms),
+        Ok(found.filter(|c| {
+            retention == 0 || now_ms().saturating_sub(c.seen_ms.unwrap_or_default()) <= retention
         }))
     }
 
