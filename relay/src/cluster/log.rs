@@ -126,6 +126,12 @@ pub enum Record {
     RedrivenOutbound {
         message: OutboundMessage,
     },
+    /// Delivery progress of one partition written at once (`Delivered`,
+    /// `Sent` and `DeadLettered` records, in the order made): the replies
+    /// of its deliveries are numbered across the batch.
+    Progress {
+        records: Vec<Record>,
+    },
     /// What waited in the partition once every record up to `through` was
     /// applied: a new owner starts from it and replays only what follows.
     Snapshot {
@@ -312,11 +318,17 @@ impl Partition {
     /// Applies the record at stream sequence `seq`; returns what it made due,
     /// in delivery order.
     pub fn apply(&mut self, seq: u64, record: Record) -> Vec<Due> {
+        self.apply_from(seq, 0, record).0
+    }
+
+    /// Applies a record whose messages are numbered from `first`; returns
+    /// what became due and how many numbers it took.
+    fn apply_from(&mut self, seq: u64, first: usize, record: Record) -> (Vec<Due>, usize) {
         let at = |index: usize| Place {
             record: seq,
-            index: index as u16,
+            index: (first + index) as u16,
         };
-        match record {
+        let due = match record {
             Record::Accept { message } | Record::RedrivenInbound { message } => {
                 self.inbound.insert(at(0), message);
                 vec![Due {
@@ -332,14 +344,18 @@ impl Partition {
                 }]
             }
             Record::Delivered { place, replies } => {
+                // The numbers are taken whether or not the replies count, so
+                // that every replay numbers the rest of a batch alike.
+                let room = MAX_REPLIES.saturating_sub(first);
+                let taken = replies.len().min(room);
                 // Only the first record of a delivery counts: one written by
                 // a replica that lost the partition meanwhile comes second.
                 if self.inbound.remove(&place).is_none() {
-                    return Vec::new();
+                    return (Vec::new(), taken);
                 }
-                replies
+                let due = replies
                     .into_iter()
-                    .take(MAX_REPLIES)
+                    .take(room)
                     .enumerate()
                     .map(|(i, reply)| {
                         self.outbound.insert(at(i), reply);
@@ -348,22 +364,33 @@ impl Partition {
                             place: at(i),
                         }
                     })
-                    .collect()
+                    .collect();
+                return (due, taken);
             }
             Record::Sent { place } => {
                 self.outbound.remove(&place);
-                Vec::new()
+                return (Vec::new(), 0);
             }
             Record::DeadLettered { target, place } => {
                 match target {
                     Target::Bot => self.inbound.remove(&place).map(drop),
                     Target::Response => self.outbound.remove(&place).map(drop),
                 };
-                Vec::new()
+                return (Vec::new(), 0);
+            }
+            Record::Progress { records } => {
+                let (mut due, mut next) = (Vec::new(), first);
+                for record in records {
+                    let (more, taken) = self.apply_from(seq, next, record);
+                    due.extend(more);
+                    next += taken;
+                }
+                return (due, next - first);
             }
             // A replay that meets one has applied everything it holds already.
             Record::Snapshot { .. } => Vec::new(),
-        }
+        };
+        (due, 1)
     }
 
     /// The partition as a snapshot record, after the record at `through`.
@@ -633,6 +660,54 @@ mod tests {
         let many = (0..100).fold(Vec::new(), |m, i| next_marks(&m, i, 5000 + i, window));
         assert_eq!(many.len(), 64);
         assert_eq!(many[0], (0, 5000), "the oldest mark is kept");
+    }
+
+    #[test]
+    fn a_batch_of_progress_numbers_its_replies_across_the_batch() {
+        let mut p = Partition::default();
+        p.apply(
+            1,
+            Record::Accept {
+                message: inbound("m1"),
+            },
+        );
+        p.apply(
+            2,
+            Record::Accept {
+                message: inbound("m2"),
+            },
+        );
+        let due = p.apply(
+            3,
+            Record::Progress {
+                records: vec![
+                    Record::Delivered {
+                        place: place(1, 0),
+                        replies: vec![outbound("r1a"), outbound("r1b")],
+                    },
+                    // Already done: its number is taken all the same.
+                    Record::Delivered {
+                        place: place(9, 0),
+                        replies: vec![outbound("x")],
+                    },
+                    Record::Delivered {
+                        place: place(2, 0),
+                        replies: vec![outbound("r2")],
+                    },
+                    Record::Sent { place: place(3, 0) },
+                ],
+            },
+        );
+        assert_eq!(
+            due.iter().map(|d| d.place).collect::<Vec<_>>(),
+            [place(3, 0), place(3, 1), place(3, 3)]
+        );
+        assert_eq!(p.outbound[&place(3, 3)].id, "r2");
+        assert!(
+            !p.outbound.contains_key(&place(3, 0)),
+            "sent in the same batch"
+        );
+        assert!(p.inbound.is_empty());
     }
 
     #[test]

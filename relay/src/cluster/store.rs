@@ -23,6 +23,12 @@ use std::time::{Duration, Instant};
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Writes under way at once before clients get `503 overloaded`.
 const MAX_WRITES: usize = 16 * 1024;
+/// Progress records of a partition written as one, at most: a batch
+/// forms while the last one waits for its acknowledgement.
+const BATCH_RECORDS: usize = 128;
+/// Bytes of progress records written as one, about, at most (NATS takes
+/// messages of up to 1 MiB by default).
+const BATCH_BYTES: usize = 256 * 1024;
 /// How often the setup is tried again while NATS cannot be reached.
 const SETUP_RETRY: Duration = Duration::from_secs(2);
 
@@ -50,8 +56,52 @@ struct Inner {
     /// Whether the first round of leases was taken and replayed: until then
     /// the replica is not ready.
     started: AtomicBool,
+    /// Where each partition's delivery progress waits to be written (one
+    /// writer task per partition, started with the store).
+    progress: Vec<tokio::sync::mpsc::UnboundedSender<Progress>>,
+    progress_inboxes: Mutex<Vec<tokio::sync::mpsc::UnboundedReceiver<Progress>>>,
     /// Told when a partition's follower applied records (one per partition).
     applied: Vec<tokio::sync::Notify>,
+}
+
+/// A progress record waiting to be written; told the sequence of the
+/// record it went out in.
+struct Progress {
+    record: Record,
+    replies: usize,
+    bytes: usize,
+    written: tokio::sync::oneshot::Sender<Result<u64, CommitError>>,
+}
+
+impl Progress {
+    fn new(
+        record: Record,
+    ) -> (
+        Progress,
+        tokio::sync::oneshot::Receiver<Result<u64, CommitError>>,
+    ) {
+        let (replies, bytes) = match &record {
+            Record::Delivered { replies, .. } => (
+                replies.len(),
+                replies
+                    .iter()
+                    .map(|r| r.payload.get().len() + r.kind.len() + 300)
+                    .sum::<usize>()
+                    + 100,
+            ),
+            _ => (0, 100),
+        };
+        let (written, wait) = tokio::sync::oneshot::channel();
+        (
+            Progress {
+                record,
+                replies,
+                bytes,
+                written,
+            },
+            wait,
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -141,6 +191,9 @@ impl NatsStore {
             if host.is_empty() { "" } else { "-" },
             &crate::ids::message_id()[..8]
         );
+        let (progress_tx, progress_rx) = (0..PARTITIONS)
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
         NatsStore {
             inner: Arc::new(Inner {
                 names: Names::new(&prefix),
@@ -157,6 +210,8 @@ impl NatsStore {
                 writes: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 started: AtomicBool::new(false),
+                progress: progress_tx,
+                progress_inboxes: Mutex::new(progress_rx),
                 applied: (0..PARTITIONS)
                     .map(|_| tokio::sync::Notify::new())
                     .collect(),
@@ -173,6 +228,15 @@ impl NatsStore {
         tokio::spawn(async move {
             let conn = inner.clone().setup().await;
             let _ = inner.conn.set(conn);
+            let inboxes = std::mem::take(
+                &mut *inner
+                    .progress_inboxes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for (partition, inbox) in (0..PARTITIONS).zip(inboxes) {
+                tokio::spawn(inner.clone().write_progress(partition, inbox));
+            }
             *inner.problem() = None;
             inner.lease_loop().await;
         });
@@ -284,6 +348,13 @@ impl Inner {
     }
 
     async fn create(&self, client: async_nats::Client) -> Result<Conn, String> {
+        // The client connects in the background: give it a moment first.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while client.connection_state() != async_nats::connection::State::Connected
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if client.connection_state() != async_nats::connection::State::Connected {
             return Err(format!(
                 "cannot reach the NATS servers {}",
@@ -431,10 +502,8 @@ impl Inner {
                     place: handle.place,
                     replies,
                 };
-                let ack = self
-                    .append(&conn, self.names.progress(handle.partition), &record, None)
-                    .await?;
-                self.queued_through(handle.partition, ack.sequence).await;
+                let seq = self.progress(handle.partition, record).await?;
+                self.queued_through(handle.partition, seq).await;
                 Ok(Outcome::Queued(Vec::new()))
             }
             Op::CompleteOutbound { seq } => {
@@ -442,8 +511,7 @@ impl Inner {
                 let record = Record::Sent {
                     place: handle.place,
                 };
-                self.append(&conn, self.names.progress(handle.partition), &record, None)
-                    .await?;
+                self.progress(handle.partition, record).await?;
                 Ok(Outcome::Done)
             }
             Op::DeadLetter {
@@ -598,9 +666,70 @@ impl Inner {
             target,
             place: handle.place,
         };
-        self.append(conn, self.names.progress(handle.partition), &record, None)
-            .await?;
+        self.progress(handle.partition, record).await?;
         Ok(Outcome::Done)
+    }
+
+    /// Writes a progress record of `partition` with the others made
+    /// meanwhile, in the order made; returns the sequence it went out in.
+    async fn progress(&self, partition: u16, record: Record) -> Result<u64, CommitError> {
+        let (progress, written) = Progress::new(record);
+        self.progress[usize::from(partition)]
+            .send(progress)
+            .map_err(|_| CommitError::Closed)?;
+        written.await.map_err(|_| CommitError::Closed)?
+    }
+
+    /// The writer of one partition's progress: each record batch is written
+    /// once the last one was acknowledged, with what came meanwhile.
+    async fn write_progress(
+        self: Arc<Self>,
+        partition: u16,
+        mut inbox: tokio::sync::mpsc::UnboundedReceiver<Progress>,
+    ) {
+        let conn = self.conn.get().expect("set up").clone();
+        let subject = self.names.progress(partition);
+        let mut next: Option<Progress> = None;
+        loop {
+            let first = match next.take() {
+                Some(first) => first,
+                None => match inbox.recv().await {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
+            let (mut replies, mut bytes) = (first.replies, first.bytes);
+            let mut batch = vec![first];
+            while batch.len() < BATCH_RECORDS {
+                let Ok(more) = inbox.try_recv() else {
+                    break;
+                };
+                if replies + more.replies > log::MAX_REPLIES || bytes + more.bytes > BATCH_BYTES {
+                    next = Some(more);
+                    break;
+                }
+                replies += more.replies;
+                bytes += more.bytes;
+                batch.push(more);
+            }
+            let mut waiting = Vec::with_capacity(batch.len());
+            let mut records = Vec::with_capacity(batch.len());
+            for progress in batch {
+                records.push(progress.record);
+                waiting.push(progress.written);
+            }
+            let record = match records.len() {
+                1 => records.pop().expect("one"),
+                _ => Record::Progress { records },
+            };
+            let written = self
+                .append(&conn, subject.clone(), &record, None)
+                .await
+                .map(|ack| ack.sequence);
+            for wait in waiting {
+                let _ = wait.send(written.clone());
+            }
+        }
     }
 
     /// The dead letters named by `seqs` (their places), or all of them: (key, target, letter).
@@ -738,16 +867,20 @@ impl Inner {
             }
             // A replica that cannot reach NATS can record no progress:
             // it stops delivering at once; its leases run out meanwhile.
+            // (After a whole period: the client moves to another server
+            // within milliseconds when one dies.)
             if conn.client.connection_state() != async_nats::connection::State::Connected {
-                if !disconnected {
-                    tracing::warn!(
-                        "lost the connection to NATS: deliveries pause until it is back"
-                    );
-                    disconnected = true;
+                if disconnected {
+                    if !order.is_empty() {
+                        tracing::warn!(
+                            "lost the connection to NATS: deliveries pause until it is back"
+                        );
+                    }
+                    for partition in std::mem::take(&mut order) {
+                        self.release(partition);
+                    }
                 }
-                for partition in std::mem::take(&mut order) {
-                    self.release(partition);
-                }
+                disconnected = true;
                 continue;
             }
             disconnected = false;
