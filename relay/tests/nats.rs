@@ -789,3 +789,44 @@ async fn messages_leave_the_stream_past_the_window_and_their_conversations_stay(
     assert!(repeats < 10, "{repeats} messages delivered again");
     again[0].kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_reaches_nats_over_tls_trusting_the_ca_it_is_given() {
+    // A private CA, and a certificate for localhost signed by it.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(path("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    let (cert_file, key_file) = (path("cert.pem"), path("key.pem"));
+    let cluster = Cluster::start_with(
+        1,
+        &["--tls", "--tlscert", &cert_file, "--tlskey", &key_file],
+    );
+
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let flags = [
+        "--store=nats".to_string(),
+        format!("--nats-url=tls://localhost:{}", cluster.port(0)),
+        format!("--nats-prefix={}", fresh_prefix()),
+        "--nats-stream-replicas=1".to_string(),
+        format!("--nats-tls-ca={}", path("ca.pem")),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &flags).await;
+    assert_eq!(relay.send(&message("u", "c", "m1", "hello")).await.0, 200);
+    endpoint
+        .wait_until("the reply", Duration::from_secs(20), |r| r.len() == 1)
+        .await;
+}

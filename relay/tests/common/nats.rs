@@ -70,6 +70,8 @@ fn free_port() -> u16 {
 
 struct Server {
     name: String,
+    /// More arguments of its own (e.g. TLS).
+    extra: Vec<String>,
     client: u16,
     route: u16,
     child: Option<Child>,
@@ -85,11 +87,17 @@ impl Cluster {
     /// Starts `n` servers, clustered when `n > 1`, and waits until each
     /// takes connections.
     pub fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[])
+    }
+
+    /// As `start`, each server with `extra` arguments.
+    pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let binary = server_binary();
         let dir = tempfile::tempdir().unwrap();
         let servers = (0..n)
             .map(|i| Server {
                 name: format!("n{i}"),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
                 client: free_port(),
                 route: free_port(),
                 child: None,
@@ -125,6 +133,7 @@ impl Cluster {
             .args(["-a", "127.0.0.1", "-p", &server.client.to_string()])
             .args(["-n", &server.name, "-js", "-sd"])
             .arg(&data)
+            .args(&server.extra)
             .stdout(Stdio::null())
             .stderr(log);
         if self.servers.len() > 1 {
@@ -180,6 +189,11 @@ impl Cluster {
     /// The server index whose name is `name` (as JetStream reports leaders).
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.servers.iter().position(|s| s.name == name)
+    }
+
+    /// The client port of one server.
+    pub fn port(&self, i: usize) -> u16 {
+        self.servers[i].client
     }
 
     /// The client URL of one server.
