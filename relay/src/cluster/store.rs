@@ -1159,9 +1159,11 @@ impl Inner {
     }
 
     /// Writes a snapshot of a partition as of the record at `through`, then
-    /// drops from the stream the delivery records it covers and the older
-    /// snapshots. Accepted and bot messages stay: a duplicate's answer and
-    /// the conversations are read from them.
+    /// drops from the stream the older snapshots, the delivery records that
+    /// the previous snapshot covers, and the accepted messages up to
+    /// `expired`. The delivery records go one snapshot late: a replica that
+    /// took the partition meanwhile (this one gave it back with this write
+    /// under way) may be replaying from the previous snapshot.
     async fn snapshot(
         self: Arc<Self>,
         partition: u16,
@@ -1183,18 +1185,32 @@ impl Inner {
             return;
         }
         let published = async {
+            let previous = match conn
+                .stream
+                .get_last_raw_message_by_subject(&self.names.snapshots(partition))
+                .await
+            {
+                Ok(last) => Record::decode(&last.payload)
+                    .ok()
+                    .and_then(Partition::from_snapshot)
+                    .map(|(_, through, _)| through),
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+                Err(e) => return Err(e.to_string()),
+            };
             conn.js
                 .publish(self.names.snapshots(partition), payload.into())
                 .await
                 .map_err(|e| e.to_string())?
                 .await
                 .map_err(|e| e.to_string())?;
-            conn.stream
-                .purge()
-                .filter(self.names.progress(partition))
-                .sequence(through + 1)
-                .await
-                .map_err(|e| e.to_string())?;
+            if let Some(previous) = previous.filter(|&p| p < through) {
+                conn.stream
+                    .purge()
+                    .filter(self.names.progress(partition))
+                    .sequence(previous + 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
             conn.stream
                 .purge()
                 .filter(self.names.snapshots(partition))
