@@ -33,6 +33,7 @@ the alerts' states and values to target/dashboard-alert-states.json.
 
 import base64
 import http.server
+import itertools
 import json
 import os
 import pathlib
@@ -63,10 +64,21 @@ BOT_TOKEN = "bot-" + secrets.token_hex(8)
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for in the test
 
 
+_next_port = itertools.count(10_000 + (os.getpid() % 200) * 100)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free a moment ago, below Linux's ephemeral range (32768 and up) so
+    that no outgoing connection can take it before the process that binds it."""
+    for _ in range(22_000):
+        port = 10_000 + (next(_next_port) - 10_000) % 22_000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 # --- the bot and the response endpoint ----------------------------------------

@@ -221,12 +221,26 @@ impl Peer {
     }
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, for a process that binds it later.
+///
+/// Taken below Linux's ephemeral range (32768 and up), so that an outgoing
+/// connection of the relay, a NATS server or a client can never take it in the
+/// gap between this check and the bind; and never the same port twice in one
+/// test process. The start is spread by the process id.
 pub fn free_addr() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let seed = (std::process::id() % 200) * 100;
+    let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN {
+        let port = LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        if let Ok(listener) = StdListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().unwrap();
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 pub struct Relay {
