@@ -57,6 +57,23 @@ pub struct Config {
     /// into one reconciliation (e.g. `500ms`; `0s` turns it off).
     #[arg(long, env = "BOTRELAY_RECONCILE_DEBOUNCE", default_value = "500ms")]
     pub reconcile_debounce: humantime::Duration,
+
+    /// Base URL of a relay's admin port, with `{name}` and `{namespace}`:
+    /// the operator reads `<it>/targets` for the reachability conditions.
+    /// The default reaches the relay's Service in the cluster; from outside,
+    /// `kubectl proxy` serves e.g.
+    /// `http://127.0.0.1:8001/api/v1/namespaces/{namespace}/services/{name}-relay:metrics/proxy`.
+    #[arg(
+        long,
+        env = "BOTRELAY_RELAY_ADMIN_URL",
+        default_value = "http://{name}-relay.{namespace}.svc:9090"
+    )]
+    pub relay_admin_url: String,
+
+    /// How often each ready relay's targets are read (`0s`: never, and no
+    /// `BotReachable`/`ResponseEndpointReachable` conditions).
+    #[arg(long, env = "BOTRELAY_RELAY_POLL_INTERVAL", default_value = "15s")]
+    pub relay_poll_interval: humantime::Duration,
 }
 
 impl Config {
@@ -98,6 +115,14 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "0.0.0.0:8080");
         assert!(c.leader_election);
         assert_eq!(c.lease_name, "botrelay-operator");
+        assert_eq!(
+            c.relay_admin_url,
+            "http://{name}-relay.{namespace}.svc:9090"
+        );
+        assert_eq!(
+            std::time::Duration::from(c.relay_poll_interval),
+            std::time::Duration::from_secs(15)
+        );
     }
 
     #[test]

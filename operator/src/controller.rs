@@ -6,7 +6,7 @@
 //! all. Status is patched only when it differs, and Events mark real changes,
 //! so the events that our own writes cause do not feed back into more writes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,9 +32,10 @@ use crate::applied::{self, ObjectKey, Record, Records};
 use crate::build::{
     self, BuildSettings, Credentials, FIELD_MANAGER, MANAGED_BY_SELECTOR, MissingKeys,
 };
-use crate::crd::{MessagingEndpoint, MessagingEndpointStatus, StorageType};
+use crate::crd::{MessagingEndpoint, MessagingEndpointStatus};
 use crate::metrics::Metrics;
 use crate::status::{self, Observation, desired_status};
+use crate::targets::{self, TargetsWatch};
 use crate::validate::validate;
 
 /// What can make a reconciliation fail.
@@ -124,6 +125,8 @@ pub struct Context {
     /// cache shows them: a reconcile that runs before the cache caught up
     /// reads the relay's state from here instead of applying again.
     written_deployments: Mutex<HashMap<(String, String), Arc<Deployment>>>,
+    /// What the relays last said of their targets.
+    targets: Arc<TargetsWatch>,
 }
 
 /// The owned objects as one controller's watches last saw them: the
@@ -154,7 +157,13 @@ const SECRET_CHECK_TTL: Duration = Duration::from_secs(50);
 const MEMO_LIMIT: usize = 10_000;
 
 impl Context {
-    pub fn new(client: Client, settings: BuildSettings, metrics: Metrics, identity: &str) -> Self {
+    pub fn new(
+        client: Client,
+        settings: BuildSettings,
+        metrics: Metrics,
+        identity: &str,
+        targets: targets::Settings,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -174,6 +183,7 @@ impl Context {
             secret_checked: Mutex::default(),
             applied: Records::default(),
             written_deployments: Mutex::default(),
+            targets: Arc::new(TargetsWatch::new(targets)),
         }
     }
 }
@@ -343,7 +353,7 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, scope: &Scope) -> Resu
         }
     };
     if !checked_lately {
-        let problem = match nats_secret_problem(endpoint, &secrets).await {
+        let problem = match referenced_secret_problem(endpoint, &secrets).await {
             Ok(problem) => problem,
             Err(e) => return Err(report_failure(endpoint, ctx, e).await),
         };
@@ -391,43 +401,28 @@ async fn reconcile_endpoint(endpoint: &MessagingEndpoint, scope: &Scope) -> Resu
     Ok(Action::requeue(Duration::from_secs(resync)))
 }
 
-/// What is wrong with the Secrets the `nats` store names (credentials file,
-/// CA), if anything: a missing Secret or key would leave the relay pods
-/// unable to start, so it is said in the status instead.
-async fn nats_secret_problem(
+/// What is wrong with the Secrets the spec names besides the credentials (the
+/// NATS credentials file and CA, secret header values, client certificates),
+/// if anything: a missing Secret or key would leave the relay pods unable to
+/// start, so it is said in the status instead. Each Secret is read once.
+async fn referenced_secret_problem(
     endpoint: &MessagingEndpoint,
     secrets: &Api<Secret>,
 ) -> Result<Option<(&'static str, String)>, Error> {
-    let Some(nats) = endpoint
-        .spec
-        .storage
-        .nats
-        .as_ref()
-        .filter(|_| endpoint.spec.storage.type_ == StorageType::Nats)
-    else {
-        return Ok(None);
-    };
-    for (field, reference, key) in [
-        (
-            "credentialsSecretRef",
-            &nats.credentials_secret_ref,
-            build::NATS_CREDENTIALS_KEY,
-        ),
-        (
-            "tlsCaSecretRef",
-            &nats.tls_ca_secret_ref,
-            build::NATS_CA_KEY,
-        ),
-    ] {
-        let Some(reference) = reference else { continue };
-        let found = secrets
-            .get_opt(&reference.name)
-            .await
-            .map_err(kube_err("get_secret"))?;
+    let mut read: BTreeMap<String, Option<Secret>> = BTreeMap::new();
+    for reference in build::referenced_secret_keys(&endpoint.spec) {
+        if !read.contains_key(&reference.secret) {
+            let found = secrets
+                .get_opt(&reference.secret)
+                .await
+                .map_err(kube_err("get_secret"))?;
+            read.insert(reference.secret.clone(), found);
+        }
+        let found = &read[&reference.secret];
         let has_key = found.as_ref().is_some_and(|s| {
             s.data
                 .as_ref()
-                .and_then(|d| d.get(key))
+                .and_then(|d| d.get(&reference.key))
                 .is_some_and(|v| !v.0.is_empty())
         });
         match (found, has_key) {
@@ -435,8 +430,9 @@ async fn nats_secret_problem(
                 return Ok(Some((
                     "SecretNotFound",
                     format!(
-                        "Secret {} (spec.storage.nats.{field}) not found in namespace {}",
-                        reference.name,
+                        "Secret {} ({}) not found in namespace {}",
+                        reference.secret,
+                        reference.field,
                         endpoint.namespace().unwrap_or_default()
                     ),
                 )));
@@ -445,8 +441,8 @@ async fn nats_secret_problem(
                 return Ok(Some((
                     "MissingSecretKey",
                     format!(
-                        "Secret {} (spec.storage.nats.{field}) lacks {key}",
-                        reference.name
+                        "Secret {} ({}) lacks {}",
+                        reference.secret, reference.field, reference.key
                     ),
                 )));
             }
@@ -724,6 +720,17 @@ async fn update_status(
     status: MessagingEndpointStatus,
     ctx: &Context,
 ) -> Result<(), Error> {
+    let mut status = status;
+    if ctx.targets.settings.enabled() {
+        let namespace = endpoint.namespace().unwrap_or_default();
+        let found = ctx.targets.found(&namespace, &endpoint.name_any());
+        let verdicts = targets::verdicts(
+            found.as_ref(),
+            &endpoint.spec.bot.url,
+            &endpoint.spec.response_endpoint.url,
+        );
+        status::add_reachability(endpoint, &mut status, verdicts, now());
+    }
     if endpoint.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -946,7 +953,20 @@ pub fn controller(
             pdbs,
         },
     });
+    // The relays' view of their targets: an endpoint whose verdicts changed
+    // is reconciled, to write the conditions.
+    let (changed, targets_changed) = tokio::sync::mpsc::channel(256);
+    let poller = targets::poll(
+        store.clone(),
+        scope.ctx.targets.clone(),
+        scope.ctx.metrics.clone(),
+        changed,
+    );
     let controller = controller
+        .reconcile_on(futures::stream::unfold(
+            targets_changed,
+            |mut rx| async move { rx.recv().await.map(|key| (key, rx)) },
+        ))
         .owns_stream(deployment_events)
         .owns_stream(service_events)
         .owns_stream(pvc_events)
@@ -961,6 +981,18 @@ pub fn controller(
                 Err(e) => tracing::debug!(error = %e, "controller event"),
             }
         });
+    // The poller lives as long as the controller (it ends at the shutdown).
+    let run = async move {
+        tokio::pin!(poller);
+        let poller = async {
+            (&mut poller).await;
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = run => {}
+            _ = poller => {}
+        }
+    };
     (store, run)
 }
 

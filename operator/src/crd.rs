@@ -38,6 +38,8 @@ pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
     status = "MessagingEndpointStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Bot","type":"string","jsonPath":".status.conditions[?(@.type==\"BotReachable\")].status"}"#,
+    printcolumn = r#"{"name":"Response Endpoint","type":"string","jsonPath":".status.conditions[?(@.type==\"ResponseEndpointReachable\")].status"}"#,
     printcolumn = r#"{"name":"Pods Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.replicas"}"#,
     printcolumn = r#"{"name":"Webhook URL","type":"string","jsonPath":".status.webhookUrl"}"#,
@@ -106,18 +108,141 @@ fn default_replicas() -> i32 {
 
 /// The bot side.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct BotSpec {
     /// URL that receives user messages, e.g. `http://support-bot.shop.svc:8080/events`.
     #[schemars(regex(pattern = URL_PATTERN), length(max = 2048))]
     pub url: String,
+    /// How requests to the bot are sent: rate limit, extra headers, client certificate.
+    #[serde(flatten)]
+    pub target: TargetOptions,
 }
 
 /// The back-end side.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ResponseEndpointSpec {
     /// URL that receives the bot's messages, one per request.
     #[schemars(regex(pattern = URL_PATTERN), length(max = 2048))]
     pub url: String,
+    /// How requests to the response endpoint are sent.
+    #[serde(flatten)]
+    pub target: TargetOptions,
+}
+
+/// How the relay sends to one target (the bot or the response endpoint).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetOptions {
+    /// At most this many deliveries a second to the target; the others wait
+    /// in the store, in order. Unset: as fast as the target answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Extra headers on every request to the target (at most 32). A value
+    /// that is secret comes from a Secret (`valueFrom.secretKeyRef`), never in clear here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub headers: Vec<TargetHeader>,
+    /// A Secret (same namespace, keys `tls.crt` and `tls.key`, e.g. of type
+    /// `kubernetes.io/tls`) with the client certificate the relay presents to
+    /// a target that demands mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_secret_ref: Option<SecretReference>,
+}
+
+/// A rate limit: `perSecond` on average, up to `burst` at once.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Deliveries a second, e.g. `50` or `0.5` (one every two seconds).
+    #[schemars(range(min = 0.001, max = 100000.0))]
+    pub per_second: f64,
+    /// Deliveries that may go at once after a quiet spell; by default the
+    /// rate rounded up (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub burst: Option<i32>,
+}
+
+/// Header names the relay sets itself, which a spec may not set.
+pub const RESERVED_HEADERS: [&str; 8] = [
+    "content-type",
+    "content-length",
+    "host",
+    "connection",
+    "transfer-encoding",
+    "traceparent",
+    "tracestate",
+    "botrelay-probe",
+];
+
+/// One extra header: a `value` in clear, or `valueFrom` a Secret's key.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.value) != has(self.valueFrom)",
+    "message": "a header has either value or valueFrom"
+}, {
+    "rule": "!self.name.matches('(?i)^(content-type|content-length|host|connection|transfer-encoding|traceparent|tracestate|botrelay-probe|webhook-.*)$')",
+    "message": "the relay sets this header itself (content-type, content-length, host, connection, transfer-encoding, traceparent, tracestate, botrelay-probe, webhook-*)"
+}]))]
+pub struct TargetHeader {
+    /// Header name, e.g. `X-Api-Key`.
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"),
+        length(min = 1, max = 128)
+    )]
+    pub name: String,
+    /// The value, in clear (not for secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[\t\x20-\x7e]*$"), length(max = 4096))]
+    pub value: Option<String>,
+    /// Where a secret value is: a key of a Secret in the endpoint's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<HeaderValueSource>,
+}
+
+/// The source of a secret header value.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderValueSource {
+    /// The Secret and key holding the value.
+    pub secret_key_ref: SecretKeyReference,
+}
+
+/// A key of a Secret in the endpoint's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyReference {
+    /// Name of the Secret.
+    #[schemars(regex(pattern = NAME_PATTERN), length(min = 1, max = 253))]
+    pub name: String,
+    /// The key in it.
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// When the relay stops hammering a target that keeps failing.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.probeInterval) || !has(self.maxProbeInterval) || duration(self.probeInterval) <= duration(self.maxProbeInterval)",
+    "message": "probeInterval must not exceed maxProbeInterval"
+}]))]
+pub struct CircuitBreakerSpec {
+    /// Consecutive failed deliveries to one target that pause it (default 10;
+    /// 0 never pauses). While paused, one delivery at a time probes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub failures: Option<i32>,
+    /// Wait before the first probing delivery; doubles after each failed one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    pub probe_interval: Option<String>,
+    /// Longest wait between two probing deliveries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    pub max_probe_interval: Option<String>,
 }
 
 /// Timeouts, retries and limits of the relay. Durations are like `10s`, `5m`, `24h`, `1h30m`.
@@ -126,6 +251,9 @@ pub struct ResponseEndpointSpec {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!has(self.retryInitialBackoff) || !has(self.retryMaxBackoff) || duration(self.retryInitialBackoff) <= duration(self.retryMaxBackoff)",
     "message": "retryInitialBackoff must not exceed retryMaxBackoff"
+}, {
+    "rule": "!has(self.maxWait) || duration(self.maxWait) <= duration('5m')",
+    "message": "maxWait must not exceed 5m"
 }]))]
 pub struct DeliverySpec {
     /// Time limit of one delivery to the bot.
@@ -164,6 +292,20 @@ pub struct DeliverySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 16777216))]
     pub max_body_bytes: Option<i64>,
+    /// Pausing a target after consecutive failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// How often the relay checks that both targets answer (a probe request
+    /// they can tell apart; default `30s`, `0s` never). The result shows in
+    /// the `BotReachable` and `ResponseEndpointReachable` conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    pub reachability_probe_interval: Option<String>,
+    /// The longest a client may ask (`?wait=`) to get the bot's replies in
+    /// the answer (default `30s`, at most `5m`; `0s` refuses `wait`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    pub max_wait: Option<String>,
 }
 
 /// Which store the relay uses.
@@ -295,7 +437,8 @@ pub struct MessagingEndpointStatus {
     /// Relay pods asked for (`spec.replicas`): ready ones are `readyReplicas` of these.
     #[serde(default)]
     pub replicas: i32,
-    /// `Ready`, `Progressing` and `Degraded`.
+    /// `Ready`, `Progressing`, `Degraded`, and `BotReachable` and
+    /// `ResponseEndpointReachable` as the relay last found its targets.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -5,7 +5,8 @@
 //! express), `build` (pure builders: spec in, objects out), `status`
 //! (conditions), `controller` (the reconcile loop: validate → build → apply →
 //! status), `metrics`, `admin` (the `/metrics` `/healthz` `/readyz` server),
-//! `lease` (leader election on a Lease), `config` (flags), `telemetry` (logs).
+//! `lease` (leader election on a Lease), `targets` (the relays' view of their
+//! targets, as conditions), `config` (flags), `telemetry` (logs).
 
 pub mod admin;
 pub mod applied;
@@ -16,6 +17,7 @@ pub mod crd;
 pub mod lease;
 pub mod metrics;
 pub mod status;
+pub mod targets;
 pub mod telemetry;
 pub mod validate;
 

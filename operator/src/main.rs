@@ -122,6 +122,10 @@ async fn main() -> anyhow::Result<()> {
         settings,
         metrics.clone(),
         &identity,
+        botrelay_operator::targets::Settings {
+            admin_url: config.relay_admin_url.clone(),
+            interval: config.relay_poll_interval.into(),
+        },
     ));
     let namespaces = config.namespaces();
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {

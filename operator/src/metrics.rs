@@ -24,6 +24,8 @@ pub struct Metrics {
     pub owned_objects: IntCounterVec,
     /// `botrelay_operator_relay_pods{namespace, endpoint, state="desired"|"ready"}`
     pub relay_pods: IntGaugeVec,
+    /// `botrelay_operator_relay_target_polls_total{outcome="ok"|"failed"}`
+    pub relay_polls: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -85,6 +87,18 @@ impl Default for Metrics {
             &["namespace", "endpoint", "state"],
         )
         .unwrap();
+        let relay_polls = IntCounterVec::new(
+            Opts::new(
+                "botrelay_operator_relay_target_polls_total",
+                "Reads of the relays' /targets pages (for the reachability conditions), by outcome.",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        for outcome in ["ok", "failed"] {
+            relay_polls.with_label_values(&[outcome]);
+        }
+        registry.register(Box::new(relay_polls.clone())).unwrap();
         for result in ["success", "error"] {
             reconciliations.with_label_values(&[result]);
         }
@@ -113,6 +127,7 @@ impl Default for Metrics {
             leader,
             owned_objects,
             relay_pods,
+            relay_polls,
         }
     }
 }

@@ -8,6 +8,7 @@ use kube::ResourceExt;
 
 use crate::build::webhook_url;
 use crate::crd::{MessagingEndpoint, MessagingEndpointStatus};
+use crate::targets::Reach;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -171,6 +172,37 @@ pub fn desired_status(
         ready_replicas,
         replicas: desired,
         conditions,
+    }
+}
+
+/// Adds the `BotReachable` and `ResponseEndpointReachable` conditions, as
+/// the relay last reported its targets (see [`crate::targets`]).
+pub fn add_reachability(
+    endpoint: &MessagingEndpoint,
+    status: &mut MessagingEndpointStatus,
+    verdicts: [(&'static str, Reach); 2],
+    now: Time,
+) {
+    let old = endpoint
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    for (type_, reach) in verdicts {
+        let last_transition_time = old
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == reach.status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        status.conditions.retain(|c| c.type_ != type_);
+        status.conditions.push(Condition {
+            type_: type_.to_string(),
+            status: reach.status.to_string(),
+            reason: reach.reason.to_string(),
+            message: reach.message,
+            observed_generation: endpoint.metadata.generation,
+            last_transition_time,
+        });
     }
 }
 

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use crate::crd::{DeliverySpec, MessagingEndpointSpec, NatsSpec, StorageType};
+use crate::crd::{
+    DeliverySpec, MessagingEndpointSpec, NatsSpec, RESERVED_HEADERS, StorageType, TargetOptions,
+};
 
 /// Every problem found in a spec, each naming its field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +92,12 @@ pub fn validate_spec(spec: &MessagingEndpointSpec) -> Result<(), InvalidSpec> {
     if let Some(delivery) = &spec.delivery {
         check_delivery(delivery, &mut problems);
     }
+    check_target("spec.bot", &spec.bot.target, &mut problems);
+    check_target(
+        "spec.responseEndpoint",
+        &spec.response_endpoint.target,
+        &mut problems,
+    );
     if !is_quantity(&spec.storage.size) {
         problems.push(format!(
             "spec.storage.size: {:?} is not a quantity like 1Gi",
@@ -155,8 +163,93 @@ fn check_nats(nats: &NatsSpec, problems: &mut Vec<String>) {
     }
 }
 
+/// The most extra headers one target may have.
+pub const MAX_HEADERS: usize = 32;
+
+fn check_target(path: &str, target: &TargetOptions, problems: &mut Vec<String>) {
+    if let Some(limit) = &target.rate_limit {
+        if !(limit.per_second.is_finite() && (0.001..=100_000.0).contains(&limit.per_second)) {
+            problems.push(format!(
+                "{path}.rateLimit.perSecond: {} is outside 0.001..100000",
+                limit.per_second
+            ));
+        }
+        if let Some(burst) = limit.burst
+            && !(1..=100_000).contains(&burst)
+        {
+            problems.push(format!(
+                "{path}.rateLimit.burst: {burst} is outside 1..100000"
+            ));
+        }
+    }
+    if target.headers.len() > MAX_HEADERS {
+        problems.push(format!(
+            "{path}.headers: {} headers, at most {MAX_HEADERS}",
+            target.headers.len()
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, header) in target.headers.iter().enumerate() {
+        let at = format!("{path}.headers[{i}]");
+        let lower = header.name.to_ascii_lowercase();
+        if header.name.is_empty()
+            || header.name.len() > 128
+            || http::HeaderName::from_bytes(header.name.as_bytes()).is_err()
+        {
+            problems.push(format!("{at}.name: {:?} is not a header name", header.name));
+        } else if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("webhook-") {
+            problems.push(format!("{at}.name: the relay sets {} itself", header.name));
+        } else if !seen.insert(lower) {
+            problems.push(format!("{at}.name: {} is given twice", header.name));
+        }
+        match (&header.value, &header.value_from) {
+            (Some(value), None) => {
+                if value.len() > 4096 || http::HeaderValue::from_str(value).is_err() {
+                    problems.push(format!("{at}.value: not a valid header value"));
+                }
+            }
+            (None, Some(from)) => {
+                if !is_dns_subdomain(&from.secret_key_ref.name) {
+                    problems.push(format!(
+                        "{at}.valueFrom.secretKeyRef.name: {:?} is not a valid Secret name",
+                        from.secret_key_ref.name
+                    ));
+                }
+                let key = &from.secret_key_ref.key;
+                if key.is_empty()
+                    || key.len() > 253
+                    || !key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+                {
+                    problems.push(format!(
+                        "{at}.valueFrom.secretKeyRef.key: {key:?} is not a valid Secret key"
+                    ));
+                }
+            }
+            _ => problems.push(format!("{at}: give either value or valueFrom")),
+        }
+    }
+    if let Some(r) = &target.client_certificate_secret_ref
+        && !is_dns_subdomain(&r.name)
+    {
+        problems.push(format!(
+            "{path}.clientCertificateSecretRef.name: {:?} is not a valid Secret name",
+            r.name
+        ));
+    }
+}
+
 fn check_delivery(d: &DeliverySpec, problems: &mut Vec<String>) {
+    let breaker = d.circuit_breaker.clone().unwrap_or_default();
     let durations = [
+        ("circuitBreaker.probeInterval", &breaker.probe_interval),
+        (
+            "circuitBreaker.maxProbeInterval",
+            &breaker.max_probe_interval,
+        ),
+        ("reachabilityProbeInterval", &d.reachability_probe_interval),
+        ("maxWait", &d.max_wait),
         ("botTimeout", &d.bot_timeout),
         ("responseTimeout", &d.response_timeout),
         ("connectTimeout", &d.connect_timeout),
@@ -177,6 +270,27 @@ fn check_delivery(d: &DeliverySpec, problems: &mut Vec<String>) {
         && initial > max
     {
         problems.push("spec.delivery.retryInitialBackoff: exceeds retryMaxBackoff".to_string());
+    }
+    if let (Some(first), Some(max)) = (&breaker.probe_interval, &breaker.max_probe_interval)
+        && let (Ok(first), Ok(max)) = (parse_duration(first), parse_duration(max))
+        && first > max
+    {
+        problems.push(
+            "spec.delivery.circuitBreaker.probeInterval: exceeds maxProbeInterval".to_string(),
+        );
+    }
+    if let Some(n) = breaker.failures
+        && !(0..=100_000).contains(&n)
+    {
+        problems.push(format!(
+            "spec.delivery.circuitBreaker.failures: {n} is outside 0..100000"
+        ));
+    }
+    if let Some(wait) = &d.max_wait
+        && let Ok(wait) = parse_duration(wait)
+        && wait > Duration::from_secs(300)
+    {
+        problems.push("spec.delivery.maxWait: exceeds 5m".to_string());
     }
     if let Some(n) = d.max_attempts
         && !(1..=1000).contains(&n)
@@ -273,9 +387,11 @@ pub(crate) mod tests {
         MessagingEndpointSpec {
             bot: BotSpec {
                 url: "http://support-bot.shop.svc:8080/events".into(),
+                target: Default::default(),
             },
             response_endpoint: ResponseEndpointSpec {
                 url: "https://backend.example/bot-responses".into(),
+                target: Default::default(),
             },
             replicas: 1,
             delivery: None,
@@ -292,6 +408,65 @@ pub(crate) mod tests {
 
     fn problems(spec: &MessagingEndpointSpec) -> String {
         validate_spec(spec).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn delivery_controls_name_each_bad_field() {
+        use crate::crd::{
+            CircuitBreakerSpec, HeaderValueSource, RateLimit, SecretKeyReference, TargetHeader,
+        };
+        let header = |name: &str, value: Option<&str>, secret: Option<(&str, &str)>| TargetHeader {
+            name: name.into(),
+            value: value.map(String::from),
+            value_from: secret.map(|(name, key)| HeaderValueSource {
+                secret_key_ref: SecretKeyReference {
+                    name: name.into(),
+                    key: key.into(),
+                },
+            }),
+        };
+        let mut s = spec();
+        s.bot.target.rate_limit = Some(RateLimit {
+            per_second: 0.0,
+            burst: Some(0),
+        });
+        s.bot.target.headers = vec![
+            header("X-Key", Some("a"), None),
+            header("x-key", Some("b"), None),
+            header("Webhook-Id", Some("c"), None),
+            header("Bad Name", Some("d"), None),
+            header("X-Both", Some("e"), Some(("s", "k"))),
+            header("X-Secret", None, Some(("Not_A_Name", "k/ey"))),
+            header("X-Line", Some("a\nb"), None),
+        ];
+        s.delivery = Some(DeliverySpec {
+            circuit_breaker: Some(CircuitBreakerSpec {
+                failures: Some(-1),
+                probe_interval: Some("10m".into()),
+                max_probe_interval: Some("1m".into()),
+            }),
+            max_wait: Some("10m".into()),
+            reachability_probe_interval: Some("soon".into()),
+            ..DeliverySpec::default()
+        });
+        let p = problems(&s);
+        for expected in [
+            "spec.bot.rateLimit.perSecond: 0 is outside 0.001..100000",
+            "spec.bot.rateLimit.burst: 0 is outside 1..100000",
+            "spec.bot.headers[1].name: x-key is given twice",
+            "spec.bot.headers[2].name: the relay sets Webhook-Id itself",
+            "spec.bot.headers[3].name: \"Bad Name\" is not a header name",
+            "spec.bot.headers[4]: give either value or valueFrom",
+            "spec.bot.headers[5].valueFrom.secretKeyRef.name: \"Not_A_Name\" is not a valid Secret name",
+            "spec.bot.headers[5].valueFrom.secretKeyRef.key: \"k/ey\" is not a valid Secret key",
+            "spec.bot.headers[6].value: not a valid header value",
+            "spec.delivery.circuitBreaker.probeInterval: exceeds maxProbeInterval",
+            "spec.delivery.circuitBreaker.failures: -1 is outside 0..100000",
+            "spec.delivery.maxWait: exceeds 5m",
+            "spec.delivery.reachabilityProbeInterval:",
+        ] {
+            assert!(p.contains(expected), "{expected} not in {p}");
+        }
     }
 
     #[test]

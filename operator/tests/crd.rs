@@ -188,7 +188,15 @@ fn crd_names_scope_columns_and_status_subresource() {
         .collect();
     assert_eq!(
         columns,
-        ["Ready", "Pods Ready", "Pods", "Webhook URL", "Age"]
+        [
+            "Ready",
+            "Bot",
+            "Response Endpoint",
+            "Pods Ready",
+            "Pods",
+            "Webhook URL",
+            "Age"
+        ]
     );
 }
 
@@ -354,6 +362,69 @@ fn cel_rules_accept_good_specs_and_reject_cross_field_mistakes() {
             "{old:?} -> {new:?}: {changed:?}"
         );
     }
+    // Delivery controls: headers have a value or a Secret's key, never both,
+    // and never one of the headers the relay sets itself.
+    let bot_with = |extra: Value| {
+        let mut bot = serde_json::json!({"url": "http://bot.shop.svc/events"});
+        for (k, v) in extra.as_object().unwrap() {
+            bot[k] = v.clone();
+        }
+        serde_json::json!({"bot": bot})
+    };
+    let good = check(bot_with(serde_json::json!({
+        "rateLimit": {"perSecond": 0.5, "burst": 3},
+        "headers": [{"name": "X-Tenant", "value": "shop"},
+                    {"name": "X-Api-Key", "valueFrom": {"secretKeyRef": {"name": "bot-api", "key": "key"}}}],
+        "clientCertificateSecretRef": {"name": "bot-client"}
+    })));
+    assert!(good.is_ok(), "{good:?}");
+    for (header, says) in [
+        (
+            serde_json::json!({"name": "X-Api-Key"}),
+            "either value or valueFrom",
+        ),
+        (
+            serde_json::json!({"name": "X-Api-Key", "value": "a",
+                               "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}),
+            "either value or valueFrom",
+        ),
+        (
+            serde_json::json!({"name": "Content-Type", "value": "text/plain"}),
+            "sets this header itself",
+        ),
+        (
+            serde_json::json!({"name": "Webhook-Signature", "value": "v1,x"}),
+            "sets this header itself",
+        ),
+        (
+            serde_json::json!({"name": "TRACEPARENT", "value": "x"}),
+            "sets this header itself",
+        ),
+    ] {
+        let wrong = check(bot_with(serde_json::json!({"headers": [header.clone()]}))).unwrap_err();
+        assert!(format!("{wrong:?}").contains(says), "{header}: {wrong:?}");
+    }
+    let breaker = check(serde_json::json!({"delivery": {"circuitBreaker": {
+        "probeInterval": "10m", "maxProbeInterval": "1m"}}}))
+    .unwrap_err();
+    assert!(
+        format!("{breaker:?}").contains("probeInterval must not exceed maxProbeInterval"),
+        "{breaker:?}"
+    );
+    assert!(
+        check(
+            serde_json::json!({"delivery": {"circuitBreaker": {"failures": 5,
+        "probeInterval": "5s", "maxProbeInterval": "5m"}, "reachabilityProbeInterval": "30s",
+        "maxWait": "5m"}})
+        )
+        .is_ok()
+    );
+    let long_wait = check(serde_json::json!({"delivery": {"maxWait": "6m"}})).unwrap_err();
+    assert!(
+        format!("{long_wait:?}").contains("maxWait must not exceed 5m"),
+        "{long_wait:?}"
+    );
+
     let backwards = check(
         serde_json::json!({"delivery": {"retryInitialBackoff": "10m", "retryMaxBackoff": "1m"}}),
     )

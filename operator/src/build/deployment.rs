@@ -19,9 +19,9 @@ use sha2::{Digest, Sha256};
 
 use super::credentials::hex;
 use super::{
-    BuildSettings, CREDENTIALS_DIR, DATA_DIR, HTTP_PORT, METRICS_PORT, NATS_CA_DIR, NATS_CA_KEY,
-    NATS_CREDENTIALS_DIR, NATS_CREDENTIALS_KEY, deployment_name, labels, owned_metadata, pvc_name,
-    selector_labels,
+    BuildSettings, CLIENT_TLS_DIR, CREDENTIALS_DIR, DATA_DIR, HEADERS_DIR, HTTP_PORT, METRICS_PORT,
+    NATS_CA_DIR, NATS_CA_KEY, NATS_CREDENTIALS_DIR, NATS_CREDENTIALS_KEY, TLS_CERT_KEY,
+    TLS_KEY_KEY, deployment_name, labels, owned_metadata, pvc_name, selector_labels,
 };
 use crate::crd::{MessagingEndpoint, StorageType};
 
@@ -80,8 +80,51 @@ pub fn relay_args(endpoint: &MessagingEndpoint) -> Vec<String> {
             ]);
         }
     }
+    for (target, _, options) in super::targets(spec) {
+        if let Some(limit) = &options.rate_limit {
+            args.extend([
+                format!("--{target}-rate-limit"),
+                limit.per_second.to_string(),
+            ]);
+            if let Some(burst) = limit.burst {
+                args.extend([format!("--{target}-rate-burst"), burst.to_string()]);
+            }
+        }
+        for (i, header) in options.headers.iter().enumerate() {
+            match (&header.value, &header.value_from) {
+                (Some(value), _) => {
+                    args.extend([
+                        format!("--{target}-header"),
+                        format!("{}: {value}", header.name),
+                    ]);
+                }
+                (None, Some(_)) => args.extend([
+                    format!("--{target}-header-file"),
+                    format!("{}={}", header.name, header_file(target, i)),
+                ]),
+                (None, None) => {}
+            }
+        }
+        if options.client_certificate_secret_ref.is_some() {
+            args.extend([
+                format!("--{target}-client-cert"),
+                format!("{CLIENT_TLS_DIR}/{target}/{TLS_CERT_KEY}"),
+                format!("--{target}-client-key"),
+                format!("{CLIENT_TLS_DIR}/{target}/{TLS_KEY_KEY}"),
+            ]);
+        }
+    }
     if let Some(d) = &spec.delivery {
+        let breaker = d.circuit_breaker.clone().unwrap_or_default();
         let optional = [
+            (
+                "--breaker-failures",
+                breaker.failures.map(|n| n.to_string()),
+            ),
+            ("--breaker-probe-interval", breaker.probe_interval),
+            ("--breaker-max-probe-interval", breaker.max_probe_interval),
+            ("--probe-interval", d.reachability_probe_interval.clone()),
+            ("--max-wait", d.max_wait.clone()),
             ("--bot-timeout", d.bot_timeout.clone()),
             ("--response-timeout", d.response_timeout.clone()),
             ("--connect-timeout", d.connect_timeout.clone()),
@@ -100,6 +143,11 @@ pub fn relay_args(endpoint: &MessagingEndpoint) -> Vec<String> {
         }
     }
     args
+}
+
+/// Where the relay reads the secret value of header `index` of `target`.
+fn header_file(target: &str, index: usize) -> String {
+    format!("{HEADERS_DIR}/{target}-{index}/value")
 }
 
 /// One writer at a time for the embedded and memory stores (a single file on
@@ -288,6 +336,51 @@ pub fn build_deployment(
         mounts.push(mount(volume, dir, true));
     }
 
+    // Secret header values and client certificates, each Secret key mounted
+    // alone where the relay's flags say.
+    let secret_volume = |name: String, secret: &str, items: Vec<(&str, &str)>| Volume {
+        name,
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_string()),
+            items: Some(
+                items
+                    .into_iter()
+                    .map(|(key, path)| KeyToPath {
+                        key: key.into(),
+                        path: path.into(),
+                        ..KeyToPath::default()
+                    })
+                    .collect(),
+            ),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    for (target, _, options) in super::targets(spec) {
+        for (i, header) in options.headers.iter().enumerate() {
+            let Some(from) = &header.value_from else {
+                continue;
+            };
+            let volume = format!("{target}-header-{i}");
+            volumes.push(secret_volume(
+                volume.clone(),
+                &from.secret_key_ref.name,
+                vec![(&from.secret_key_ref.key, "value")],
+            ));
+            mounts.push(mount(&volume, &format!("{HEADERS_DIR}/{target}-{i}"), true));
+        }
+        if let Some(reference) = &options.client_certificate_secret_ref {
+            let volume = format!("{target}-client-tls");
+            volumes.push(secret_volume(
+                volume.clone(),
+                &reference.name,
+                vec![(TLS_CERT_KEY, TLS_CERT_KEY), (TLS_KEY_KEY, TLS_KEY_KEY)],
+            ));
+            mounts.push(mount(&volume, &format!("{CLIENT_TLS_DIR}/{target}"), true));
+        }
+    }
+
     let container = Container {
         name: "relay".into(),
         image: Some(image),
@@ -430,6 +523,7 @@ mod tests {
             max_message_age: Some("24h".into()),
             dedupe_window: Some("48h".into()),
             max_body_bytes: Some(65536),
+            ..DeliverySpec::default()
         });
         let d = build(&ep);
         let c = &pod(&d).containers[0];
@@ -443,6 +537,122 @@ mod tests {
             ),
             "{args}"
         );
+    }
+
+    #[test]
+    fn delivery_controls_become_flags_and_secrets_become_files() {
+        use crate::crd::{
+            CircuitBreakerSpec, HeaderValueSource, RateLimit, SecretKeyReference, SecretReference,
+            TargetHeader,
+        };
+        let mut ep = endpoint();
+        ep.spec.bot.target.rate_limit = Some(RateLimit {
+            per_second: 50.0,
+            burst: Some(10),
+        });
+        ep.spec.bot.target.headers = vec![
+            TargetHeader {
+                name: "X-Tenant".into(),
+                value: Some("shop".into()),
+                value_from: None,
+            },
+            TargetHeader {
+                name: "X-Api-Key".into(),
+                value: None,
+                value_from: Some(HeaderValueSource {
+                    secret_key_ref: SecretKeyReference {
+                        name: "bot-api".into(),
+                        key: "key".into(),
+                    },
+                }),
+            },
+        ];
+        ep.spec.response_endpoint.target.rate_limit = Some(RateLimit {
+            per_second: 0.5,
+            burst: None,
+        });
+        ep.spec
+            .response_endpoint
+            .target
+            .client_certificate_secret_ref = Some(SecretReference {
+            name: "backend-client".into(),
+        });
+        ep.spec.delivery = Some(DeliverySpec {
+            circuit_breaker: Some(CircuitBreakerSpec {
+                failures: Some(5),
+                probe_interval: Some("2s".into()),
+                max_probe_interval: Some("1m".into()),
+            }),
+            reachability_probe_interval: Some("20s".into()),
+            max_wait: Some("10s".into()),
+            ..DeliverySpec::default()
+        });
+        let d = build(&ep);
+        let pod = pod(&d);
+        let args = pod.containers[0].args.as_ref().unwrap().join(" ");
+        assert!(
+            args.ends_with(
+                "--endpoint-name support --bot-rate-limit 50 --bot-rate-burst 10 \
+                 --bot-header X-Tenant: shop \
+                 --bot-header-file X-Api-Key=/var/run/botrelay/headers/bot-1/value \
+                 --response-rate-limit 0.5 \
+                 --response-client-cert /var/run/botrelay/client-tls/response/tls.crt \
+                 --response-client-key /var/run/botrelay/client-tls/response/tls.key \
+                 --breaker-failures 5 --breaker-probe-interval 2s --breaker-max-probe-interval 1m \
+                 --probe-interval 20s --max-wait 10s"
+            ),
+            "{args}"
+        );
+        // The secret value is never in the pod spec: only the mounted key.
+        let spec_json = serde_json::to_string(pod).unwrap();
+        let volume = |name: &str| {
+            pod.volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == name)
+                .unwrap_or_else(|| panic!("volume {name} in {spec_json}"))
+                .secret
+                .clone()
+                .unwrap()
+        };
+        let header = volume("bot-header-1");
+        assert_eq!(header.secret_name.as_deref(), Some("bot-api"));
+        let items = header.items.unwrap();
+        assert_eq!(
+            (items[0].key.as_str(), items[0].path.as_str()),
+            ("key", "value")
+        );
+        let tls = volume("response-client-tls");
+        assert_eq!(tls.secret_name.as_deref(), Some("backend-client"));
+        let keys: Vec<_> = tls.items.unwrap().into_iter().map(|i| i.key).collect();
+        assert_eq!(keys, ["tls.crt", "tls.key"]);
+        let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
+        for (name, path) in [
+            ("bot-header-1", "/var/run/botrelay/headers/bot-1"),
+            (
+                "response-client-tls",
+                "/var/run/botrelay/client-tls/response",
+            ),
+        ] {
+            let m = mounts.iter().find(|m| m.name == name).unwrap();
+            assert_eq!((m.mount_path.as_str(), m.read_only), (path, Some(true)));
+        }
+        // Every key the pod mounts is one the operator checks exists.
+        let uses = crate::build::referenced_secret_keys(&ep.spec);
+        let named: Vec<_> = uses
+            .iter()
+            .map(|u| (u.secret.as_str(), u.key.as_str()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("bot-api", "key"),
+                ("backend-client", "tls.crt"),
+                ("backend-client", "tls.key")
+            ]
+        );
+        assert_eq!(uses[0].field, "spec.bot.headers[1].valueFrom");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 
-use crate::crd::MessagingEndpoint;
+use crate::crd::{MessagingEndpoint, MessagingEndpointSpec, StorageType, TargetOptions};
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "botrelay-operator";
@@ -41,6 +41,86 @@ pub const NATS_CREDENTIALS_KEY: &str = "nats.creds";
 /// Where the NATS servers' CA is mounted, and its key in the Secret.
 pub const NATS_CA_DIR: &str = "/var/run/botrelay/nats-ca";
 pub const NATS_CA_KEY: &str = "ca.crt";
+
+/// Where secret header values are mounted: `<dir>/<target>-<index>/value`.
+pub const HEADERS_DIR: &str = "/var/run/botrelay/headers";
+/// Where a target's client certificate and key are mounted: `<dir>/<target>/`.
+pub const CLIENT_TLS_DIR: &str = "/var/run/botrelay/client-tls";
+/// The keys of a client certificate Secret (those of a `kubernetes.io/tls` Secret).
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_KEY_KEY: &str = "tls.key";
+
+/// A key of a Secret that the spec names besides the credentials, and the
+/// field that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretKeyUse {
+    pub field: String,
+    pub secret: String,
+    pub key: String,
+}
+
+/// The two targets, as the relay's flags and the CRD's fields name them.
+pub fn targets(spec: &MessagingEndpointSpec) -> [(&'static str, &'static str, &TargetOptions); 2] {
+    [
+        ("bot", "spec.bot", &spec.bot.target),
+        (
+            "response",
+            "spec.responseEndpoint",
+            &spec.response_endpoint.target,
+        ),
+    ]
+}
+
+/// Every Secret key the relay pods mount besides the credentials: the NATS
+/// credentials file and CA, secret header values, client certificates.
+pub fn referenced_secret_keys(spec: &MessagingEndpointSpec) -> Vec<SecretKeyUse> {
+    let mut uses = Vec::new();
+    let mut add = |field: String, secret: &str, key: &str| {
+        uses.push(SecretKeyUse {
+            field,
+            secret: secret.to_string(),
+            key: key.to_string(),
+        })
+    };
+    if let Some(nats) = spec
+        .storage
+        .nats
+        .as_ref()
+        .filter(|_| spec.storage.type_ == StorageType::Nats)
+    {
+        if let Some(r) = &nats.credentials_secret_ref {
+            add(
+                "spec.storage.nats.credentialsSecretRef".into(),
+                &r.name,
+                NATS_CREDENTIALS_KEY,
+            );
+        }
+        if let Some(r) = &nats.tls_ca_secret_ref {
+            add(
+                "spec.storage.nats.tlsCaSecretRef".into(),
+                &r.name,
+                NATS_CA_KEY,
+            );
+        }
+    }
+    for (_, path, target) in targets(spec) {
+        for (i, header) in target.headers.iter().enumerate() {
+            if let Some(from) = &header.value_from {
+                add(
+                    format!("{path}.headers[{i}].valueFrom"),
+                    &from.secret_key_ref.name,
+                    &from.secret_key_ref.key,
+                );
+            }
+        }
+        if let Some(r) = &target.client_certificate_secret_ref {
+            for key in [TLS_CERT_KEY, TLS_KEY_KEY] {
+                add(format!("{path}.clientCertificateSecretRef"), &r.name, key);
+            }
+        }
+    }
+    uses
+}
 
 /// Settings that come from the operator, not from the endpoint.
 #[derive(Debug, Clone)]

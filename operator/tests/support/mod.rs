@@ -42,7 +42,10 @@ impl Operator {
             .env("BOTRELAY_LOG_LEVEL", "info,botrelay_operator=debug")
             .env("BOTRELAY_LEASE_DURATION_SECONDS", "3")
             .env("POD_NAMESPACE", LEASE_NS)
-            .env("POD_NAME", identity);
+            .env("POD_NAME", identity)
+            // No relay runs behind these endpoints: the reachability polls are
+            // off unless a test serves the relays' admin pages and turns them on.
+            .env("BOTRELAY_RELAY_POLL_INTERVAL", "0s");
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
