@@ -48,6 +48,9 @@ struct Inner {
     conn: OnceLock<Conn>,
     /// Why the store is not usable yet, while it is not.
     problem: Mutex<Option<String>>,
+    /// What the NATS client last reported going wrong on its connection
+    /// (e.g. the servers refusing the credentials), until it connects.
+    connection_error: Arc<Mutex<Option<String>>>,
     slots: Mutex<Vec<Slot>>,
     queues: OnceLock<Queues>,
     dead_letters: Mutex<DeadLetterCounts>,
@@ -204,6 +207,7 @@ impl NatsStore {
                 runtime: tokio::runtime::Handle::current(),
                 conn: OnceLock::new(),
                 problem: Mutex::new(Some("connecting to NATS".into())),
+                connection_error: Arc::default(),
                 slots: Mutex::new((0..PARTITIONS).map(|_| Slot::default()).collect()),
                 queues: OnceLock::new(),
                 dead_letters: Mutex::default(),
@@ -293,6 +297,19 @@ impl Inner {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(2000))
             });
+        let seen = self.connection_error.clone();
+        options = options.event_callback(move |event| {
+            let seen = seen.clone();
+            async move {
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                match event {
+                    async_nats::Event::Connected => *seen = None,
+                    async_nats::Event::ServerError(e) => *seen = Some(e.to_string()),
+                    async_nats::Event::ClientError(e) => *seen = Some(e.to_string()),
+                    _ => {}
+                }
+            }
+        });
         if let Some(path) = &self.flags.nats_credentials {
             options = options
                 .credentials_file(path)
@@ -356,10 +373,19 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if client.connection_state() != async_nats::connection::State::Connected {
-            return Err(format!(
-                "cannot reach the NATS servers {}",
-                self.flags.servers().join(",")
-            ));
+            let servers = self.flags.servers().join(",");
+            let said = self
+                .connection_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return Err(match said {
+                Some(e) if e.to_lowercase().contains("authorization") => format!(
+                    "the NATS servers {servers} refuse the connection: {e} (check --nats-credentials)"
+                ),
+                Some(e) => format!("cannot connect to the NATS servers {servers}: {e}"),
+                None => format!("cannot reach the NATS servers {servers}"),
+            });
         }
         let mut js = jetstream::new(client.clone());
         js.set_timeout(ACK_TIMEOUT);
