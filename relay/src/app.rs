@@ -109,28 +109,47 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
 
+    // A pause by hand is stored beside the embedded store; with the memory
+    // store it goes with everything else, and with NATS it is the replica's.
+    let pause_dir = (config.store == StoreKind::Embedded).then_some(config.data_dir.as_path());
+    let controls = Arc::new(
+        delivery::control::Controls::open(&config.control, &metrics, pause_dir)
+            .context("reading the pauses of the targets in --data-dir")?,
+    );
+
     let (queues, inboxes) = delivery::queues();
     let (writer, syncer_thread) =
         Writer::start(store.clone(), queues.clone(), metrics.clone(), WRITE_QUEUE);
     let (stop_tx, stop) = watch::channel(false);
     let answer_budget =
         AnswerBudget::new(usize::try_from(config.answer_memory_bytes).unwrap_or(usize::MAX));
+    // Only the bot's answers are kept: they carry its replies.
+    let senders = [
+        (&config.bot_url, Some(answer_budget)),
+        (&config.response_url, None),
+    ]
+    .map(|(url, budget)| {
+        Sender::new(
+            Endpoint::new(url),
+            budget,
+            config.connect_timeout,
+            config.max_in_flight as usize,
+        )
+    });
+    let probers = crate::store::Target::ALL.map(|target| delivery::probe::Prober {
+        target,
+        sender: senders[target.index()].clone(),
+        credentials: credentials.clone(),
+        timeout: match target {
+            crate::store::Target::Bot => config.bot_timeout,
+            crate::store::Target::Response => config.response_timeout,
+        },
+        control: controls.get(target).clone(),
+    });
     let deliverer = Deliverer {
         store: store.clone(),
         writer: writer.clone(),
-        // Only the bot's answers are kept: they carry its replies.
-        senders: [
-            (&config.bot_url, Some(answer_budget)),
-            (&config.response_url, None),
-        ]
-        .map(|(url, budget)| {
-            Sender::new(
-                Endpoint::new(url),
-                budget,
-                config.connect_timeout,
-                config.max_in_flight as usize,
-            )
-        }),
+        senders,
         credentials: credentials.clone(),
         metrics: metrics.clone(),
         bot_timeout: config.bot_timeout,
@@ -148,6 +167,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         inboxes,
         &queues,
         deliverer,
+        &controls,
         config.max_in_flight as usize,
         max_pending,
         stop.clone(),
@@ -208,6 +228,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         credentials: credentials.clone(),
         metrics: metrics.clone(),
         draining: draining.clone(),
+        targets: controls.clone(),
     });
 
     let mut background = vec![
@@ -227,6 +248,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ];
     if let Some(disk) = disk {
         background.push(tokio::spawn(disk.watch()));
+    }
+    if !config.control.probe_interval.is_zero() {
+        for prober in probers {
+            background.push(tokio::spawn(prober.run(config.control.probe_interval)));
+        }
     }
     let (api_stop_tx, api_stop) = watch::channel(false);
     let api_server = tokio::spawn(serve::serve(
