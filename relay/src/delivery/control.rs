@@ -402,7 +402,9 @@ impl ControlMetrics {
             let t = target.as_str();
             metrics.rate_limited.with_label_values(&[t]);
             for state in TargetState::ALL {
-                metrics.state_changes.with_label_values(&[t, state.as_str()]);
+                metrics
+                    .state_changes
+                    .with_label_values(&[t, state.as_str()]);
             }
             for outcome in ["ok", "failed"] {
                 metrics.probes.with_label_values(&[t, outcome]);
@@ -670,12 +672,7 @@ impl Controls {
         pause_dir: Option<&Path>,
     ) -> std::io::Result<Self> {
         Ok(Self {
-            bot: Arc::new(TargetControl::new(
-                Target::Bot,
-                flags,
-                metrics,
-                pause_dir,
-            )?),
+            bot: Arc::new(TargetControl::new(Target::Bot, flags, metrics, pause_dir)?),
             response: Arc::new(TargetControl::new(
                 Target::Response,
                 flags,
@@ -818,7 +815,11 @@ mod tests {
         assert_eq!(f.breaker_max_probe_interval, Duration::from_secs(300));
         assert_eq!(f.probe_interval, Duration::from_secs(30));
         f.validate().unwrap();
-        let f = parse(&["--breaker-probe-interval=10s", "--breaker-max-probe-interval=5s"]).unwrap();
+        let f = parse(&[
+            "--breaker-probe-interval=10s",
+            "--breaker-max-probe-interval=5s",
+        ])
+        .unwrap();
         assert!(f.validate().is_err());
     }
 
@@ -832,7 +833,11 @@ mod tests {
         let mut b = breaker();
         assert_eq!(b.record(Attempt::Failed, false, t0), None);
         assert_eq!(b.record(Attempt::Failed, false, t0), None);
-        assert_eq!(b.record(Attempt::Succeeded, false, t0), None, "closed stays closed");
+        assert_eq!(
+            b.record(Attempt::Succeeded, false, t0),
+            None,
+            "closed stays closed"
+        );
         assert_eq!(b.failures(), 0, "a success starts the count over");
         b.record(Attempt::Failed, false, t0);
         b.record(Attempt::Failed, false, t0);
@@ -843,7 +848,10 @@ mod tests {
         assert_eq!(b.admit(t0), Admit::Hold(Some(t0 + Duration::from_secs(1))));
         // Attempts under way when it opened fail too: no change, no shorter wait.
         assert_eq!(b.record(Attempt::Failed, false, t0 + MS), None);
-        assert_eq!(b.admit(t0 + MS), Admit::Hold(Some(t0 + Duration::from_secs(1))));
+        assert_eq!(
+            b.admit(t0 + MS),
+            Admit::Hold(Some(t0 + Duration::from_secs(1)))
+        );
     }
 
     #[test]
@@ -894,7 +902,10 @@ mod tests {
         assert_eq!(b.admit(at), Admit::Probe);
         b.probe_started();
         assert_eq!(b.record(Attempt::NotMade, false, at), None);
-        assert_eq!(b.record(Attempt::NotMade, true, at).unwrap().state, BreakerState::Open);
+        assert_eq!(
+            b.record(Attempt::NotMade, true, at).unwrap().state,
+            BreakerState::Open
+        );
         assert_eq!(b.admit(at), Admit::Probe);
     }
 
@@ -905,7 +916,10 @@ mod tests {
         for _ in 0..3 {
             b.record(Attempt::Failed, false, t0);
         }
-        assert_eq!(b.record(Attempt::Succeeded, false, t0).unwrap().state, BreakerState::Closed);
+        assert_eq!(
+            b.record(Attempt::Succeeded, false, t0).unwrap().state,
+            BreakerState::Closed
+        );
         for _ in 0..3 {
             b.record(Attempt::Failed, false, t0);
         }
@@ -949,7 +963,9 @@ mod tests {
             .unwrap();
         let text = String::from_utf8(metrics.render()).unwrap();
         assert!(
-            text.contains(r#"botrelay_target_state{state="paused",target="bot",endpoint="test"} 1"#),
+            text.contains(
+                r#"botrelay_target_state{state="paused",target="bot",endpoint="test"} 1"#
+            ),
             "{text}"
         );
         assert!(text.contains(

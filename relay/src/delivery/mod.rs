@@ -15,8 +15,8 @@ pub mod probe;
 pub use deliver::{Deliverer, FailureLog};
 
 use crate::metrics::Metrics;
-use control::{Admit, Attempt, Controls, TargetControl, TokenBucket};
 use crate::store::{Message, Pending, Seq, Target};
+use control::{Admit, Attempt, Controls, TargetControl, TokenBucket};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -454,10 +454,10 @@ impl Scheduler {
             let Some(&key) = self.ready.front() else {
                 return;
             };
-            if !self
+            if self
                 .lanes
                 .get(&key)
-                .is_some_and(|lane| !lane.queue.is_empty())
+                .is_none_or(|lane| lane.queue.is_empty())
             {
                 self.ready.pop_front();
                 continue;

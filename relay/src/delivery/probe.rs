@@ -36,8 +36,15 @@ impl Prober {
             let result = self.probe().await;
             let label = self.target.as_str();
             match &result.error {
-                None => tracing::debug!(target = label, status = result.status, duration_ms = result.duration_ms, "probe answered"),
-                Some(error) => tracing::info!(target = label, status = result.status, %error, "probe failed"),
+                None => tracing::debug!(
+                    target = label,
+                    status = result.status,
+                    duration_ms = result.duration_ms,
+                    "probe answered"
+                ),
+                Some(error) => {
+                    tracing::info!(target = label, status = result.status, %error, "probe failed")
+                }
             }
             self.control.set_probe(result);
         }
