@@ -123,33 +123,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (stop_tx, stop) = watch::channel(false);
     let answer_budget =
         AnswerBudget::new(usize::try_from(config.answer_memory_bytes).unwrap_or(usize::MAX));
-    // Only the bot's answers are kept: they carry its replies.
-    let senders = [
-        (&config.bot_url, Some(answer_budget)),
-        (&config.response_url, None),
-    ]
-    .map(|(url, budget)| {
-        Sender::new(
-            Endpoint::new(url),
-            budget,
-            config.connect_timeout,
-            config.max_in_flight as usize,
-        )
-    });
-    let probers = crate::store::Target::ALL.map(|target| delivery::probe::Prober {
-        target,
-        sender: senders[target.index()].clone(),
-        credentials: credentials.clone(),
-        timeout: match target {
-            crate::store::Target::Bot => config.bot_timeout,
-            crate::store::Target::Response => config.response_timeout,
-        },
-        control: controls.get(target).clone(),
-    });
     let deliverer = Deliverer {
         store: store.clone(),
         writer: writer.clone(),
-        senders,
+        // Only the bot's answers are kept: they carry its replies.
+        senders: [
+            (&config.bot_url, Some(answer_budget)),
+            (&config.response_url, None),
+        ]
+        .map(|(url, budget)| {
+            Sender::new(
+                Endpoint::new(url),
+                budget,
+                config.connect_timeout,
+                config.max_in_flight as usize,
+            )
+        }),
         credentials: credentials.clone(),
         metrics: metrics.clone(),
         bot_timeout: config.bot_timeout,
@@ -163,6 +152,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_replies: config.max_replies_per_answer as usize,
         failure_logs: Default::default(),
     };
+    // Probes go the way deliveries go: the same senders and keys.
+    let probers = crate::store::Target::ALL.map(|target| delivery::probe::Prober {
+        target,
+        sender: deliverer.senders[target.index()].clone(),
+        credentials: credentials.clone(),
+        timeout: match target {
+            crate::store::Target::Bot => deliverer.bot_timeout,
+            crate::store::Target::Response => deliverer.response_timeout,
+        },
+        control: controls.get(target).clone(),
+    });
     let mut engine = delivery::start(
         inboxes,
         &queues,
