@@ -447,6 +447,9 @@ pub struct TargetControl {
     pause_file: Option<PathBuf>,
     /// Wakes the scheduler after a resume.
     wake: Notify,
+    /// One pause or resume at a time, so that the stored pause and the one
+    /// in memory end the same.
+    by_hand: tokio::sync::Mutex<()>,
 }
 
 impl TargetControl {
@@ -478,6 +481,7 @@ impl TargetControl {
             metrics: metrics.control.clone(),
             pause_file,
             wake: Notify::new(),
+            by_hand: tokio::sync::Mutex::new(()),
         };
         let mut state = control.state.lock().expect("control lock");
         state.shown = state.state();
@@ -553,6 +557,7 @@ impl TargetControl {
     /// Stops deliveries to the target until [`Self::resume`]; stored first
     /// where pauses are stored.
     pub async fn pause(&self) -> std::io::Result<serde_json::Value> {
+        let _one_at_a_time = self.by_hand.lock().await;
         if let Some(file) = self.pause_file.clone() {
             let stamp = wire::rfc3339(super::now_ms());
             tokio::task::spawn_blocking(move || write_atomically(&file, stamp.as_bytes()))
@@ -569,6 +574,7 @@ impl TargetControl {
     /// says the target is back. If it is not, the breaker opens again after
     /// --breaker-failures attempts.
     pub async fn resume(&self) -> std::io::Result<serde_json::Value> {
+        let _one_at_a_time = self.by_hand.lock().await;
         if let Some(file) = self.pause_file.clone() {
             tokio::task::spawn_blocking(move || remove_durably(&file))
                 .await
