@@ -615,3 +615,53 @@ async fn the_target_routes_need_the_client_token_and_name_their_method() {
     assert_eq!((status, &body["state"]), (200, &Value::from("paused")));
     assert_eq!(targets(&relay).await["response"]["pausedByAdmin"], true);
 }
+
+/// CPU time (user and system) the process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command's closing parenthesis; utime and stime
+    // are the 14th and 15th of the line, in clock ticks (100 a second).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test]
+async fn messages_held_back_cost_no_cpu_while_they_wait() {
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    // The bot at one delivery every two seconds; the response endpoint paused.
+    let relay = std::sync::Arc::new(
+        Relay::start(
+            &bot.url(),
+            &endpoint.url(),
+            &["--bot-rate-limit=0.5", "--bot-rate-burst=1"],
+        )
+        .await,
+    );
+    admin_post(&relay, "/targets/response/pause", Some(CLIENT_TOKEN)).await;
+    send_many(&relay, 20, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_time(relay.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_time(relay.pid()) - before;
+    let delivered = deliveries(&bot.received()).len();
+    println!("40 messages held back by a limit of 0.5/s and a pause: {used:?} of CPU in 3 s");
+    assert!(
+        (1..=4).contains(&delivered),
+        "one delivery every two seconds: {delivered}"
+    );
+    assert!(
+        endpoint.received().is_empty(),
+        "the paused endpoint gets nothing"
+    );
+    assert!(
+        used < Duration::from_millis(500),
+        "waiting must not spin: {used:?} of CPU in 3 s"
+    );
+}
