@@ -1,9 +1,12 @@
 //! The admin port: `/metrics`, `/healthz`, `/readyz`, and the dead letters
 //! (`GET /dead-letters`, `POST /dead-letters/redrive`, `POST
-//! /dead-letters/discard`, behind a client token).
+//! /dead-letters/discard`, behind a client token), and the targets' state
+//! (`GET /targets`; `POST /targets/{bot|response}/{pause|resume}`, behind a
+//! client token).
 
 use crate::api::json;
 use crate::credentials::{CredentialStore, bearer};
+use crate::delivery::control::Controls;
 use crate::delivery::now_ms;
 use crate::metrics::Metrics;
 use crate::serve::Body;
@@ -29,6 +32,7 @@ pub struct Admin {
     pub credentials: CredentialStore,
     pub metrics: Metrics,
     pub draining: Arc<AtomicBool>,
+    pub targets: Arc<Controls>,
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -62,7 +66,7 @@ const DEAD_LETTER_PATHS: [&str; 3] = [
 /// The method a path of the admin port takes; `None` for an unknown path.
 fn allowed_method(path: &str) -> Option<&'static str> {
     match path {
-        "/metrics" | "/healthz" | "/readyz" | "/dead-letters" => Some("GET"),
+        "/metrics" | "/healthz" | "/readyz" | "/dead-letters" | "/targets" => Some("GET"),
         "/dead-letters/redrive" | "/dead-letters/discard" => Some("POST"),
         _ => None,
     }
@@ -90,6 +94,8 @@ impl Admin {
                     text(StatusCode::OK, "ready\n")
                 }
             }
+            (&Method::GET, "/targets") => json(StatusCode::OK, self.targets.describe().to_string()),
+            (_, path) if target_action(path).is_some() => self.target_action(req).await,
             (_, path) if DEAD_LETTER_PATHS.contains(&path) && !self.authorized(&req) => error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -112,6 +118,46 @@ impl Admin {
                 }
                 None => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
             },
+        }
+    }
+
+    /// `POST /targets/{bot|response}/{pause|resume}`: answers with the
+    /// target's object of `GET /targets`.
+    async fn target_action(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path();
+        let Some((target, action)) = target_action(path) else {
+            return error(StatusCode::NOT_FOUND, "not_found", "no such path");
+        };
+        if !self.authorized(&req) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "pausing and resuming a target needs `Authorization: Bearer <client-token>`",
+            );
+        }
+        if req.method() != Method::POST {
+            let mut answer = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("{path} takes POST only"),
+            );
+            answer
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return answer;
+        }
+        let control = self.targets.get(target);
+        let done = match action {
+            TargetAction::Pause => control.pause().await,
+            TargetAction::Resume => control.resume().await,
+        };
+        match done {
+            Ok(body) => json(StatusCode::OK, body.to_string()),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                &format!("cannot store the pause: {e}"),
+            ),
         }
     }
 
@@ -279,6 +325,27 @@ impl Admin {
             serde_json::json!({ "discarded": discarded }).to_string(),
         )
     }
+}
+
+enum TargetAction {
+    Pause,
+    Resume,
+}
+
+/// The target and action of a `/targets/{bot|response}/{pause|resume}` path.
+fn target_action(path: &str) -> Option<(Target, TargetAction)> {
+    let (target, action) = path.strip_prefix("/targets/")?.split_once('/')?;
+    let target = match target {
+        "bot" => Target::Bot,
+        "response" => Target::Response,
+        _ => return None,
+    };
+    let action = match action {
+        "pause" => TargetAction::Pause,
+        "resume" => TargetAction::Resume,
+        _ => return None,
+    };
+    Some((target, action))
 }
 
 /// A page of dead letters and how many are held in all.

@@ -109,6 +109,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
 
+    // A pause by hand is stored beside the embedded store; with the memory
+    // store it goes with everything else, and with NATS it is the replica's.
+    let pause_dir = (config.store == StoreKind::Embedded).then_some(config.data_dir.as_path());
+    let controls = Arc::new(
+        delivery::control::Controls::open(&config.control, &metrics, pause_dir)
+            .context("reading the pauses of the targets in --data-dir")?,
+    );
+
     let (queues, inboxes) = delivery::queues();
     let (writer, syncer_thread) =
         Writer::start(store.clone(), queues.clone(), metrics.clone(), WRITE_QUEUE);
@@ -144,10 +152,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_replies: config.max_replies_per_answer as usize,
         failure_logs: Default::default(),
     };
+    // Probes go the way deliveries go: the same senders and keys.
+    let probers = crate::store::Target::ALL.map(|target| delivery::probe::Prober {
+        target,
+        sender: deliverer.senders[target.index()].clone(),
+        credentials: credentials.clone(),
+        timeout: match target {
+            crate::store::Target::Bot => deliverer.bot_timeout,
+            crate::store::Target::Response => deliverer.response_timeout,
+        },
+        control: controls.get(target).clone(),
+    });
     let mut engine = delivery::start(
         inboxes,
         &queues,
         deliverer,
+        &controls,
         config.max_in_flight as usize,
         max_pending,
         stop.clone(),
@@ -208,6 +228,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         credentials: credentials.clone(),
         metrics: metrics.clone(),
         draining: draining.clone(),
+        targets: controls.clone(),
     });
 
     let mut background = vec![
@@ -227,6 +248,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ];
     if let Some(disk) = disk {
         background.push(tokio::spawn(disk.watch()));
+    }
+    if !config.control.probe_interval.is_zero() {
+        for prober in probers {
+            background.push(tokio::spawn(prober.run(config.control.probe_interval)));
+        }
     }
     let (api_stop_tx, api_stop) = watch::channel(false);
     let api_server = tokio::spawn(serve::serve(

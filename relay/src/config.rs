@@ -25,7 +25,7 @@ pub enum LogFormat {
     Text,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 500ms, 10s, 5m, 24h)"))
 }
 
@@ -76,6 +76,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub nats: crate::cluster::NatsFlags,
+
+    #[command(flatten)]
+    pub control: crate::delivery::control::ControlFlags,
 
     /// Time allowed for the bot to answer one delivery.
     #[arg(long, env = "BOTRELAY_BOT_TIMEOUT", default_value = "10s", value_parser = duration)]
@@ -331,6 +334,7 @@ impl Config {
         if self.store == StoreKind::Nats {
             self.nats.validate(&self.endpoint_name)?;
         }
+        self.control.validate()?;
         if self.max_body_bytes == 0 || self.max_pending == Some(0) || self.max_connections == 0 {
             return Err(
                 "--max-body-bytes, --max-pending and --max-connections must be at least 1".into(),

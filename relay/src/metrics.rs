@@ -42,6 +42,8 @@ pub struct Metrics {
     pub dedupe_forgotten_early: prometheus::IntCounter,
     pub unreadable_bot_answers: prometheus::IntCounter,
     pub credential_reloads: IntCounterVec,
+    /// Rate limits, breakers and probes ([`crate::delivery::control`]).
+    pub control: crate::delivery::control::ControlMetrics,
 }
 
 /// `metric`, once registered with `registry`.
@@ -225,6 +227,7 @@ impl Metrics {
                 "Changes of the credential files picked up, by outcome.",
                 &["outcome"],
             ),
+            control: crate::delivery::control::ControlMetrics::register(&registry),
             registry,
         };
         // Series that should exist from the start, so that rates and alerts have a baseline.

@@ -1,6 +1,7 @@
 //! One delivery attempt of one message, and what follows from its result.
 
 use super::backoff::Backoff;
+use super::control::Attempt;
 use super::http::{Answer, MAX_ANSWER_BYTES, Sender};
 use super::{Finish, Waiting, now_ms};
 use crate::credentials::CredentialStore;
@@ -116,13 +117,15 @@ impl Deliverer {
 
     /// Attempts a message once; `failures` attempts of it have failed before.
     /// `fresh` is the message as it was stored, if the scheduler still has it.
+    /// Says what follows for the message, and how the attempt went for the
+    /// target's breaker.
     pub async fn attempt(
         &self,
         target: Target,
         pending: &Waiting,
         failures: u32,
         fresh: Option<Arc<Message>>,
-    ) -> Finish {
+    ) -> (Finish, Attempt) {
         let label = target.as_str();
         let loaded = match fresh {
             Some(message) => Ok(Some(Outgoing::of(&message))),
@@ -131,10 +134,10 @@ impl Deliverer {
         let mut outgoing = match loaded {
             Ok(Some(outgoing)) => outgoing,
             // Completed by an earlier attempt whose result was not seen (or redriven elsewhere).
-            Ok(None) => return Finish::Done,
+            Ok(None) => return (Finish::Done, Attempt::NotMade),
             Err(e) => {
                 tracing::error!(target = label, seq = pending.seq, error = %e, "cannot read a waiting message from the store");
-                return Finish::Retry(self.backoff.max);
+                return (Finish::Retry(self.backoff.max), Attempt::NotMade);
             }
         };
         if failures > 0 {
@@ -191,7 +194,7 @@ impl Deliverer {
                             .await
                     }
                 };
-                return match recorded {
+                let finish = match recorded {
                     Ok(_) => {
                         self.metrics
                             .messages_delivered
@@ -213,6 +216,7 @@ impl Deliverer {
                         Finish::Retry(self.backoff.delay(failures, None, &mut rand::rng()))
                     }
                 };
+                return (finish, Attempt::Succeeded);
             }
             Err(failure) => failure,
         };
@@ -258,7 +262,7 @@ impl Deliverer {
                     "delivery failed; will retry"
                 ),
             }
-            return Finish::Retry(delay);
+            return (Finish::Retry(delay), Attempt::Failed);
         };
         let op = Op::DeadLetter {
             target,
@@ -266,7 +270,7 @@ impl Deliverer {
             reason: reason.clone(),
             now_ms: now_ms(),
         };
-        match self.writer.commit(op).await {
+        let finish = match self.writer.commit(op).await {
             Ok(_) => {
                 self.metrics
                     .messages_dead_lettered
@@ -286,7 +290,8 @@ impl Deliverer {
                 tracing::error!(target = label, message_id = %outgoing.id, error = %e, "cannot dead-letter; will retry");
                 Finish::Retry(self.backoff.max)
             }
-        }
+        };
+        (finish, Attempt::Failed)
     }
 
     fn load(&self, target: Target, seq: Seq) -> Result<Option<Outgoing>, crate::store::StoreError> {

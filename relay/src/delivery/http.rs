@@ -213,6 +213,21 @@ impl Sender {
         keys: &[SigningKey],
         timeout: Duration,
     ) -> Result<Answer, Failure> {
+        self.post_with(webhook_id, body, keys, timeout, &[])
+            .await
+            .map(|(_, answer)| answer)
+    }
+
+    /// [`Self::post`] with `extra` headers (a probe's); returns the 2xx
+    /// status too.
+    pub async fn post_with(
+        &self,
+        webhook_id: &str,
+        body: Vec<u8>,
+        keys: &[SigningKey],
+        timeout: Duration,
+        extra: &[(HeaderName, HeaderValue)],
+    ) -> Result<(StatusCode, Answer), Failure> {
         let now = SystemTime::now();
         let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let signature = signature_header(keys, webhook_id, timestamp, &body);
@@ -233,6 +248,9 @@ impl Sender {
         headers.insert(WEBHOOK_ID, header_value(webhook_id)?);
         headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
         headers.insert(WEBHOOK_SIGNATURE, header_value(&signature)?);
+        for (name, value) in extra {
+            headers.insert(name.clone(), value.clone());
+        }
         let mut deadline = tokio::time::Instant::now() + timeout;
         let exchange = async {
             let mut connection = self.connection(true).await?;
@@ -271,7 +289,7 @@ impl Sender {
             self.give_back(connection);
         }
         if status.is_success() {
-            Ok(answer)
+            Ok((status, answer))
         } else {
             Err(Failure::Status {
                 status,

@@ -3,16 +3,20 @@
 //! message and nothing else until that one is done (delivered or
 //! dead-lettered), which keeps each conversation in order, while a failing
 //! conversation holds back only itself. Up to `--max-in-flight` lanes deliver
-//! at once per target.
+//! at once per target. Each attempt also waits for the target's
+//! [`control`]: its rate limit, its circuit breaker and a pause by hand.
 
 pub mod backoff;
+pub mod control;
 mod deliver;
 pub mod http;
+pub mod probe;
 
 pub use deliver::{Deliverer, FailureLog};
 
 use crate::metrics::Metrics;
 use crate::store::{Message, Pending, Seq, Target};
+use control::{Admit, Attempt, Controls, TargetControl, TokenBucket};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -32,7 +36,11 @@ pub enum Finish {
 
 enum Event {
     Due(Pending),
-    Finished { lane: LaneKey, finish: Finish },
+    Finished {
+        lane: LaneKey,
+        finish: Finish,
+        attempt: Attempt,
+    },
 }
 
 /// The entry points of both schedulers, handed to the store writer and syncer.
@@ -177,10 +185,12 @@ pub fn queues() -> (Queues, Inboxes) {
 /// `drain` for deliveries under way. While `max_replies` replies or more wait
 /// for the response endpoint, no new delivery to the bot starts: each could
 /// add replies that nothing drains, past what memory was sized for.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     inboxes: Inboxes,
     queues: &Queues,
     deliverer: Deliverer,
+    controls: &Controls,
     max_in_flight: usize,
     max_replies: usize,
     stop: watch::Receiver<bool>,
@@ -211,6 +221,14 @@ pub fn start(
             paused: false,
             unread: queues.unread.clone(),
             tasks: JoinSet::new(),
+            control: controls.get(target).clone(),
+            bucket: controls
+                .get(target)
+                .rate_limit()
+                .map(|limit| TokenBucket::new(limit, Instant::now())),
+            rate_waiting: None,
+            probe_lane: None,
+            held_until: None,
         };
         set.spawn(scheduler.run(inbox, stop.clone(), drain));
     }
@@ -264,6 +282,17 @@ struct Scheduler {
     /// Shared with `Queues::unread`.
     unread: Arc<AtomicUsize>,
     tasks: JoinSet<()>,
+    /// The target's breaker and pause.
+    control: Arc<TargetControl>,
+    /// The target's rate limit, if it has one.
+    bucket: Option<TokenBucket>,
+    /// The lane at the head of `ready` that waits for a token, counted once
+    /// in `botrelay_rate_limited_total`.
+    rate_waiting: Option<LaneKey>,
+    /// The lane whose attempt is the open breaker's probe delivery.
+    probe_lane: Option<LaneKey>,
+    /// When the rate limit or the breaker let the next attempt go.
+    held_until: Option<Instant>,
 }
 
 impl Scheduler {
@@ -275,9 +304,11 @@ impl Scheduler {
     ) {
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let control = self.control.clone();
         loop {
             self.dispatch();
             let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let held_until = self.held_until;
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|stop| *stop) => break,
@@ -292,6 +323,9 @@ impl Scheduler {
                     None => break,
                 },
                 _ = sleep_until(next_timer) => self.wake_due_lanes(),
+                // Dispatch again: a token is due, or the breaker's probe delivery.
+                _ = sleep_until(held_until) => {}
+                _ = control.woken() => {}
                 _ = gauges.tick() => self.update_gauges(),
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
@@ -356,8 +390,17 @@ impl Scheduler {
                     }
                 }
             }
-            Event::Finished { lane: key, finish } => {
+            Event::Finished {
+                lane: key,
+                finish,
+                attempt,
+            } => {
                 self.in_flight -= 1;
+                let probe = self.probe_lane == Some(key);
+                if probe {
+                    self.probe_lane = None;
+                }
+                self.control.record(attempt, probe, Instant::now());
                 let Some(lane) = self.lanes.get_mut(&key) else {
                     return;
                 };
@@ -402,19 +445,53 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
+        self.held_until = None;
         if self.target == Target::Bot && self.replies_overflow() {
             return;
         }
+        let now = Instant::now();
         while self.in_flight < self.max_in_flight {
-            let Some(key) = self.ready.pop_front() else {
+            let Some(&key) = self.ready.front() else {
                 return;
             };
-            let Some(lane) = self.lanes.get_mut(&key) else {
+            if self
+                .lanes
+                .get(&key)
+                .is_none_or(|lane| lane.queue.is_empty())
+            {
+                self.ready.pop_front();
                 continue;
+            }
+            // Held back, the lane stays at the head of `ready` (its message
+            // stored, its conversation in order) until the hold ends.
+            let probe = match self.control.admit(now) {
+                Admit::Go => false,
+                Admit::Probe => true,
+                Admit::Hold(until) => {
+                    self.held_until = until;
+                    return;
+                }
             };
-            let Some(head) = lane.queue.front().copied() else {
-                continue;
-            };
+            if let Some(bucket) = &mut self.bucket
+                && let Err(wait) = bucket.take(now)
+            {
+                if self.rate_waiting != Some(key) {
+                    self.rate_waiting = Some(key);
+                    self.control.rate_limited();
+                }
+                self.held_until = Some(now + wait);
+                return;
+            }
+            self.ready.pop_front();
+            if self.rate_waiting == Some(key) {
+                self.rate_waiting = None;
+            }
+            if probe {
+                self.control.probe_started();
+                self.probe_lane = Some(key);
+            }
+            let lane = self.lanes.get_mut(&key).expect("checked above");
+            let head = *lane.queue.front().expect("checked above");
             lane.busy = true;
             self.in_flight += 1;
             let failures = lane.failures;
@@ -426,8 +503,12 @@ impl Scheduler {
             let events = self.events.clone();
             let target = self.target;
             self.tasks.spawn(async move {
-                let finish = deliverer.attempt(target, &head, failures, fresh).await;
-                let _ = events.send(Event::Finished { lane: key, finish });
+                let (finish, attempt) = deliverer.attempt(target, &head, failures, fresh).await;
+                let _ = events.send(Event::Finished {
+                    lane: key,
+                    finish,
+                    attempt,
+                });
             });
         }
     }

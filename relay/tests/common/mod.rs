@@ -47,6 +47,11 @@ impl Received {
             .unwrap_or("")
     }
 
+    /// Whether this is a reachability probe rather than a delivery.
+    pub fn is_probe(&self) -> bool {
+        self.header("botrelay-probe") == "1"
+    }
+
     /// Whether the Standard Webhooks signature verifies with `secret`.
     pub fn signed_with(&self, secret: &str) -> bool {
         let key = SigningKey::parse(secret).unwrap();
@@ -285,6 +290,9 @@ impl Relay {
             "--retry-max-backoff=400ms".into(),
             "--credentials-poll-interval=200ms".into(),
             "--drain-timeout=5s".into(),
+            // Reachability probes would add requests that most tests do not
+            // expect; the tests of probes turn them on.
+            "--probe-interval=0s".into(),
             "--log-format=json".into(),
             "--log-level=debug".into(),
         ];
