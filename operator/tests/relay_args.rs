@@ -221,3 +221,61 @@ fn a_nats_endpoint_reaches_the_relay_with_its_servers_prefix_and_mounted_files()
     let ca = config.nats.nats_tls_ca.as_deref().unwrap();
     assert!(ca.starts_with(mount_path(container, "nats-ca")));
 }
+
+#[test]
+fn delivery_controls_reach_the_relay_with_their_values() {
+    let ep = endpoint(
+        "support",
+        json!({
+            "bot": {"url": "http://support-bot.shop.svc:8080/events",
+                    "rateLimit": {"perSecond": 50, "burst": 10}},
+            "responseEndpoint": {"url": "https://backend.example/bot-responses",
+                                 "rateLimit": {"perSecond": 0.5}},
+            "delivery": {
+                "circuitBreaker": {"failures": 3, "probeInterval": "2s", "maxProbeInterval": "90s"},
+                "reachabilityProbeInterval": "20s",
+            },
+        }),
+    );
+    let config = relay_config_for(&ep);
+    let c = &config.control;
+    assert_eq!((c.bot_rate_limit, c.bot_rate_burst), (Some(50.0), Some(10)));
+    assert_eq!(
+        (c.response_rate_limit, c.response_rate_burst),
+        (Some(0.5), None)
+    );
+    assert_eq!(c.breaker_failures, 3);
+    assert_eq!(c.breaker_probe_interval, Duration::from_secs(2));
+    assert_eq!(c.breaker_max_probe_interval, Duration::from_secs(90));
+    assert_eq!(c.probe_interval, Duration::from_secs(20));
+
+    // Nothing said: the relay's defaults (no limit, 10 failures, probes every 30 s).
+    let plain = relay_config_for(&endpoint(
+        "plain",
+        json!({"bot": {"url": "http://b/"}, "responseEndpoint": {"url": "http://r/"}}),
+    ));
+    assert_eq!(plain.control.bot_rate_limit, None);
+    assert_eq!(plain.control.breaker_failures, 10);
+    assert_eq!(plain.control.probe_interval, Duration::from_secs(30));
+}
+
+#[test]
+fn several_relay_pods_share_the_endpoints_rate_limit() {
+    let ep = endpoint(
+        "busy",
+        json!({
+            "bot": {"url": "http://bot.shop.svc/events",
+                    "rateLimit": {"perSecond": 90, "burst": 10}},
+            "responseEndpoint": {"url": "https://backend.example/r",
+                                 "rateLimit": {"perSecond": 1}},
+            "replicas": 3,
+            "storage": {"type": "nats", "nats": {"urls": ["nats://nats.nats.svc:4222"]}},
+        }),
+    );
+    let c = relay_config_for(&ep).control;
+    // Three pods, each a third of the rate and of the burst (rounded up).
+    assert_eq!((c.bot_rate_limit, c.bot_rate_burst), (Some(30.0), Some(4)));
+    let (rate, burst) = (c.response_rate_limit.unwrap(), c.response_rate_burst);
+    assert!((rate - 1.0 / 3.0).abs() < 1e-9, "{rate}");
+    assert_eq!(burst, Some(1));
+}

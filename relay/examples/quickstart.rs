@@ -127,9 +127,33 @@ async fn read(req: Request<Incoming>) -> (http::HeaderMap, Bytes) {
     (parts.headers, body)
 }
 
+/// The relay's reachability probes (header `botrelay-probe: 1`, signed like
+/// any delivery) get a 2xx and are otherwise ignored; the first is shown.
+fn probe(who: &str, headers: &http::HeaderMap, signed: bool) -> Option<Response<Full<Bytes>>> {
+    static SHOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    headers.get("botrelay-probe")?;
+    let mut shown = SHOWN.lock().unwrap();
+    if !shown.iter().any(|w| w == who) {
+        shown.push(who.to_string());
+        let signature = if signed {
+            "signature ok"
+        } else {
+            "BAD SIGNATURE"
+        };
+        println!(
+            "[{who}] the relay checks it can reach me ({signature}); further probes are not shown"
+        );
+    }
+    Some(reply(StatusCode::NO_CONTENT, String::new()))
+}
+
 async fn echo_bot(req: Request<Incoming>, key: SigningKey) -> Response<Full<Bytes>> {
     let (headers, body) = read(req).await;
-    if !verified(&headers, &body, &key) {
+    let signed = verified(&headers, &body, &key);
+    if let Some(answer) = probe("bot", &headers, signed) {
+        return answer;
+    }
+    if !signed {
         return reply(StatusCode::UNAUTHORIZED, "bad signature".into());
     }
     let message: Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -144,11 +168,11 @@ async fn echo_bot(req: Request<Incoming>, key: SigningKey) -> Response<Full<Byte
 
 async fn print_response(req: Request<Incoming>, key: SigningKey) -> Response<Full<Bytes>> {
     let (headers, body) = read(req).await;
-    let signed = if verified(&headers, &body, &key) {
-        "signature ok"
-    } else {
-        "BAD SIGNATURE"
-    };
+    let ok = verified(&headers, &body, &key);
+    if let Some(answer) = probe("response endpoint", &headers, ok) {
+        return answer;
+    }
+    let signed = if ok { "signature ok" } else { "BAD SIGNATURE" };
     println!(
         "[response endpoint] {signed}: {}",
         String::from_utf8_lossy(&body)

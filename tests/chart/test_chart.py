@@ -389,7 +389,8 @@ def test_alerts_cover_what_on_call_needs(render):
     assert {"BotrelayRelayDown", "BotrelayDeliveriesFailing", "BotrelayDeadLettersGrowing",
             "BotrelayOldestPendingTooOld", "BotrelayRejectingMessages",
             "BotrelayDedupeTableFull", "BotrelayBotAnswersUnreadable", "BotrelayRelayPodsDown",
-            "BotrelayReconcileErrors"} <= set(alerts)
+            "BotrelayReconcileErrors", "BotrelayTargetCircuitOpen", "BotrelayTargetPausedByHand",
+            "BotrelayTargetUnreachable"} <= set(alerts)
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
         assert rule["labels"]["team"] == "platform", name

@@ -600,11 +600,14 @@ def test_relay_pods_panel_shows_ready_and_desired_per_endpoint(stack, chart_dir)
 def aggregation(expr: str) -> str:
     """How a relay panel's query must combine the series of an endpoint's
     pods, by what it shows: the oldest pending age of an endpoint is the
-    oldest of its pods'; counts, rates and sizes add up."""
+    oldest of its pods'; whether a target is reachable, the worst of its
+    pods' last probes; counts, rates and sizes add up."""
     if "histogram_quantile" in expr or ") / " in expr:
         return "ratio"  # of sums: not additive, but over all pods at once
     if "botrelay_oldest_pending_age_seconds" in expr:
         return "max"
+    if "botrelay_target_reachable" in expr:
+        return "min"
     return "sum"
 
 
@@ -632,7 +635,10 @@ def test_relay_panels_add_up_the_pods_of_an_endpoint(stack, chart_dir):
                    for pod in RELAY_PODS]
         for labels, value in whole.items():
             parts = [p.get(labels, 0.0) for p in per_pod]
-            combined = sum(parts) if kind == "sum" else max(parts)
+            if kind == "min":
+                combined = min(p[labels] for p in per_pod if labels in p)
+            else:
+                combined = sum(parts) if kind == "sum" else max(parts)
             assert abs(value - combined) <= 1e-9 * max(1.0, abs(value)), (
                 f"{title} [{ref}] {dict(labels)}: {value}, but the pods have {parts} ({kind})")
             if all(v > 0 for v in parts):

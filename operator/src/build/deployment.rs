@@ -80,13 +80,18 @@ pub fn relay_args(endpoint: &MessagingEndpoint) -> Vec<String> {
             ]);
         }
     }
+    // Each relay pod limits its own deliveries: with several (the nats store),
+    // each takes its share of the endpoint's limit.
+    let pods = if spec.storage.type_ == StorageType::Nats {
+        spec.replicas.max(1)
+    } else {
+        1
+    };
     for (target, _, options) in super::targets(spec) {
         if let Some(limit) = &options.rate_limit {
-            args.extend([
-                format!("--{target}-rate-limit"),
-                limit.per_second.to_string(),
-            ]);
-            if let Some(burst) = limit.burst {
+            let (rate, burst) = pod_share(limit.per_second, limit.burst, pods);
+            args.extend([format!("--{target}-rate-limit"), rate.to_string()]);
+            if let Some(burst) = burst {
                 args.extend([format!("--{target}-rate-burst"), burst.to_string()]);
             }
         }
@@ -143,6 +148,20 @@ pub fn relay_args(endpoint: &MessagingEndpoint) -> Vec<String> {
         }
     }
     args
+}
+
+/// One pod's share of an endpoint's rate limit when `pods` relay pods
+/// deliver: the rate divided among them, and the burst too (at least 1).
+pub fn pod_share(per_second: f64, burst: Option<i32>, pods: i32) -> (f64, Option<i32>) {
+    if pods <= 1 {
+        return (per_second, burst);
+    }
+    let rate = per_second / f64::from(pods);
+    // The relay's default burst is its own rate rounded up: give the share of
+    // the endpoint's default (the endpoint's rate rounded up) instead.
+    let burst = burst.unwrap_or(per_second.ceil() as i32);
+    let share = (burst + pods - 1) / pods;
+    (rate, Some(share.max(1)))
 }
 
 /// Where the relay reads the secret value of header `index` of `target`.
