@@ -410,6 +410,7 @@ mod tests {
                 payload: raw(r#"{"text":"hi"}"#),
                 created_at_ms: 1,
                 queued_at_ms: 1,
+                trace: None,
             },
             dedupe_window_ms: 1000,
         }

@@ -468,6 +468,7 @@ mod tests {
             payload: raw(r#"{"text":"hi"}"#),
             created_at_ms: 1,
             queued_at_ms: 1,
+            trace: None,
         }
     }
 
@@ -481,6 +482,7 @@ mod tests {
             payload: raw(r#"{"text":"echo"}"#),
             created_at_ms: 1,
             queued_at_ms: 1,
+            trace: None,
         }
     }
 
