@@ -20,11 +20,10 @@ fn parts(traceparent: &str) -> (String, String, String) {
     assert_eq!(fields.len(), 4, "{traceparent:?}");
     assert_eq!(fields[0], "00");
     assert!(fields[1].len() == 32 && fields[2].len() == 16 && fields[3].len() == 2);
-    assert!(
-        fields[1..]
-            .iter()
-            .all(|f| f.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-    );
+    assert!(fields[1..].iter().all(|f| {
+        f.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    }));
     (fields[1].into(), fields[2].into(), fields[3].into())
 }
 
@@ -78,8 +77,15 @@ async fn the_clients_trace_reaches_the_bot_and_the_response_endpoint_on_every_st
             .await;
         let (bot_trace, bot_span, flags) = parts(at_bot[0].header("traceparent"));
         let (reply_trace, reply_span, _) = parts(at_endpoint[0].header("traceparent"));
-        assert_eq!((bot_trace.as_str(), flags.as_str()), (TRACE_ID, "01"), "{store}");
-        assert_eq!(reply_trace, TRACE_ID, "{store}: the reply is in the same trace");
+        assert_eq!(
+            (bot_trace.as_str(), flags.as_str()),
+            (TRACE_ID, "01"),
+            "{store}"
+        );
+        assert_eq!(
+            reply_trace, TRACE_ID,
+            "{store}: the reply is in the same trace"
+        );
         let spans: HashSet<_> = ["00f067aa0ba902b7", bot_span.as_str(), reply_span.as_str()]
             .into_iter()
             .collect();
@@ -166,7 +172,11 @@ async fn an_invalid_traceparent_is_ignored_and_a_trace_started() {
     for r in &at_bot {
         let (trace, _, _) = parts(r.header("traceparent"));
         assert_ne!(trace, TRACE_ID);
-        assert_eq!(r.header("tracestate"), "", "no state without a valid parent");
+        assert_eq!(
+            r.header("tracestate"),
+            "",
+            "no state without a valid parent"
+        );
         // The reply of that message is in the same, new trace.
         let conversation = r.body["conversationId"].as_str().unwrap();
         let reply = at_endpoint
@@ -198,7 +208,8 @@ async fn a_bots_message_takes_its_own_traceparent_or_the_conversations_latest() 
         .await;
     let conversation = got[0].body["conversationId"].as_str().unwrap().to_owned();
     let auth = format!("Bearer {BOT_TOKEN}");
-    let body = json!({"conversationId": conversation, "type": "text", "payload": {"text": "later"}});
+    let body =
+        json!({"conversationId": conversation, "type": "text", "payload": {"text": "later"}});
     let own = "00-11111111111111111111111111111111-2222222222222222-01";
     for headers in [vec![], vec![("traceparent", own)]] {
         let mut all = vec![("authorization", auth.as_str())];
@@ -214,7 +225,9 @@ async fn a_bots_message_takes_its_own_traceparent_or_the_conversations_latest() 
         assert_eq!(status, 202);
     }
     let got = endpoint
-        .wait_until("two bot messages", Duration::from_secs(15), |r| r.len() == 2)
+        .wait_until("two bot messages", Duration::from_secs(15), |r| {
+            r.len() == 2
+        })
         .await;
     assert_eq!(parts(got[0].header("traceparent")).0, TRACE_ID);
     let (trace, span, _) = parts(got[1].header("traceparent"));
