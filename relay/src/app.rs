@@ -230,7 +230,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_pending,
         dedupe_window: config.dedupe_window,
         disk: disk.clone(),
-        turns,
+        turns: turns.clone(),
         max_wait: config.max_wait,
         max_replies: config.max_replies_per_answer as usize,
     });
@@ -311,6 +311,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     //    (their writes are still synced).
     tracing::info!("shutting down: draining requests and deliveries under way");
     draining.store(true, Ordering::Relaxed);
+    turns.drain();
     let _ = api_stop_tx.send(true);
     let _ = api_server.await;
     // 2. Stop starting deliveries; let those under way finish.

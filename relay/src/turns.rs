@@ -87,6 +87,8 @@ pub struct Turns {
     pub traces: ConversationTraces,
     /// Waiting requests per relay conversation id, oldest first.
     waiting: Mutex<HashMap<String, Vec<Arc<Waiter>>>>,
+    /// Set when the relay stops: waiting requests are answered at once.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// A request's place among the waiting; it leaves when this is dropped.
@@ -161,6 +163,20 @@ impl Turns {
         }
     }
 
+    /// Answers every waiting request now, with what it has, and every later
+    /// one at once: the relay is stopping, and a wait must not hold it up.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for waiter in self.lock().values().flatten() {
+            waiter.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The bot posted `message` on its own: it goes to the latest request
     /// waiting in its conversation (the current turn), if any.
     pub fn bot_posted(&self, message: &OutboundMessage) {
@@ -179,7 +195,7 @@ impl Waiting {
     /// [`QUIET`] passed without a further reply; returns what came.
     pub async fn collect(mut self, deadline: Instant) -> Collection {
         let mut last_change = Instant::now();
-        loop {
+        while !self.turns.draining() {
             let delivered = self.snapshot(|c| c.delivered);
             let until = if delivered {
                 deadline.min(last_change + QUIET)
@@ -325,6 +341,25 @@ mod tests {
             .collect(Instant::now() + Duration::from_secs(3))
             .await;
         assert_eq!((got.replies.len(), got.left_out), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_relay_answers_the_waiting_at_once() {
+        let turns = Arc::new(Turns::default());
+        let waiting = turns.wait_for("conv", "msg", 10);
+        let start = Instant::now();
+        let t = turns.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            t.drain();
+        });
+        waiting.collect(start + Duration::from_secs(30)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
+        let later = turns.wait_for("conv", "msg", 10);
+        later
+            .collect(Instant::now() + Duration::from_secs(30))
+            .await;
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
     }
 
     #[test]
