@@ -132,6 +132,9 @@ impl HeaderFile {
     }
 }
 
+/// The bytes of a certificate file and its key file.
+type PemPair = (Vec<u8>, Vec<u8>);
+
 /// A client certificate and its key, as files.
 #[derive(Clone, Debug)]
 struct CertFiles {
@@ -142,7 +145,7 @@ struct CertFiles {
 
 impl CertFiles {
     /// The files' bytes and what they make; errors name the flag.
-    fn read(&self) -> Result<((Vec<u8>, Vec<u8>), CertifiedKey), String> {
+    fn read(&self) -> Result<(PemPair, CertifiedKey), String> {
         let (cert_flag, key_flag) = self.flags;
         let cert_pem = std::fs::read(&self.cert)
             .map_err(|e| format!("{cert_flag}: cannot read {}: {e}", self.cert.display()))?;
@@ -277,7 +280,7 @@ impl TargetExtras {
             let value = header_value(&format!("{flag} {name}"), value)?;
             fixed.push((name, value));
         }
-        let mut header_files = Vec::new();
+        let (mut header_files, mut values) = (Vec::new(), Vec::new());
         for item in files.iter().filter(|s| !s.trim().is_empty()) {
             let flag = names[1];
             let (name, path) = item
@@ -289,7 +292,7 @@ impl TargetExtras {
                 path: PathBuf::from(path.trim()),
                 flag: names[1],
             };
-            file.read()?;
+            values.push(file.read()?);
             header_files.push(file);
         }
         let cert_files = match (cert, key) {
@@ -319,11 +322,6 @@ impl TargetExtras {
             cert_files,
             client_cert,
         };
-        let values = extras
-            .files
-            .iter()
-            .map(HeaderFile::read)
-            .collect::<Result<Vec<_>, _>>()?;
         extras.set_headers(values);
         Ok(extras)
     }
