@@ -425,12 +425,15 @@ impl Api {
         let answer = wire::accept_answer(&message);
         // Registered before the message is stored, so that no reply can
         // come before it.
-        let waiting = wait.map(|wait| {
+        let mut waiting = wait.map(|wait| {
             let waiting =
                 self.turns
                     .wait_for(&message.conversation_id, &message.id, self.max_replies);
             (waiting, tokio::time::Instant::now() + wait)
         });
+        if let Some((waiting, _)) = &mut waiting {
+            waiting.listen_to_replicas().await;
+        }
         let (conversation_id, trace) = (message.conversation_id.clone(), message.trace.clone());
         // Kept for a lookup when the store is too busy to take the message.
         let caller_message_id = message.caller_message_id.clone();

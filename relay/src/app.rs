@@ -266,6 +266,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             background.push(tokio::spawn(prober.run(config.control.probe_interval)));
         }
     }
+    if let Some(nats) = &nats {
+        let (nats, turns) = (nats.clone(), turns.clone());
+        let prefix = config.nats.prefix(&config.endpoint_name);
+        background.push(tokio::spawn(async move {
+            turns.connect_replicas(nats.client().await, &prefix);
+        }));
+    }
     for extras in [bot_extras, response_extras] {
         if extras.watched() {
             background.push(tokio::spawn(extras.watch(config.credentials_poll_interval)));

@@ -9,10 +9,17 @@
 //! once its message was delivered to the bot and then [`QUIET`] went by
 //! without a further reply. Nothing of it is stored: the replies go to the
 //! response endpoint as always, and a request that is cut off loses nothing.
+//!
+//! With `--store nats` the bot may get the message from another replica, and
+//! post its replies to yet another: a replica that sees a reply for a
+//! request it does not hold publishes it on core NATS (not JetStream: nothing
+//! is kept), on a subject per conversation that a waiting request's replica
+//! listens to while it waits.
 
 use crate::store::OutboundMessage;
 use crate::trace::ConversationTraces;
-use serde::Serialize;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,7 +32,7 @@ use tokio::time::Instant;
 pub const QUIET: Duration = Duration::from_secs(1);
 
 /// One reply as the waiting client gets it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Reply {
     pub id: String,
@@ -89,6 +96,49 @@ pub struct Turns {
     waiting: Mutex<HashMap<String, Vec<Arc<Waiter>>>>,
     /// Set when the relay stops: waiting requests are answered at once.
     draining: std::sync::atomic::AtomicBool,
+    /// The other replicas, with `--store nats` once it is connected.
+    replicas: std::sync::OnceLock<Replicas>,
+}
+
+/// Core NATS between the replicas of one endpoint.
+struct Replicas {
+    client: async_nats::Client,
+    /// `botrelay-turns.<prefix>`: outside the endpoint's stream, so that
+    /// nothing published here is stored.
+    subjects: String,
+}
+
+impl Replicas {
+    fn subject(&self, conversation_id: &str) -> String {
+        format!(
+            "{}.{:032x}",
+            self.subjects,
+            crate::ids::key(conversation_id)
+        )
+    }
+
+    fn publish(&self, conversation_id: &str, event: &Event) {
+        let (client, subject) = (self.client.clone(), self.subject(conversation_id));
+        let payload = serde_json::to_vec(event).expect("events serialize");
+        tokio::spawn(async move {
+            if let Err(e) = client.publish(subject, payload.into()).await {
+                tracing::debug!(error = %e, "could not tell the other replicas about a reply");
+            }
+        });
+    }
+}
+
+/// What one replica tells the others about a turn.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Event {
+    /// The bot took the message and answered with these replies.
+    Delivered {
+        message_id: String,
+        replies: Vec<Reply>,
+    },
+    /// The bot posted a message to the conversation.
+    Posted { reply: Reply },
 }
 
 /// A request's place among the waiting; it leaves when this is dropped.
@@ -97,6 +147,8 @@ pub struct Waiting {
     conversation_id: String,
     waiter: Arc<Waiter>,
     changes: watch::Receiver<u64>,
+    /// What the other replicas say about the conversation, while it waits.
+    listener: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What a waiting request got.
@@ -134,33 +186,63 @@ impl Turns {
             conversation_id: conversation_id.to_owned(),
             waiter,
             changes: receiver,
+            listener: None,
         }
+    }
+
+    /// Tells the replicas' events (`--store nats`) to this replica's requests.
+    pub fn connect_replicas(&self, client: async_nats::Client, prefix: &str) {
+        let _ = self.replicas.set(Replicas {
+            client,
+            subjects: format!("botrelay-turns.{prefix}"),
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Waiter>>>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a request waits on `conversation_id` (cheap: checked before
-    /// copying replies for it).
+    /// Whether a request may wait on `conversation_id`, here or, with
+    /// `--store nats`, on another replica (cheap: checked before copying
+    /// replies for it).
     pub fn anyone_waiting(&self, conversation_id: &str) -> bool {
-        self.lock().contains_key(conversation_id)
+        self.replicas.get().is_some() || self.lock().contains_key(conversation_id)
     }
 
     /// The bot took the message `message_id` and answered with `replies`.
     pub fn delivered(&self, conversation_id: &str, message_id: &str, replies: &[OutboundMessage]) {
+        let replies: Vec<Reply> = replies.iter().map(Reply::of).collect();
+        if !self.apply_delivered(conversation_id, message_id, &replies)
+            && let Some(replicas) = self.replicas.get()
+        {
+            let message_id = message_id.to_owned();
+            replicas.publish(
+                conversation_id,
+                &Event::Delivered {
+                    message_id,
+                    replies,
+                },
+            );
+        }
+    }
+
+    /// Gives the replies to the request here waiting on `message_id`, if
+    /// there is one.
+    fn apply_delivered(&self, conversation_id: &str, message_id: &str, replies: &[Reply]) -> bool {
         let waiter = self
             .lock()
             .get(conversation_id)
             .and_then(|ws| ws.iter().find(|w| w.message_id == message_id).cloned());
-        if let Some(waiter) = waiter {
-            waiter.update(|c| {
-                c.delivered = true;
-                for reply in replies {
-                    waiter.add(c, Reply::of(reply));
-                }
-            });
-        }
+        let Some(waiter) = waiter else {
+            return false;
+        };
+        waiter.update(|c| {
+            c.delivered = true;
+            for reply in replies {
+                waiter.add(c, reply.clone());
+            }
+        });
+        true
     }
 
     /// Answers every waiting request now, with what it has, and every later
@@ -178,19 +260,79 @@ impl Turns {
     }
 
     /// The bot posted `message` on its own: it goes to the latest request
-    /// waiting in its conversation (the current turn), if any.
+    /// waiting in its conversation (the current turn) here, or, with none
+    /// here, to the other replicas'.
     pub fn bot_posted(&self, message: &OutboundMessage) {
+        let reply = Reply::of(message);
         let waiter = self
             .lock()
             .get(&message.conversation_id)
             .and_then(|ws| ws.last().cloned());
-        if let Some(waiter) = waiter {
-            waiter.update(|c| waiter.add(c, Reply::of(message)));
+        match (waiter, self.replicas.get()) {
+            (Some(waiter), _) => waiter.update(|c| waiter.add(c, reply)),
+            (None, Some(replicas)) => {
+                replicas.publish(&message.conversation_id, &Event::Posted { reply })
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// An event of another replica, for `waiter` (one of this replica's).
+    fn apply_event(&self, conversation_id: &str, waiter: &Arc<Waiter>, event: Event) {
+        match event {
+            Event::Delivered {
+                message_id,
+                replies,
+            } => {
+                if message_id == waiter.message_id {
+                    self.apply_delivered(conversation_id, &message_id, &replies);
+                }
+            }
+            // To the latest request here, as a post to this replica goes.
+            Event::Posted { reply } => {
+                let latest = self
+                    .lock()
+                    .get(conversation_id)
+                    .and_then(|ws| ws.last().cloned());
+                if latest.is_some_and(|latest| Arc::ptr_eq(&latest, waiter)) {
+                    waiter.update(|c| waiter.add(c, reply));
+                }
+            }
         }
     }
 }
 
 impl Waiting {
+    /// With `--store nats`, listens to what the other replicas see of the
+    /// conversation until the request is answered. Call before the message
+    /// is stored: the subscription is then in place before the message can
+    /// be delivered.
+    pub async fn listen_to_replicas(&mut self) {
+        let Some(replicas) = self.turns.replicas.get() else {
+            return;
+        };
+        let subject = replicas.subject(&self.conversation_id);
+        let mut subscription = match replicas.client.subscribe(subject).await {
+            Ok(subscription) => subscription,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hear the other replicas; this request sees the replies of this replica only");
+                return;
+            }
+        };
+        // The server has the subscription before the message is written.
+        let _ = replicas.client.flush().await;
+        let (turns, waiter) = (self.turns.clone(), self.waiter.clone());
+        let conversation_id = self.conversation_id.clone();
+        self.listener = Some(tokio::spawn(async move {
+            while let Some(message) = subscription.next().await {
+                match serde_json::from_slice::<Event>(&message.payload) {
+                    Ok(event) => turns.apply_event(&conversation_id, &waiter, event),
+                    Err(e) => tracing::debug!(error = %e, "unreadable event of another replica"),
+                }
+            }
+        }));
+    }
+
     /// Waits until `deadline`, or until the message was delivered and
     /// [`QUIET`] passed without a further reply; returns what came.
     pub async fn collect(mut self, deadline: Instant) -> Collection {
@@ -230,6 +372,9 @@ impl Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            listener.abort();
+        }
         let mut waiting = self.turns.lock();
         if let Some(ws) = waiting.get_mut(&self.conversation_id) {
             ws.retain(|w| !Arc::ptr_eq(w, &self.waiter));

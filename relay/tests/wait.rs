@@ -256,3 +256,56 @@ async fn time_to_a_waiting_answer() {
     );
     assert!(times[9] < Duration::from_secs(2));
 }
+
+/// With `--store nats` and two replicas, the request waits on one replica
+/// while the other may deliver the message, and the bot posts to the other:
+/// the replies reach the waiting request all the same.
+#[tokio::test]
+async fn with_two_nats_replicas_the_replies_seen_elsewhere_reach_the_waiting_request() {
+    let prefix = common::nats::fresh_prefix();
+    let flags = common::nats::relay_flags(common::nats::shared(), &prefix);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (bot, relay_url) = chatty_bot(Duration::from_millis(200)).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let waiting_on = Relay::start(&bot.url(), &endpoint.url(), &flags).await;
+    let posted_to = Relay::start(&bot.url(), &endpoint.url(), &flags).await;
+    // The bot posts its later replies to the other replica.
+    *relay_url.lock().unwrap() = posted_to.url("");
+    // Let the partitions spread over both replicas.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut delivered_by_other = 0;
+    for i in 0..8 {
+        let (status, body, _) = send_waiting(
+            &waiting_on,
+            "/v1/messages?wait=3s",
+            &message("u", &format!("c{i}"), &format!("m{i}"), "hi"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            texts(&body["responses"]),
+            ["first: hi", "second", "later: hi"],
+            "conversation c{i}"
+        );
+        let id = body["message"]["id"].as_str().unwrap();
+        let delivered_here = |relay: &Relay| {
+            relay.logs().lines().any(|l| {
+                l.contains(id)
+                    && l.contains("\"message\":\"delivered\"")
+                    && l.contains("\"target\":\"bot\"")
+            })
+        };
+        if delivered_here(&posted_to) {
+            delivered_by_other += 1;
+        } else {
+            assert!(delivered_here(&waiting_on), "delivered by neither?");
+        }
+    }
+    println!(
+        "wait on nats: {delivered_by_other} of 8 messages were delivered to the bot by the other replica"
+    );
+    assert!(
+        delivered_by_other > 0,
+        "no message crossed replicas: the test proved nothing"
+    );
+}
