@@ -76,24 +76,23 @@ pub struct OutgoingFlags {
     pub response_client_key: Option<PathBuf>,
 }
 
-/// Headers the relay sets itself: a user header must not change them.
+/// Headers the relay sets itself, which a user header must not change: the
+/// same list as the operator's (`RESERVED_HEADERS` and `webhook-*`), so that
+/// a spec the operator takes never stops a relay. `user-agent` may be given
+/// and replaces the relay's.
 fn reserved(name: &HeaderName) -> bool {
-    const RESERVED: [&str; 12] = [
-        "host",
+    const RESERVED: [&str; 8] = [
         "content-type",
         "content-length",
-        "content-encoding",
-        "transfer-encoding",
+        "host",
         "connection",
-        "keep-alive",
-        "upgrade",
-        "te",
-        "user-agent",
+        "transfer-encoding",
         "traceparent",
         "tracestate",
+        "botrelay-probe",
     ];
     let name = name.as_str();
-    RESERVED.contains(&name) || name.starts_with("webhook-") || name.starts_with("botrelay-")
+    RESERVED.contains(&name) || name.starts_with("webhook-")
 }
 
 fn header_name(flag: &str, name: &str) -> Result<HeaderName, String> {

@@ -313,6 +313,7 @@ async fn a_bot_that_demands_a_header_gets_it_and_its_file_rotates() {
         &endpoint.url(),
         &[
             "--bot-header=X-Team: support",
+            "--bot-header=User-Agent: tenant-relay/1",
             &format!("--bot-header-file=X-Api-Key={key_file}"),
             "--response-header=Authorization: Basic cmVsYXk6cHc=",
         ],
@@ -340,6 +341,9 @@ async fn a_bot_that_demands_a_header_gets_it_and_its_file_rotates() {
     assert_eq!(delivered(2.0).await, 2.0, "{}", relay.logs());
     let last = bot.received().last().unwrap().clone();
     assert_eq!(last.header("x-api-key"), "key-2");
+    // A user agent given replaces the relay's.
+    assert_eq!(last.headers.get_all("user-agent").iter().count(), 1);
+    assert_eq!(last.header("user-agent"), "tenant-relay/1");
 
     // The file goes away: the last good value stays, with a warning.
     std::fs::remove_file(&key_file).unwrap();
@@ -409,6 +413,10 @@ async fn bad_header_and_certificate_flags_are_refused_at_start_naming_the_flag()
         (
             vec!["--bot-header=traceparent: x".into()],
             "--bot-header: traceparent",
+        ),
+        (
+            vec!["--bot-header=botrelay-probe: 1".into()],
+            "--bot-header: botrelay-probe",
         ),
         (
             vec![format!("--bot-header-file=X-Api-Key={missing}")],
