@@ -434,7 +434,11 @@ impl Api {
         if let Some((waiting, _)) = &mut waiting {
             waiting.listen_to_replicas().await;
         }
-        let (conversation_id, trace) = (message.conversation_id.clone(), message.trace.clone());
+        let trace_id = message
+            .trace
+            .as_ref()
+            .map(|t| t.trace_id().to_owned())
+            .unwrap_or_default();
         // Kept for a lookup when the store is too busy to take the message.
         let caller_message_id = message.caller_message_id.clone();
         let op = Op::Accept {
@@ -458,10 +462,7 @@ impl Api {
             // The first answer, at once: its replies went to whoever waited then.
             Ok(Outcome::Duplicate { answer }) => Ok(json(StatusCode::OK, answer)),
             Ok(_) => {
-                if let Some(trace) = &trace {
-                    self.turns.traces.note(&conversation_id, trace);
-                    tracing::debug!(message_id = %caller_message_id, conversation_id = %conversation_id, trace_id = trace.trace_id(), "message accepted");
-                }
+                tracing::debug!(message_id = %caller_message_id, %trace_id, "message accepted");
                 let Some((waiting, deadline)) = waiting else {
                     return Ok(json(StatusCode::OK, answer));
                 };

@@ -35,15 +35,19 @@ fn lower_hex(s: &str) -> bool {
 
 fn random_hex(bytes: usize) -> String {
     use rand::RngCore;
-    let mut raw = vec![0u8; bytes];
-    loop {
-        rand::rng().fill_bytes(&mut raw);
-        // All zeros is invalid for trace and span ids.
-        if raw.iter().any(|&b| b != 0) {
-            break;
-        }
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut raw = [0u8; 16];
+    let raw = &mut raw[..bytes];
+    // All zeros is invalid for trace and span ids.
+    while raw.iter().all(|&b| b == 0) {
+        rand::rng().fill_bytes(raw);
     }
-    raw.iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(2 * bytes);
+    for b in raw.iter() {
+        hex.push(DIGITS[usize::from(b >> 4)] as char);
+        hex.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+    hex
 }
 
 impl TraceContext {
@@ -206,7 +210,7 @@ fn valid_value(value: &str) -> bool {
 }
 
 /// The trace of each conversation's latest user message, as this replica saw
-/// it (accepted here or delivered from here): the trace of a bot's message
+/// it (delivered to the bot from here): the trace of a bot's message
 /// that brings no `traceparent` of its own. Bounded: past `max` entries it
 /// starts over, and such a bot message then gets a fresh trace.
 pub struct ConversationTraces {

@@ -164,6 +164,11 @@ impl Deliverer {
             .as_ref()
             .map_or_else(TraceContext::fresh, TraceContext::child);
         let trace_id = hop.trace_id().to_owned();
+        // Before the bot has the message: a message it posts meanwhile, or
+        // later, is in this message's trace.
+        if let (Target::Bot, Some(trace)) = (target, &outgoing.trace) {
+            self.turns.traces.note(&outgoing.conversation_id, trace);
+        }
         let started = Instant::now();
         let result = self.senders[target.index()]
             .post_with(
@@ -196,9 +201,6 @@ impl Deliverer {
                 // messages are sent again, in order, with the same webhook-id.
                 let recorded = match target {
                     Target::Bot => {
-                        if let Some(trace) = &outgoing.trace {
-                            self.turns.traces.note(&outgoing.conversation_id, trace);
-                        }
                         let replies = self.replies(&answer, &outgoing);
                         // Copied only for a client waiting inline.
                         let waited = self
