@@ -411,6 +411,7 @@ mod tests {
                 created_at_ms: 1,
                 queued_at_ms: 1,
                 trace: None,
+                waited: false,
             },
             dedupe_window_ms: 1000,
         }

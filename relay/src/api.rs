@@ -421,6 +421,7 @@ impl Api {
             created_at_ms: now,
             queued_at_ms: now,
             trace: Some(trace),
+            waited: wait.is_some(),
         };
         let answer = wire::accept_answer(&message);
         // Registered before the message is stored, so that no reply can
@@ -531,7 +532,7 @@ impl Api {
         let id = message.id.clone();
         let waited = self
             .turns
-            .anyone_waiting(&message.conversation_id)
+            .post_wanted(&message.conversation_id)
             .then(|| message.clone());
         self.writer
             .try_commit(Op::AddOutbound { message })

@@ -485,6 +485,7 @@ mod tests {
                 created_at_ms: at,
                 queued_at_ms: at,
                 trace: None,
+                waited: false,
             },
             dedupe_window_ms: 86_400_000,
         }

@@ -202,17 +202,30 @@ impl Turns {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a request may wait on `conversation_id`, here or, with
-    /// `--store nats`, on another replica (cheap: checked before copying
-    /// replies for it).
-    pub fn anyone_waiting(&self, conversation_id: &str) -> bool {
-        self.replicas.get().is_some() || self.lock().contains_key(conversation_id)
+    /// Whether a request waits on `conversation_id` here (cheap: checked
+    /// before copying replies for it).
+    pub fn waiting_here(&self, conversation_id: &str) -> bool {
+        self.lock().contains_key(conversation_id)
+    }
+
+    /// Whether a message the bot posts to `conversation_id` may be wanted by
+    /// a waiting request, here or, with `--store nats`, on another replica.
+    pub fn post_wanted(&self, conversation_id: &str) -> bool {
+        self.replicas.get().is_some() || self.waiting_here(conversation_id)
     }
 
     /// The bot took the message `message_id` and answered with `replies`.
-    pub fn delivered(&self, conversation_id: &str, message_id: &str, replies: &[OutboundMessage]) {
+    /// `waited`: its client waits inline, perhaps on another replica.
+    pub fn delivered(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+        waited: bool,
+        replies: &[OutboundMessage],
+    ) {
         let replies: Vec<Reply> = replies.iter().map(Reply::of).collect();
         if !self.apply_delivered(conversation_id, message_id, &replies)
+            && waited
             && let Some(replicas) = self.replicas.get()
         {
             let message_id = message_id.to_owned();
@@ -453,7 +466,12 @@ mod tests {
         let t = turns.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            t.delivered("conv", "msg", &[reply("r1", "conv"), reply("r2", "conv")]);
+            t.delivered(
+                "conv",
+                "msg",
+                true,
+                &[reply("r1", "conv"), reply("r2", "conv")],
+            );
             tokio::time::sleep(Duration::from_millis(700)).await;
             t.bot_posted(&reply("r3", "conv"));
             t.bot_posted(&reply("elsewhere", "other"));
@@ -467,7 +485,7 @@ mod tests {
             Duration::from_millis(2000),
             "1 s after the last reply"
         );
-        assert!(!turns.anyone_waiting("conv"), "it left when answered");
+        assert!(!turns.waiting_here("conv"), "it left when answered");
     }
 
     #[tokio::test(start_paused = true)]
@@ -481,7 +499,12 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(3));
         assert!(!got.delivered && got.replies.is_empty());
         let waiting = turns.wait_for("conv", "msg", 1);
-        turns.delivered("conv", "msg", &[reply("r1", "conv"), reply("r2", "conv")]);
+        turns.delivered(
+            "conv",
+            "msg",
+            true,
+            &[reply("r1", "conv"), reply("r2", "conv")],
+        );
         let got = waiting
             .collect(Instant::now() + Duration::from_secs(3))
             .await;

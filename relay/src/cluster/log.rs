@@ -469,6 +469,7 @@ mod tests {
             created_at_ms: 1,
             queued_at_ms: 1,
             trace: None,
+            waited: false,
         }
     }
 

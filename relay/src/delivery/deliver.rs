@@ -91,6 +91,8 @@ struct Outgoing {
     user_id: String,
     caller_conversation_id: String,
     trace: Option<TraceContext>,
+    /// Whether its client waits for the replies inline (user messages only).
+    waited: bool,
 }
 
 impl Outgoing {
@@ -103,6 +105,7 @@ impl Outgoing {
                 user_id: m.user_id.clone(),
                 caller_conversation_id: m.caller_conversation_id.clone(),
                 trace: m.trace.clone(),
+                waited: m.waited,
             },
             Message::Outbound(m) => Outgoing {
                 body: wire::response_request(m),
@@ -111,6 +114,7 @@ impl Outgoing {
                 user_id: m.user_id.clone(),
                 caller_conversation_id: m.caller_conversation_id.clone(),
                 trace: m.trace.clone(),
+                waited: false,
             },
         }
     }
@@ -203,18 +207,21 @@ impl Deliverer {
                     Target::Bot => {
                         let replies = self.replies(&answer, &outgoing);
                         // Copied only for a client waiting inline.
-                        let waited = self
-                            .turns
-                            .anyone_waiting(&outgoing.conversation_id)
-                            .then(|| replies.clone());
+                        let waited = (outgoing.waited
+                            || self.turns.waiting_here(&outgoing.conversation_id))
+                        .then(|| replies.clone());
                         let op = Op::CompleteInbound {
                             seq: pending.seq,
                             replies,
                         };
                         let recorded = self.writer.submit(op).await;
                         if let (Ok(_), Some(replies)) = (&recorded, waited) {
-                            self.turns
-                                .delivered(&outgoing.conversation_id, &outgoing.id, &replies);
+                            self.turns.delivered(
+                                &outgoing.conversation_id,
+                                &outgoing.id,
+                                outgoing.waited,
+                                &replies,
+                            );
                         }
                         recorded
                     }

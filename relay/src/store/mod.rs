@@ -78,6 +78,11 @@ pub struct InboundMessage {
     /// Absent from records written before traces were kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<crate::trace::TraceContext>,
+    /// Whether its client waits for the replies inline (`?wait=`): with
+    /// `--store nats`, the replica that delivers it then tells the others
+    /// the bot's answer. Absent (false) from older records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waited: bool,
 }
 
 /// A bot's message, waiting for the response endpoint.

@@ -20,6 +20,7 @@ fn inbound(caller_message_id: &str, conversation: &str, at: u64) -> InboundMessa
         created_at_ms: at,
         queued_at_ms: at,
         trace: None,
+        waited: false,
     }
 }
 
