@@ -314,12 +314,29 @@ async fn a_bot_that_demands_a_header_gets_it_and_its_file_rotates() {
         &[
             "--bot-header=X-Team: support",
             "--bot-header=User-Agent: tenant-relay/1",
+            // A probe at start, to see that probes carry the headers too.
+            "--probe-interval=1m",
             &format!("--bot-header-file=X-Api-Key={key_file}"),
             "--response-header=Authorization: Basic cmVsYXk6cHc=",
         ],
     )
     .await;
     assert_eq!(relay.send(&message("u", "c", "m1", "one")).await.0, 200);
+    // The probe at start carries them too.
+    let got = bot
+        .wait_until("the probe", Duration::from_secs(10), |r| {
+            r.iter().any(|r| r.header("botrelay-probe") == "1")
+        })
+        .await;
+    let probe = got
+        .iter()
+        .rev()
+        .find(|r| r.header("botrelay-probe") == "1")
+        .unwrap();
+    assert_eq!(
+        (probe.header("x-team"), probe.header("x-api-key")),
+        ("support", "key-1")
+    );
     let delivered = |n: f64| {
         let relay = &relay;
         async move {
