@@ -410,6 +410,8 @@ mod tests {
                 payload: raw(r#"{"text":"hi"}"#),
                 created_at_ms: 1,
                 queued_at_ms: 1,
+                trace: None,
+                waited: false,
             },
             dedupe_window_ms: 1000,
         }

@@ -8,6 +8,7 @@ use crate::ids;
 use crate::metrics::Metrics;
 use crate::serve::Body;
 use crate::store::{InboundMessage, Op, OutboundMessage, Outcome, Store};
+use crate::trace::TraceContext;
 use crate::wire::{self, BotMessage, ClientMessage, Invalid};
 use crate::writer::{CommitError, Writer};
 use bytes::{Bytes, BytesMut};
@@ -35,6 +36,12 @@ pub struct Api {
     pub dedupe_window: Duration,
     /// The embedded store's volume; `None` with the memory store.
     pub disk: Option<Arc<DiskGuard>>,
+    /// Traces of conversations and the clients waiting for replies.
+    pub turns: Arc<crate::turns::Turns>,
+    /// The longest `?wait=` a client may ask for (`--max-wait`); zero: none.
+    pub max_wait: Duration,
+    /// Replies one waiting client gets at most (`--max-replies-per-answer`).
+    pub max_replies: usize,
 }
 
 /// A request that is answered with an error; `code` is stable for programs,
@@ -391,7 +398,11 @@ impl Api {
 
     async fn client_message(&self, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
         self.admit(&req, |c| &c.client_tokens)?;
+        let wait = crate::turns::wait_param(req.uri().query(), self.max_wait);
+        // An invalid trace context is ignored: the message starts a trace.
+        let trace = TraceContext::from_headers(req.headers()).unwrap_or_else(TraceContext::fresh);
         let body = self.read_body(req).await?;
+        let wait = wait.map_err(Invalid)?;
         let m = ClientMessage::parse(&body)?;
         let now = now_ms();
         if let Err(refusal) = self.pressure() {
@@ -409,8 +420,26 @@ impl Api {
             payload: m.payload,
             created_at_ms: now,
             queued_at_ms: now,
+            trace: Some(trace),
+            waited: wait.is_some(),
         };
         let answer = wire::accept_answer(&message);
+        // Registered before the message is stored, so that no reply can
+        // come before it.
+        let mut waiting = wait.map(|wait| {
+            let waiting =
+                self.turns
+                    .wait_for(&message.conversation_id, &message.id, self.max_replies);
+            (waiting, tokio::time::Instant::now() + wait)
+        });
+        if let Some((waiting, _)) = &mut waiting {
+            waiting.listen_to_replicas().await;
+        }
+        let trace_id = message
+            .trace
+            .as_ref()
+            .map(|t| t.trace_id().to_owned())
+            .unwrap_or_default();
         // Kept for a lookup when the store is too busy to take the message.
         let caller_message_id = message.caller_message_id.clone();
         let op = Op::Accept {
@@ -431,8 +460,25 @@ impl Api {
             })
             .await;
         match committed {
+            // The first answer, at once: its replies went to whoever waited then.
             Ok(Outcome::Duplicate { answer }) => Ok(json(StatusCode::OK, answer)),
-            Ok(_) => Ok(json(StatusCode::OK, answer)),
+            Ok(_) => {
+                tracing::debug!(message_id = %caller_message_id, %trace_id, "message accepted");
+                let Some((waiting, deadline)) = waiting else {
+                    return Ok(json(StatusCode::OK, answer));
+                };
+                // The message is stored: the client sees it even if it goes
+                // away now, so the received count is settled first.
+                drop(received);
+                let got = waiting.collect(deadline).await;
+                if got.left_out > 0 {
+                    tracing::debug!(message_id = %caller_message_id, left_out = got.left_out, "more replies than --max-replies-per-answer; the answer has the first ones");
+                }
+                Ok(json(
+                    StatusCode::OK,
+                    crate::turns::answer_with_replies(&answer, &got.replies),
+                ))
+            }
             Err(CommitError::Busy) => {
                 received.outcome = None;
                 drop(received);
@@ -448,6 +494,7 @@ impl Api {
     async fn bot_message(&self, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
         self.admit(&req, |c| &c.bot_tokens)?;
         self.pressure()?;
+        let trace = TraceContext::from_headers(req.headers());
         let body = self.read_body(req).await?;
         let m = BotMessage::parse(&body)?;
         let store = self.store.clone();
@@ -466,6 +513,11 @@ impl Api {
                 .after_body()
             })?;
         let now = now_ms();
+        // The bot's own trace context, or the trace of the conversation's
+        // latest user message (as this replica saw it), or a new one.
+        let trace = trace
+            .or_else(|| self.turns.traces.latest(&conversation.id))
+            .unwrap_or_else(TraceContext::fresh);
         let message = OutboundMessage {
             id: ids::message_id(),
             conversation_id: conversation.id,
@@ -475,12 +527,20 @@ impl Api {
             payload: m.payload,
             created_at_ms: now,
             queued_at_ms: now,
+            trace: Some(trace),
         };
         let id = message.id.clone();
+        let waited = self
+            .turns
+            .post_wanted(&message.conversation_id)
+            .then(|| message.clone());
         self.writer
             .try_commit(Op::AddOutbound { message })
             .await
             .map_err(unavailable)?;
+        if let Some(message) = waited {
+            self.turns.bot_posted(&message);
+        }
         self.received("bot", "accepted");
         Ok(json(
             StatusCode::ACCEPTED,

@@ -12,8 +12,10 @@ use crate::delivery::{
 };
 use crate::disk::DiskGuard;
 use crate::metrics::Metrics;
+use crate::outgoing::TargetExtras;
 use crate::serve::{self, Limits};
-use crate::store::{EmbeddedStore, MemoryStore, Op, Outcome, PRUNE_PARTS, Store};
+use crate::store::{EmbeddedStore, MemoryStore, Op, Outcome, PRUNE_PARTS, Store, Target};
+use crate::turns::Turns;
 use crate::writer::Writer;
 use anyhow::{Context, anyhow};
 use std::future::Future;
@@ -55,6 +57,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let metrics = Metrics::new(&config.endpoint_name);
     let (credentials, credential_texts) =
         CredentialStore::open(&config.credentials_dir).map_err(|e| anyhow!("credentials: {e}"))?;
+    // Refused before anything else is opened; errors name the flag.
+    let bot_extras = TargetExtras::load(&config.outgoing, Target::Bot).map_err(|e| anyhow!(e))?;
+    let response_extras =
+        TargetExtras::load(&config.outgoing, Target::Response).map_err(|e| anyhow!(e))?;
 
     let mut nats = None;
     let store: Arc<dyn Store> = match config.store {
@@ -123,20 +129,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (stop_tx, stop) = watch::channel(false);
     let answer_budget =
         AnswerBudget::new(usize::try_from(config.answer_memory_bytes).unwrap_or(usize::MAX));
+    let turns = Arc::new(Turns::default());
     let deliverer = Deliverer {
         store: store.clone(),
         writer: writer.clone(),
         // Only the bot's answers are kept: they carry its replies.
         senders: [
-            (&config.bot_url, Some(answer_budget)),
-            (&config.response_url, None),
+            (&config.bot_url, Some(answer_budget), bot_extras.clone()),
+            (&config.response_url, None, response_extras.clone()),
         ]
-        .map(|(url, budget)| {
-            Sender::new(
+        .map(|(url, budget, extras)| {
+            Sender::with_extras(
                 Endpoint::new(url),
                 budget,
                 config.connect_timeout,
                 config.max_in_flight as usize,
+                extras,
             )
         }),
         credentials: credentials.clone(),
@@ -151,6 +159,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_age: config.max_message_age,
         max_replies: config.max_replies_per_answer as usize,
         failure_logs: Default::default(),
+        turns: turns.clone(),
     };
     // Probes go the way deliveries go: the same senders and keys.
     let probers = crate::store::Target::ALL.map(|target| delivery::probe::Prober {
@@ -221,6 +230,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_pending,
         dedupe_window: config.dedupe_window,
         disk: disk.clone(),
+        turns: turns.clone(),
+        max_wait: config.max_wait,
+        max_replies: config.max_replies_per_answer as usize,
     });
     let admin = Arc::new(Admin {
         store: store.clone(),
@@ -252,6 +264,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if !config.control.probe_interval.is_zero() {
         for prober in probers {
             background.push(tokio::spawn(prober.run(config.control.probe_interval)));
+        }
+    }
+    if let Some(nats) = &nats {
+        let (nats, turns) = (nats.clone(), turns.clone());
+        let prefix = config.nats.prefix(&config.endpoint_name);
+        background.push(tokio::spawn(async move {
+            turns.connect_replicas(nats.client().await, &prefix);
+        }));
+    }
+    for extras in [bot_extras, response_extras] {
+        if extras.watched() {
+            background.push(tokio::spawn(extras.watch(config.credentials_poll_interval)));
         }
     }
     let (api_stop_tx, api_stop) = watch::channel(false);
@@ -294,6 +318,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     //    (their writes are still synced).
     tracing::info!("shutting down: draining requests and deliveries under way");
     draining.store(true, Ordering::Relaxed);
+    turns.drain();
     let _ = api_stop_tx.send(true);
     let _ = api_server.await;
     // 2. Stop starting deliveries; let those under way finish.
@@ -459,6 +484,8 @@ mod tests {
                 payload: raw(r#"{"text":"hi"}"#),
                 created_at_ms: at,
                 queued_at_ms: at,
+                trace: None,
+                waited: false,
             },
             dedupe_window_ms: 86_400_000,
         }

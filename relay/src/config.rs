@@ -80,6 +80,14 @@ pub struct Config {
     #[command(flatten)]
     pub control: crate::delivery::control::ControlFlags,
 
+    #[command(flatten)]
+    pub outgoing: crate::outgoing::OutgoingFlags,
+
+    /// The longest `?wait=` a client may ask for on POST /v1/messages: the
+    /// answer then carries the bot's replies. 0s refuses `wait`.
+    #[arg(long, env = "BOTRELAY_MAX_WAIT", default_value = "30s", value_parser = duration)]
+    pub max_wait: Duration,
+
     /// Time allowed for the bot to answer one delivery.
     #[arg(long, env = "BOTRELAY_BOT_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub bot_timeout: Duration,

@@ -482,6 +482,7 @@ mod tests {
                 payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
                 created_at_ms: 1,
                 queued_at_ms: 1,
+                trace: None,
             },
         }
     }

@@ -468,6 +468,8 @@ mod tests {
             payload: raw(r#"{"text":"hi"}"#),
             created_at_ms: 1,
             queued_at_ms: 1,
+            trace: None,
+            waited: false,
         }
     }
 
@@ -481,6 +483,7 @@ mod tests {
             payload: raw(r#"{"text":"echo"}"#),
             created_at_ms: 1,
             queued_at_ms: 1,
+            trace: None,
         }
     }
 

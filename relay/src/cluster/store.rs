@@ -250,6 +250,17 @@ impl NatsStore {
     pub fn replica(&self) -> &str {
         &self.inner.replica
     }
+
+    /// The NATS connection, once the store is set up: for the replicas to
+    /// tell each other about replies (`crate::turns`).
+    pub async fn client(&self) -> async_nats::Client {
+        loop {
+            if let Some(conn) = self.inner.conn.get() {
+                return conn.client.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Inner {

@@ -7,6 +7,7 @@ use super::{Finish, Waiting, now_ms};
 use crate::credentials::CredentialStore;
 use crate::metrics::Metrics;
 use crate::store::{Message, Op, OutboundMessage, Seq, Store, Target};
+use crate::trace::TraceContext;
 use crate::writer::Writer;
 use crate::{ids, wire};
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct Deliverer {
     pub max_replies: usize,
     /// One per target: `Target::index`.
     pub failure_logs: [FailureLog; 2],
+    /// Traces of conversations and the clients waiting for replies.
+    pub turns: Arc<crate::turns::Turns>,
 }
 
 /// Paces the warnings about failed attempts that will be retried: at most one
@@ -87,6 +90,9 @@ struct Outgoing {
     conversation_id: String,
     user_id: String,
     caller_conversation_id: String,
+    trace: Option<TraceContext>,
+    /// Whether its client waits for the replies inline (user messages only).
+    waited: bool,
 }
 
 impl Outgoing {
@@ -98,6 +104,8 @@ impl Outgoing {
                 conversation_id: m.conversation_id.clone(),
                 user_id: m.user_id.clone(),
                 caller_conversation_id: m.caller_conversation_id.clone(),
+                trace: m.trace.clone(),
+                waited: m.waited,
             },
             Message::Outbound(m) => Outgoing {
                 body: wire::response_request(m),
@@ -105,6 +113,8 @@ impl Outgoing {
                 conversation_id: m.conversation_id.clone(),
                 user_id: m.user_id.clone(),
                 caller_conversation_id: m.caller_conversation_id.clone(),
+                trace: m.trace.clone(),
+                waited: false,
             },
         }
     }
@@ -151,15 +161,29 @@ impl Deliverer {
             Target::Bot => (&credentials.bot_signing, self.bot_timeout),
             Target::Response => (&credentials.response_signing, self.response_timeout),
         };
+        // A new span of the message's trace per attempt; a message stored
+        // before traces were kept gets a trace of its own per attempt.
+        let hop = outgoing
+            .trace
+            .as_ref()
+            .map_or_else(TraceContext::fresh, TraceContext::child);
+        let trace_id = hop.trace_id().to_owned();
+        // Before the bot has the message: a message it posts meanwhile, or
+        // later, is in this message's trace.
+        if let (Target::Bot, Some(trace)) = (target, &outgoing.trace) {
+            self.turns.traces.note(&outgoing.conversation_id, trace);
+        }
         let started = Instant::now();
         let result = self.senders[target.index()]
-            .post(
+            .post_with(
                 &outgoing.id,
                 std::mem::take(&mut outgoing.body),
                 keys,
                 timeout,
+                &hop.headers(),
             )
-            .await;
+            .await
+            .map(|(_, answer)| answer);
         self.metrics
             .delivery_duration
             .with_label_values(&[label])
@@ -182,11 +206,24 @@ impl Deliverer {
                 let recorded = match target {
                     Target::Bot => {
                         let replies = self.replies(&answer, &outgoing);
+                        // Copied only for a client waiting inline.
+                        let waited = (outgoing.waited
+                            || self.turns.waiting_here(&outgoing.conversation_id))
+                        .then(|| replies.clone());
                         let op = Op::CompleteInbound {
                             seq: pending.seq,
                             replies,
                         };
-                        self.writer.submit(op).await
+                        let recorded = self.writer.submit(op).await;
+                        if let (Ok(_), Some(replies)) = (&recorded, waited) {
+                            self.turns.delivered(
+                                &outgoing.conversation_id,
+                                &outgoing.id,
+                                outgoing.waited,
+                                &replies,
+                            );
+                        }
+                        recorded
                     }
                     Target::Response => {
                         self.writer
@@ -206,13 +243,13 @@ impl Deliverer {
                             .observe(
                                 now_ms().saturating_sub(pending.created_at_ms) as f64 / 1000.0,
                             );
-                        tracing::debug!(target = label, message_id = %outgoing.id, attempts = failures + 1, "delivered");
+                        tracing::debug!(target = label, message_id = %outgoing.id, %trace_id, attempts = failures + 1, "delivered");
                         Finish::Done
                     }
                     Err(e) => {
                         // Not recorded as delivered: the message is sent again (same
                         // webhook-id), which receivers dedupe on.
-                        tracing::error!(target = label, message_id = %outgoing.id, error = %e, "delivered but could not record it; will deliver again");
+                        tracing::error!(target = label, message_id = %outgoing.id, %trace_id, error = %e, "delivered but could not record it; will deliver again");
                         Finish::Retry(self.backoff.delay(failures, None, &mut rand::rng()))
                     }
                 };
@@ -246,6 +283,7 @@ impl Deliverer {
                     target = label,
                     message_id = %outgoing.id,
                     conversation_id = %outgoing.conversation_id,
+                    %trace_id,
                     attempt = attempts,
                     error = %failure,
                     retry_in_ms = delay.as_millis() as u64,
@@ -256,6 +294,7 @@ impl Deliverer {
                     target = label,
                     message_id = %outgoing.id,
                     conversation_id = %outgoing.conversation_id,
+                    %trace_id,
                     attempt = attempts,
                     error = %failure,
                     retry_in_ms = delay.as_millis() as u64,
@@ -281,13 +320,14 @@ impl Deliverer {
                     target = label,
                     message_id = %outgoing.id,
                     conversation_id = %outgoing.conversation_id,
+                    %trace_id,
                     %reason,
                     "message dead-lettered; redrive it with POST /dead-letters/redrive on the admin port"
                 );
                 Finish::Done
             }
             Err(e) => {
-                tracing::error!(target = label, message_id = %outgoing.id, error = %e, "cannot dead-letter; will retry");
+                tracing::error!(target = label, message_id = %outgoing.id, %trace_id, error = %e, "cannot dead-letter; will retry");
                 Finish::Retry(self.backoff.max)
             }
         };
@@ -347,6 +387,8 @@ impl Deliverer {
                 payload: reply.payload,
                 created_at_ms: now,
                 queued_at_ms: now,
+                // The reply belongs to the trace of the message it answers.
+                trace: to.trace.clone(),
             })
             .collect()
     }

@@ -159,6 +159,8 @@ struct SenderInner {
     /// Most recently used last.
     idle: Mutex<Vec<Idle>>,
     max_idle: usize,
+    /// Extra headers and client certificate (`--bot-header` and the like).
+    extras: crate::outgoing::TargetExtras,
 }
 
 struct Idle {
@@ -179,19 +181,41 @@ impl Sender {
         connect_timeout: Duration,
         max_idle: usize,
     ) -> Self {
+        Self::with_extras(
+            endpoint,
+            budget,
+            connect_timeout,
+            max_idle,
+            Default::default(),
+        )
+    }
+
+    /// As [`Sender::new`], adding `extras` (headers, a client certificate)
+    /// to every request.
+    pub fn with_extras(
+        endpoint: Endpoint,
+        budget: Option<AnswerBudget>,
+        connect_timeout: Duration,
+        max_idle: usize,
+        extras: crate::outgoing::TargetExtras,
+    ) -> Self {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "no system CA certificates found; https targets will fail");
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                    rustls_config_without_roots(),
-                )
-            })
-            .https_or_http()
+        let connector = match extras.client_cert() {
+            None => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_native_roots()
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "no system CA certificates found; https targets will fail");
+                    hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                        rustls_config_without_roots(),
+                    )
+                }),
+            Some(cert) => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(crate::outgoing::tls_config_with_client_cert(cert)),
+        }
+        .https_or_http()
             .enable_http1()
             .wrap_connector(http);
         Self {
@@ -201,6 +225,7 @@ impl Sender {
                 connector,
                 idle: Mutex::new(Vec::new()),
                 max_idle,
+                extras,
             }),
         }
     }
@@ -218,8 +243,8 @@ impl Sender {
             .map(|(_, answer)| answer)
     }
 
-    /// [`Self::post`] with `extra` headers (a probe's); returns the 2xx
-    /// status too.
+    /// [`Self::post`] with `extra` headers (a probe's, or a delivery's trace
+    /// context); returns the 2xx status too.
     pub async fn post_with(
         &self,
         webhook_id: &str,
@@ -249,6 +274,11 @@ impl Sender {
         headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
         headers.insert(WEBHOOK_SIGNATURE, header_value(&signature)?);
         for (name, value) in extra {
+            headers.insert(name.clone(), value.clone());
+        }
+        // None is one the relay sets (refused at start), but for
+        // `user-agent`, which a user header replaces.
+        for (name, value) in self.inner.extras.headers().iter() {
             headers.insert(name.clone(), value.clone());
         }
         let mut deadline = tokio::time::Instant::now() + timeout;

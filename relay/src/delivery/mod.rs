@@ -595,6 +595,7 @@ pub(crate) mod tests {
             payload: serde_json::value::RawValue::from_string(payload).unwrap(),
             created_at_ms: 1,
             queued_at_ms: 1,
+            trace: None,
         }
         .into_pending(seq)
     }

@@ -74,6 +74,15 @@ pub struct InboundMessage {
     pub created_at_ms: u64,
     /// When it (re)entered the queue; the age limit counts from here.
     pub queued_at_ms: u64,
+    /// Its W3C trace context (the client's, or one the relay started).
+    /// Absent from records written before traces were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::TraceContext>,
+    /// Whether its client waits for the replies inline (`?wait=`): with
+    /// `--store nats`, the replica that delivers it then tells the others
+    /// the bot's answer. Absent (false) from older records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waited: bool,
 }
 
 /// A bot's message, waiting for the response endpoint.
@@ -87,6 +96,10 @@ pub struct OutboundMessage {
     pub payload: Box<RawValue>,
     pub created_at_ms: u64,
     pub queued_at_ms: u64,
+    /// The trace it belongs to: that of the user message it answers, or of
+    /// the bot's request. Absent from records written before traces were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 /// What the relay remembers of a conversation, so that a bot can write to it later.

@@ -19,6 +19,8 @@ fn inbound(caller_message_id: &str, conversation: &str, at: u64) -> InboundMessa
         payload: raw(r#"{"text":"hi"}"#),
         created_at_ms: at,
         queued_at_ms: at,
+        trace: None,
+        waited: false,
     }
 }
 
@@ -32,6 +34,7 @@ fn reply(n: u32, conversation: &str) -> OutboundMessage {
         payload: raw(&format!(r#"{{"n":{n}}}"#)),
         created_at_ms: 10,
         queued_at_ms: 10,
+        trace: None,
     }
 }
 
@@ -436,6 +439,7 @@ fn quiet_conversations_are_forgotten(store: &dyn Store) {
     let bot_message = OutboundMessage {
         created_at_ms: 1_000 + 2 * HOUR,
         queued_at_ms: 1_000 + 2 * HOUR,
+        trace: None,
         ..reply(1, "busy")
     };
     store
@@ -1356,6 +1360,7 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
                             message: OutboundMessage {
                                 created_at_ms: now,
                                 queued_at_ms: now,
+                                trace: None,
                                 ..reply(
                                     rng.random(),
                                     &format!("c{}", rng.random_range(0..CONVERSATIONS)),
