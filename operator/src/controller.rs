@@ -724,11 +724,7 @@ async fn update_status(
     if ctx.targets.settings.enabled() {
         let namespace = endpoint.namespace().unwrap_or_default();
         let found = ctx.targets.found(&namespace, &endpoint.name_any());
-        let verdicts = targets::verdicts(
-            found.as_ref(),
-            &endpoint.spec.bot.url,
-            &endpoint.spec.response_endpoint.url,
-        );
+        let verdicts = targets::verdicts(found.as_ref(), &targets::Checked::of(&endpoint.spec));
         status::add_reachability(endpoint, &mut status, verdicts, now());
     }
     if endpoint.status.as_ref() == Some(&status) {

@@ -228,6 +228,12 @@ pub struct SecretKeyReference {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!has(self.probeInterval) || !has(self.maxProbeInterval) || duration(self.probeInterval) <= duration(self.maxProbeInterval)",
     "message": "probeInterval must not exceed maxProbeInterval"
+}, {
+    "rule": "!has(self.probeInterval) || (duration(self.probeInterval) > duration('0s') && duration(self.probeInterval) <= duration('24h'))",
+    "message": "probeInterval must be above 0s and at most 24h"
+}, {
+    "rule": "!has(self.maxProbeInterval) || (duration(self.maxProbeInterval) > duration('0s') && duration(self.maxProbeInterval) <= duration('24h'))",
+    "message": "maxProbeInterval must be above 0s and at most 24h"
 }]))]
 pub struct CircuitBreakerSpec {
     /// Consecutive failed deliveries to one target that pause it (default 10;
@@ -254,6 +260,9 @@ pub struct CircuitBreakerSpec {
 }, {
     "rule": "!has(self.maxWait) || duration(self.maxWait) <= duration('5m')",
     "message": "maxWait must not exceed 5m"
+}, {
+    "rule": "!has(self.reachabilityProbeInterval) || duration(self.reachabilityProbeInterval) == duration('0s') || (duration(self.reachabilityProbeInterval) >= duration('1s') && duration(self.reachabilityProbeInterval) <= duration('24h'))",
+    "message": "reachabilityProbeInterval must be 0s (no probes) or between 1s and 24h"
 }]))]
 pub struct DeliverySpec {
     /// Time limit of one delivery to the bot.

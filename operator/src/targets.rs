@@ -115,6 +115,7 @@ pub fn verdict(
     what: &str,
     url: &str,
     admin_path: &str,
+    probes_off: bool,
 ) -> Reach {
     let page = match found {
         None => {
@@ -159,6 +160,13 @@ pub fn verdict(
         return reach("False", "CircuitOpen", message);
     }
     match &target.last_probe {
+        None if probes_off => reach(
+            "Unknown",
+            "ProbesOff",
+            format!(
+                "reachability probes are off (spec.delivery.reachabilityProbeInterval: 0s); deliveries to {url} go as usual"
+            ),
+        ),
         None => reach(
             "Unknown",
             "NotProbedYet",
@@ -176,16 +184,45 @@ pub fn verdict(
     }
 }
 
+/// What the verdicts depend on besides the relay's page: the targets' URLs,
+/// and whether the relay probes them at all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub bot_url: String,
+    pub response_url: String,
+    pub probes_off: bool,
+}
+
+impl Checked {
+    pub fn of(spec: &crate::crd::MessagingEndpointSpec) -> Self {
+        let probes_off = spec
+            .delivery
+            .as_ref()
+            .and_then(|d| d.reachability_probe_interval.as_deref())
+            .and_then(|v| crate::validate::parse_duration(v).ok())
+            .is_some_and(|v| v.is_zero());
+        Checked {
+            bot_url: spec.bot.url.clone(),
+            response_url: spec.response_endpoint.url.clone(),
+            probes_off,
+        }
+    }
+}
+
 /// The verdicts on both targets of an endpoint.
-pub fn verdicts(
-    found: Option<&Found>,
-    bot_url: &str,
-    response_url: &str,
-) -> [(&'static str, Reach); 2] {
+pub fn verdicts(found: Option<&Found>, checked: &Checked) -> [(&'static str, Reach); 2] {
+    let (bot_url, response_url) = (checked.bot_url.as_str(), checked.response_url.as_str());
     [
         (
             BOT_REACHABLE,
-            verdict(found, |p| &p.bot, "bot", bot_url, "/targets/bot"),
+            verdict(
+                found,
+                |p| &p.bot,
+                "bot",
+                bot_url,
+                "/targets/bot",
+                checked.probes_off,
+            ),
         ),
         (
             RESPONSE_ENDPOINT_REACHABLE,
@@ -195,6 +232,7 @@ pub fn verdicts(
                 "response endpoint",
                 response_url,
                 "/targets/response",
+                checked.probes_off,
             ),
         ),
     ]
@@ -227,14 +265,14 @@ impl TargetsWatch {
     }
 
     /// Records a finding; says whether it is news (a verdict changed).
-    fn record(&self, key: Key, found: Option<Found>, urls: (&str, &str)) -> bool {
+    fn record(&self, key: Key, found: Option<Found>, urls: &Checked) -> bool {
         let mut map = self.found.lock().unwrap();
-        let before = verdicts(map.get(&key), urls.0, urls.1);
+        let before = verdicts(map.get(&key), urls);
         match found {
             Some(found) => map.insert(key.clone(), found),
             None => map.remove(&key),
         };
-        before != verdicts(map.get(&key), urls.0, urls.1)
+        before != verdicts(map.get(&key), urls)
     }
 
     /// Forgets endpoints that are gone.
@@ -280,13 +318,7 @@ pub async fn poll(
                     .status
                     .as_ref()
                     .is_some_and(|s| s.ready_replicas > 0);
-                Some((
-                    namespace,
-                    name,
-                    ready,
-                    endpoint.spec.bot.url.clone(),
-                    endpoint.spec.response_endpoint.url.clone(),
-                ))
+                Some((namespace, name, ready, Checked::of(&endpoint.spec)))
             })
             .collect();
         let keys: std::collections::HashSet<Key> = listed
@@ -295,7 +327,7 @@ pub async fn poll(
             .collect();
         watch.retain(|k| keys.contains(k));
         let results: Vec<_> = futures::stream::iter(listed)
-            .map(|(namespace, name, ready, bot_url, response_url)| {
+            .map(|(namespace, name, ready, checked)| {
                 let http = http.clone();
                 let url = watch.settings.targets_url(&namespace, &name);
                 async move {
@@ -304,13 +336,13 @@ pub async fn poll(
                     } else {
                         None
                     };
-                    (namespace, name, bot_url, response_url, found)
+                    (namespace, name, checked, found)
                 }
             })
             .buffer_unordered(POLL_CONCURRENCY)
             .collect()
             .await;
-        for (namespace, name, bot_url, response_url, found) in results {
+        for (namespace, name, checked, found) in results {
             if let Some(found) = &found {
                 let outcome = match found {
                     Found::Page(_) => "ok",
@@ -318,11 +350,7 @@ pub async fn poll(
                 };
                 metrics.relay_polls.with_label_values(&[outcome]).inc();
             }
-            let news = watch.record(
-                (namespace.clone(), name.clone()),
-                found,
-                (&bot_url, &response_url),
-            );
+            let news = watch.record((namespace.clone(), name.clone()), found, &checked);
             if news {
                 tracing::info!(%namespace, %name, "the relay's view of its targets changed");
                 let key = ObjectRef::<Guarded>::new(&name).within(&namespace);
@@ -419,20 +447,23 @@ mod tests {
 
     #[test]
     fn verdicts_follow_the_relay_report() {
-        let urls = ("http://bot/e", "https://be/r");
-        let [(_, bot), (_, response)] =
-            verdicts(Some(&page(closed_ok(), closed_ok())), urls.0, urls.1);
+        let urls = Checked {
+            bot_url: "http://bot/e".into(),
+            response_url: "https://be/r".into(),
+            probes_off: false,
+        };
+        let [(_, bot), (_, response)] = verdicts(Some(&page(closed_ok(), closed_ok())), &urls);
         assert_eq!((bot.status, bot.reason), ("True", "ProbeSucceeded"));
         assert_eq!(response.message, "https://be/r answers");
 
         let wrong = serde_json::json!({"state": "closed", "lastProbe": {"ok": false, "status": 404, "error": "answered 404 Not Found"}});
-        let [(_, bot), _] = verdicts(Some(&page(wrong, closed_ok())), urls.0, urls.1);
+        let [(_, bot), _] = verdicts(Some(&page(wrong, closed_ok())), &urls);
         assert_eq!((bot.status, bot.reason), ("False", "ProbeFailed"));
         assert_eq!(bot.message, "probe of http://bot/e: answered 404 Not Found");
 
         let refused = serde_json::json!({"state": "open", "consecutiveFailures": 12,
                                          "lastProbe": {"ok": false, "status": null, "error": "connection refused"}});
-        let [_, (_, response)] = verdicts(Some(&page(closed_ok(), refused)), urls.0, urls.1);
+        let [_, (_, response)] = verdicts(Some(&page(closed_ok(), refused)), &urls);
         assert_eq!((response.status, response.reason), ("False", "CircuitOpen"));
         assert!(
             response.message.ends_with("last probe: connection refused"),
@@ -442,20 +473,25 @@ mod tests {
 
         let paused =
             serde_json::json!({"state": "paused", "pausedByAdmin": true, "lastProbe": null});
-        let [(_, bot), _] = verdicts(Some(&page(paused, closed_ok())), urls.0, urls.1);
+        let [(_, bot), _] = verdicts(Some(&page(paused, closed_ok())), &urls);
         assert_eq!((bot.status, bot.reason), ("False", "PausedByHand"));
         assert!(bot.message.contains("POST /targets/bot/resume"));
 
         let fresh = serde_json::json!({"state": "closed", "lastProbe": null});
-        let [(_, bot), _] = verdicts(Some(&page(fresh, closed_ok())), urls.0, urls.1);
+        let [(_, bot), _] = verdicts(Some(&page(fresh.clone(), closed_ok())), &urls);
         assert_eq!((bot.status, bot.reason), ("Unknown", "NotProbedYet"));
+        let off = Checked {
+            probes_off: true,
+            ..urls.clone()
+        };
+        let [(_, bot), _] = verdicts(Some(&page(fresh, closed_ok())), &off);
+        assert_eq!((bot.status, bot.reason), ("Unknown", "ProbesOff"));
 
-        let [(_, bot), _] = verdicts(None, urls.0, urls.1);
+        let [(_, bot), _] = verdicts(None, &urls);
         assert_eq!((bot.status, bot.reason), ("Unknown", "NotChecked"));
         let [(_, bot), _] = verdicts(
             Some(&Found::Unreadable("x: connection refused".into())),
-            urls.0,
-            urls.1,
+            &urls,
         );
         assert_eq!((bot.status, bot.reason), ("Unknown", "RelayNotReporting"));
     }
@@ -467,16 +503,20 @@ mod tests {
             interval: Duration::from_secs(1),
         });
         let key = ("shop".to_string(), "support".to_string());
-        let urls = ("http://bot/e", "https://be/r");
-        assert!(watch.record(key.clone(), Some(page(closed_ok(), closed_ok())), urls));
+        let urls = Checked {
+            bot_url: "http://bot/e".into(),
+            response_url: "https://be/r".into(),
+            probes_off: false,
+        };
+        assert!(watch.record(key.clone(), Some(page(closed_ok(), closed_ok())), &urls));
         // Same verdicts with other counters and times: not news.
         let mut later = closed_ok();
         later["lastProbe"]["at"] = serde_json::json!("2026-12-04T10:00:30Z");
         later["lastProbe"]["durationMs"] = serde_json::json!(7);
-        assert!(!watch.record(key.clone(), Some(page(later.clone(), closed_ok())), urls));
+        assert!(!watch.record(key.clone(), Some(page(later.clone(), closed_ok())), &urls));
         let down = serde_json::json!({"state": "closed", "lastProbe": {"ok": false, "error": "timed out"}});
-        assert!(watch.record(key.clone(), Some(page(down, closed_ok())), urls));
-        assert!(watch.record(key.clone(), None, urls));
+        assert!(watch.record(key.clone(), Some(page(down, closed_ok())), &urls));
+        assert!(watch.record(key.clone(), None, &urls));
         assert_eq!(watch.found("shop", "support"), None);
     }
 }

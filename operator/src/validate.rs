@@ -286,6 +286,32 @@ fn check_delivery(d: &DeliverySpec, problems: &mut Vec<String>) {
             "spec.delivery.circuitBreaker.failures: {n} is outside 0..100000"
         ));
     }
+    for (field, value) in [
+        ("circuitBreaker.probeInterval", &breaker.probe_interval),
+        (
+            "circuitBreaker.maxProbeInterval",
+            &breaker.max_probe_interval,
+        ),
+    ] {
+        if let Some(v) = value
+            && let Ok(v) = parse_duration(v)
+            && (v.is_zero() || v > Duration::from_secs(24 * 3600))
+        {
+            problems.push(format!(
+                "spec.delivery.{field}: must be above 0s and at most 24h"
+            ));
+        }
+    }
+    if let Some(v) = &d.reachability_probe_interval
+        && let Ok(v) = parse_duration(v)
+        && !v.is_zero()
+        && (v < Duration::from_secs(1) || v > Duration::from_secs(24 * 3600))
+    {
+        problems.push(
+            "spec.delivery.reachabilityProbeInterval: must be 0s (no probes) or between 1s and 24h"
+                .to_string(),
+        );
+    }
     if let Some(wait) = &d.max_wait
         && let Ok(wait) = parse_duration(wait)
         && wait > Duration::from_secs(300)
@@ -464,6 +490,24 @@ pub(crate) mod tests {
             "spec.delivery.circuitBreaker.failures: -1 is outside 0..100000",
             "spec.delivery.maxWait: exceeds 5m",
             "spec.delivery.reachabilityProbeInterval:",
+        ] {
+            assert!(p.contains(expected), "{expected} not in {p}");
+        }
+        let mut s = spec();
+        s.delivery = Some(DeliverySpec {
+            circuit_breaker: Some(CircuitBreakerSpec {
+                failures: None,
+                probe_interval: Some("0s".into()),
+                max_probe_interval: Some("25h".into()),
+            }),
+            reachability_probe_interval: Some("500ms".into()),
+            ..DeliverySpec::default()
+        });
+        let p = problems(&s);
+        for expected in [
+            "spec.delivery.circuitBreaker.probeInterval: must be above 0s and at most 24h",
+            "spec.delivery.circuitBreaker.maxProbeInterval: must be above 0s and at most 24h",
+            "spec.delivery.reachabilityProbeInterval: must be 0s (no probes) or between 1s and 24h",
         ] {
             assert!(p.contains(expected), "{expected} not in {p}");
         }

@@ -419,6 +419,24 @@ fn cel_rules_accept_good_specs_and_reject_cross_field_mistakes() {
         )
         .is_ok()
     );
+    for (delivery, says) in [
+        (
+            serde_json::json!({"reachabilityProbeInterval": "500ms"}),
+            "reachabilityProbeInterval must be 0s",
+        ),
+        (
+            serde_json::json!({"circuitBreaker": {"probeInterval": "0s"}}),
+            "probeInterval must be above 0s",
+        ),
+        (
+            serde_json::json!({"circuitBreaker": {"maxProbeInterval": "25h"}}),
+            "maxProbeInterval must be above 0s and at most 24h",
+        ),
+    ] {
+        let wrong = check(serde_json::json!({"delivery": delivery.clone()})).unwrap_err();
+        assert!(format!("{wrong:?}").contains(says), "{delivery}: {wrong:?}");
+    }
+    assert!(check(serde_json::json!({"delivery": {"reachabilityProbeInterval": "0s"}})).is_ok());
     let long_wait = check(serde_json::json!({"delivery": {"maxWait": "6m"}})).unwrap_err();
     assert!(
         format!("{long_wait:?}").contains("maxWait must not exceed 5m"),

@@ -279,3 +279,57 @@ fn several_relay_pods_share_the_endpoints_rate_limit() {
     assert!((rate - 1.0 / 3.0).abs() < 1e-9, "{rate}");
     assert_eq!(burst, Some(1));
 }
+
+#[test]
+fn headers_client_certificates_and_max_wait_reach_the_relay_as_mounted_files() {
+    let ep = endpoint(
+        "support",
+        json!({
+            "bot": {"url": "https://bot.shop.svc/events",
+                    "headers": [{"name": "X-Tenant", "value": "shop: eu"},
+                                {"name": "X-Api-Key",
+                                 "valueFrom": {"secretKeyRef": {"name": "bot-api", "key": "api-key"}}}],
+                    "clientCertificateSecretRef": {"name": "bot-client"}},
+            "responseEndpoint": {"url": "https://backend.example/r",
+                                 "headers": [{"name": "Authorization",
+                                              "valueFrom": {"secretKeyRef": {"name": "backend", "key": "auth"}}}]},
+            "delivery": {"maxWait": "10s"},
+        }),
+    );
+    let pod = relay_pod(&ep);
+    let container = relay_container(&pod);
+    let config = relay_config_for(&ep);
+    let out = &config.outgoing;
+    assert_eq!(out.bot_header, ["X-Tenant: shop: eu"]);
+    let file = |flag: &str, name: &str| {
+        let path = flag
+            .strip_prefix(&format!("{name}="))
+            .unwrap_or_else(|| panic!("{flag} names {name}"));
+        std::path::PathBuf::from(path)
+    };
+    let (bot_key, response_auth) = (
+        file(&out.bot_header_file[0], "X-Api-Key"),
+        file(&out.response_header_file[0], "Authorization"),
+    );
+    assert!(bot_key.starts_with(mount_path(container, "bot-header-1")));
+    assert!(response_auth.starts_with(mount_path(container, "response-header-0")));
+    let tls = mount_path(container, "bot-client-tls");
+    assert!(out.bot_client_cert.as_deref().unwrap().starts_with(tls));
+    assert!(out.bot_client_key.as_deref().unwrap().starts_with(tls));
+    assert_eq!(out.response_client_cert, None);
+    assert_eq!(config.max_wait, Duration::from_secs(10));
+    // The mounted Secret key lands where the flag says: the item's path is the file name.
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "bot-header-1")
+        .unwrap();
+    let item = &volume.secret.as_ref().unwrap().items.as_ref().unwrap()[0];
+    assert_eq!(
+        bot_key,
+        mount_path(container, "bot-header-1").join(&item.path)
+    );
+    assert_eq!(item.key, "api-key");
+}

@@ -156,7 +156,10 @@ impl Admin {
             Err(e) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
-                &format!("cannot store the pause: {e}"),
+                &match action {
+                    TargetAction::Pause => format!("cannot store the pause: {e}"),
+                    TargetAction::Resume => format!("cannot remove the stored pause: {e}"),
+                },
             ),
         }
     }

@@ -414,7 +414,7 @@ impl TargetExtras {
                             Arc::new(certified);
                         cert_bytes = Some(bytes);
                         tracing::info!(
-                            target,
+                            to = target,
                             "the client certificate changed; new connections use it"
                         );
                     }

@@ -294,10 +294,15 @@ async fn a_dead_bot_opens_the_breaker_and_one_delivery_at_a_time_tries_it_until_
             .await
             >= 1.0
     );
-    assert!(
-        relay.logs().contains(r#""state":"open""#),
-        "a log line says the breaker opened"
-    );
+    // A JSON log line says the breaker opened and for which target (a field
+    // of its own, not hidden by the log's own "target", the Rust module).
+    let opened_line = relay
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["state"] == "open" && l["message"] == "deliveries to the target stop");
+    let opened_line = opened_line.expect("a log line says the breaker opened");
+    assert_eq!(opened_line["to"], "bot", "{opened_line}");
 
     // The bot comes back failing, slowly: while open, the attempts it gets
     // come one at a time, none while another is under way.
@@ -663,5 +668,60 @@ async fn messages_held_back_cost_no_cpu_while_they_wait() {
     assert!(
         used < Duration::from_millis(500),
         "waiting must not spin: {used:?} of CPU in 3 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_tries_a_delivery_as_soon_as_the_target_answers_its_probe() {
+    let bot_addr = free_addr();
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = std::sync::Arc::new(
+        Relay::start(
+            &format!("http://{bot_addr}/"),
+            &endpoint.url(),
+            &[
+                "--breaker-failures=3",
+                // Left to itself, the next probing delivery would be a minute away.
+                "--breaker-probe-interval=1m",
+                "--breaker-max-probe-interval=5m",
+                "--probe-interval=300ms",
+            ],
+        )
+        .await,
+    );
+    send_many(&relay, 3, 2).await;
+    wait_for_targets(&relay, "the breaker to open", |t| {
+        t["bot"]["state"] == "open"
+    })
+    .await;
+
+    // The bot comes back: its next reachability probe, not the minute, sends
+    // a delivery, which closes the breaker; everything then goes.
+    let back = Instant::now();
+    let bot = Peer::start_on(bot_addr, |_| Answer::ok()).await;
+    let (_, closed) = wait_for_targets(&relay, "the breaker to close", |t| {
+        t["bot"]["state"] == "closed"
+    })
+    .await;
+    let to_close = closed - back;
+    println!(
+        "breaker open with a 1m probe wait, reachability probes every 300ms: bot back to closed in {} ms",
+        to_close.as_millis()
+    );
+    assert!(
+        to_close < Duration::from_secs(10),
+        "the delivery waited for its own probe wait: {to_close:?}"
+    );
+    bot.wait_until("the 6 messages", WAIT, |r| {
+        r.iter()
+            .filter(|r| r.header("botrelay-probe").is_empty())
+            .count()
+            >= 6
+    })
+    .await;
+    assert!(
+        relay
+            .logs()
+            .contains("the target answers its reachability probe")
     );
 }

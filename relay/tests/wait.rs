@@ -292,7 +292,7 @@ async fn with_two_nats_replicas_the_replies_seen_elsewhere_reach_the_waiting_req
             relay.logs().lines().any(|l| {
                 l.contains(id)
                     && l.contains("\"message\":\"delivered\"")
-                    && l.contains("\"target\":\"bot\"")
+                    && l.contains("\"to\":\"bot\"")
             })
         };
         if delivered_here(&posted_to) {

@@ -274,6 +274,14 @@ impl Inner {
 
     /// Why writes cannot go through now, if they cannot.
     fn unavailable(&self) -> Option<String> {
+        self.unavailable_for(false)
+    }
+
+    /// As `unavailable`; with `progress`, for the delivery records of a
+    /// partition this replica owns and delivers from, which need not wait
+    /// for the other partitions to be taken and replayed (refusing them made
+    /// a message delivered meanwhile go again).
+    fn unavailable_for(&self, progress: bool) -> Option<String> {
         if let Some(problem) = self.problem().clone() {
             return Some(problem);
         }
@@ -282,15 +290,19 @@ impl Inner {
             async_nats::connection::State::Connected => {}
             state => return Some(format!("NATS connection {state}")),
         }
-        (!self.started.load(Ordering::Relaxed))
+        (!progress && !self.started.load(Ordering::Relaxed))
             .then(|| "taking partition leases and replaying them".into())
     }
 
     fn ready(&self) -> Result<&Conn, CommitError> {
+        self.ready_for(false)
+    }
+
+    fn ready_for(&self, progress: bool) -> Result<&Conn, CommitError> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(CommitError::Closed);
         }
-        if let Some(problem) = self.unavailable() {
+        if let Some(problem) = self.unavailable_for(progress) {
             return Err(CommitError::Store(problem));
         }
         self.conn
@@ -509,7 +521,8 @@ impl Inner {
             Op::ForgetConversations { .. } => return Ok(Outcome::Done),
             _ => {}
         }
-        let conn = self.ready()?.clone();
+        let progress = matches!(op, Op::CompleteInbound { .. } | Op::CompleteOutbound { .. });
+        let conn = self.ready_for(progress)?.clone();
         let writes = self.writes.fetch_add(1, Ordering::Relaxed);
         struct Release<'a>(&'a AtomicUsize);
         impl Drop for Release<'_> {

@@ -64,12 +64,28 @@ pub struct ControlFlags {
     pub probe_interval: Duration,
 }
 
+/// The range of a rate limit, per second (as the CRD's `perSecond`).
+pub const MIN_RATE: f64 = 0.001;
+pub const MAX_RATE: f64 = 1_000_000.0;
+
+/// The longest breaker wait, and the shortest interval between probes: a
+/// wait past a day is a typo, and probes much faster than ten a second
+/// would hammer the very targets a rate limit protects (the operator asks
+/// for 1s at least).
+pub const MAX_BREAKER_WAIT: Duration = Duration::from_secs(24 * 3600);
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
 fn rate(s: &str) -> Result<f64, String> {
     let rate: f64 = s
         .parse()
         .map_err(|_| "not a number (e.g. 50 or 0.5)".to_string())?;
     if !rate.is_finite() || rate < 0.0 {
         return Err("must be 0 (no limit) or a positive number".into());
+    }
+    if rate != 0.0 && !(MIN_RATE..=MAX_RATE).contains(&rate) {
+        return Err(format!(
+            "must be 0 (no limit) or between {MIN_RATE} (one delivery in about 17 minutes) and {MAX_RATE}"
+        ));
     }
     Ok(rate)
 }
@@ -78,6 +94,12 @@ impl ControlFlags {
     pub fn validate(&self) -> Result<(), String> {
         if self.breaker_probe_interval.is_zero() {
             return Err("--breaker-probe-interval must be greater than zero".into());
+        }
+        if self.breaker_max_probe_interval > MAX_BREAKER_WAIT {
+            return Err("--breaker-max-probe-interval must be at most 24h".into());
+        }
+        if !self.probe_interval.is_zero() && self.probe_interval < MIN_PROBE_INTERVAL {
+            return Err("--probe-interval must be 0s (no probes) or at least 100ms".into());
         }
         if self.breaker_max_probe_interval < self.breaker_probe_interval {
             return Err(
@@ -144,7 +166,9 @@ impl TokenBucket {
             return Ok(());
         }
         let wait = (1.0 - self.tokens) / self.per_second;
-        Err(Duration::from_secs_f64(wait).max(Duration::from_millis(1)))
+        // Bounded whatever the rate: never a panic on a huge wait.
+        let wait = Duration::try_from_secs_f64(wait).unwrap_or(MAX_BREAKER_WAIT);
+        Err(wait.clamp(Duration::from_millis(1), MAX_BREAKER_WAIT))
     }
 }
 
@@ -192,6 +216,13 @@ pub struct Breaker {
     next_probe: Instant,
 }
 
+/// `now + wait`, or as late as can be said when that overflows.
+fn later(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(MAX_BREAKER_WAIT))
+        .unwrap_or(now)
+}
+
 /// A change of the breaker's state and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -231,6 +262,18 @@ impl Breaker {
         }
     }
 
+    /// The target answered a reachability probe: while the circuit is open,
+    /// the next probing delivery goes now rather than at the end of its wait
+    /// (which may have grown to minutes), so a target that is back is found
+    /// within a probe interval. Says whether that moved it.
+    pub fn target_answered(&mut self, now: Instant) -> bool {
+        if self.state == BreakerState::Open && self.next_probe > now {
+            self.next_probe = now;
+            return true;
+        }
+        false
+    }
+
     /// The probe delivery that [`Admit::Probe`] allowed is under way.
     pub fn probe_started(&mut self) -> Option<Change> {
         (self.state == BreakerState::Open).then(|| {
@@ -267,15 +310,15 @@ impl Breaker {
                     {
                         self.state = BreakerState::Open;
                         self.interval = self.first_interval;
-                        self.next_probe = now + self.interval;
+                        self.next_probe = later(now, self.interval);
                         Some(Change {
                             state: BreakerState::Open,
                             reason: format!("{} consecutive failed attempts", self.failures),
                         })
                     }
                     BreakerState::HalfOpen if probe => {
-                        self.interval = (self.interval * 2).min(self.max_interval);
-                        self.next_probe = now + self.interval;
+                        self.interval = self.interval.saturating_mul(2).min(self.max_interval);
+                        self.next_probe = later(now, self.interval);
                         self.state = BreakerState::Open;
                         Some(Change {
                             state: BreakerState::Open,
@@ -488,7 +531,7 @@ impl TargetControl {
         control.show(state.shown);
         if paused {
             tracing::warn!(
-                target = target.as_str(),
+                to = target.as_str(),
                 state = "paused",
                 reason = "paused by hand before the restart",
                 "deliveries to the target stay paused until POST /targets/{}/resume on the admin port",
@@ -551,7 +594,17 @@ impl TargetControl {
             .reachable
             .with_label_values(&[label])
             .set(i64::from(result.ok));
-        self.state.lock().expect("control lock").last_probe = Some(result);
+        let mut state = self.state.lock().expect("control lock");
+        let sooner = result.ok && state.breaker.target_answered(Instant::now());
+        state.last_probe = Some(result);
+        drop(state);
+        if sooner {
+            tracing::info!(
+                to = label,
+                "the target answers its reachability probe: a delivery tries it now"
+            );
+            self.wake.notify_one();
+        }
     }
 
     /// Stops deliveries to the target until [`Self::resume`]; stored first
@@ -617,7 +670,7 @@ impl TargetControl {
         let failures = state.breaker.failures();
         match now {
             TargetState::Open | TargetState::Paused => tracing::warn!(
-                target,
+                to = target,
                 state = state_name,
                 from,
                 %reason,
@@ -815,6 +868,27 @@ mod tests {
         assert!(parse(&["--bot-rate-limit=-1"]).is_err());
         assert!(parse(&["--bot-rate-limit=fast"]).is_err());
         assert!(parse(&["--bot-rate-burst=0"]).is_err());
+        // Rates that would make a wait no clock can hold are refused at start.
+        for tiny in ["1e-30", "0.0001", "1e7"] {
+            let e = parse(&[&format!("--bot-rate-limit={tiny}")]).unwrap_err();
+            assert!(e.to_string().contains("between 0.001"), "{tiny}: {e}");
+        }
+        for (args, says) in [
+            (&["--breaker-max-probe-interval=25h"][..], "at most 24h"),
+            (
+                &[
+                    "--breaker-probe-interval=10000000000000000000s",
+                    "--breaker-max-probe-interval=10000000000000000000s",
+                ][..],
+                "at most 24h",
+            ),
+            (&["--probe-interval=1ns"][..], "at least 100ms"),
+            (&["--probe-interval=30ms"][..], "at least 100ms"),
+        ] {
+            let e = parse(args).unwrap().validate().unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+        assert!(parse(&["--probe-interval=0s"]).unwrap().validate().is_ok());
         let f = parse(&[]).unwrap();
         assert_eq!(f.breaker_failures, 10);
         assert_eq!(f.breaker_probe_interval, Duration::from_secs(5));
@@ -895,6 +969,44 @@ mod tests {
             b.record(Attempt::Failed, false, at);
         }
         assert_eq!(b.admit(at), Admit::Hold(Some(at + s)));
+    }
+
+    #[test]
+    fn huge_waits_neither_panic_nor_spin() {
+        let now = Instant::now();
+        let mut bucket = TokenBucket::new(
+            RateLimit {
+                per_second: 1e-30,
+                burst: 1,
+            },
+            now,
+        );
+        assert_eq!(bucket.take(now), Ok(()));
+        assert_eq!(bucket.take(now), Err(MAX_BREAKER_WAIT));
+        let huge = Duration::from_secs(u64::MAX / 4);
+        let mut b = Breaker::new(1, huge, huge);
+        assert!(b.record(Attempt::Failed, false, now).is_some());
+        assert_eq!(b.state(), BreakerState::Open);
+        b.probe_started();
+        assert!(b.record(Attempt::Failed, true, now).is_some());
+    }
+
+    #[test]
+    fn a_target_answering_its_probe_is_tried_at_once_while_open() {
+        let mut b = breaker();
+        let now = Instant::now();
+        assert!(!b.target_answered(now), "closed: nothing to hurry");
+        for _ in 0..3 {
+            b.record(Attempt::Failed, false, now);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(matches!(b.admit(now), Admit::Hold(Some(_))));
+        assert!(b.target_answered(now));
+        assert_eq!(b.admit(now), Admit::Probe);
+        // Half open (a delivery under way): one at a time still.
+        b.probe_started();
+        assert!(!b.target_answered(now));
+        assert_eq!(b.admit(now), Admit::Hold(None));
     }
 
     #[test]

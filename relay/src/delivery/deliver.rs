@@ -146,7 +146,7 @@ impl Deliverer {
             // Completed by an earlier attempt whose result was not seen (or redriven elsewhere).
             Ok(None) => return (Finish::Done, Attempt::NotMade),
             Err(e) => {
-                tracing::error!(target = label, seq = pending.seq, error = %e, "cannot read a waiting message from the store");
+                tracing::error!(to = label, seq = pending.seq, error = %e, "cannot read a waiting message from the store");
                 return (Finish::Retry(self.backoff.max), Attempt::NotMade);
             }
         };
@@ -243,13 +243,13 @@ impl Deliverer {
                             .observe(
                                 now_ms().saturating_sub(pending.created_at_ms) as f64 / 1000.0,
                             );
-                        tracing::debug!(target = label, message_id = %outgoing.id, %trace_id, attempts = failures + 1, "delivered");
+                        tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, attempts = failures + 1, "delivered");
                         Finish::Done
                     }
                     Err(e) => {
                         // Not recorded as delivered: the message is sent again (same
                         // webhook-id), which receivers dedupe on.
-                        tracing::error!(target = label, message_id = %outgoing.id, %trace_id, error = %e, "delivered but could not record it; will deliver again");
+                        tracing::error!(to = label, message_id = %outgoing.id, %trace_id, error = %e, "delivered but could not record it; will deliver again");
                         Finish::Retry(self.backoff.delay(failures, None, &mut rand::rng()))
                     }
                 };
@@ -280,7 +280,7 @@ impl Deliverer {
                 .delay(failures, failure.retry_after(), &mut rand::rng());
             match self.failure_logs[target.index()].admit(now_ms()) {
                 Some(unlogged) => tracing::warn!(
-                    target = label,
+                    to = label,
                     message_id = %outgoing.id,
                     conversation_id = %outgoing.conversation_id,
                     %trace_id,
@@ -291,7 +291,7 @@ impl Deliverer {
                     "delivery failed; will retry"
                 ),
                 None => tracing::debug!(
-                    target = label,
+                    to = label,
                     message_id = %outgoing.id,
                     conversation_id = %outgoing.conversation_id,
                     %trace_id,
@@ -317,7 +317,7 @@ impl Deliverer {
                     .inc();
                 self.metrics.dead_letters.with_label_values(&[label]).inc();
                 tracing::error!(
-                    target = label,
+                    to = label,
                     message_id = %outgoing.id,
                     conversation_id = %outgoing.conversation_id,
                     %trace_id,
@@ -327,7 +327,7 @@ impl Deliverer {
                 Finish::Done
             }
             Err(e) => {
-                tracing::error!(target = label, message_id = %outgoing.id, %trace_id, error = %e, "cannot dead-letter; will retry");
+                tracing::error!(to = label, message_id = %outgoing.id, %trace_id, error = %e, "cannot dead-letter; will retry");
                 Finish::Retry(self.backoff.max)
             }
         };

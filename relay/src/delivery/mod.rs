@@ -335,7 +335,7 @@ impl Scheduler {
         let target = self.target.as_str();
         if !self.tasks.is_empty() {
             tracing::info!(
-                target,
+                to = target,
                 in_flight = self.tasks.len(),
                 "waiting for deliveries under way"
             );
@@ -346,7 +346,7 @@ impl Scheduler {
             .is_err()
             {
                 tracing::warn!(
-                    target,
+                    to = target,
                     "deliveries still under way at the drain timeout; they will be retried after restart"
                 );
                 self.tasks.abort_all();

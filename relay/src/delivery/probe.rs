@@ -37,13 +37,13 @@ impl Prober {
             let label = self.target.as_str();
             match &result.error {
                 None => tracing::debug!(
-                    target = label,
+                    to = label,
                     status = result.status,
                     duration_ms = result.duration_ms,
                     "probe answered"
                 ),
                 Some(error) => {
-                    tracing::info!(target = label, status = result.status, %error, "probe failed")
+                    tracing::info!(to = label, status = result.status, %error, "probe failed")
                 }
             }
             self.control.set_probe(result);
