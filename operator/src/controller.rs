@@ -425,6 +425,22 @@ async fn referenced_secret_problem(
                 .and_then(|d| d.get(&reference.key))
                 .is_some_and(|v| !v.0.is_empty())
         });
+        let too_long = reference.field.contains(".headers[")
+            && found.as_ref().is_some_and(|s| {
+                s.data
+                    .as_ref()
+                    .and_then(|d| d.get(&reference.key))
+                    .is_some_and(|v| String::from_utf8_lossy(&v.0).trim().len() > MAX_HEADER_VALUE)
+            });
+        if too_long {
+            return Ok(Some((
+                "InvalidSecretValue",
+                format!(
+                    "Secret {} ({}): the value of {} is over {MAX_HEADER_VALUE} bytes, too long for a header",
+                    reference.secret, reference.field, reference.key
+                ),
+            )));
+        }
         match (found, has_key) {
             (None, _) => {
                 return Ok(Some((
@@ -451,6 +467,9 @@ async fn referenced_secret_problem(
     }
     Ok(None)
 }
+
+/// The longest header value the relay takes (its `MAX_HEADER_VALUE`).
+const MAX_HEADER_VALUE: usize = 4096;
 
 /// Says in the endpoint's status that a step failed (a refusal by RBAC
 /// included, in the API server's words), then hands the error on for the

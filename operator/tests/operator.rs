@@ -331,6 +331,64 @@ async fn user_secret_missing_a_key_gets_a_condition_until_fixed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_secret_is_checked_and_mounted_never_written_into_the_deployment() {
+    let server = start_server().await;
+    let operator = Operator::start(&server, "op-1", &[]);
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    create_endpoint(
+        &server,
+        "hdr",
+        json!({"bot": {"url": "http://support-bot.shop.svc:8080/events",
+                       "headers": [{"name": "X-Api-Key",
+                                    "valueFrom": {"secretKeyRef": {"name": "bot-api", "key": "key"}}}]}}),
+    );
+    let ep = wait_reason(&server, &operator, "hdr", "SecretNotFound").await;
+    assert_eq!(
+        condition(&ep, "Ready").unwrap()["message"],
+        "Secret bot-api (spec.bot.headers[0].valueFrom) not found in namespace shop"
+    );
+    // A value too long for a header would stop the relay at start: said here instead.
+    server
+        .create(
+            "",
+            "secrets",
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "bot-api", "namespace": NS},
+                   "data": {"key": b64(&"k".repeat(5000))}}),
+        )
+        .unwrap();
+    let ep = wait_reason(&server, &operator, "hdr", "InvalidSecretValue").await;
+    assert!(
+        condition(&ep, "Ready").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("over 4096 bytes")
+    );
+    assert!(server.get(&deployment_key("hdr-relay")).is_none());
+    server
+        .merge_patch(
+            &secret_key("bot-api"),
+            json!({"data": {"key": b64("s3cret-value")}}),
+            false,
+        )
+        .unwrap();
+    wait_reason(&server, &operator, "hdr", "RelayReady").await;
+    let deployment = server.get(&deployment_key("hdr-relay")).unwrap();
+    let text = deployment.to_string();
+    assert!(!text.contains("s3cret-value") && !text.contains(&b64("s3cret-value")));
+    assert!(
+        args(&deployment)
+            .iter()
+            .any(|a| a == "X-Api-Key=/var/run/botrelay/headers/bot-0/value"),
+        "{:?}",
+        args(&deployment)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_specs_get_a_condition_naming_the_field_and_nothing_is_applied() {
     let server = start_server().await;
     let operator = Operator::start(&server, "op-1", &[]);

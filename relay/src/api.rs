@@ -467,6 +467,7 @@ impl Api {
                 let Some((waiting, deadline)) = waiting else {
                     return Ok(json(StatusCode::OK, answer));
                 };
+                waiting.accepted();
                 // The message is stored: the client sees it even if it goes
                 // away now, so the received count is settled first.
                 drop(received);

@@ -205,6 +205,10 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// The longest `--max-wait`: a request held longer holds a connection
+/// past any sensible client timeout.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
 /// `--max-pending` when it is not given.
 pub const MAX_PENDING: usize = 1_000_000;
 
@@ -312,6 +316,9 @@ impl Config {
 
     /// Checks that span flags; clap checks each flag on its own.
     pub fn validate(&self) -> Result<(), String> {
+        if self.max_wait > MAX_WAIT {
+            return Err("--max-wait must be at most 1h".into());
+        }
         if self.retry_initial_backoff.is_zero() {
             return Err("--retry-initial-backoff must be greater than zero".into());
         }

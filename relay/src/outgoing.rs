@@ -107,7 +107,16 @@ fn header_name(flag: &str, name: &str) -> Result<HeaderName, String> {
     Ok(parsed)
 }
 
+/// The longest header value taken (as the operator's inline values): a
+/// longer one would make every request fail at the target (431).
+pub const MAX_HEADER_VALUE: usize = 4096;
+
 fn header_value(what: &str, value: &str) -> Result<HeaderValue, String> {
+    if value.trim().len() > MAX_HEADER_VALUE {
+        return Err(format!(
+            "{what}: the value is over {MAX_HEADER_VALUE} bytes"
+        ));
+    }
     HeaderValue::from_str(value.trim())
         .map_err(|_| format!("{what}: the value is not a valid HTTP header value"))
 }
@@ -180,6 +189,16 @@ fn certified_key(
 #[derive(Debug)]
 pub struct ClientCert {
     current: RwLock<Arc<CertifiedKey>>,
+    /// Bumped when the certificate changes: connections made with an older
+    /// one are not reused.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl ClientCert {
+    /// Which certificate is in force (it changes with each rotation).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl ResolvesClientCert for ClientCert {
@@ -217,7 +236,12 @@ pub fn tls_config_with_client_cert(cert: Arc<ClientCert>) -> rustls::ClientConfi
         tracing::warn!(error = %e, "no system CA certificates found; https targets will fail");
         builder().with_root_certificates(rustls::RootCertStore::empty())
     });
-    roots.with_client_cert_resolver(cert)
+    let mut config = roots.with_client_cert_resolver(cert);
+    // No session resumption: a resumed session keeps the identity of the
+    // handshake it resumes, so a rotated certificate would never be shown.
+    // Connections are kept alive anyway; a new one costs a full handshake.
+    config.resumption = rustls::client::Resumption::disabled();
+    config
 }
 
 /// The extras of one target: its headers in force and its client
@@ -310,6 +334,7 @@ impl TargetExtras {
                 let (_, certified) = files.read()?;
                 Some(Arc::new(ClientCert {
                     current: RwLock::new(Arc::new(certified)),
+                    generation: std::sync::atomic::AtomicU64::new(0),
                 }))
             }
         };
@@ -383,7 +408,7 @@ impl TargetExtras {
         let mut report = |problem: String| {
             failing.retain(|(_, at)| at.elapsed() < REPEAT_PROBLEM);
             if !failing.iter().any(|(p, _)| *p == problem) {
-                tracing::warn!(target, %problem, "could not re-read; keeping the value in force");
+                tracing::warn!(to = target, %problem, "could not re-read; keeping the value in force");
                 failing.push((problem, Instant::now()));
             }
         };
@@ -404,7 +429,10 @@ impl TargetExtras {
             }
             if changed {
                 self.set_headers(values.clone());
-                tracing::info!(target, "a header file changed; its new value is in force");
+                tracing::info!(
+                    to = target,
+                    "a header file changed; its new value is in force"
+                );
             }
             if let (Some(files), Some(resolver)) = (&self.cert_files, &self.client_cert) {
                 let files = files.clone();
@@ -412,10 +440,13 @@ impl TargetExtras {
                     Ok(Ok((bytes, certified))) if Some(&bytes) != cert_bytes.as_ref() => {
                         *resolver.current.write().unwrap_or_else(|p| p.into_inner()) =
                             Arc::new(certified);
+                        resolver
+                            .generation
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         cert_bytes = Some(bytes);
                         tracing::info!(
                             to = target,
-                            "the client certificate changed; new connections use it"
+                            "the client certificate changed; new connections use it, kept-alive ones are closed after their request"
                         );
                     }
                     Ok(Ok(_)) => {}

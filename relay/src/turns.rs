@@ -69,6 +69,9 @@ struct Waiter {
     collected: Mutex<Collected>,
     /// Bumped at each change of `collected`.
     changes: watch::Sender<u64>,
+    /// Its message was stored as a new one (not a duplicate, whose waiter
+    /// must never take another request's replies).
+    accepted: std::sync::atomic::AtomicBool,
 }
 
 impl Waiter {
@@ -98,6 +101,10 @@ pub struct Turns {
     draining: std::sync::atomic::AtomicBool,
     /// The other replicas, with `--store nats` once it is connected.
     replicas: std::sync::OnceLock<Replicas>,
+    /// Per conversation with a request waiting here, the relay id of the
+    /// message this replica last sent to the bot: the current turn, which
+    /// the bot's own messages belong to.
+    current: Mutex<HashMap<String, String>>,
 }
 
 /// Core NATS between the replicas of one endpoint.
@@ -176,6 +183,7 @@ impl Turns {
             max_replies,
             collected: Mutex::default(),
             changes,
+            accepted: std::sync::atomic::AtomicBool::new(false),
         });
         self.lock()
             .entry(conversation_id.to_owned())
@@ -249,6 +257,10 @@ impl Turns {
         let Some(waiter) = waiter else {
             return false;
         };
+        // Delivered: its message was stored as a new one.
+        waiter
+            .accepted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         waiter.update(|c| {
             c.delivered = true;
             for reply in replies {
@@ -272,15 +284,42 @@ impl Turns {
         self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The bot posted `message` on its own: it goes to the latest request
-    /// waiting in its conversation (the current turn) here, or, with none
-    /// here, to the other replicas'.
+    /// The message `message_id` of `conversation_id` goes to the bot now:
+    /// the bot's own messages that follow belong to it (and to a request
+    /// waiting on it), not to an earlier one.
+    pub fn turn_started(&self, conversation_id: &str, message_id: &str) {
+        let waiting = self.lock();
+        if waiting.contains_key(conversation_id) {
+            self.current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(conversation_id.to_owned(), message_id.to_owned());
+        }
+    }
+
+    /// The request here that the bot's own messages to `conversation_id` go
+    /// to: the one waiting on the current turn; when this replica did not
+    /// send that turn (`--store nats`), the latest accepted one.
+    fn turn_waiter(&self, conversation_id: &str) -> Option<Arc<Waiter>> {
+        let waiting = self.lock();
+        let ws = waiting.get(conversation_id)?;
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        match current.get(conversation_id) {
+            Some(id) => ws.iter().find(|w| &w.message_id == id).cloned(),
+            None => ws
+                .iter()
+                .rev()
+                .find(|w| w.accepted.load(std::sync::atomic::Ordering::Relaxed))
+                .cloned(),
+        }
+    }
+
+    /// The bot posted `message` on its own: it goes to the request waiting
+    /// on the conversation's current turn here, or, with none here, to the
+    /// other replicas'.
     pub fn bot_posted(&self, message: &OutboundMessage) {
         let reply = Reply::of(message);
-        let waiter = self
-            .lock()
-            .get(&message.conversation_id)
-            .and_then(|ws| ws.last().cloned());
+        let waiter = self.turn_waiter(&message.conversation_id);
         match (waiter, self.replicas.get()) {
             (Some(waiter), _) => waiter.update(|c| waiter.add(c, reply)),
             (None, Some(replicas)) => {
@@ -301,12 +340,9 @@ impl Turns {
                     self.apply_delivered(conversation_id, &message_id, &replies);
                 }
             }
-            // To the latest request here, as a post to this replica goes.
+            // To the request of the current turn, as a post to this replica goes.
             Event::Posted { reply } => {
-                let latest = self
-                    .lock()
-                    .get(conversation_id)
-                    .and_then(|ws| ws.last().cloned());
+                let latest = self.turn_waiter(conversation_id);
                 if latest.is_some_and(|latest| Arc::ptr_eq(&latest, waiter)) {
                     waiter.update(|c| waiter.add(c, reply));
                 }
@@ -316,6 +352,13 @@ impl Turns {
 }
 
 impl Waiting {
+    /// Its message was stored as a new one: it may take the bot's messages.
+    pub fn accepted(&self) {
+        self.waiter
+            .accepted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// With `--store nats`, listens to what the other replicas see of the
     /// conversation until the request is answered. Call before the message
     /// is stored: the subscription is then in place before the message can
@@ -393,6 +436,11 @@ impl Drop for Waiting {
             ws.retain(|w| !Arc::ptr_eq(w, &self.waiter));
             if ws.is_empty() {
                 waiting.remove(&self.conversation_id);
+                self.turns
+                    .current
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&self.conversation_id);
             }
         }
     }
@@ -415,6 +463,7 @@ pub fn wait_param(query: Option<&str>, max: Duration) -> Result<Option<Duration>
     if max.is_zero() {
         return Err("query parameter `wait` is not available: this relay answers without waiting for replies (--max-wait 0s)".into());
     }
+    let value = &percent_decoded(value);
     let wait = humantime::parse_duration(value).map_err(|_| {
         format!("query parameter `wait` must be a duration such as 10s or 500ms, not {value:?}")
     })?;
@@ -425,6 +474,32 @@ pub fn wait_param(query: Option<&str>, max: Duration) -> Result<Option<Duration>
         ));
     }
     Ok(Some(wait))
+}
+
+/// A query value as a client library encodes it: `%XX` escapes and `+` for
+/// a space; a malformed escape is kept as written (and then refused).
+fn percent_decoded(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], escaped) {
+            (_, Some(b)) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (b'+', None) => out.push(b' '),
+            (b, None) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The accept answer with `"responses"` added: `answer` is the JSON object
@@ -552,6 +627,65 @@ mod tests {
             wait_param(Some("wait=1s"), Duration::ZERO)
                 .unwrap_err()
                 .contains("--max-wait 0s")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bots_messages_go_to_the_current_turn_only() {
+        let turns = Arc::new(Turns::default());
+        // A request waits on m1; a repeat of it (a duplicate, never accepted)
+        // waits too, and must take nothing.
+        let first = turns.wait_for("conv", "m1", 10);
+        first.accepted();
+        let repeat = turns.wait_for("conv", "m1-again", 10);
+        turns.turn_started("conv", "m1");
+        turns.bot_posted(&reply("p1", "conv"));
+        // A later message nobody waits on becomes the turn: what the bot
+        // posts now belongs to it, not to the request on m1.
+        turns.turn_started("conv", "m2");
+        turns.bot_posted(&reply("p2", "conv"));
+        drop(repeat);
+        let start = Instant::now();
+        let got = first.collect(start + Duration::from_millis(10)).await;
+        let ids: Vec<_> = got.replies.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["p1"]);
+        // Without a turn seen here (another replica sent it), the latest
+        // accepted request takes them, never a duplicate's.
+        let turns = Arc::new(Turns::default());
+        let first = turns.wait_for("conv", "m1", 10);
+        first.accepted();
+        let _repeat = turns.wait_for("conv", "m1-again", 10);
+        turns.bot_posted(&reply("p3", "conv"));
+        let got = first
+            .collect(Instant::now() + Duration::from_millis(10))
+            .await;
+        assert_eq!(got.replies.len(), 1);
+    }
+
+    #[test]
+    fn wait_is_read_as_a_client_library_encodes_it() {
+        let max = Duration::from_secs(30);
+        assert_eq!(
+            wait_param(Some("wait=%35s"), max),
+            Ok(Some(Duration::from_secs(5)))
+        );
+        assert_eq!(
+            wait_param(Some("x=1&wait=1s%20500ms"), max),
+            Ok(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            wait_param(Some("wait=1s+500ms"), max),
+            Ok(Some(Duration::from_millis(1500)))
+        );
+        assert!(
+            wait_param(Some("wait=%zzs"), max)
+                .unwrap_err()
+                .contains("`wait`")
+        );
+        assert!(
+            wait_param(Some("wait=5s%"), max)
+                .unwrap_err()
+                .contains("`wait`")
         );
     }
 

@@ -6,6 +6,7 @@
 
 mod common;
 
+use base64::Engine;
 use common::*;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
@@ -99,14 +100,25 @@ async fn mtls_bot(
                     *no.lock().unwrap() += 1;
                     return;
                 };
+                // The client certificate of this connection, noted on each request.
+                let peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| base64::engine::general_purpose::STANDARD.encode(c.as_ref()))
+                    .unwrap_or_default();
                 let service = hyper::service::service_fn(
                     move |req: http::Request<hyper::body::Incoming>| {
-                        let got = got.clone();
+                        let (got, peer) = (got.clone(), peer.clone());
                         async move {
                             use http_body_util::BodyExt;
                             let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let body: serde_json::Value =
+                            let mut body: serde_json::Value =
                                 serde_json::from_slice(&body).unwrap_or_default();
+                            if body.is_object() {
+                                body["_clientCertificate"] = serde_json::json!(peer);
+                            }
                             let text = body["text"].as_str().unwrap_or_default().to_owned();
                             got.lock().unwrap().push(body);
                             let answer = serde_json::json!({"responses": [{"type": "text", "payload": {"text": format!("echo: {text}")}}]});
@@ -268,6 +280,77 @@ async fn a_rotated_client_certificate_is_used_for_new_connections() {
         "the mismatch was logged:\n{}",
         relay.logs()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_certificate_reaches_a_target_that_is_never_idle() {
+    let (server_ca, client_ca) = (Ca::new("server CA"), Ca::new("client CA"));
+    let (addr, received, _) = mtls_bot(&server_ca, &client_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let trust = write_file(dir.path(), "ca.pem", &server_ca.pem);
+    let (old_cert, old_key) = client_ca.sign("relay-old");
+    let (new_cert, new_key) = client_ca.sign("relay-new");
+    let (cert_path, key_path) = (
+        write_file(dir.path(), "cert.pem", &old_cert),
+        write_file(dir.path(), "key.pem", &old_key),
+    );
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start_with_env(
+        &format!("https://localhost:{}/", addr.port()),
+        &endpoint.url(),
+        &[
+            &format!("--bot-client-cert={cert_path}"),
+            &format!("--bot-client-key={key_path}"),
+        ],
+        &[("SSL_CERT_FILE", trust.as_str())],
+    )
+    .await;
+    let der = |pem: &str| {
+        base64::engine::general_purpose::STANDARD.encode(
+            CertificateDer::from_pem_slice(pem.as_bytes())
+                .unwrap()
+                .as_ref(),
+        )
+    };
+    let (old, new) = (der(&old_cert), der(&new_cert));
+    // A message every 100 ms: the kept-alive connection is never idle.
+    let mut rotated_at = None;
+    for i in 0..40 {
+        let id = format!("m{i}");
+        assert_eq!(relay.send(&message("u", "c", &id, &id)).await.0, 200);
+        if i == 10 {
+            std::fs::write(&key_path, &new_key).unwrap();
+            std::fs::write(&cert_path, &new_cert).unwrap();
+            rotated_at = Some(i);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rotated_at.is_some());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while received.lock().unwrap().len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "not all delivered:\n{}",
+            relay.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let presented: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            b["_clientCertificate"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(presented[0], old);
+    // Polled every 200 ms: the last ten went well after the change.
+    for (i, cert) in presented.iter().enumerate().skip(30) {
+        assert_eq!(cert, &new, "delivery {i} presented the old certificate");
+    }
 }
 
 #[tokio::test]

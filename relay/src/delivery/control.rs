@@ -678,10 +678,10 @@ impl TargetControl {
                 "deliveries to the target stop"
             ),
             TargetState::HalfOpen => {
-                tracing::info!(target, state = state_name, from, %reason, "one delivery tries the target")
+                tracing::info!(to = target, state = state_name, from, %reason, "one delivery tries the target")
             }
             TargetState::Closed => {
-                tracing::info!(target, state = state_name, from, %reason, "deliveries to the target go on")
+                tracing::info!(to = target, state = state_name, from, %reason, "deliveries to the target go on")
             }
         }
     }

@@ -173,6 +173,10 @@ impl Deliverer {
         if let (Target::Bot, Some(trace)) = (target, &outgoing.trace) {
             self.turns.traces.note(&outgoing.conversation_id, trace);
         }
+        if target == Target::Bot {
+            self.turns
+                .turn_started(&outgoing.conversation_id, &outgoing.id);
+        }
         let started = Instant::now();
         let result = self.senders[target.index()]
             .post_with(
@@ -370,7 +374,12 @@ impl Deliverer {
             Err(problem) => {
                 // The bot took the message (2xx); sending it again would duplicate
                 // it, so the unreadable answer is logged and dropped.
-                tracing::warn!(message_id = %to.id, %problem, "bot answered 2xx with unreadable replies; ignoring them");
+                let trace_id = to
+                    .trace
+                    .as_ref()
+                    .map(|t| t.trace_id().to_owned())
+                    .unwrap_or_default();
+                tracing::warn!(message_id = %to.id, %trace_id, %problem, "bot answered 2xx with unreadable replies; ignoring them");
                 self.metrics.unreadable_bot_answers.inc();
                 return Vec::new();
             }

@@ -166,6 +166,8 @@ struct SenderInner {
 struct Idle {
     connection: Connection,
     since: Instant,
+    /// The client certificate it was made with (see [`Sender::cert_generation`]).
+    generation: u64,
 }
 
 /// An idle connection unused for this long is closed rather than reused: the
@@ -283,14 +285,14 @@ impl Sender {
         }
         let mut deadline = tokio::time::Instant::now() + timeout;
         let exchange = async {
-            let mut connection = self.connection(true).await?;
+            let (mut connection, mut generation) = self.connection(true).await?;
             let response = match connection.try_send_request(request).await {
                 Ok(response) => response,
                 Err(mut e) => match e.take_message() {
                     // Not sent: the kept-alive connection was closed by the other
                     // side while idle. Sent again on a new connection, once.
                     Some(request) => {
-                        connection = self.connection(false).await?;
+                        (connection, generation) = self.connection(false).await?;
                         connection
                             .send_request(request)
                             .await
@@ -299,9 +301,9 @@ impl Sender {
                     None => return Err(Failure::Network(describe(e.error()))),
                 },
             };
-            Ok((connection, response))
+            Ok((connection, generation, response))
         };
-        let (connection, response) = tokio::time::timeout_at(deadline, exchange)
+        let (connection, generation, response) = tokio::time::timeout_at(deadline, exchange)
             .await
             .unwrap_or(Err(Failure::Timeout))?;
         let status = response.status();
@@ -316,7 +318,7 @@ impl Sender {
         let budget = self.inner.budget.as_ref().filter(|_| status.is_success());
         let answer = read_answer(response.into_body(), budget, &mut deadline).await?;
         if matches!(answer, Answer::Body(..)) {
-            self.give_back(connection);
+            self.give_back(connection, generation);
         }
         if status.is_success() {
             Ok((status, answer))
@@ -329,30 +331,46 @@ impl Sender {
     }
 
     /// An idle connection ready for a request (if `reuse`), or a new one.
-    async fn connection(&self, reuse: bool) -> Result<Connection, Failure> {
+    /// Which client certificate new connections present: a connection
+    /// made with another is not reused (a rotated certificate is in use
+    /// from the next request on, even on a target that is never idle).
+    fn cert_generation(&self) -> u64 {
+        self.inner
+            .extras
+            .client_cert()
+            .map_or(0, |cert| cert.generation())
+    }
+
+    /// A connection, and the certificate generation it was made with.
+    async fn connection(&self, reuse: bool) -> Result<(Connection, u64), Failure> {
+        let current = self.cert_generation();
         if reuse {
             loop {
                 let idle = self.inner.idle.lock().expect("pool lock").pop();
                 let Some(Idle {
                     mut connection,
                     since,
+                    generation,
                 }) = idle
                 else {
                     break;
                 };
-                if since.elapsed() >= IDLE_TIMEOUT || connection.is_closed() {
+                if since.elapsed() >= IDLE_TIMEOUT
+                    || connection.is_closed()
+                    || generation != current
+                {
                     continue;
                 }
                 // Ready at once unless the last answer's end is still being read;
                 // an error means the other side closed it.
                 if connection.ready().await.is_ok() {
-                    return Ok(connection);
+                    return Ok((connection, generation));
                 }
             }
         }
         // Boxed: opening a connection is rare, and its future is large; kept
         // inline, it would make every attempt's task that much larger to move.
-        Box::pin(self.open()).await
+        Ok((Box::pin(self.open()).await?, current))
     }
 
     /// A new connection to the endpoint.
@@ -379,8 +397,8 @@ impl Sender {
         Ok(connection)
     }
 
-    fn give_back(&self, connection: Connection) {
-        if connection.is_closed() {
+    fn give_back(&self, connection: Connection, generation: u64) {
+        if connection.is_closed() || generation != self.cert_generation() {
             return;
         }
         let mut idle = self.inner.idle.lock().expect("pool lock");
@@ -388,6 +406,7 @@ impl Sender {
             idle.push(Idle {
                 connection,
                 since: Instant::now(),
+                generation,
             });
         }
     }
