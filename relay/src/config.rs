@@ -375,6 +375,18 @@ mod tests {
     }
 
     #[test]
+    fn max_wait_is_bounded_so_no_deadline_overflows() {
+        assert!(parse(&["--max-wait=1h"]).unwrap().validate().is_ok());
+        for huge in ["2h", "18446744073709551615s"] {
+            let e = parse(&[&format!("--max-wait={huge}")])
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(e.contains("--max-wait must be at most 1h"), "{huge}: {e}");
+        }
+    }
+
+    #[test]
     fn defaults_match_the_design() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
