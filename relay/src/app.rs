@@ -129,7 +129,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (stop_tx, stop) = watch::channel(false);
     let answer_budget =
         AnswerBudget::new(usize::try_from(config.answer_memory_bytes).unwrap_or(usize::MAX));
-    let turns = Arc::new(Turns::default());
+    // Replies held for waiting requests: as much again as the bots' answers
+    // in flight (--answer-memory-bytes), beside them.
+    let turns = Arc::new(Turns::with_memory(
+        usize::try_from(config.answer_memory_bytes).unwrap_or(usize::MAX),
+    ));
     let deliverer = Deliverer {
         store: store.clone(),
         writer: writer.clone(),

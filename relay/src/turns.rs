@@ -59,6 +59,26 @@ struct Collected {
     replies: Vec<Reply>,
     /// Replies past the bound, left out of the answer.
     left_out: usize,
+    /// Bytes of `replies`, counted in [`Turns::held`].
+    bytes: usize,
+    /// The request is answered or gone: nothing more is kept for it.
+    closed: bool,
+}
+
+/// Bytes of replies held for waiting requests, all together, when the relay
+/// is not told otherwise (it is told `--answer-memory-bytes`).
+pub const WAIT_MEMORY: usize = 16 << 20;
+
+/// What one reply is counted as while a waiting request holds it.
+fn reply_bytes(reply: &Reply) -> usize {
+    reply.payload.get().len() + reply.kind.len() + reply.id.len() + reply.created_at.len() + 64
+}
+
+/// The bytes held for all waiting requests, and their bound.
+#[derive(Debug)]
+struct Held {
+    bytes: std::sync::atomic::AtomicUsize,
+    max: usize,
 }
 
 #[derive(Debug)]
@@ -69,6 +89,8 @@ struct Waiter {
     collected: Mutex<Collected>,
     /// Bumped at each change of `collected`.
     changes: watch::Sender<u64>,
+    /// Shared with every waiter: the bound of what they hold together.
+    held: Arc<Held>,
     /// Its message was stored as a new one (not a duplicate, whose waiter
     /// must never take another request's replies).
     accepted: std::sync::atomic::AtomicBool,
@@ -82,17 +104,29 @@ impl Waiter {
         self.changes.send_modify(|n| *n += 1);
     }
 
+    /// Keeps a reply for the answer, within `--max-replies-per-answer` and
+    /// the bytes all waiting requests may hold; one past either is left out
+    /// (it still reaches the response endpoint).
     fn add(&self, c: &mut Collected, reply: Reply) {
-        if c.replies.len() < self.max_replies {
-            c.replies.push(reply);
-        } else {
-            c.left_out += 1;
+        use std::sync::atomic::Ordering::Relaxed;
+        if c.closed {
+            return;
         }
+        let size = reply_bytes(&reply);
+        if c.replies.len() < self.max_replies {
+            let before = self.held.bytes.fetch_add(size, Relaxed);
+            if before + size <= self.held.max {
+                c.bytes += size;
+                c.replies.push(reply);
+                return;
+            }
+            self.held.bytes.fetch_sub(size, Relaxed);
+        }
+        c.left_out += 1;
     }
 }
 
 /// What the relay knows of conversation turns in flight.
-#[derive(Default)]
 pub struct Turns {
     pub traces: ConversationTraces,
     /// Waiting requests per relay conversation id, oldest first.
@@ -105,6 +139,14 @@ pub struct Turns {
     /// message this replica last sent to the bot: the current turn, which
     /// the bot's own messages belong to.
     current: Mutex<HashMap<String, String>>,
+    /// Bytes of replies the waiting requests hold, and their bound.
+    held: Arc<Held>,
+}
+
+impl Default for Turns {
+    fn default() -> Self {
+        Self::with_memory(WAIT_MEMORY)
+    }
 }
 
 /// Core NATS between the replicas of one endpoint.
@@ -167,6 +209,26 @@ pub struct Collection {
 }
 
 impl Turns {
+    /// Turns whose waiting requests hold at most `bytes` of replies together.
+    pub fn with_memory(bytes: usize) -> Self {
+        Turns {
+            traces: ConversationTraces::default(),
+            waiting: Mutex::default(),
+            draining: Default::default(),
+            replicas: Default::default(),
+            current: Mutex::default(),
+            held: Arc::new(Held {
+                bytes: Default::default(),
+                max: bytes,
+            }),
+        }
+    }
+
+    /// Bytes of replies held for waiting requests now.
+    pub fn held_bytes(&self) -> usize {
+        self.held.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Registers a request that waits for the replies to the message
     /// `message_id` of `conversation_id` (relay ids), keeping at most
     /// `max_replies` of them. Call before the message is stored, so that no
@@ -183,6 +245,7 @@ impl Turns {
             max_replies,
             collected: Mutex::default(),
             changes,
+            held: self.held.clone(),
             accepted: std::sync::atomic::AtomicBool::new(false),
         });
         self.lock()
@@ -431,6 +494,18 @@ impl Drop for Waiting {
         if let Some(listener) = self.listener.take() {
             listener.abort();
         }
+        {
+            let mut c = self
+                .waiter
+                .collected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            c.closed = true;
+            self.turns.held.bytes.fetch_sub(
+                std::mem::take(&mut c.bytes),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let mut waiting = self.turns.lock();
         if let Some(ws) = waiting.get_mut(&self.conversation_id) {
             ws.retain(|w| !Arc::ptr_eq(w, &self.waiter));
@@ -660,6 +735,37 @@ mod tests {
             .collect(Instant::now() + Duration::from_millis(10))
             .await;
         assert_eq!(got.replies.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_requests_hold_replies_within_a_bound_in_bytes() {
+        // Room for about three replies of 1 KiB, all requests together.
+        let turns = Arc::new(Turns::with_memory(3 * 1200));
+        let big = |id: &str, conversation: &str| {
+            let mut r = reply(id, conversation);
+            r.payload = RawValue::from_string(format!("\"{}\"", "x".repeat(1024))).unwrap();
+            r
+        };
+        let a = turns.wait_for("a", "ma", 100);
+        let b = turns.wait_for("b", "mb", 100);
+        turns.delivered("a", "ma", true, &[big("a1", "a"), big("a2", "a")]);
+        turns.delivered("b", "mb", true, &[big("b1", "b"), big("b2", "b")]);
+        assert!(turns.held_bytes() <= 3 * 1200, "{}", turns.held_bytes());
+        let got_a = a.collect(Instant::now()).await;
+        let got_b = b.collect(Instant::now()).await;
+        assert_eq!(got_a.replies.len() + got_b.replies.len(), 3);
+        assert_eq!(got_a.left_out + got_b.left_out, 1);
+        // Answered: what they held is given back.
+        assert_eq!(turns.held_bytes(), 0);
+        let c = turns.wait_for("c", "mc", 100);
+        turns.delivered(
+            "c",
+            "mc",
+            true,
+            &[big("c1", "c"), big("c2", "c"), big("c3", "c")],
+        );
+        assert_eq!(c.collect(Instant::now()).await.replies.len(), 3);
+        assert_eq!(turns.held_bytes(), 0);
     }
 
     #[test]
