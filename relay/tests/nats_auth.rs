@@ -142,12 +142,7 @@ fn spawn_relay(
     extra: &[String],
     dir: &std::path::Path,
 ) -> (std::process::Child, String, std::path::PathBuf) {
-    let credentials = dir.join("credentials");
-    std::fs::create_dir_all(&credentials).unwrap();
-    write(&credentials, "client-token", CLIENT_TOKEN);
-    write(&credentials, "bot-token", BOT_TOKEN);
-    write(&credentials, "bot-signing-secret", BOT_SECRET);
-    write(&credentials, "response-signing-secret", &response_secret());
+    let credentials = write_credentials(dir);
     let (api, admin) = (free_addr(), free_addr());
     let log = dir.join("relay.log");
     let child = Command::new(env!("CARGO_BIN_EXE_botrelay"))

@@ -463,12 +463,7 @@ async fn a_bot_that_demands_a_header_gets_it_and_its_file_rotates() {
 /// standard error, expecting it to stop at start.
 fn refused_at_start(extra: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("credentials");
-    std::fs::create_dir_all(&creds).unwrap();
-    write(&creds, "client-token", CLIENT_TOKEN);
-    write(&creds, "bot-token", BOT_TOKEN);
-    write(&creds, "bot-signing-secret", BOT_SECRET);
-    write(&creds, "response-signing-secret", &response_secret());
+    let creds = write_credentials(dir.path());
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
         .args([
             "--bot-url=http://127.0.0.1:1/",

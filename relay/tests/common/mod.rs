@@ -226,6 +226,18 @@ impl Peer {
     }
 }
 
+/// Writes the test credentials (the four files of `--credentials-dir`) in
+/// `dir/credentials`, and returns that directory.
+pub fn write_credentials(dir: &Path) -> PathBuf {
+    let creds = dir.join("credentials");
+    std::fs::create_dir_all(&creds).unwrap();
+    write(&creds, "client-token", CLIENT_TOKEN);
+    write(&creds, "bot-token", BOT_TOKEN);
+    write(&creds, "bot-signing-secret", BOT_SECRET);
+    write(&creds, "response-signing-secret", &response_secret());
+    creds
+}
+
 /// A port that was free a moment ago, for a process that binds it later.
 ///
 /// Taken below Linux's ephemeral range (32768 and up), so that an outgoing
@@ -271,12 +283,7 @@ impl Relay {
         env: &[(&str, &str)],
     ) -> Relay {
         let dir = tempfile::tempdir().unwrap();
-        let creds = dir.path().join("credentials");
-        std::fs::create_dir_all(&creds).unwrap();
-        write(&creds, "client-token", CLIENT_TOKEN);
-        write(&creds, "bot-token", BOT_TOKEN);
-        write(&creds, "bot-signing-secret", BOT_SECRET);
-        write(&creds, "response-signing-secret", &response_secret());
+        let creds = write_credentials(dir.path());
         let (api, admin) = (free_addr(), free_addr());
         let mut args: Vec<String> = vec![
             format!("--listen={api}"),
