@@ -80,19 +80,20 @@ pub struct OutgoingFlags {
 /// same list as the operator's (`RESERVED_HEADERS` and `webhook-*`), so that
 /// a spec the operator takes never stops a relay. `user-agent` may be given
 /// and replaces the relay's.
+pub const RESERVED_HEADERS: [&str; 8] = [
+    "content-type",
+    "content-length",
+    "host",
+    "connection",
+    "transfer-encoding",
+    "traceparent",
+    "tracestate",
+    "botrelay-probe",
+];
+
 fn reserved(name: &HeaderName) -> bool {
-    const RESERVED: [&str; 8] = [
-        "content-type",
-        "content-length",
-        "host",
-        "connection",
-        "transfer-encoding",
-        "traceparent",
-        "tracestate",
-        "botrelay-probe",
-    ];
     let name = name.as_str();
-    RESERVED.contains(&name) || name.starts_with("webhook-")
+    RESERVED_HEADERS.contains(&name) || name.starts_with("webhook-")
 }
 
 fn header_name(flag: &str, name: &str) -> Result<HeaderName, String> {
@@ -372,6 +373,14 @@ impl TargetExtras {
     /// The client certificate's resolver, for the TLS configuration.
     pub fn client_cert(&self) -> Option<Arc<ClientCert>> {
         self.client_cert.clone()
+    }
+
+    /// Which client certificate is in force (0 without one): it changes
+    /// with each rotation.
+    pub fn cert_generation(&self) -> u64 {
+        self.client_cert
+            .as_ref()
+            .map_or(0, |cert| cert.generation())
     }
 
     /// Whether anything needs re-reading.

@@ -335,10 +335,7 @@ impl Sender {
     /// made with another is not reused (a rotated certificate is in use
     /// from the next request on, even on a target that is never idle).
     fn cert_generation(&self) -> u64 {
-        self.inner
-            .extras
-            .client_cert()
-            .map_or(0, |cert| cert.generation())
+        self.inner.extras.cert_generation()
     }
 
     /// A connection, and the certificate generation it was made with.
