@@ -32,7 +32,7 @@ use crate::applied::{self, ObjectKey, Record, Records};
 use crate::build::{
     self, BuildSettings, Credentials, FIELD_MANAGER, MANAGED_BY_SELECTOR, MissingKeys,
 };
-use crate::crd::{MessagingEndpoint, MessagingEndpointStatus};
+use crate::crd::{MAX_HEADER_VALUE, MessagingEndpoint, MessagingEndpointStatus};
 use crate::metrics::Metrics;
 use crate::status::{self, Observation, desired_status};
 use crate::targets::{self, TargetsWatch};
@@ -467,9 +467,6 @@ async fn referenced_secret_problem(
     }
     Ok(None)
 }
-
-/// The longest header value the relay takes (its `MAX_HEADER_VALUE`).
-const MAX_HEADER_VALUE: usize = 4096;
 
 /// Says in the endpoint's status that a step failed (a refusal by RBAC
 /// included, in the API server's words), then hands the error on for the

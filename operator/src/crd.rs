@@ -177,6 +177,9 @@ pub const RESERVED_HEADERS: [&str; 8] = [
     "botrelay-probe",
 ];
 
+/// The longest header value the relay takes (its own `MAX_HEADER_VALUE`).
+pub const MAX_HEADER_VALUE: usize = 4096;
+
 /// One extra header: a `value` in clear, or `valueFrom` a Secret's key.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -196,7 +199,7 @@ pub struct TargetHeader {
     pub name: String,
     /// The value, in clear (not for secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[\t\x20-\x7e]*$"), length(max = 4096))]
+    #[schemars(regex(pattern = r"^[\t\x20-\x7e]*$"), length(max = MAX_HEADER_VALUE))]
     pub value: Option<String>,
     /// Where a secret value is: a key of a Secret in the endpoint's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use crate::crd::{
-    DeliverySpec, MessagingEndpointSpec, NatsSpec, RESERVED_HEADERS, StorageType, TargetOptions,
+    DeliverySpec, MAX_HEADER_VALUE, MessagingEndpointSpec, NatsSpec, RESERVED_HEADERS, StorageType,
+    TargetOptions,
 };
 
 /// Every problem found in a spec, each naming its field.
@@ -204,7 +205,7 @@ fn check_target(path: &str, target: &TargetOptions, problems: &mut Vec<String>) 
         }
         match (&header.value, &header.value_from) {
             (Some(value), None) => {
-                if value.len() > 4096 || http::HeaderValue::from_str(value).is_err() {
+                if value.len() > MAX_HEADER_VALUE || http::HeaderValue::from_str(value).is_err() {
                     problems.push(format!("{at}.value: not a valid header value"));
                 }
             }

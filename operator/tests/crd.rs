@@ -404,6 +404,18 @@ fn cel_rules_accept_good_specs_and_reject_cross_field_mistakes() {
         let wrong = check(bot_with(serde_json::json!({"headers": [header.clone()]}))).unwrap_err();
         assert!(format!("{wrong:?}").contains(says), "{header}: {wrong:?}");
     }
+    // The CEL rule names the same headers as the list the operator and the relay check.
+    for name in botrelay_operator::crd::RESERVED_HEADERS {
+        let upper = name.to_ascii_uppercase();
+        let wrong = check(bot_with(
+            serde_json::json!({"headers": [{"name": upper, "value": "x"}]}),
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{wrong:?}").contains("sets this header itself"),
+            "{name}: {wrong:?}"
+        );
+    }
     let breaker = check(serde_json::json!({"delivery": {"circuitBreaker": {
         "probeInterval": "10m", "maxProbeInterval": "1m"}}}))
     .unwrap_err();

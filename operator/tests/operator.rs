@@ -270,10 +270,6 @@ async fn spec_change_rolls_the_deployment_but_never_regenerates_the_secret() {
 async fn user_secret_missing_a_key_gets_a_condition_until_fixed() {
     let server = start_server().await;
     let operator = Operator::start(&server, "op-1", &[]);
-    let b64 = |s: &str| {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(s)
-    };
     create_endpoint(
         &server,
         "byo",
@@ -334,10 +330,6 @@ async fn user_secret_missing_a_key_gets_a_condition_until_fixed() {
 async fn a_header_secret_is_checked_and_mounted_never_written_into_the_deployment() {
     let server = start_server().await;
     let operator = Operator::start(&server, "op-1", &[]);
-    let b64 = |s: &str| {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(s)
-    };
     create_endpoint(
         &server,
         "hdr",
@@ -474,15 +466,8 @@ async fn relay_not_ready_is_reported_then_ready_when_pods_come_up() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     // The Deployment controller reports the pod ready.
+    report_one_pod_ready(&server, "slow-relay");
     let key = deployment_key("slow-relay");
-    let generation = server.get(&key).unwrap()["metadata"]["generation"].clone();
-    server
-        .merge_patch(
-            &key,
-            json!({"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1}}),
-            true,
-        )
-        .unwrap();
     let ep = wait_reason(&server, &operator, "slow", "RelayReady").await;
     assert_ne!(
         condition(&ep, "Ready").unwrap()["lastTransitionTime"],
@@ -712,10 +697,6 @@ async fn without_leader_election_it_reconciles_at_once_and_never_touches_a_lease
 async fn a_nats_endpoint_runs_several_relay_pods_without_a_volume() {
     let server = start_server().await;
     let operator = Operator::start(&server, "op-1", &[]);
-    let b64 = |s: &str| {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(s)
-    };
     create_endpoint(
         &server,
         "ha",

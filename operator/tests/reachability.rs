@@ -284,15 +284,7 @@ async fn relays_without_ready_pods_are_not_polled() {
         "a relay without ready pods was read"
     );
     // Its pod comes up: it is read, and the conditions follow.
-    let key = deployment_key("cold-relay");
-    let generation = server.get(&key).unwrap()["metadata"]["generation"].clone();
-    server
-        .merge_patch(
-            &key,
-            json!({"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1}}),
-            true,
-        )
-        .unwrap();
+    report_one_pod_ready(&server, "cold-relay");
     eventually(20, "ProbeSucceeded", &operator, || {
         let ep = server.get(&ep_key("cold"))?;
         (reach(&ep, "BotReachable")?.1 == "ProbeSucceeded").then_some(ep)

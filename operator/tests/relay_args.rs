@@ -333,3 +333,16 @@ fn headers_client_certificates_and_max_wait_reach_the_relay_as_mounted_files() {
     );
     assert_eq!(item.key, "api-key");
 }
+
+#[test]
+fn the_operator_refuses_the_same_headers_and_lengths_as_the_relay() {
+    // A header spec the operator takes must never stop a relay at start.
+    assert_eq!(
+        botrelay_operator::crd::RESERVED_HEADERS,
+        botrelay::outgoing::RESERVED_HEADERS
+    );
+    assert_eq!(
+        botrelay_operator::crd::MAX_HEADER_VALUE,
+        botrelay::outgoing::MAX_HEADER_VALUE
+    );
+}

@@ -209,6 +209,26 @@ pub fn pvc_key(name: &str) -> Key {
     Key::new("", "persistentvolumeclaims", NS, name)
 }
 
+/// Standard base64, as a Secret's `data` holds its values.
+pub fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Reports one relay pod of the Deployment `name` ready, at its
+/// generation, as the Deployment controller would.
+pub fn report_one_pod_ready(server: &TestApiServer, name: &str) {
+    let key = deployment_key(name);
+    let generation = server.get(&key).unwrap()["metadata"]["generation"].clone();
+    server
+        .merge_patch(
+            &key,
+            json!({"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1}}),
+            true,
+        )
+        .unwrap();
+}
+
 /// The condition of `type_` in an object's status.
 pub fn condition(object: &Value, type_: &str) -> Option<Value> {
     object["status"]["conditions"]
