@@ -522,7 +522,7 @@ impl Inner {
             _ => {}
         }
         let progress = matches!(op, Op::CompleteInbound { .. } | Op::CompleteOutbound { .. });
-        let conn = self.ready_for(progress)?.clone();
+        let conn = self.ready_for(progress)?;
         let writes = self.writes.fetch_add(1, Ordering::Relaxed);
         struct Release<'a>(&'a AtomicUsize);
         impl Drop for Release<'_> {
@@ -535,13 +535,13 @@ impl Inner {
             return Err(CommitError::Busy);
         }
         match op {
-            Op::Accept { message, .. } => self.accept(&conn, message).await,
+            Op::Accept { message, .. } => self.accept(conn, message).await,
             Op::AddOutbound { message } => {
                 let subject = self.names.conversation(&message.conversation_id);
                 let pending = message.pending(0);
                 let msg_id = format!("o-{}", message.id);
                 let record = Record::AddOutbound { message };
-                let ack = self.append(&conn, subject, &record, Some(&msg_id)).await?;
+                let ack = self.append(conn, subject, &record, Some(&msg_id)).await?;
                 self.queued_through(log::partition_of(&pending.conversation_id), ack.sequence)
                     .await;
                 Ok(Outcome::Queued(vec![pending]))
@@ -569,10 +569,10 @@ impl Inner {
                 seq,
                 reason,
                 now_ms,
-            } => self.dead_letter(&conn, target, seq, reason, now_ms).await,
-            Op::Redrive { seqs, now_ms } => self.redrive(&conn, seqs, now_ms).await,
+            } => self.dead_letter(conn, target, seq, reason, now_ms).await,
+            Op::Redrive { seqs, now_ms } => self.redrive(conn, seqs, now_ms).await,
             Op::Discard { seqs } => {
-                let letters = self.chosen(&conn, seqs.as_deref()).await?;
+                let letters = self.chosen(conn, seqs.as_deref()).await?;
                 let mut discarded = 0;
                 for (key, target, letter) in letters {
                     conn.dead.delete(&key).await.map_err(store_failed)?;
