@@ -11,7 +11,19 @@
 //!                                 connections of 64 workers; no store, no signatures,
 //!                                 no order per conversation
 //!
-//! Each counts the POSTs it answered; `GET /count` returns the count.
+//!     bench_server jetstream URLS SECONDS IN_FLIGHT BYTES [follow]
+//!                                 no HTTP: what the NATS servers at URLS take, as
+//!                                 a ceiling for `--store nats`. Publishes records of
+//!                                 BYTES to a stream made as the relay makes its own
+//!                                 (file storage, 3 replicas, a duplicate window, a
+//!                                 `Nats-Msg-Id` on each, a subject per conversation
+//!                                 under one of 32 partitions), IN_FLIGHT at a time,
+//!                                 each waiting for its acknowledgement, for SECONDS;
+//!                                 prints the acknowledged writes per second. With
+//!                                 `follow`, also reads every record back as the relay
+//!                                 does, with an ordered consumer per partition
+//!
+//! The HTTP modes count the POSTs they answered; `GET /count` returns the count.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -75,6 +87,22 @@ async fn handle(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("jetstream") {
+        let number = |i: usize| -> anyhow::Result<u64> {
+            let usage = "usage: bench_server jetstream URLS SECONDS IN_FLIGHT BYTES";
+            Ok(args.get(i).ok_or_else(|| anyhow::anyhow!(usage))?.parse()?)
+        };
+        let (seconds, in_flight, bytes) = (number(3)?, number(4)?, number(5)?);
+        let follow = match args.get(6).map(String::as_str) {
+            Some("follow") => 32,
+            Some("follow1") => 1,
+            _ => 0,
+        };
+        let rate =
+            jetstream_ceiling(&args[2], seconds, in_flight as usize, bytes as usize, follow).await?;
+        println!("{rate:.0}");
+        return Ok(());
+    }
     let (mode, addr) = match (args.get(1).map(String::as_str), args.get(2)) {
         (Some("bot"), Some(a)) => (Mode::Bot, a),
         (Some("sink"), Some(a)) => (Mode::Sink, a),
@@ -148,4 +176,101 @@ async fn exchange(connection: &mut Connection, body: Bytes) -> anyhow::Result<By
         .body(Full::new(body))?;
     let response = connection.send_request(request).await?;
     Ok(response.into_body().collect().await?.to_bytes())
+}
+
+/// Acknowledged JetStream writes per second: `in_flight` publishers, each
+/// waiting for its write's acknowledgement before the next, for `seconds`.
+async fn jetstream_ceiling(
+    urls: &str,
+    seconds: u64,
+    in_flight: usize,
+    bytes: usize,
+    follow: u64,
+) -> anyhow::Result<f64> {
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures::StreamExt;
+    const PARTITIONS: u64 = 32;
+    let servers = urls
+        .split(',')
+        .map(str::parse::<async_nats::ServerAddr>)
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = async_nats::connect(servers).await?;
+    let js = jetstream::new(client);
+    let name = format!("ceiling-{}", std::process::id());
+    js.create_stream(stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{name}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: 3,
+        duplicate_window: std::time::Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    let read = Arc::new(AtomicU64::new(0));
+    if follow > 0 {
+        let stream = js.get_stream(&name).await?;
+        for partition in 0..follow {
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: match follow {
+                        1 => String::new(),
+                        _ => format!("{name}.{partition}.>"),
+                    },
+                    ..Default::default()
+                })
+                .await?;
+            let read = read.clone();
+            tokio::spawn(async move {
+                let mut messages = consumer.messages().await?;
+                while let Some(message) = messages.next().await {
+                    message?;
+                    read.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            });
+        }
+    }
+    let acked = Arc::new(AtomicU64::new(0));
+    let payload = Bytes::from(vec![b'x'; bytes]);
+    let started = std::time::Instant::now();
+    let end = started + std::time::Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for worker in 0..in_flight {
+        let (js, acked, payload, name) = (js.clone(), acked.clone(), payload.clone(), name.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while std::time::Instant::now() < end {
+                n += 1;
+                // As the relay: a subject per conversation, under its
+                // partition, and a message id on each.
+                let conversation = (worker as u64 * 7919 + n) % 1000;
+                let subject = format!("{name}.{}.c.{conversation:032x}", conversation % PARTITIONS);
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("{worker}-{n}").as_str());
+                let ack = js.publish_with_headers(subject, headers, payload.clone()).await?;
+                ack.await?;
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let rate = acked.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    if follow > 0 {
+        // Every record read back before the stream goes.
+        let written = acked.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while read.load(Ordering::Relaxed) < written && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::ensure!(
+            read.load(Ordering::Relaxed) >= written,
+            "only {} of {written} records were read back",
+            read.load(Ordering::Relaxed)
+        );
+    }
+    js.delete_stream(&name).await?;
+    Ok(rate)
 }
