@@ -456,6 +456,185 @@ async fn the_stream_leader_killed_under_load_loses_nothing_acknowledged() {
         "NATS stream leader (server {leader}) killed: {before} acknowledged before, {} in all, every one delivered in order; {after} deliveries after the kill; duplicates {duplicates}; longest 200-to-bot {longest:?}; client retries {refused}",
         acked.len()
     );
+    // The partitions' readers move to another server within seconds; a
+    // reader left waiting on the dead one stalled its conversations for
+    // 34-55 s.
+    assert!(
+        longest < Duration::from_secs(15),
+        "a message waited {longest:?} from its 200 to the bot after a NATS server died"
+    );
+}
+
+/// A TCP proxy to a NATS server that can go quiet: once cut, it forwards
+/// nothing either way but keeps the connections open, as a network cut does
+/// (no FIN, no RST), so the client sees no disconnection.
+struct CutProxy {
+    addr: std::net::SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutProxy {
+    async fn start(upstream: u16) -> CutProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cutting = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(client_read) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(server_read) as _, Box::new(client_write) as _),
+                ] {
+                    let cut = cutting.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if cut.load(Ordering::SeqCst) {
+                                continue; // into the void
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        CutProxy { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A replica whose network to NATS goes quiet (no disconnection to see)
+/// stops delivering before its leases can be taken: once another replica
+/// delivers a conversation, the cut-off one sends nothing more of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_cut_off_from_nats_stops_delivering_before_its_conversations_move() {
+    let cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let mut near = relay_flags(&cluster, &prefix);
+    near.push("--bot-header=x-replica: near".into());
+    let near: Vec<&str> = near.iter().map(String::as_str).collect();
+    let near = Relay::start(&bot.url(), &endpoint.url(), &near).await;
+    let proxy = CutProxy::start(cluster.port(0)).await;
+    let mut far = relay_flags(&cluster, &prefix);
+    for flag in far.iter_mut() {
+        if flag.starts_with("--nats-url=") {
+            *flag = format!("--nats-url=nats://{}", proxy.addr);
+        }
+    }
+    far.push("--bot-header=x-replica: far".into());
+    let far: Vec<&str> = far.iter().map(String::as_str).collect();
+    let far = Relay::start(&bot.url(), &endpoint.url(), &far).await;
+    // Both deliver a share before the load starts; clients write to `near` only.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(delivered_by(&far).await == 0.0);
+    let targets = Arc::new(Mutex::new(vec![near.url("/v1/messages")]));
+    let load = Load::start(20, targets, Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(delivered_by(&far).await > 0.0, "the far replica delivers a share");
+    proxy.cut();
+    let cut_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let (acked, _) = load.stop().await;
+    let (_, longest) = check_everything_arrived(
+        "one replica cut off from NATS",
+        &acked,
+        &bot,
+        &endpoint,
+        Duration::from_secs(40),
+    )
+    .await;
+    // Per conversation, when `near` first delivered it after the cut; any
+    // delivery of `far` after that is two replicas delivering at once.
+    let at_bot = bot.received();
+    let mut taken: HashMap<usize, Instant> = HashMap::new();
+    let mut far_last = cut_at;
+    for r in &at_bot {
+        let Some((c, _)) = bot_key(r) else { continue };
+        if r.at > cut_at && r.header("x-replica") == "near" {
+            taken.entry(c).or_insert(r.at);
+        }
+        if r.header("x-replica") == "far" {
+            far_last = far_last.max(r.at);
+        }
+    }
+    let overlapping: Vec<(usize, usize)> = at_bot
+        .iter()
+        .filter(|r| r.header("x-replica") == "far")
+        .filter_map(|r| {
+            let key = bot_key(r)?;
+            taken.get(&key.0).is_some_and(|t| r.at > *t).then_some(key)
+        })
+        .collect();
+    println!(
+        "one replica cut off from NATS: {} acknowledged, all delivered in order; its last delivery {:?} after the cut; {} conversations taken over; longest 200-to-bot {longest:?}",
+        acked.len(),
+        far_last - cut_at,
+        taken.len()
+    );
+    assert!(
+        overlapping.is_empty(),
+        "the cut-off replica delivered after another took over: {overlapping:?}"
+    );
+}
+
+/// Each NATS server in turn killed (then started again) under a light load:
+/// one of them is the server the relay is connected to, which also holds
+/// the readers of the partitions' logs. Its conversations must go on within
+/// seconds, not wait for the readers to time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_nats_server_killed_in_turn_stalls_no_conversation_for_long() {
+    let mut cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relays = replicas(1, &cluster, &prefix, &bot, &endpoint, &[]).await;
+    let targets = Arc::new(Mutex::new(vec![relays[0].url("/v1/messages")]));
+    let load = Load::start(20, targets, Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for server in 0..cluster.len() {
+        cluster.kill(server);
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        cluster.restart(server);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    let (acked, refused) = load.stop().await;
+    let (duplicates, longest) = check_everything_arrived(
+        "each NATS server killed in turn",
+        &acked,
+        &bot,
+        &endpoint,
+        Duration::from_secs(60),
+    )
+    .await;
+    println!(
+        "each NATS server killed for 12 s in turn: {} acknowledged, every one delivered in order; duplicates {duplicates}; longest 200-to-bot {longest:?}; client retries {refused}",
+        acked.len()
+    );
+    assert!(
+        longest < Duration::from_secs(15),
+        "a message waited {longest:?} from its 200 to the bot while a NATS server was down"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -717,6 +896,76 @@ async fn dead_letters_add_up_over_replicas_and_any_replica_redrives_them() {
         .wait_until("12 replies", Duration::from_secs(20), |r| r.len() >= 12)
         .await;
     assert_eq!(list(&relays[0]).await["total"], 0);
+}
+
+/// Dead letters redriven through three replicas at the same instant go back
+/// once: each message reaches the bot once more, and its reply the
+/// endpoint once, not once per replica under new webhook-ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redrive_sent_to_every_replica_at_once_sends_each_message_once() {
+    let cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(|_| Answer::status(500)).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relays = replicas(3, &cluster, &prefix, &bot, &endpoint, &["--max-attempts=1"]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = 15;
+    for c in 0..n {
+        let (status, _) = relays[c % 3]
+            .send(&message("u", &format!("c{c}"), &format!("c{c}-m0"), "0"))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, body) = request(
+            "GET",
+            &format!("http://{}/dead-letters", relays[0].admin),
+            &[("authorization", &auth)],
+            vec![],
+        )
+        .await
+        .unwrap();
+        if serde_json::from_slice::<serde_json::Value>(&body).unwrap()["total"] == n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bot.set(echo);
+    let failed = bot.received().len();
+    let redrives = relays.iter().map(|relay| {
+        let url = format!("http://{}/dead-letters/redrive", relay.admin);
+        let auth = auth.clone();
+        async move { request("POST", &url, &[("authorization", &auth)], vec![]).await }
+    });
+    let mut redriven = 0;
+    for answer in futures::future::join_all(redrives).await {
+        let (status, _, body) = answer.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        redriven += serde_json::from_slice::<serde_json::Value>(&body).unwrap()["redriven"]
+            .as_u64()
+            .unwrap();
+    }
+    endpoint
+        .wait_until("the replies", Duration::from_secs(20), |r| r.len() >= n)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // any copies would be here by now
+    let at_bot = bot.received().len() - failed;
+    let replies: HashSet<String> = endpoint
+        .received()
+        .iter()
+        .map(|r| r.header("webhook-id").to_owned())
+        .collect();
+    println!(
+        "redrive sent to 3 replicas at once: {redriven} redriven in all, {at_bot} deliveries to the bot, {} replies under {} webhook-ids",
+        endpoint.received().len(),
+        replies.len()
+    );
+    assert_eq!(redriven, n as u64, "the three answers add up to the dead letters");
+    assert_eq!(at_bot, n, "each redriven message reaches the bot once");
+    assert_eq!(endpoint.received().len(), n, "one reply each");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 /// is told to retry (the write may still land: a retry with the same
 /// `messageId` then gets the first answer).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a partition reader's pull requests last (see `follow`).
+const READER_EXPIRES: Duration = Duration::from_secs(4);
 /// Writes under way at once before clients get `503 overloaded`.
 const MAX_WRITES: usize = 16 * 1024;
 /// Progress records of a partition written as one, at most: a batch
@@ -116,6 +118,15 @@ struct Conn {
     dead: kv::Store,
     /// Conversations a bot can write to, once their messages left the stream.
     conversations: kv::Store,
+}
+
+/// A dead letter picked for a redrive or a discard.
+struct Chosen {
+    key: String,
+    target: Target,
+    /// The bucket entry's revision: a new one each time the message dies.
+    revision: u64,
+    letter: DeadLetter,
 }
 
 /// One partition as this replica sees it.
@@ -242,6 +253,7 @@ impl NatsStore {
                 tokio::spawn(inner.clone().write_progress(partition, inbox));
             }
             *inner.problem() = None;
+            tokio::spawn(inner.clone().fence_loop());
             inner.lease_loop().await;
         });
     }
@@ -574,8 +586,20 @@ impl Inner {
             Op::Discard { seqs } => {
                 let letters = self.chosen(conn, seqs.as_deref()).await?;
                 let mut discarded = 0;
-                for (key, target, letter) in letters {
-                    conn.dead.delete(&key).await.map_err(store_failed)?;
+                for Chosen {
+                    key,
+                    target,
+                    revision,
+                    letter,
+                } in letters
+                {
+                    // Only if it is still the entry read: of several discards
+                    // at once, one counts it.
+                    match conn.dead.delete_expect_revision(&key, Some(revision)).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => continue,
+                        Err(e) => return Err(store_failed(e)),
+                    }
                     self.count_dead_letter(target, log::partition_of(&letter.conversation_id), -1);
                     discarded += 1;
                 }
@@ -787,19 +811,27 @@ impl Inner {
         &self,
         conn: &Conn,
         seqs: Option<&[Seq]>,
-    ) -> Result<Vec<(String, Target, DeadLetter)>, CommitError> {
+    ) -> Result<Vec<Chosen>, CommitError> {
         let keys = self.dead_letter_keys(conn).await.map_err(store_failed)?;
         let mut chosen = Vec::new();
         for (key, target, packed) in keys {
             if seqs.is_some_and(|seqs| !seqs.contains(&packed)) {
                 continue;
             }
-            let Some(bytes) = conn.dead.get(&key).await.map_err(store_failed)? else {
+            let Some(entry) = conn.dead.entry(&key).await.map_err(store_failed)? else {
                 continue;
             };
-            let letter: DeadLetter = serde_json::from_slice(&bytes)
+            if entry.operation != kv::Operation::Put {
+                continue; // deleted meanwhile
+            }
+            let letter: DeadLetter = serde_json::from_slice(&entry.value)
                 .map_err(|e| CommitError::Store(format!("dead letter {key}: {e}")))?;
-            chosen.push((key, target, letter));
+            chosen.push(Chosen {
+                key,
+                target,
+                revision: entry.revision,
+                letter,
+            });
         }
         Ok(chosen)
     }
@@ -812,7 +844,13 @@ impl Inner {
     ) -> Result<Outcome, CommitError> {
         let letters = self.chosen(conn, seqs.as_deref()).await?;
         let mut due = Vec::new();
-        for (key, target, letter) in letters {
+        for Chosen {
+            key,
+            target,
+            revision,
+            letter,
+        } in letters
+        {
             let corrupt =
                 |e: serde_json::Error| CommitError::Store(format!("dead letter {key}: {e}"));
             let (subject, record, pending) = match target {
@@ -840,10 +878,16 @@ impl Inner {
                 }
             };
             // Queued first, then let go of: a crash between the two leaves a
-            // dead letter that was also redriven, never one lost.
-            let msg_id = format!("r-{}-{now_ms}", letter.message_id);
-            self.append(conn, subject, &record, Some(&msg_id)).await?;
+            // dead letter that was also redriven, never one lost. The record's
+            // id names this dead letter (its key and revision), so that when
+            // several replicas redrive it at once, JetStream keeps the first
+            // and acknowledges the others as duplicates: it goes back once.
+            let msg_id = format!("r-{key}-{revision}");
+            let ack = self.append(conn, subject, &record, Some(&msg_id)).await?;
             conn.dead.delete(&key).await.map_err(store_failed)?;
+            if ack.duplicate {
+                continue; // redriven by another request
+            }
             let partition = log::partition_of(&letter.conversation_id);
             self.count_dead_letter(target, partition, -1);
             due.push(pending);
@@ -964,6 +1008,38 @@ impl Inner {
                 self.release(partition);
             }
             self.refresh_dead_letter_counts(&conn).await;
+        }
+    }
+
+    /// Gives up, every tenth of the TTL, each partition whose lease was not
+    /// renewed for most of the TTL, whatever the lease round is doing: one
+    /// waiting on a NATS connection that went quiet (a network cut rather
+    /// than a closed socket) takes up to a timeout per request, and the lease
+    /// may be someone else's well before it gives up.
+    async fn fence_loop(self: Arc<Self>) {
+        let ttl = self.flags.nats_lease_ttl;
+        let mut tick = tokio::time::interval(ttl / 10);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.closed.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let stale: Vec<u16> = self
+                .slots()
+                .iter()
+                .enumerate()
+                .filter(|(_, slot)| {
+                    slot.owned
+                        .as_ref()
+                        .is_some_and(|o| o.renewed.elapsed() > ttl * 4 / 5)
+                })
+                .map(|(p, _)| p as u16)
+                .collect();
+            for partition in stale {
+                tracing::warn!(
+                    partition,
+                    "partition lease not renewed in time; giving it up"
+                );
+                self.release(partition);
+            }
         }
     }
 
@@ -1132,6 +1208,11 @@ impl Inner {
                     deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
                         start_sequence: start,
                     },
+                    // Its pull requests last this long, with a heartbeat every
+                    // half of it: two missed heartbeats (the server holding the
+                    // reader died) and the reader is made again elsewhere. The
+                    // client's default, 30 s, stalled the partition as long.
+                    max_expires: READER_EXPIRES,
                     ..Default::default()
                 })
                 .await
