@@ -98,8 +98,14 @@ async fn main() -> anyhow::Result<()> {
             Some("follow1") => 1,
             _ => 0,
         };
-        let rate =
-            jetstream_ceiling(&args[2], seconds, in_flight as usize, bytes as usize, follow).await?;
+        let rate = jetstream_ceiling(
+            &args[2],
+            seconds,
+            in_flight as usize,
+            bytes as usize,
+            follow,
+        )
+        .await?;
         println!("{rate:.0}");
         return Ok(());
     }
@@ -247,7 +253,9 @@ async fn jetstream_ceiling(
                 let subject = format!("{name}.{}.c.{conversation:032x}", conversation % PARTITIONS);
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("Nats-Msg-Id", format!("{worker}-{n}").as_str());
-                let ack = js.publish_with_headers(subject, headers, payload.clone()).await?;
+                let ack = js
+                    .publish_with_headers(subject, headers, payload.clone())
+                    .await?;
                 ack.await?;
                 acked.fetch_add(1, Ordering::Relaxed);
             }

@@ -483,7 +483,8 @@ impl CutProxy {
         let cutting = cut.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
                     continue;
                 };
                 let (client_read, client_write) = client.into_split();
@@ -551,7 +552,10 @@ async fn a_replica_cut_off_from_nats_stops_delivering_before_its_conversations_m
     let targets = Arc::new(Mutex::new(vec![near.url("/v1/messages")]));
     let load = Load::start(20, targets, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(delivered_by(&far).await > 0.0, "the far replica delivers a share");
+    assert!(
+        delivered_by(&far).await > 0.0,
+        "the far replica delivers a share"
+    );
     proxy.cut();
     let cut_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(25)).await;
@@ -963,7 +967,10 @@ async fn a_redrive_sent_to_every_replica_at_once_sends_each_message_once() {
         endpoint.received().len(),
         replies.len()
     );
-    assert_eq!(redriven, n as u64, "the three answers add up to the dead letters");
+    assert_eq!(
+        redriven, n as u64,
+        "the three answers add up to the dead letters"
+    );
     assert_eq!(at_bot, n, "each redriven message reaches the bot once");
     assert_eq!(endpoint.received().len(), n, "one reply each");
 }

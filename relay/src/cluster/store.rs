@@ -807,11 +807,7 @@ impl Inner {
     }
 
     /// The dead letters named by `seqs` (their places), or all of them: (key, target, letter).
-    async fn chosen(
-        &self,
-        conn: &Conn,
-        seqs: Option<&[Seq]>,
-    ) -> Result<Vec<Chosen>, CommitError> {
+    async fn chosen(&self, conn: &Conn, seqs: Option<&[Seq]>) -> Result<Vec<Chosen>, CommitError> {
         let keys = self.dead_letter_keys(conn).await.map_err(store_failed)?;
         let mut chosen = Vec::new();
         for (key, target, packed) in keys {
