@@ -562,6 +562,11 @@ fn unavailable(e: CommitError) -> Refusal {
             "draining",
             "the relay is shutting down; retry shortly",
         ),
+        CommitError::TooLarge(problem) => {
+            return Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", problem)
+                .counted("too_large")
+                .after_body();
+        }
         CommitError::Store(problem) => {
             tracing::error!(%problem, "a message could not be stored; the client was told to retry");
             Refusal::new(

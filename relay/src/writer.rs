@@ -27,6 +27,10 @@ pub enum CommitError {
     Busy,
     #[error("the relay is shutting down")]
     Closed,
+    /// The op is larger than the store takes in one write (`--store nats`:
+    /// the servers' `max_payload`); sending it again cannot help.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// A store that commits ops itself, over the network, each as it comes: the

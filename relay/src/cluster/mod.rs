@@ -109,6 +109,13 @@ impl NatsFlags {
                 "--store nats needs --nats-url (one or more servers, comma separated)".into(),
             );
         }
+        for url in self.servers() {
+            if let Err(e) = url.parse::<async_nats::ServerAddr>() {
+                return Err(format!(
+                    "--nats-url {url:?} is not a NATS server address (nats://host:port, tls://host:port or host:port): {e}"
+                ));
+            }
+        }
         let prefix = self.prefix(endpoint_name);
         if !log::valid_prefix(&prefix) {
             return Err(format!(
@@ -164,5 +171,11 @@ mod tests {
         let e = parse(&["--nats-url=nats://a:4222", "--nats-prefix=shop.support"]).unwrap_err();
         assert!(e.contains("--nats-prefix"), "{e}");
         assert!(parse(&["--nats-url=nats://a:4222", "--nats-stream-replicas=0"]).is_err());
+        // An address the client cannot use is refused at start, not retried forever.
+        for bad in ["http://a:4222", "garbage::", "nats://a:99999"] {
+            let e = parse(&[&format!("--nats-url=nats://b:4222,{bad}")]).unwrap_err();
+            assert!(e.contains("--nats-url") && e.contains(bad), "{bad}: {e}");
+        }
+        assert!(parse(&["--nats-url=tls://a:4222,b:4222"]).is_ok());
     }
 }

@@ -88,11 +88,7 @@ impl Progress {
         let (replies, bytes) = match &record {
             Record::Delivered { replies, .. } => (
                 replies.len(),
-                replies
-                    .iter()
-                    .map(|r| r.payload.get().len() + r.kind.len() + 300)
-                    .sum::<usize>()
-                    + 100,
+                replies.iter().map(reply_bytes).sum::<usize>() + 100,
             ),
             _ => (0, 100),
         };
@@ -119,6 +115,14 @@ struct Conn {
     /// Conversations a bot can write to, once their messages left the stream.
     conversations: kv::Store,
 }
+
+/// About how many bytes a reply takes in a record.
+fn reply_bytes(reply: &OutboundMessage) -> usize {
+    reply.payload.get().len() + reply.kind.len() + 300
+}
+
+/// Room kept in a NATS message for its headers and a batch's framing.
+const RECORD_HEADROOM: usize = 64 * 1024;
 
 /// A dead letter picked for a redrive or a discard.
 struct Chosen {
@@ -422,9 +426,18 @@ impl Inner {
                 None => format!("cannot reach the NATS servers {servers}"),
             });
         }
+        let max_payload = client.server_info().max_payload;
+        let wanted = crate::delivery::http::MAX_ANSWER_BYTES + RECORD_HEADROOM;
+        if max_payload < wanted {
+            tracing::warn!(
+                max_payload,
+                "the NATS servers take messages of at most {max_payload} bytes (max_payload): a bot's reply larger than that is dropped, and a client's message that is larger stored is refused with 413; set max_payload to 8MB on the servers to store whatever the relay reads"
+            );
+        }
         let mut js = jetstream::new(client.clone());
         js.set_timeout(ACK_TIMEOUT);
         let replicas = usize::from(self.flags.nats_stream_replicas);
+        self.warn_of_other_settings(&js).await;
         js.create_or_update_stream(stream::Config {
             name: self.names.stream.clone(),
             description: Some("botrelay: the endpoint's messages and delivery progress".into()),
@@ -481,6 +494,63 @@ impl Inner {
         })
     }
 
+    /// Says so when the endpoint's stream or buckets were set up with other
+    /// settings than this replica's flags: all replicas share them, and this
+    /// one is about to set its own (the last replica started wins). Replicas
+    /// started with different flags disagree, e.g. on how long a lease lasts.
+    async fn warn_of_other_settings(&self, js: &jetstream::Context) {
+        let mut differences = Vec::new();
+        if let Ok(mut stream) = js.get_stream(&self.names.stream).await
+            && let Ok(info) = stream.info().await
+        {
+            let config = &info.config;
+            if config.num_replicas != usize::from(self.flags.nats_stream_replicas) {
+                differences.push(format!(
+                    "--nats-stream-replicas {} (the stream has {})",
+                    self.flags.nats_stream_replicas, config.num_replicas
+                ));
+            }
+            if config.duplicate_window != self.dedupe_window {
+                differences.push(format!(
+                    "--dedupe-window {} (the stream has {})",
+                    humantime::format_duration(self.dedupe_window),
+                    humantime::format_duration(config.duplicate_window)
+                ));
+            }
+        }
+        let buckets = [
+            (
+                &self.names.leases,
+                self.flags.nats_lease_ttl,
+                "--nats-lease-ttl",
+            ),
+            (
+                &self.names.conversations,
+                self.conversation_retention,
+                "--conversation-retention",
+            ),
+        ];
+        for (bucket, wanted, flag) in buckets {
+            if let Ok(store) = js.get_key_value(bucket.as_str()).await
+                && let Ok(status) = store.status().await
+                && status.max_age() != wanted
+            {
+                differences.push(format!(
+                    "{flag} {} (bucket {bucket} has {})",
+                    humantime::format_duration(wanted),
+                    humantime::format_duration(status.max_age())
+                ));
+            }
+        }
+        if !differences.is_empty() {
+            tracing::warn!(
+                stream = %self.names.stream,
+                differences = %differences.join("; "),
+                "this replica's flags differ from the settings the endpoint's other replicas made; it sets its own, which the others then share: start every replica with the same flags"
+            );
+        }
+    }
+
     /// Publishes a record and waits until JetStream has it (a quorum of
     /// servers stored it).
     async fn append(
@@ -491,6 +561,13 @@ impl Inner {
         msg_id: Option<&str>,
     ) -> Result<jetstream::publish::PublishAck, CommitError> {
         let payload = bytes::Bytes::from(record.encode());
+        let max_payload = conn.client.server_info().max_payload;
+        if max_payload > 0 && payload.len() + 256 > max_payload {
+            return Err(CommitError::TooLarge(format!(
+                "the message is {} bytes stored, and the NATS servers take at most {max_payload} in one message (their max_payload)",
+                payload.len()
+            )));
+        }
         // Retried until the deadline: while JetStream elects a new stream
         // leader (a server died), publishes fail for a moment. A retry that
         // follows a write which did land is harmless: the records that add
@@ -560,6 +637,7 @@ impl Inner {
             }
             Op::CompleteInbound { seq, replies } => {
                 let handle = Handle::of(seq);
+                let replies = self.fit(conn, &handle, replies).await?;
                 let record = Record::Delivered {
                     place: handle.place,
                     replies,
@@ -638,6 +716,53 @@ impl Inner {
                 ack.sequence
             ))),
         }
+    }
+
+    /// The replies that go in the delivery record itself: all of them,
+    /// unless that would make it larger than the NATS servers take in one
+    /// message (`max_payload`, 1 MiB by default, where a bot's answer may
+    /// be 4 MiB). Then each goes first in a record of its own, as a message
+    /// the bot posts does, with an id that makes writing it again (after a
+    /// takeover) a no-op; one that does not fit even alone is dropped, and
+    /// said so. Without this, the delivery record could never be written and
+    /// the message went to the bot again and again.
+    async fn fit(
+        &self,
+        conn: &Conn,
+        handle: &Handle,
+        replies: Vec<OutboundMessage>,
+    ) -> Result<Vec<OutboundMessage>, CommitError> {
+        let max_payload = conn.client.server_info().max_payload;
+        let limit = max_payload.saturating_sub(RECORD_HEADROOM);
+        if max_payload == 0 || replies.iter().map(reply_bytes).sum::<usize>() <= limit {
+            return Ok(replies);
+        }
+        let (partition, place) = (handle.partition, handle.place);
+        let mut last = None;
+        for (i, message) in replies.into_iter().enumerate() {
+            let subject = self.names.conversation(&message.conversation_id);
+            let msg_id = format!("s-{partition}-{}-{}-{i}", place.record, place.index);
+            let record = Record::AddOutbound { message };
+            match self.append(conn, subject, &record, Some(&msg_id)).await {
+                Ok(ack) => last = Some(ack.sequence),
+                Err(CommitError::TooLarge(problem)) => {
+                    let Record::AddOutbound { message } = &record else {
+                        unreachable!("made above")
+                    };
+                    tracing::error!(
+                        conversation_id = %message.conversation_id,
+                        reply = i,
+                        %problem,
+                        "a reply of the bot is too large to store in NATS; it is dropped (raise the servers' max_payload to 8 MiB to take any answer the relay reads)"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(seq) = last {
+            self.queued_through(partition, seq).await;
+        }
+        Ok(Vec::new())
     }
 
     /// The first message published with this caller id within the stream's
