@@ -682,6 +682,34 @@ async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
             assert!(Instant::now() < deadline, "still ready with NATS down");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Known down now: a bot's post and the dead-letter list are refused
+        // at once too, not after a request's timeout (5 s).
+        let started = Instant::now();
+        let (status, headers, body) = post(
+            &relay.url("/v1/bot/messages"),
+            Some(BOT_TOKEN),
+            serde_json::json!({"conversationId": "any", "type": "text", "payload": {"text": "x"}})
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+        assert!(headers.get("retry-after").is_some());
+        let (status, _, _) = request(
+            "GET",
+            &format!("http://{}/dead-letters", relay.admin),
+            &[("authorization", &format!("Bearer {CLIENT_TOKEN}"))],
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 503);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "refused after {:?}",
+            started.elapsed()
+        );
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     for i in 0..cluster.len() {

@@ -310,6 +310,19 @@ impl Inner {
             .then(|| "taking partition leases and replaying them".into())
     }
 
+    /// The connection, for a read; an error at once, rather than after the
+    /// request's timeout, while it is known to be down.
+    fn readable(&self) -> Result<&Conn, StoreError> {
+        let conn = self
+            .conn
+            .get()
+            .ok_or_else(|| StoreError::Nats("not connected to NATS".into()))?;
+        match conn.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(conn),
+            state => Err(StoreError::Nats(format!("NATS connection {state}"))),
+        }
+    }
+
     fn ready(&self) -> Result<&Conn, CommitError> {
         self.ready_for(false)
     }
@@ -1649,10 +1662,7 @@ impl Inner {
     /// The conversation, from its last message in the stream, or from the
     /// conversations bucket once its messages left the stream.
     async fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
-        let conn = self
-            .conn
-            .get()
-            .ok_or_else(|| StoreError::Nats("not connected to NATS".into()))?;
+        let conn = self.readable()?;
         let found = match conn
             .stream
             .get_last_raw_message_by_subject(&self.names.conversation(id))
@@ -1788,10 +1798,7 @@ impl Store for NatsStore {
     ) -> Result<(Vec<DeadLetter>, DeadLetterCounts), StoreError> {
         let inner = &self.inner;
         inner.runtime.block_on(async {
-            let conn = inner
-                .conn
-                .get()
-                .ok_or_else(|| StoreError::Nats("not connected to NATS".into()))?;
+            let conn = inner.readable()?;
             let keys = inner
                 .dead_letter_keys(conn)
                 .await
