@@ -312,6 +312,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         store = ?config.store,
         waiting,
         max_pending,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         startup_ms = started.elapsed().as_millis() as u64,
         "botrelay is ready"
     );

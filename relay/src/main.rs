@@ -15,7 +15,9 @@ fn main() -> ExitCode {
         eprintln!("error: {problem}");
         return ExitCode::from(2);
     }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads(cpus))
         .enable_all()
         .build()
     {
