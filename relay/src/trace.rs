@@ -33,21 +33,20 @@ fn lower_hex(s: &str) -> bool {
     s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn random_hex(bytes: usize) -> String {
+/// Appends `bytes` random bytes, never all zero (invalid for trace and span
+/// ids), as lower-case hex.
+fn push_random_hex(out: &mut String, bytes: usize) {
     use rand::RngCore;
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut raw = [0u8; 16];
     let raw = &mut raw[..bytes];
-    // All zeros is invalid for trace and span ids.
     while raw.iter().all(|&b| b == 0) {
         rand::rng().fill_bytes(raw);
     }
-    let mut hex = String::with_capacity(2 * bytes);
     for b in raw.iter() {
-        hex.push(DIGITS[usize::from(b >> 4)] as char);
-        hex.push(DIGITS[usize::from(b & 0x0f)] as char);
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0x0f)] as char);
     }
-    hex
 }
 
 impl TraceContext {
@@ -84,7 +83,15 @@ impl TraceContext {
     /// A new trace, started by the relay (sampled: whoever receives it decides).
     pub fn fresh() -> Self {
         Self {
-            parent: format!("00-{}-{}-01", random_hex(16), random_hex(8)),
+            parent: {
+                let mut parent = String::with_capacity(55);
+                parent.push_str("00-");
+                push_random_hex(&mut parent, 16);
+                parent.push('-');
+                push_random_hex(&mut parent, 8);
+                parent.push_str("-01");
+                parent
+            },
             state: None,
         }
     }
@@ -107,7 +114,16 @@ impl TraceContext {
     /// same `tracestate`.
     pub fn child(&self) -> Self {
         Self {
-            parent: format!("00-{}-{}-{}", self.trace_id(), random_hex(8), self.flags()),
+            parent: {
+                let mut parent = String::with_capacity(55);
+                parent.push_str("00-");
+                parent.push_str(self.trace_id());
+                parent.push('-');
+                push_random_hex(&mut parent, 8);
+                parent.push('-');
+                parent.push_str(self.flags());
+                parent
+            },
             state: self.state.clone(),
         }
     }

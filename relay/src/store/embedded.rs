@@ -28,9 +28,10 @@
 //! price is a second set of indexes while a compaction runs.
 
 use super::apply::{self, First, Table, Tables, decode};
+use super::keymap::KeyMap;
 use super::{
     Conversation, DeadLetter, DeadLetterCounts, InboundMessage, Op, OutboundMessage, Outcome,
-    PRUNE_PARTS, Pending, Seq, Store, StoreError, Usage, dedupe_key, part_keys, part_of,
+    PRUNE_PARTS, Pending, Seq, Store, StoreError, Usage, dedupe_key, part_of,
 };
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -71,7 +72,7 @@ const ACCEPT: u8 = 7;
 const FORGET: u8 = 8;
 /// Removes one conversation, by its key ([`crate::ids::key`]).
 const FORGET_CONVERSATION: u8 = 9;
-/// A `PRUNE` of the dedupe entries of one part ([`part_keys`]).
+/// A `PRUNE` of the dedupe entries of one part ([`part_keys`](super::part_keys)).
 const PRUNE_PART: u8 = 10;
 
 /// Sizes that tests shrink to exercise growth and compaction.
@@ -196,15 +197,12 @@ impl ConversationEntry {
 #[derive(Default)]
 struct Index {
     rows: [BTreeMap<Seq, Loc>; 3],
-    /// A B-tree rather than a hash map: a hash map grows by moving all its
-    /// entries at once, under the store's lock, which with 229k entries took
-    /// 85 ms here (and would take seconds with millions); a B-tree grows a
-    /// node at a time, and never holds two copies of itself.
-    dedupe: BTreeMap<DedupeKey, DedupeEntry>,
-    /// A B-tree too, as this can grow large. Keyed by the relay id as
+    /// A hash map per prune part ([`KeyMap`]): each grows on its own.
+    dedupe: KeyMap<DedupeEntry>,
+    /// A [`KeyMap`] too, as this can grow large. Keyed by the relay id as
     /// [`crate::ids::key`]: 48 bytes an entry and no allocation, where two
     /// strings took about 100 more.
-    conversations: BTreeMap<u128, ConversationEntry>,
+    conversations: KeyMap<ConversationEntry>,
     /// What a conversation record without `seen_ms` (written before
     /// conversations were forgotten) counts as: the time the store was opened.
     opened_ms: u64,
@@ -570,7 +568,7 @@ impl Index {
             Record::Prune { before_ms, part } => {
                 let expired: Vec<DedupeKey> = self
                     .dedupe
-                    .range(part.map_or(0..=u128::MAX, part_keys))
+                    .iter_part(part)
                     .filter(|(_, entry)| entry.accepted_ms < before_ms)
                     .map(|(key, _)| *key)
                     .collect();
@@ -633,7 +631,7 @@ impl Index {
         }
         let expired: Vec<DedupeKey> = self
             .dedupe
-            .iter()
+            .iter_part(None)
             .filter(|(key, entry)| {
                 let prunes = &by_part[usize::from(part_of(**key))];
                 let next = prunes.partition_point(|(place, _)| *place < entry.loc.at);
@@ -800,11 +798,10 @@ impl Tables for Txn<'_> {
     fn dedupe_prune(&mut self, before_ms: u64, part: Option<u8>) -> Result<u64, StoreError> {
         // A prune that would remove nothing is not written (a replay would
         // find nothing for it either): an idle relay's journal stays still.
-        let keys = part.map_or(0..=u128::MAX, part_keys);
         if !self
             .index
             .dedupe
-            .range(keys)
+            .iter_part(part)
             .any(|(_, entry)| entry.accepted_ms < before_ms)
         {
             return Ok(0);
@@ -839,7 +836,7 @@ impl Tables for Txn<'_> {
         let stale: Vec<u128> = self
             .index
             .conversations
-            .range(part.map_or(0..=u128::MAX, part_keys))
+            .iter_part(part)
             .filter(|(_, c)| c.seen_ms() < before_ms)
             .map(|(key, _)| *key)
             .collect();
@@ -1841,7 +1838,7 @@ impl Store for EmbeddedStore {
     fn dedupe_cutoff(&self, part: u8, keep: usize) -> Option<u64> {
         let accepted = {
             let inner = self.lock();
-            let entries = inner.index.dedupe.range(part_keys(part));
+            let entries = inner.index.dedupe.iter_part(Some(part));
             entries.map(|(_, e)| e.accepted_ms).collect()
         };
         super::newest_cutoff(accepted, keep)

@@ -8,6 +8,7 @@
 
 mod apply;
 mod embedded;
+mod keymap;
 mod memory;
 
 pub use embedded::EmbeddedStore;
