@@ -21,6 +21,12 @@ use std::time::{Duration, Instant};
 /// is told to retry (the write may still land: a retry with the same
 /// `messageId` then gets the first answer).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the first request that creates or updates the stream or a
+/// bucket waits; each attempt after a failed one waits twice as long, up to
+/// `SETUP_TIMEOUT` (creating a replicated stream on a loaded cluster can
+/// take seconds).
+const SETUP_FIRST_TIMEOUT: Duration = Duration::from_secs(2);
+const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a partition reader's pull requests last (see `follow`).
 const READER_EXPIRES: Duration = Duration::from_secs(4);
 /// Writes under way at once before clients get `503 overloaded`.
@@ -53,6 +59,8 @@ struct Inner {
     /// What the NATS client last reported going wrong on its connection
     /// (e.g. the servers refusing the credentials), until it connects.
     connection_error: Arc<Mutex<Option<String>>>,
+    /// The warning of a small `max_payload` is given once, not at every setup attempt.
+    warned_of_max_payload: AtomicBool,
     slots: Mutex<Vec<Slot>>,
     queues: OnceLock<Queues>,
     dead_letters: Mutex<DeadLetterCounts>,
@@ -223,6 +231,7 @@ impl NatsStore {
                 conn: OnceLock::new(),
                 problem: Mutex::new(Some("connecting to NATS".into())),
                 connection_error: Arc::default(),
+                warned_of_max_payload: AtomicBool::new(false),
                 slots: Mutex::new((0..PARTITIONS).map(|_| Slot::default()).collect()),
                 queues: OnceLock::new(),
                 dead_letters: Mutex::default(),
@@ -382,7 +391,13 @@ impl Inner {
     /// not in the log and on `/readyz`.
     async fn setup(self: Arc<Self>) -> Conn {
         let mut client = None;
+        // Replicas starting together create the same stream at once, and
+        // JetStream then left some of their requests unanswered (three
+        // replicas on a fresh cluster: ready after 20 s, one alone: 1.3 s).
+        // So the first attempt waits briefly and each next one longer.
+        let mut timeout = SETUP_FIRST_TIMEOUT;
         loop {
+            let started = Instant::now();
             let attempt = async {
                 let client = match &client {
                     Some(client) => Clone::clone(client),
@@ -392,7 +407,7 @@ impl Inner {
                         connected
                     }
                 };
-                self.create(client).await
+                self.create(client, timeout).await
             };
             match attempt.await {
                 Ok(conn) => {
@@ -412,11 +427,13 @@ impl Inner {
                     *current = Some(problem);
                 }
             }
-            tokio::time::sleep(SETUP_RETRY).await;
+            timeout = (timeout * 2).min(SETUP_TIMEOUT);
+            // An attempt that waited out a timeout goes again at once.
+            tokio::time::sleep(SETUP_RETRY.saturating_sub(started.elapsed())).await;
         }
     }
 
-    async fn create(&self, client: async_nats::Client) -> Result<Conn, String> {
+    async fn create(&self, client: async_nats::Client, timeout: Duration) -> Result<Conn, String> {
         // The client connects in the background: give it a moment first.
         let deadline = Instant::now() + Duration::from_secs(5);
         while client.connection_state() != async_nats::connection::State::Connected
@@ -441,31 +458,18 @@ impl Inner {
         }
         let max_payload = client.server_info().max_payload;
         let wanted = crate::delivery::http::MAX_ANSWER_BYTES + RECORD_HEADROOM;
-        if max_payload < wanted {
+        if max_payload < wanted && !self.warned_of_max_payload.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 max_payload,
                 "the NATS servers take messages of at most {max_payload} bytes (max_payload): a bot's reply larger than that is dropped, and a client's message that is larger stored is refused with 413; set max_payload to 8MB on the servers to store whatever the relay reads"
             );
         }
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(ACK_TIMEOUT);
+        // The four at once: each starts a Raft group of its own.
+        self.wait_for_jetstream(&client).await?;
+        let mut setup = jetstream::new(client.clone());
+        setup.set_timeout(timeout);
         let replicas = usize::from(self.flags.nats_stream_replicas);
-        self.warn_of_other_settings(&js).await;
-        js.create_or_update_stream(stream::Config {
-            name: self.names.stream.clone(),
-            description: Some("botrelay: the endpoint's messages and delivery progress".into()),
-            subjects: vec![format!("{}.>", self.names.subjects)],
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            duplicate_window: self.dedupe_window,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("cannot create or update stream {}: {e}", self.names.stream))?;
-        let stream = js
-            .get_stream(&self.names.stream)
-            .await
-            .map_err(|e| format!("cannot open stream {}: {e}", self.names.stream))?;
+        self.warn_of_other_settings(&setup).await;
         let bucket = |name: &str, max_age: Duration| kv::Config {
             bucket: name.to_owned(),
             history: 1,
@@ -474,29 +478,60 @@ impl Inner {
             num_replicas: replicas,
             ..Default::default()
         };
-        let leases = js
-            .create_or_update_key_value(bucket(&self.names.leases, self.flags.nats_lease_ttl))
+        let created_bucket = |name: &str, max_age: Duration| {
+            let (setup, name) = (&setup, name.to_owned());
+            async move {
+                setup
+                    .create_or_update_key_value(bucket(&name, max_age))
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("cannot create or update bucket {name}: {e}"))
+            }
+        };
+        futures::try_join!(
+            async {
+                setup
+                    .create_or_update_stream(stream::Config {
+                        name: self.names.stream.clone(),
+                        description: Some(
+                            "botrelay: the endpoint's messages and delivery progress".into(),
+                        ),
+                        subjects: vec![format!("{}.>", self.names.subjects)],
+                        storage: stream::StorageType::File,
+                        num_replicas: replicas,
+                        duplicate_window: self.dedupe_window,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|e| {
+                        format!("cannot create or update stream {}: {e}", self.names.stream)
+                    })
+            },
+            created_bucket(&self.names.leases, self.flags.nats_lease_ttl),
+            created_bucket(&self.names.dead_letters, Duration::ZERO),
+            created_bucket(&self.names.conversations, self.conversation_retention),
+        )?;
+        // Opened again with the usual timeout, which their requests keep.
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(ACK_TIMEOUT);
+        let stream = js
+            .get_stream(&self.names.stream)
             .await
-            .map_err(|e| format!("cannot create or update bucket {}: {e}", self.names.leases))?;
-        let dead = js
-            .create_or_update_key_value(bucket(&self.names.dead_letters, Duration::ZERO))
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot create or update bucket {}: {e}",
-                    self.names.dead_letters
-                )
-            })?;
-        let retention = self.conversation_retention;
-        let conversations = js
-            .create_or_update_key_value(bucket(&self.names.conversations, retention))
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot create or update bucket {}: {e}",
-                    self.names.conversations
-                )
-            })?;
+            .map_err(|e| format!("cannot open stream {}: {e}", self.names.stream))?;
+        let opened = |name: &str| {
+            let (js, name) = (&js, name.to_owned());
+            async move {
+                js.get_key_value(&name)
+                    .await
+                    .map_err(|e| format!("cannot open bucket {name}: {e}"))
+            }
+        };
+        let (leases, dead, conversations) = futures::try_join!(
+            opened(&self.names.leases),
+            opened(&self.names.dead_letters),
+            opened(&self.names.conversations),
+        )?;
         Ok(Conn {
             client,
             js,
@@ -505,6 +540,29 @@ impl Inner {
             dead,
             conversations,
         })
+    }
+
+    /// Waits, up to `SETUP_TIMEOUT`, for JetStream to answer: a cluster that
+    /// has just formed has no metadata leader yet, and the requests made
+    /// meanwhile go unanswered until they time out.
+    async fn wait_for_jetstream(&self, client: &async_nats::Client) -> Result<(), String> {
+        let mut probe = jetstream::new(client.clone());
+        probe.set_timeout(Duration::from_secs(1));
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        loop {
+            let asked = Instant::now();
+            match probe.query_account().await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("JetStream does not answer: {e}"));
+                }
+                Err(_) => {
+                    // An error at once (no responders yet) is not retried in a tight loop.
+                    let pause = Duration::from_millis(200).saturating_sub(asked.elapsed());
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
     }
 
     /// Says so when the endpoint's stream or buckets were set up with other
