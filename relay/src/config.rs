@@ -323,13 +323,13 @@ impl Config {
         }
     }
 
-    /// Checks that span flags; clap checks each flag on its own.
     /// `--worker-threads`, or its default for `cpus` CPUs.
     pub fn worker_threads(&self, cpus: usize) -> usize {
         self.worker_threads
             .map_or(cpus.saturating_sub(1).max(1), usize::from)
     }
 
+    /// Checks that span flags; clap checks each flag on its own.
     pub fn validate(&self) -> Result<(), String> {
         if self.max_wait > MAX_WAIT {
             return Err("--max-wait must be at most 1h".into());
