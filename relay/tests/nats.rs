@@ -923,18 +923,16 @@ async fn dead_letters_add_up_over_replicas_and_any_replica_redrives_them() {
     assert_eq!(list(&relays[0]).await["total"], 0);
 }
 
-/// Dead letters redriven through three replicas at the same instant go back
-/// once: each message reaches the bot once more, and its reply the
-/// endpoint once, not once per replica under new webhook-ids.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_redrive_sent_to_every_replica_at_once_sends_each_message_once() {
+/// Three replicas of an endpoint whose `n` messages (one per conversation)
+/// are dead letters, and whose bot now answers: (cluster, bot, response
+/// endpoint, replicas, the bot's deliveries so far).
+async fn dead_letters_on_three_replicas(n: usize) -> (Cluster, Peer, Peer, Vec<Relay>, usize) {
     let cluster = Cluster::start(3);
     let prefix = fresh_prefix();
     let bot = Peer::start(|_| Answer::status(500)).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
     let relays = replicas(3, &cluster, &prefix, &bot, &endpoint, &["--max-attempts=1"]).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let n = 15;
     for c in 0..n {
         let (status, _) = relays[c % 3]
             .send(&message("u", &format!("c{c}"), &format!("c{c}-m0"), "0"))
@@ -960,6 +958,73 @@ async fn a_redrive_sent_to_every_replica_at_once_sends_each_message_once() {
     }
     bot.set(echo);
     let failed = bot.received().len();
+    (cluster, bot, endpoint, relays, failed)
+}
+
+/// A discard sent to two replicas and a redrive to the third, at once: each
+/// dead letter is either discarded or redriven, the answers add up to the
+/// dead letters, and only the redriven reach the bot. (A redrive sent a
+/// dead letter back before taking it out of the bucket, so a discard of it
+/// meanwhile succeeded too: "discarded 100" and "redriven 100" of 100, and all
+/// delivered; and a discard that lost a race to another answered 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn discards_and_a_redrive_at_once_take_each_dead_letter_once() {
+    let n = 30;
+    let (_cluster, bot, _endpoint, relays, failed) = dead_letters_on_three_replicas(n).await;
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    let ops = ["discard", "redrive", "discard"];
+    let requests = relays.iter().zip(ops).map(|(relay, op)| {
+        let url = format!("http://{}/dead-letters/{op}", relay.admin);
+        let auth = auth.clone();
+        async move { request("POST", &url, &[("authorization", &auth)], vec![]).await }
+    });
+    let (mut discarded, mut redriven) = (0, 0);
+    for (answer, op) in futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .zip(ops)
+    {
+        let (status, _, body) = answer.unwrap();
+        assert_eq!(status, 200, "{op}: {}", String::from_utf8_lossy(&body));
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        match op {
+            "discard" => discarded += body["discarded"].as_u64().unwrap(),
+            _ => redriven += body["redriven"].as_u64().unwrap(),
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await; // deliveries of the redriven
+    let at_bot = bot.received().len() - failed;
+    println!(
+        "discard, redrive, discard at once: {discarded} discarded, {redriven} redriven, {at_bot} deliveries to the bot"
+    );
+    assert_eq!(
+        discarded + redriven,
+        n as u64,
+        "each dead letter taken once"
+    );
+    assert_eq!(at_bot as u64, redriven, "only the redriven reach the bot");
+    let (_, _, body) = request(
+        "GET",
+        &format!("http://{}/dead-letters", relays[1].admin),
+        &[("authorization", &auth)],
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["total"],
+        0
+    );
+}
+
+/// Dead letters redriven through three replicas at the same instant go back
+/// once: each message reaches the bot once more, and its reply the
+/// endpoint once, not once per replica under new webhook-ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redrive_sent_to_every_replica_at_once_sends_each_message_once() {
+    let n = 15;
+    let (_cluster, bot, endpoint, relays, failed) = dead_letters_on_three_replicas(n).await;
+    let auth = format!("Bearer {CLIENT_TOKEN}");
     let redrives = relays.iter().map(|relay| {
         let url = format!("http://{}/dead-letters/redrive", relay.admin);
         let auth = auth.clone();

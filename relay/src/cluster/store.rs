@@ -139,6 +139,46 @@ struct Chosen {
     /// The bucket entry's revision: a new one each time the message dies.
     revision: u64,
     letter: DeadLetter,
+    /// The entry as stored.
+    value: bytes::Bytes,
+}
+
+/// The field a redrive adds to a dead letter's entry while it sends it back:
+/// when the redrive was made. A discard or another redrive leaves such an
+/// entry alone for `CLAIM_TTL`; after that (its redrive died half way), it is
+/// a dead letter like the others again.
+const CLAIMED_AT: &str = "redriveClaimedAtMs";
+const CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// `value` (a dead letter's JSON) with `CLAIMED_AT` set to `now_ms`, or taken out.
+fn with_claim(value: &[u8], now_ms: Option<u64>) -> Result<bytes::Bytes, serde_json::Error> {
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(value)?;
+    match now_ms {
+        Some(ms) => object.insert(CLAIMED_AT.into(), ms.into()),
+        None => object.remove(CLAIMED_AT),
+    };
+    Ok(serde_json::to_vec(&object)?.into())
+}
+
+/// Whether a dead letter's entry is claimed by a redrive under way.
+fn claimed(value: &[u8], now_ms: u64) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Claim {
+        #[serde(rename = "redriveClaimedAtMs")]
+        at_ms: Option<u64>,
+    }
+    serde_json::from_slice::<Claim>(value)
+        .ok()
+        .and_then(|c| c.at_ms)
+        .is_some_and(|at| now_ms.saturating_sub(at) < CLAIM_TTL.as_millis() as u64)
+}
+
+/// Whether a conditional write to a bucket failed because the entry changed
+/// since it was read. JetStream says so with error code 10071 or, from newer
+/// servers, 10164, which the client names as another error.
+fn changed_meanwhile(e: &kv::UpdateError) -> bool {
+    e.kind() == kv::UpdateErrorKind::WrongLastRevision
+        || e.to_string().contains("wrong last sequence")
 }
 
 /// One partition as this replica sees it.
@@ -740,13 +780,15 @@ impl Inner {
                     target,
                     revision,
                     letter,
+                    ..
                 } in letters
                 {
                     // Only if it is still the entry read: of several discards
-                    // at once, one counts it.
+                    // at once, one counts it, and a redrive that claimed it
+                    // meanwhile keeps it.
                     match conn.dead.delete_expect_revision(&key, Some(revision)).await {
                         Ok(()) => {}
-                        Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => continue,
+                        Err(e) if changed_meanwhile(&e) => continue,
                         Err(e) => return Err(store_failed(e)),
                     }
                     self.count_dead_letter(target, log::partition_of(&letter.conversation_id), -1);
@@ -1005,6 +1047,7 @@ impl Inner {
     /// The dead letters named by `seqs` (their places), or all of them: (key, target, letter).
     async fn chosen(&self, conn: &Conn, seqs: Option<&[Seq]>) -> Result<Vec<Chosen>, CommitError> {
         let keys = self.dead_letter_keys(conn).await.map_err(store_failed)?;
+        let now_ms = now_ms();
         let mut chosen = Vec::new();
         for (key, target, packed) in keys {
             if seqs.is_some_and(|seqs| !seqs.contains(&packed)) {
@@ -1016,6 +1059,9 @@ impl Inner {
             if entry.operation != kv::Operation::Put {
                 continue; // deleted meanwhile
             }
+            if claimed(&entry.value, now_ms) {
+                continue; // being redriven by another request
+            }
             let letter: DeadLetter = serde_json::from_slice(&entry.value)
                 .map_err(|e| CommitError::Store(format!("dead letter {key}: {e}")))?;
             chosen.push(Chosen {
@@ -1023,6 +1069,7 @@ impl Inner {
                 target,
                 revision: entry.revision,
                 letter,
+                value: entry.value,
             });
         }
         Ok(chosen)
@@ -1041,6 +1088,7 @@ impl Inner {
             target,
             revision,
             letter,
+            value,
         } in letters
         {
             let corrupt =
@@ -1069,16 +1117,36 @@ impl Inner {
                     )
                 }
             };
-            // Queued first, then let go of: a crash between the two leaves a
-            // dead letter that was also redriven, never one lost. The record's
-            // id names this dead letter (its key and revision), so that when
-            // several replicas redrive it at once, JetStream keeps the first
-            // and acknowledges the others as duplicates: it goes back once.
-            let msg_id = format!("r-{key}-{revision}");
-            let ack = self.append(conn, subject, &record, Some(&msg_id)).await?;
-            conn.dead.delete(&key).await.map_err(store_failed)?;
+            // Claimed first, if it is still the entry read: of a redrive
+            // and a discard, or of several redrives, at once, one takes it.
+            // The claim keeps the letter in the entry: a redrive that dies
+            // before it is done leaves a dead letter, never loses one.
+            let claim = with_claim(&value, Some(now_ms)).map_err(corrupt)?;
+            let claimed = match conn.dead.update(&key, claim, revision).await {
+                Ok(claimed) => claimed,
+                Err(e) if changed_meanwhile(&e) => continue,
+                Err(e) => return Err(store_failed(e)),
+            };
+            // Queued, then let go of. The record's id names the claim, so
+            // that an append sent again is kept once.
+            let msg_id = format!("r-{key}-{claimed}");
+            let ack = match self.append(conn, subject, &record, Some(&msg_id)).await {
+                Ok(ack) => ack,
+                Err(e) => {
+                    // Given back at once rather than after CLAIM_TTL, if it can be.
+                    if let Ok(unclaimed) = with_claim(&value, None) {
+                        let _ = conn.dead.update(&key, unclaimed, claimed).await;
+                    }
+                    return Err(e);
+                }
+            };
+            match conn.dead.delete_expect_revision(&key, Some(claimed)).await {
+                Ok(()) => {}
+                Err(e) if changed_meanwhile(&e) => {}
+                Err(e) => return Err(store_failed(e)),
+            }
             if ack.duplicate {
-                continue; // redriven by another request
+                continue;
             }
             let partition = log::partition_of(&letter.conversation_id);
             self.count_dead_letter(target, partition, -1);
