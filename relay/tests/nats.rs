@@ -551,7 +551,17 @@ async fn a_replica_cut_off_from_nats_stops_delivering_before_its_conversations_m
     );
     proxy.cut();
     let cut_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    // Its connection stays open and silent, yet it must stop saying it is
+    // ready (it said so for the whole of a 71 s cut), so that clients go to
+    // the other replica.
+    let mut not_ready_after = None;
+    while cut_at.elapsed() < Duration::from_secs(25) {
+        let ready = get(&format!("http://{}/readyz", far.admin)).await;
+        if not_ready_after.is_none() && !matches!(ready, Ok((200, _, _))) {
+            not_ready_after = Some(cut_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let (acked, _) = load.stop().await;
     let (_, longest) = check_everything_arrived(
         "one replica cut off from NATS",
@@ -584,10 +594,15 @@ async fn a_replica_cut_off_from_nats_stops_delivering_before_its_conversations_m
         })
         .collect();
     println!(
-        "one replica cut off from NATS: {} acknowledged, all delivered in order; its last delivery {:?} after the cut; {} conversations taken over; longest 200-to-bot {longest:?}",
+        "one replica cut off from NATS: {} acknowledged, all delivered in order; its last delivery {:?} after the cut; {} conversations taken over; longest 200-to-bot {longest:?}; not ready {not_ready_after:?} after the cut",
         acked.len(),
         far_last - cut_at,
         taken.len()
+    );
+    // The lease TTL is 3 s here: not ready once no lease round succeeded for 2.4 s.
+    assert!(
+        not_ready_after.is_some_and(|t| t < Duration::from_secs(6)),
+        "the cut-off replica's /readyz: not ready {not_ready_after:?} after the cut"
     );
     assert!(
         overlapping.is_empty(),

@@ -69,6 +69,9 @@ struct Inner {
     /// Whether the first round of leases was taken and replayed: until then
     /// the replica is not ready.
     started: AtomicBool,
+    /// When a lease round last succeeded: a connection that went quiet (a
+    /// network cut) still says it is connected until its pings time out.
+    last_lease_round: Mutex<Instant>,
     /// Where each partition's delivery progress waits to be written (one
     /// writer task per partition, started with the store).
     progress: Vec<tokio::sync::mpsc::UnboundedSender<Progress>>,
@@ -278,6 +281,7 @@ impl NatsStore {
                 writes: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 started: AtomicBool::new(false),
+                last_lease_round: Mutex::new(Instant::now()),
                 progress: progress_tx,
                 progress_inboxes: Mutex::new(progress_rx),
                 applied: (0..PARTITIONS)
@@ -338,8 +342,24 @@ impl Inner {
     }
 
     /// Why writes cannot go through now, if they cannot.
+    /// Why the replica is not ready, if it is not: as `unavailable_for`,
+    /// and while NATS has not answered a lease round for as long as its
+    /// leases are kept without one (a network cut that leaves the connection
+    /// open), so that clients are sent to another replica.
     fn unavailable(&self) -> Option<String> {
-        self.unavailable_for(false)
+        self.unavailable_for(false).or_else(|| {
+            let since = self
+                .last_lease_round
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed();
+            (since > self.flags.nats_lease_ttl * 4 / 5).then(|| {
+                format!(
+                    "NATS has not answered a lease round for {}s",
+                    since.as_secs()
+                )
+            })
+        })
     }
 
     /// As `unavailable`; with `progress`, for the delivery records of a
@@ -1238,7 +1258,14 @@ impl Inner {
                 continue;
             }
             disconnected = false;
-            if let Err(e) = self.balance(&conn, &mut order, ttl).await {
+            let balanced = self.balance(&conn, &mut order, ttl).await;
+            if balanced.is_ok() {
+                *self
+                    .last_lease_round
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            }
+            if let Err(e) = balanced {
                 tracing::warn!(error = %e, "could not renew or take partition leases");
             } else if !self.started.load(Ordering::Relaxed) {
                 self.wait_for_replays(&order).await;
