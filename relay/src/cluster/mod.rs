@@ -110,7 +110,14 @@ impl NatsFlags {
             );
         }
         for url in self.servers() {
-            if let Err(e) = url.parse::<async_nats::ServerAddr>() {
+            let parsed = url
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| e.to_string())
+                .and_then(|addr| match addr.host() {
+                    "" => Err("no host".to_owned()),
+                    _ => Ok(()),
+                });
+            if let Err(e) = parsed {
                 return Err(format!(
                     "--nats-url {url:?} is not a NATS server address (nats://host:port, tls://host:port or host:port): {e}"
                 ));
@@ -172,7 +179,7 @@ mod tests {
         assert!(e.contains("--nats-prefix"), "{e}");
         assert!(parse(&["--nats-url=nats://a:4222", "--nats-stream-replicas=0"]).is_err());
         // An address the client cannot use is refused at start, not retried forever.
-        for bad in ["http://a:4222", "garbage::", "nats://a:99999"] {
+        for bad in ["http://a:4222", "garbage::", "nats://a:99999", "nats://", "tls://"] {
             let e = parse(&[&format!("--nats-url=nats://b:4222,{bad}")]).unwrap_err();
             assert!(e.contains("--nats-url") && e.contains(bad), "{bad}: {e}");
         }

@@ -693,10 +693,12 @@ impl Inner {
     ) -> Result<jetstream::publish::PublishAck, CommitError> {
         let payload = bytes::Bytes::from(record.encode());
         let max_payload = conn.client.server_info().max_payload;
+        // The headers (message id, expected stream) and subject take up to
+        // about 256 bytes more.
         if max_payload > 0 && payload.len() + 256 > max_payload {
             return Err(CommitError::TooLarge(format!(
-                "the message is {} bytes stored, and the NATS servers take at most {max_payload} in one message (their max_payload)",
-                payload.len()
+                "the message takes up to {} bytes stored, with its headers, and the NATS servers take at most {max_payload} in one message (their max_payload)",
+                payload.len() + 256
             )));
         }
         // Retried until the deadline: while JetStream elects a new stream
