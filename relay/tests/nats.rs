@@ -1423,3 +1423,82 @@ async fn replicas_started_together_on_a_new_cluster_are_ready_in_seconds() {
     bot.wait_until("3 messages", Duration::from_secs(20), |r| r.len() >= 3)
         .await;
 }
+
+/// A replica joining takes partitions from the others, which give them back
+/// once the deliveries they have under way end: with a slow bot, the new
+/// owner sent a message that was still on its way from the old one again,
+/// at the same time (10 of 40 conversations with a 3 s bot, when a fourth
+/// replica joined three).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_given_back_to_a_new_replica_is_never_delivered_by_two_at_once() {
+    let cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let slow = Duration::from_millis(1500);
+    let bot = Peer::start(move |r| echo(r).after(slow)).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let tagged = |name: &str| {
+        let mut flags = relay_flags(&cluster, &prefix);
+        flags.push(format!("--bot-header=x-replica: {name}"));
+        flags
+    };
+    let mut relays = Vec::new();
+    for name in ["a", "b"] {
+        let flags = tagged(name);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        relays.push(Relay::start(&bot.url(), &endpoint.url(), &flags).await);
+    }
+    let targets = Arc::new(Mutex::new(
+        relays.iter().map(|r| r.url("/v1/messages")).collect(),
+    ));
+    // A message per conversation every 2 s or so: most of the time, each
+    // conversation has a delivery under way.
+    let load = Load::start(30, targets.clone(), Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let flags = tagged("c");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    relays.push(Relay::start(&bot.url(), &endpoint.url(), &flags).await);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (acked, _) = load.stop().await;
+    check_everything_arrived(
+        "a replica joining, slow bot",
+        &acked,
+        &bot,
+        &endpoint,
+        Duration::from_secs(60),
+    )
+    .await;
+    // Two deliveries of one conversation by two replicas less than the
+    // bot's answer time apart were under way at once.
+    let mut by_conversation: HashMap<usize, Vec<(Instant, String)>> = HashMap::new();
+    for r in bot.received() {
+        if let Some((c, _)) = bot_key(&r) {
+            by_conversation
+                .entry(c)
+                .or_default()
+                .push((r.at, r.header("x-replica").to_owned()));
+        }
+    }
+    let mut overlapping = Vec::new();
+    for (c, deliveries) in &mut by_conversation {
+        deliveries.sort();
+        for pair in deliveries.windows(2) {
+            if pair[0].1 != pair[1].1 && pair[1].0 - pair[0].0 < slow {
+                overlapping.push((*c, pair[0].1.clone(), pair[1].1.clone()));
+            }
+        }
+    }
+    let shares: Vec<f64> = futures::future::join_all(relays.iter().map(delivered_by)).await;
+    println!(
+        "a replica joining two, 1.5 s bot: {} acknowledged, delivered in order; delivered per replica {shares:?}; conversations delivered by two replicas at once: {}",
+        acked.len(),
+        overlapping.len()
+    );
+    assert!(
+        shares[2] > 0.0,
+        "the new replica delivers a share: {shares:?}"
+    );
+    assert!(
+        overlapping.is_empty(),
+        "delivered by two replicas at once: {overlapping:?}"
+    );
+}

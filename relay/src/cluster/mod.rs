@@ -179,7 +179,13 @@ mod tests {
         assert!(e.contains("--nats-prefix"), "{e}");
         assert!(parse(&["--nats-url=nats://a:4222", "--nats-stream-replicas=0"]).is_err());
         // An address the client cannot use is refused at start, not retried forever.
-        for bad in ["http://a:4222", "garbage::", "nats://a:99999", "nats://", "tls://"] {
+        for bad in [
+            "http://a:4222",
+            "garbage::",
+            "nats://a:99999",
+            "nats://",
+            "tls://",
+        ] {
             let e = parse(&[&format!("--nats-url=nats://b:4222,{bad}")]).unwrap_err();
             assert!(e.contains("--nats-url") && e.contains(bad), "{bad}: {e}");
         }

@@ -27,6 +27,10 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// take seconds).
 const SETUP_FIRST_TIMEOUT: Duration = Duration::from_secs(2);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest a partition given back waits for its delivery attempts under
+/// way to end before its lease is let go of (an attempt lasts at most
+/// `--bot-timeout` or `--response-timeout`, 10 s by default).
+const HAND_BACK_WAIT: Duration = Duration::from_secs(60);
 /// How long a partition reader's pull requests last (see `follow`).
 const READER_EXPIRES: Duration = Duration::from_secs(4);
 /// Writes under way at once before clients get `503 overloaded`.
@@ -72,6 +76,9 @@ struct Inner {
     /// When a lease round last succeeded: a connection that went quiet (a
     /// network cut) still says it is connected until its pings time out.
     last_lease_round: Mutex<Instant>,
+    /// Delivery attempts under way, per partition: a partition given back
+    /// to even out the replicas keeps its lease until they end.
+    attempts: Vec<Arc<AtomicUsize>>,
     /// Where each partition's delivery progress waits to be written (one
     /// writer task per partition, started with the store).
     progress: Vec<tokio::sync::mpsc::UnboundedSender<Progress>>,
@@ -282,6 +289,7 @@ impl NatsStore {
                 closed: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 last_lease_round: Mutex::new(Instant::now()),
+                attempts: (0..PARTITIONS).map(|_| Arc::default()).collect(),
                 progress: progress_tx,
                 progress_inboxes: Mutex::new(progress_rx),
                 applied: (0..PARTITIONS)
@@ -1386,12 +1394,8 @@ impl Inner {
                 "giving a partition back to even out the replicas"
             );
             order.retain(|&p| p != partition);
-            let revision = self.release(partition);
-            if let Some(revision) = revision {
-                let _ = conn
-                    .leases
-                    .delete_expect_revision(partition_key(partition), Some(revision))
-                    .await;
+            if let Some(revision) = self.release(partition) {
+                tokio::spawn(self.clone().hand_back(partition, revision));
             }
         }
         let mut wanted = take;
@@ -1430,6 +1434,35 @@ impl Inner {
             wanted -= 1;
         }
         Ok(())
+    }
+
+    /// Lets go of the lease of a partition this replica gave back, once the
+    /// delivery attempts it had under way have ended (no new ones start: it
+    /// was released), renewing the lease meanwhile: the replica that takes
+    /// it next would otherwise send a message that is still on its way to
+    /// the bot again, at the same time. A partition whose attempts outlast
+    /// `HAND_BACK_WAIT` is let go of then.
+    async fn hand_back(self: Arc<Self>, partition: u16, mut revision: u64) {
+        let conn = self.conn.get().expect("set up").clone();
+        let key = partition_key(partition);
+        let id = bytes::Bytes::from(self.replica.clone());
+        let started = Instant::now();
+        let mut renewed = started;
+        let attempts = &self.attempts[usize::from(partition)];
+        while attempts.load(Ordering::SeqCst) > 0 && started.elapsed() < HAND_BACK_WAIT {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if renewed.elapsed() > self.flags.nats_lease_ttl / 5 {
+                renewed = Instant::now();
+                match conn.leases.update(&key, id.clone(), revision).await {
+                    Ok(next) => revision = next,
+                    Err(_) => return, // no longer this replica's
+                }
+            }
+        }
+        let _ = conn
+            .leases
+            .delete_expect_revision(&key, Some(revision))
+            .await;
     }
 
     /// Waits (a TTL at most) until the partitions in `order` are replayed.
@@ -1909,6 +1942,12 @@ impl Store for NatsStore {
 
     fn remote(&self) -> Option<Arc<dyn RemoteStore>> {
         Some(self.inner.clone())
+    }
+
+    fn attempting(&self, seq: Seq) -> Option<crate::store::Attempting> {
+        let partition = usize::from(Handle::of(seq).partition);
+        let count = self.inner.attempts.get(partition)?;
+        Some(crate::store::Attempting::start(count))
     }
 
     fn unavailable(&self) -> Option<String> {

@@ -137,6 +137,9 @@ impl Deliverer {
         fresh: Option<Arc<Message>>,
     ) -> (Finish, Attempt) {
         let label = target.as_str();
+        // Counted before the message is read: a store that hands its
+        // partition over meanwhile then waits for this attempt to end.
+        let _attempting = self.store.attempting(pending.seq);
         let loaded = match fresh {
             Some(message) => Ok(Some(Outgoing::of(&message))),
             None => self.load(target, pending.seq),

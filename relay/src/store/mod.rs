@@ -270,6 +270,22 @@ impl Pending {
     }
 }
 
+/// A delivery attempt under way, counted until dropped.
+pub struct Attempting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Attempting {
+    pub fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> Attempting {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Attempting(count.clone())
+    }
+}
+
+impl Drop for Attempting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A message that ran out of attempts or age, kept until it is redriven.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -420,6 +436,12 @@ pub trait Store: Send + Sync + 'static {
     /// A store that commits each op itself, over the network: the writer
     /// hands it every op instead of writing and syncing here.
     fn remote(&self) -> Option<Arc<dyn crate::writer::RemoteStore>> {
+        None
+    }
+    /// Called as a delivery attempt of `seq` starts; the attempt lasts as
+    /// long as what this returns. A store shared by replicas counts the
+    /// attempts under way of what it hands over to another.
+    fn attempting(&self, _seq: Seq) -> Option<Attempting> {
         None
     }
     /// How much disk the store uses, when it uses any.
