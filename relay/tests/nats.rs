@@ -711,14 +711,7 @@ async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
         .unwrap();
         assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
         assert!(headers.get("retry-after").is_some());
-        let (status, _, _) = request(
-            "GET",
-            &format!("http://{}/dead-letters", relay.admin),
-            &[("authorization", &format!("Bearer {CLIENT_TOKEN}"))],
-            vec![],
-        )
-        .await
-        .unwrap();
+        let (status, _) = admin(relay, "GET", "/dead-letters").await;
         assert_eq!(status, 503);
         assert!(
             started.elapsed() < Duration::from_secs(2),
@@ -871,17 +864,10 @@ async fn dead_letters_add_up_over_replicas_and_any_replica_redrives_them() {
             .await;
         assert_eq!(status, 200);
     }
-    let auth = format!("Bearer {CLIENT_TOKEN}");
-    let list = |relay: &Relay| {
-        let url = format!("http://{}/dead-letters", relay.admin);
-        let auth = auth.clone();
-        async move {
-            let (status, _, body) = request("GET", &url, &[("authorization", &auth)], vec![])
-                .await
-                .unwrap();
-            assert_eq!(status, 200);
-            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
-        }
+    let list = |relay| async move {
+        let (status, body) = admin(relay, "GET", "/dead-letters").await;
+        assert_eq!(status, 200);
+        body
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while list(&relays[0]).await["total"] != 12 {
@@ -919,23 +905,24 @@ async fn dead_letters_add_up_over_replicas_and_any_replica_redrives_them() {
 
     // One replica redrives them all; the bot now takes them.
     bot.set(echo);
-    let (status, _, body) = request(
-        "POST",
-        &format!("http://{}/dead-letters/redrive", relays[1].admin),
-        &[("authorization", &auth)],
-        vec![],
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["redriven"],
-        12
-    );
+    let (status, body) = admin(&relays[1], "POST", "/dead-letters/redrive").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["redriven"], 12);
     endpoint
         .wait_until("12 replies", Duration::from_secs(20), |r| r.len() >= 12)
         .await;
     assert_eq!(list(&relays[0]).await["total"], 0);
+}
+
+/// `method` on a replica's admin port at `path`, with the client token:
+/// the status and the JSON answer (`null` when the answer is not JSON).
+async fn admin(relay: &Relay, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let url = format!("http://{}{path}", relay.admin);
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    let (status, _, body) = request(method, &url, &[("authorization", &auth)], vec![])
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or_default())
 }
 
 /// Three replicas of an endpoint whose `n` messages (one per conversation)
@@ -957,18 +944,9 @@ async fn dead_letters_on_three_replicas(n: usize) -> (Cluster, Peer, Peer, Vec<R
             .await;
         assert_eq!(status, 200);
     }
-    let auth = format!("Bearer {CLIENT_TOKEN}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, _, body) = request(
-            "GET",
-            &format!("http://{}/dead-letters", relays[0].admin),
-            &[("authorization", &auth)],
-            vec![],
-        )
-        .await
-        .unwrap();
-        if serde_json::from_slice::<serde_json::Value>(&body).unwrap()["total"] == n {
+        if admin(&relays[0], "GET", "/dead-letters").await.1["total"] == n {
             break;
         }
         assert!(Instant::now() < deadline, "not all dead-lettered");
@@ -989,22 +967,19 @@ async fn dead_letters_on_three_replicas(n: usize) -> (Cluster, Peer, Peer, Vec<R
 async fn discards_and_a_redrive_at_once_take_each_dead_letter_once() {
     let n = 30;
     let (_cluster, bot, _endpoint, relays, failed) = dead_letters_on_three_replicas(n).await;
-    let auth = format!("Bearer {CLIENT_TOKEN}");
     let ops = ["discard", "redrive", "discard"];
-    let requests = relays.iter().zip(ops).map(|(relay, op)| {
-        let url = format!("http://{}/dead-letters/{op}", relay.admin);
-        let auth = auth.clone();
-        async move { request("POST", &url, &[("authorization", &auth)], vec![]).await }
-    });
+    let paths = ops.map(|op| format!("/dead-letters/{op}"));
+    let requests = relays
+        .iter()
+        .zip(&paths)
+        .map(|(relay, path)| admin(relay, "POST", path));
     let (mut discarded, mut redriven) = (0, 0);
-    for (answer, op) in futures::future::join_all(requests)
+    for ((status, body), op) in futures::future::join_all(requests)
         .await
         .into_iter()
         .zip(ops)
     {
-        let (status, _, body) = answer.unwrap();
-        assert_eq!(status, 200, "{op}: {}", String::from_utf8_lossy(&body));
-        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 200, "{op}: {body}");
         match op {
             "discard" => discarded += body["discarded"].as_u64().unwrap(),
             _ => redriven += body["redriven"].as_u64().unwrap(),
@@ -1021,16 +996,8 @@ async fn discards_and_a_redrive_at_once_take_each_dead_letter_once() {
         "each dead letter taken once"
     );
     assert_eq!(at_bot as u64, redriven, "only the redriven reach the bot");
-    let (_, _, body) = request(
-        "GET",
-        &format!("http://{}/dead-letters", relays[1].admin),
-        &[("authorization", &auth)],
-        vec![],
-    )
-    .await
-    .unwrap();
     assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["total"],
+        admin(&relays[1], "GET", "/dead-letters").await.1["total"],
         0
     );
 }
@@ -1042,19 +1009,13 @@ async fn discards_and_a_redrive_at_once_take_each_dead_letter_once() {
 async fn a_redrive_sent_to_every_replica_at_once_sends_each_message_once() {
     let n = 15;
     let (_cluster, bot, endpoint, relays, failed) = dead_letters_on_three_replicas(n).await;
-    let auth = format!("Bearer {CLIENT_TOKEN}");
-    let redrives = relays.iter().map(|relay| {
-        let url = format!("http://{}/dead-letters/redrive", relay.admin);
-        let auth = auth.clone();
-        async move { request("POST", &url, &[("authorization", &auth)], vec![]).await }
-    });
+    let redrives = relays
+        .iter()
+        .map(|relay| admin(relay, "POST", "/dead-letters/redrive"));
     let mut redriven = 0;
-    for answer in futures::future::join_all(redrives).await {
-        let (status, _, body) = answer.unwrap();
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        redriven += serde_json::from_slice::<serde_json::Value>(&body).unwrap()["redriven"]
-            .as_u64()
-            .unwrap();
+    for (status, body) in futures::future::join_all(redrives).await {
+        assert_eq!(status, 200, "{body}");
+        redriven += body["redriven"].as_u64().unwrap();
     }
     endpoint
         .wait_until("the replies", Duration::from_secs(20), |r| r.len() >= n)

@@ -350,6 +350,14 @@ impl Inner {
     }
 
     /// Why writes cannot go through now, if they cannot.
+    /// How long a lease may go unrenewed before this replica treats it as
+    /// lost (another may take it at the TTL): it stops delivering that
+    /// partition, and, when no lease round at all succeeded for as long,
+    /// says it is not ready.
+    fn stale_after(&self) -> Duration {
+        self.flags.nats_lease_ttl * 4 / 5
+    }
+
     /// Why the replica is not ready, if it is not: as `unavailable_for`,
     /// and while NATS has not answered a lease round for as long as its
     /// leases are kept without one (a network cut that leaves the connection
@@ -361,7 +369,7 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .elapsed();
-            (since > self.flags.nats_lease_ttl * 4 / 5).then(|| {
+            (since > self.stale_after()).then(|| {
                 format!(
                     "NATS has not answered a lease round for {}s",
                     since.as_secs()
@@ -1292,7 +1300,7 @@ impl Inner {
                         slots[usize::from(p)]
                             .owned
                             .as_ref()
-                            .is_none_or(|o| o.renewed.elapsed() > ttl * 4 / 5)
+                            .is_none_or(|o| o.renewed.elapsed() > self.stale_after())
                     })
                     .collect()
             };
@@ -1326,7 +1334,7 @@ impl Inner {
                 .filter(|(_, slot)| {
                     slot.owned
                         .as_ref()
-                        .is_some_and(|o| o.renewed.elapsed() > ttl * 4 / 5)
+                        .is_some_and(|o| o.renewed.elapsed() > self.stale_after())
                 })
                 .map(|(p, _)| p as u16)
                 .collect();
