@@ -49,6 +49,22 @@ fn push_random_hex(out: &mut String, bytes: usize) {
     }
 }
 
+/// A version-00 `traceparent` with a new span id: in trace `trace_id`, or in
+/// a new trace; built in one string.
+fn traceparent(trace_id: Option<&str>, flags: &str) -> String {
+    let mut parent = String::with_capacity(55);
+    parent.push_str("00-");
+    match trace_id {
+        Some(id) => parent.push_str(id),
+        None => push_random_hex(&mut parent, 16),
+    }
+    parent.push('-');
+    push_random_hex(&mut parent, 8);
+    parent.push('-');
+    parent.push_str(flags);
+    parent
+}
+
 impl TraceContext {
     /// Reads `traceparent` (and `tracestate`) as the W3C Trace Context
     /// specification says: `None` when `traceparent` is absent or invalid (a
@@ -83,15 +99,7 @@ impl TraceContext {
     /// A new trace, started by the relay (sampled: whoever receives it decides).
     pub fn fresh() -> Self {
         Self {
-            parent: {
-                let mut parent = String::with_capacity(55);
-                parent.push_str("00-");
-                push_random_hex(&mut parent, 16);
-                parent.push('-');
-                push_random_hex(&mut parent, 8);
-                parent.push_str("-01");
-                parent
-            },
+            parent: traceparent(None, "01"),
             state: None,
         }
     }
@@ -114,16 +122,7 @@ impl TraceContext {
     /// same `tracestate`.
     pub fn child(&self) -> Self {
         Self {
-            parent: {
-                let mut parent = String::with_capacity(55);
-                parent.push_str("00-");
-                parent.push_str(self.trace_id());
-                parent.push('-');
-                push_random_hex(&mut parent, 8);
-                parent.push('-');
-                parent.push_str(self.flags());
-                parent
-            },
+            parent: traceparent(Some(self.trace_id()), self.flags()),
             state: self.state.clone(),
         }
     }
