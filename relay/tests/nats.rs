@@ -1466,3 +1466,63 @@ async fn a_partition_given_back_to_a_new_replica_is_never_delivered_by_two_at_on
         "delivered by two replicas at once: {overlapping:?}"
     );
 }
+
+/// Records the endpoint's stream delivered to readers, over every consumer
+/// it has (the owners' readers of their partitions).
+async fn records_read(cluster: &Cluster, prefix: &str) -> u64 {
+    use futures::TryStreamExt;
+    let client = async_nats::connect(cluster.url(0)).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(format!("botrelay-{prefix}")).await.unwrap();
+    let consumers: Vec<_> = stream.consumers().try_collect().await.unwrap();
+    consumers
+        .iter()
+        .map(|c| c.delivered.consumer_sequence)
+        .sum()
+}
+
+/// Each record a reader gets costs the servers about as much CPU as a
+/// write: an owner that read its own delivery records back made every
+/// message cost three reads (the message, its delivery, its reply sent).
+/// Now it reads only the messages and applies its own records as it writes
+/// them, and the replies still go out in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_reads_back_only_the_messages_not_its_own_delivery_records() {
+    let cluster = Cluster::start(3);
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let prefix = fresh_prefix();
+    let relays = replicas(1, &cluster, &prefix, &bot, &endpoint, &[]).await;
+    let targets = Arc::new(Mutex::new(vec![relays[0].url("/v1/messages")]));
+    let load = Load::start(16, targets, Duration::ZERO);
+    while load.acked_count() < 600 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (acked, _) = load.stop().await;
+    let (duplicates, _) = check_everything_arrived(
+        "one replica",
+        &acked,
+        &bot,
+        &endpoint,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(duplicates, 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let read = records_read(&cluster, &prefix).await;
+    let written = stream_records(&cluster, &prefix).await;
+    println!(
+        "{} messages delivered with a reply each: {written} records in the stream, {read} read back",
+        acked.len()
+    );
+    assert!(
+        written as usize >= 2 * acked.len(),
+        "the deliveries are recorded too: {written} records for {} messages",
+        acked.len()
+    );
+    assert!(
+        (read as usize) <= acked.len() + acked.len() / 10 + 50,
+        "{read} records read back for {} messages",
+        acked.len()
+    );
+}

@@ -18,9 +18,11 @@
 //!   bucket (compare-and-set on the revision; entries expire after
 //!   `--nats-lease-ttl`). Replicas take free partitions up to their share of
 //!   the live replicas and give back what is over it.
-//! - **Delivery**: the owner replays the partition's records from the start
-//!   into the messages still waiting, queues them, and follows the log;
-//!   delivery progress is appended to the same log. A new owner replays the
+//! - **Delivery**: the owner replays the partition's records from its last
+//!   snapshot into the messages still waiting, queues them, and follows the
+//!   partition's messages. It appends its delivery progress to the same log
+//!   and applies it as JetStream acknowledges it, without reading it back
+//!   (each record would cost the servers a delivery). A new owner replays the
 //!   same records, so nothing is lost and the order holds; a message whose
 //!   delivery was not yet recorded is delivered again with the same
 //!   `webhook-id`.

@@ -83,6 +83,11 @@ struct Inner {
     /// writer task per partition, started with the store).
     progress: Vec<tokio::sync::mpsc::UnboundedSender<Progress>>,
     progress_inboxes: Mutex<Vec<tokio::sync::mpsc::UnboundedReceiver<Progress>>>,
+    /// Whether a partition's progress writer has a record on its way to
+    /// JetStream that is not yet applied here: no snapshot is taken then,
+    /// since the record's place in the stream may fall before the snapshot's
+    /// end while the snapshot lacks it.
+    progress_in_flight: Vec<AtomicBool>,
     /// Told when a partition's follower applied records (one per partition).
     applied: Vec<tokio::sync::Notify>,
 }
@@ -199,12 +204,21 @@ struct Slot {
     owned: Option<Owned>,
 }
 
+/// How a partition's records are read: all of them to the end of the log
+/// (a replay, started at that instant), or its messages only, from then on.
+#[derive(Clone, Copy)]
+enum Reading {
+    Replay(Instant),
+    Follow,
+}
+
 struct Owned {
     state: Partition,
     /// Whether the replay reached the end of the log as it was when it began:
     /// from then on, what each record makes due is queued at once.
     caught_up: bool,
-    /// The stream sequence of the last record applied.
+    /// The stream sequence of the last record the follower applied (this
+    /// replica's own progress records are applied as they are written).
     applied: u64,
     /// Records applied since the last snapshot (or the replay's start).
     since_snapshot: usize,
@@ -292,6 +306,7 @@ impl NatsStore {
                 attempts: (0..PARTITIONS).map(|_| Arc::default()).collect(),
                 progress: progress_tx,
                 progress_inboxes: Mutex::new(progress_rx),
+                progress_in_flight: (0..PARTITIONS).map(|_| AtomicBool::new(false)).collect(),
                 applied: (0..PARTITIONS)
                     .map(|_| tokio::sync::Notify::new())
                     .collect(),
@@ -791,8 +806,8 @@ impl Inner {
                     place: handle.place,
                     replies,
                 };
-                let seq = self.progress(handle.partition, record).await?;
-                self.queued_through(handle.partition, seq).await;
+                // Its replies are queued once it is written (`applied_own`).
+                self.progress(handle.partition, record).await?;
                 Ok(Outcome::Queued(Vec::new()))
             }
             Op::CompleteOutbound { seq } => {
@@ -1031,7 +1046,10 @@ impl Inner {
     }
 
     /// The writer of one partition's progress: each record batch is written
-    /// once the last one was acknowledged, with what came meanwhile.
+    /// once the last one was acknowledged, with what came meanwhile, and is
+    /// applied here as soon as it is acknowledged. The owner never reads its
+    /// own progress back from the stream (its follower reads only the
+    /// partition's messages): only a replay does.
     async fn write_progress(
         self: Arc<Self>,
         partition: u16,
@@ -1039,6 +1057,7 @@ impl Inner {
     ) {
         let conn = self.conn.get().expect("set up").clone();
         let subject = self.names.progress(partition);
+        let in_flight = &self.progress_in_flight[usize::from(partition)];
         let mut next: Option<Progress> = None;
         loop {
             let first = match next.take() {
@@ -1072,13 +1091,41 @@ impl Inner {
                 1 => records.pop().expect("one"),
                 _ => Record::Progress { records },
             };
+            in_flight.store(true, Ordering::SeqCst);
             let written = self
                 .append(&conn, subject.clone(), &record, None)
                 .await
                 .map(|ack| ack.sequence);
+            if let Ok(seq) = written {
+                self.applied_own(partition, seq, record);
+            }
+            in_flight.store(false, Ordering::SeqCst);
             for wait in waiting {
                 let _ = wait.send(written.clone());
             }
+        }
+    }
+
+    /// Applies a progress record this replica wrote, at `seq`, to the
+    /// partition's state, and queues the replies it made due: before the
+    /// commit that asked for it returns, as the other stores have them queued.
+    /// Whatever generation wrote it: a record in the stream is applied by
+    /// every replay, whoever wrote it, and applying one twice changes
+    /// nothing. While the partition replays, what it makes due is queued
+    /// with the rest at the end of the replay.
+    fn applied_own(self: &Arc<Self>, partition: u16, seq: u64, record: Record) {
+        let mut slots = self.slots();
+        let slot = &mut slots[usize::from(partition)];
+        let generation = slot.generation;
+        let Some(owned) = &mut slot.owned else {
+            return;
+        };
+        let due = owned.state.apply(seq, record);
+        owned.since_snapshot += 1;
+        if owned.caught_up {
+            self.queue(partition, generation, &owned.state, &due);
+            // Nothing of this partition's progress is in flight now.
+            self.snapshot_if_due(partition, owned);
         }
     }
 
@@ -1531,45 +1578,25 @@ impl Inner {
         let started = Instant::now();
         let result: Result<(), String> = async {
             let start = self.restore(&conn, partition, generation).await?;
-            let consumer = conn
-                .stream
-                .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                    filter_subject: self.names.partition(partition),
-                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: start,
-                    },
-                    // Its pull requests last this long, with a heartbeat every
-                    // half of it: two missed heartbeats (the server holding the
-                    // reader died) and the reader is made again elsewhere. The
-                    // client's default, 30 s, stalled the partition as long.
-                    max_expires: READER_EXPIRES,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            if consumer.cached_info().num_pending == 0 {
-                self.caught_up(partition, generation, started);
-            }
-            let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-            while let Some(message) = messages.next().await {
-                let message = message.map_err(|e| e.to_string())?;
-                let info = message.info().map_err(|e| e.to_string())?;
-                let (seq, last) = (info.stream_sequence, info.pending == 0);
-                let record = match Record::decode(&message.payload) {
-                    Ok(record) => record,
-                    Err(e) => {
-                        tracing::error!(partition, seq, error = %e, "skipping a record that does not read");
-                        continue;
-                    }
-                };
-                if !self.applied(partition, generation, seq, record) {
-                    return Ok(());
-                }
-                if last {
-                    self.caught_up(partition, generation, started);
-                }
-            }
-            Err("the partition's consumer ended".into())
+            // The replay: every record of the partition, to the end of the log.
+            let Some(next) = self
+                .read(
+                    &conn,
+                    partition,
+                    generation,
+                    start,
+                    Reading::Replay(started),
+                )
+                .await?
+            else {
+                return Ok(());
+            };
+            // Then only its messages: this replica applies its own progress
+            // as it writes it, and nobody else writes any while it holds the
+            // lease.
+            self.read(&conn, partition, generation, next, Reading::Follow)
+                .await?;
+            Ok(())
         }
         .await;
         if let Err(e) = result {
@@ -1582,6 +1609,69 @@ impl Inner {
                 slot.generation = log::next_generation(generation);
             }
         }
+    }
+
+    /// Applies the partition's records from `start` on: for a replay, all of
+    /// them until the end of the log, then returns the sequence after the
+    /// last one read; to follow, its messages, as long as the partition is
+    /// owned. `None` once it no longer is.
+    async fn read(
+        self: &Arc<Self>,
+        conn: &Conn,
+        partition: u16,
+        generation: u8,
+        start: u64,
+        reading: Reading,
+    ) -> Result<Option<u64>, String> {
+        let filter_subject = match reading {
+            Reading::Replay(_) => self.names.partition(partition),
+            Reading::Follow => self.names.messages(partition),
+        };
+        let consumer = conn
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject,
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                // Its pull requests last this long, with a heartbeat every
+                // half of it: two missed heartbeats (the server holding the
+                // reader died) and the reader is made again elsewhere. The
+                // client's default, 30 s, stalled the partition as long.
+                max_expires: READER_EXPIRES,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Reading::Replay(started) = reading
+            && consumer.cached_info().num_pending == 0
+        {
+            self.caught_up(partition, generation, started);
+            return Ok(Some(start));
+        }
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| e.to_string())?;
+            let info = message.info().map_err(|e| e.to_string())?;
+            let (seq, last) = (info.stream_sequence, info.pending == 0);
+            match Record::decode(&message.payload) {
+                Ok(record) => {
+                    if !self.applied(partition, generation, seq, record) {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(partition, seq, error = %e, "skipping a record that does not read");
+                }
+            }
+            if let Reading::Replay(started) = reading
+                && last
+            {
+                self.caught_up(partition, generation, started);
+                return Ok(Some(seq + 1));
+            }
+        }
+        Err("the partition's consumer ended".into())
     }
 
     /// Loads the partition's last snapshot, if it has one; returns the
@@ -1721,28 +1811,41 @@ impl Inner {
         owned.since_snapshot += 1;
         if owned.caught_up {
             self.queue(partition, generation, &owned.state, &due);
-            // Only a holder sure of its lease writes one: a snapshot also
-            // removes records that a new owner replaying them still reads.
-            let sure = owned.renewed.elapsed() < self.flags.nats_lease_ttl / 2;
-            // At least --nats-snapshot-records apart, and more when many
-            // messages wait (a snapshot holds them all), so that snapshots
-            // cost a bounded share of the writes.
-            let every = (self.flags.nats_snapshot_records as usize).max(2 * owned.state.len());
-            if sure && owned.since_snapshot >= every {
-                owned.since_snapshot = 0;
-                let (now, window) = (now_ms(), self.dedupe_window.as_millis() as u64);
-                owned.marks = log::next_marks(&owned.marks, seq, now, window);
-                owned.remembered.retain(|_, (_, at)| {
-                    now.saturating_sub(*at) < crate::store::CONVERSATION_REFRESH_MS
-                });
-                let expired = log::expired(&owned.marks, now, window);
-                let snapshot = owned.state.snapshot(seq, owned.marks.clone());
-                let inner = Arc::clone(self);
-                tokio::spawn(inner.snapshot(partition, seq, snapshot, expired));
+            if !self.progress_in_flight[usize::from(partition)].load(Ordering::SeqCst) {
+                self.snapshot_if_due(partition, owned);
             }
         }
         self.applied[usize::from(partition)].notify_waiters();
         true
+    }
+
+    /// Writes a snapshot of an owned, caught-up partition once enough
+    /// records were applied since the last one. It covers the records up to
+    /// the last one the follower applied; the caller makes sure that none of
+    /// this replica's progress is in flight, so that every progress record
+    /// before that point is in the state (those after it are in it too, and
+    /// a replay applies them again, which changes nothing).
+    fn snapshot_if_due(self: &Arc<Self>, partition: u16, owned: &mut Owned) {
+        // Only a holder sure of its lease writes one: a snapshot also
+        // removes records that a new owner replaying them still reads.
+        let sure = owned.renewed.elapsed() < self.flags.nats_lease_ttl / 2;
+        // At least --nats-snapshot-records apart, and more when many
+        // messages wait (a snapshot holds them all), so that snapshots
+        // cost a bounded share of the writes.
+        let every = (self.flags.nats_snapshot_records as usize).max(2 * owned.state.len());
+        if !sure || owned.since_snapshot < every {
+            return;
+        }
+        let through = owned.applied;
+        owned.since_snapshot = 0;
+        let (now, window) = (now_ms(), self.dedupe_window.as_millis() as u64);
+        owned.marks = log::next_marks(&owned.marks, through, now, window);
+        owned
+            .remembered
+            .retain(|_, (_, at)| now.saturating_sub(*at) < crate::store::CONVERSATION_REFRESH_MS);
+        let expired = log::expired(&owned.marks, now, window);
+        let snapshot = owned.state.snapshot(through, owned.marks.clone());
+        tokio::spawn(Arc::clone(self).snapshot(partition, through, snapshot, expired));
     }
 
     /// Writes a conversation to the bucket when it is new here, another user
