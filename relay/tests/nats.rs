@@ -1526,3 +1526,87 @@ async fn an_owner_reads_back_only_the_messages_not_its_own_delivery_records() {
         acked.len()
     );
 }
+
+/// A replica that dies between sending a dead letter back and taking it out
+/// of the list leaves it listed. The next redrive used to send it back a
+/// second time, so the bot got the message twice; it now sends it with the
+/// same record id as the first, which JetStream keeps once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redrive_after_one_that_died_half_way_sends_no_letter_twice() {
+    let n = 5;
+    let cluster = Cluster::start(1);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(|_| Answer::status(500)).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let flags = [
+        "--max-attempts=1",
+        "--breaker-failures=0",
+        "--nats-redrive-claim-ttl=1s",
+    ];
+    let survivor = replicas(1, &cluster, &prefix, &bot, &endpoint, &flags).await;
+    let mut dying_flags = flags.to_vec();
+    dying_flags.push("--nats-exit-mid-redrive");
+    let mut dying = replicas(1, &cluster, &prefix, &bot, &endpoint, &dying_flags).await;
+    let (survivor, dying) = (&survivor[0], &mut dying[0]);
+    for c in 0..n {
+        let (status, _) = survivor
+            .send(&message("u", &format!("c{c}"), &format!("c{c}-m0"), "0"))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while admin(survivor, "GET", "/dead-letters").await.1["total"] != n {
+        assert!(Instant::now() < deadline, "not all dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bot.set(echo);
+    let failed = bot.received().len();
+    // The dying replica sends one letter back, then exits.
+    let auth = format!("Bearer {CLIENT_TOKEN}");
+    let url = format!("http://{}/dead-letters/redrive", dying.admin);
+    let _ = request("POST", &url, &[("authorization", &auth)], vec![]).await;
+    assert_eq!(dying.wait_exit(Duration::from_secs(10)), Some(137));
+    // Its claim runs out; its partitions move to the survivor.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bot.received().len() == failed {
+        assert!(
+            Instant::now() < deadline,
+            "the letter sent back never reached the bot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        admin(survivor, "GET", "/dead-letters").await.1["total"],
+        n,
+        "the letter sent back is still listed"
+    );
+    let (status, body) = admin(survivor, "POST", "/dead-letters/redrive").await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bot.received().len() < failed + n {
+        assert!(
+            Instant::now() < deadline,
+            "not every letter reached the bot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut times: HashMap<String, usize> = HashMap::new();
+    for r in &bot.received()[failed..] {
+        let id = r.body["tags"]["messageId"].as_str().unwrap_or_default();
+        *times.entry(id.to_owned()).or_default() += 1;
+    }
+    println!("after a redrive that died half way and another: {body}, bot got {times:?}");
+    assert_eq!(times.len(), n, "{times:?}");
+    assert!(
+        times.values().all(|&t| t == 1),
+        "a letter reached the bot twice: {times:?}"
+    );
+    assert_eq!(
+        body["redriven"],
+        n - 1,
+        "the one sent back already is not counted again"
+    );
+    assert_eq!(admin(survivor, "GET", "/dead-letters").await.1["total"], 0);
+}

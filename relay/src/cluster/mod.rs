@@ -84,6 +84,18 @@ pub struct NatsFlags {
     #[arg(long, env = "BOTRELAY_NATS_SNAPSHOT_RECORDS", default_value_t = 1000, hide = true,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub nats_snapshot_records: u32,
+
+    /// How long a redrive's claim on a dead letter keeps other redrives and
+    /// discards off it (a redrive that died half way leaves its claims). For tests.
+    #[arg(long, env = "BOTRELAY_NATS_REDRIVE_CLAIM_TTL", default_value = "30s", hide = true,
+          value_parser = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()))]
+    pub nats_redrive_claim_ttl: Duration,
+
+    /// Exits at once (status 137, as a SIGKILL) once a redrive has sent its
+    /// first dead letter back, before it takes it out of the list: a crash
+    /// at the worst moment, for tests.
+    #[arg(long, hide = true)]
+    pub nats_exit_mid_redrive: bool,
 }
 
 impl NatsFlags {

@@ -160,23 +160,52 @@ struct Chosen {
 
 /// The field a redrive adds to a dead letter's entry while it sends it back:
 /// when the redrive was made. A discard or another redrive leaves such an
-/// entry alone for `CLAIM_TTL`; after that (its redrive died half way), it is
-/// a dead letter like the others again.
+/// entry alone for a while (`--nats-redrive-claim-ttl`, 30 s); after that
+/// (its redrive died half way), it is a dead letter like the others again.
 const CLAIMED_AT: &str = "redriveClaimedAtMs";
-const CLAIM_TTL: Duration = Duration::from_secs(30);
+/// The field the first redrive of a dead letter adds to its entry, for good:
+/// the entry's revision before that redrive claimed it. The record that
+/// sends the letter back carries it in its message id, so that a redrive
+/// after one that died between sending the letter back and deleting it
+/// sends it with the same id, and JetStream keeps it once.
+const REDRIVE_OF: &str = "redriveOf";
 
-/// `value` (a dead letter's JSON) with `CLAIMED_AT` set to `now_ms`, or taken out.
-fn with_claim(value: &[u8], now_ms: Option<u64>) -> Result<bytes::Bytes, serde_json::Error> {
+/// `value` (a dead letter's JSON) with `CLAIMED_AT` set to `now_ms`, or
+/// taken out, and `REDRIVE_OF` set to `redrive_of` unless it is set.
+fn with_claim(
+    value: &[u8],
+    now_ms: Option<u64>,
+    redrive_of: u64,
+) -> Result<bytes::Bytes, serde_json::Error> {
     let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(value)?;
     match now_ms {
         Some(ms) => object.insert(CLAIMED_AT.into(), ms.into()),
         None => object.remove(CLAIMED_AT),
     };
+    object
+        .entry(REDRIVE_OF)
+        .or_insert_with(|| redrive_of.into());
     Ok(serde_json::to_vec(&object)?.into())
 }
 
-/// Whether a dead letter's entry is claimed by a redrive under way.
-fn claimed(value: &[u8], now_ms: u64) -> bool {
+/// The revision a dead letter's redrives name in their message id: the one
+/// the entry had when a redrive first claimed it, or `revision` (the entry's
+/// now) when none has.
+fn redrive_of(value: &[u8], revision: u64) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Of {
+        #[serde(rename = "redriveOf")]
+        of: Option<u64>,
+    }
+    serde_json::from_slice::<Of>(value)
+        .ok()
+        .and_then(|o| o.of)
+        .unwrap_or(revision)
+}
+
+/// Whether a dead letter's entry is claimed by a redrive under way: claimed
+/// less than `ttl` ago.
+fn claimed(value: &[u8], now_ms: u64, ttl: Duration) -> bool {
     #[derive(serde::Deserialize)]
     struct Claim {
         #[serde(rename = "redriveClaimedAtMs")]
@@ -185,7 +214,7 @@ fn claimed(value: &[u8], now_ms: u64) -> bool {
     serde_json::from_slice::<Claim>(value)
         .ok()
         .and_then(|c| c.at_ms)
-        .is_some_and(|at| now_ms.saturating_sub(at) < CLAIM_TTL.as_millis() as u64)
+        .is_some_and(|at| now_ms.saturating_sub(at) < ttl.as_millis() as u64)
 }
 
 /// Whether a conditional write to a bucket failed because the entry changed
@@ -1144,7 +1173,7 @@ impl Inner {
             if entry.operation != kv::Operation::Put {
                 continue; // deleted meanwhile
             }
-            if claimed(&entry.value, now_ms) {
+            if claimed(&entry.value, now_ms, self.flags.nats_redrive_claim_ttl) {
                 continue; // being redriven by another request
             }
             let letter: DeadLetter = serde_json::from_slice(&entry.value)
@@ -1206,35 +1235,45 @@ impl Inner {
             // and a discard, or of several redrives, at once, one takes it.
             // The claim keeps the letter in the entry: a redrive that dies
             // before it is done leaves a dead letter, never loses one.
-            let claim = with_claim(&value, Some(now_ms)).map_err(corrupt)?;
+            let of = redrive_of(&value, revision);
+            let claim = with_claim(&value, Some(now_ms), of).map_err(corrupt)?;
             let claimed = match conn.dead.update(&key, claim, revision).await {
                 Ok(claimed) => claimed,
                 Err(e) if changed_meanwhile(&e) => continue,
                 Err(e) => return Err(store_failed(e)),
             };
-            // Queued, then let go of. The record's id names the claim, so
-            // that an append sent again is kept once.
-            let msg_id = format!("r-{key}-{claimed}");
+            // Queued, then let go of. The record's id is the same for every
+            // redrive of this death of the message: one sent again, by this
+            // redrive or by the next after this one died before the delete
+            // below, is kept once (within the stream's duplicate window).
+            let msg_id = format!("r-{key}-{of}");
             let ack = match self.append(conn, subject, &record, Some(&msg_id)).await {
                 Ok(ack) => ack,
                 Err(e) => {
-                    // Given back at once rather than after CLAIM_TTL, if it can be.
-                    if let Ok(unclaimed) = with_claim(&value, None) {
+                    // Given back at once rather than after the claim's TTL, if it can be.
+                    if let Ok(unclaimed) = with_claim(&value, None, of) {
                         let _ = conn.dead.update(&key, unclaimed, claimed).await;
                     }
                     return Err(e);
                 }
             };
+            if self.flags.nats_exit_mid_redrive {
+                tracing::warn!(key = %key, "--nats-exit-mid-redrive: exiting with the letter sent back and still listed");
+                std::process::exit(137);
+            }
             match conn.dead.delete_expect_revision(&key, Some(claimed)).await {
                 Ok(()) => {}
                 Err(e) if changed_meanwhile(&e) => {}
                 Err(e) => return Err(store_failed(e)),
             }
-            if ack.duplicate {
-                continue;
-            }
             let partition = log::partition_of(&letter.conversation_id);
             self.count_dead_letter(target, partition, -1);
+            if ack.duplicate {
+                // Sent back already, by a redrive that died before it could
+                // take the letter out of the list.
+                tracing::info!(key = %key, "a dead letter already sent back by an earlier redrive is taken out of the list");
+                continue;
+            }
             due.push(pending);
         }
         Ok(Outcome::Queued(due))
@@ -2204,5 +2243,32 @@ mod tests {
         assert_eq!(parse_dead_letter_key("replica.x"), None);
         assert_eq!(dedupe_id("m-1"), dedupe_id("m-1"));
         assert_ne!(dedupe_id("m-1"), dedupe_id("m-2"));
+    }
+
+    #[test]
+    fn every_redrive_of_a_dead_letter_names_the_revision_of_the_first() {
+        let ttl = Duration::from_secs(30);
+        let letter = br#"{"seq":1,"messageId":"m"}"#;
+        assert_eq!(redrive_of(letter, 7), 7, "no redrive yet: the entry's own");
+        // A first redrive claims revision 7; the claim is written as 8.
+        let first = with_claim(letter, Some(1_000), redrive_of(letter, 7)).unwrap();
+        assert!(claimed(&first, 1_000 + 29_999, ttl));
+        assert!(!claimed(&first, 1_000 + 30_000, ttl), "the claim runs out");
+        assert_eq!(redrive_of(&first, 8), 7);
+        // It died; the next claims revision 8, or gives its claim back.
+        let second = with_claim(&first, Some(40_000), redrive_of(&first, 8)).unwrap();
+        assert_eq!(redrive_of(&second, 9), 7);
+        let given_back = with_claim(&second, None, redrive_of(&second, 9)).unwrap();
+        assert!(!claimed(&given_back, 40_000, ttl));
+        assert_eq!(redrive_of(&given_back, 10), 7);
+        let kept: DeadLetterFields = serde_json::from_slice(&given_back).unwrap();
+        assert_eq!((kept.seq, kept.message_id.as_str()), (1, "m"));
+    }
+
+    #[derive(serde::Deserialize)]
+    struct DeadLetterFields {
+        seq: u64,
+        #[serde(rename = "messageId")]
+        message_id: String,
     }
 }

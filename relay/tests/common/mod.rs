@@ -400,6 +400,23 @@ impl Relay {
         }
     }
 
+    /// Waits up to `timeout` for the relay to exit by itself; returns its
+    /// exit code, `None` if it still runs (or died of a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the relay again with the same flags, ports and data dir.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "stop it first");
