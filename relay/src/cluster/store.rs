@@ -188,32 +188,31 @@ fn with_claim(
     Ok(serde_json::to_vec(&object)?.into())
 }
 
+/// The fields redrives add to a dead letter's entry.
+#[derive(Default, serde::Deserialize)]
+struct RedriveFields {
+    #[serde(rename = "redriveClaimedAtMs")]
+    claimed_at_ms: Option<u64>,
+    #[serde(rename = "redriveOf")]
+    of: Option<u64>,
+}
+
+fn redrive_fields(value: &[u8]) -> RedriveFields {
+    serde_json::from_slice(value).unwrap_or_default()
+}
+
 /// The revision a dead letter's redrives name in their message id: the one
 /// the entry had when a redrive first claimed it, or `revision` (the entry's
 /// now) when none has.
 fn redrive_of(value: &[u8], revision: u64) -> u64 {
-    #[derive(serde::Deserialize)]
-    struct Of {
-        #[serde(rename = "redriveOf")]
-        of: Option<u64>,
-    }
-    serde_json::from_slice::<Of>(value)
-        .ok()
-        .and_then(|o| o.of)
-        .unwrap_or(revision)
+    redrive_fields(value).of.unwrap_or(revision)
 }
 
 /// Whether a dead letter's entry is claimed by a redrive under way: claimed
 /// less than `ttl` ago.
 fn claimed(value: &[u8], now_ms: u64, ttl: Duration) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Claim {
-        #[serde(rename = "redriveClaimedAtMs")]
-        at_ms: Option<u64>,
-    }
-    serde_json::from_slice::<Claim>(value)
-        .ok()
-        .and_then(|c| c.at_ms)
+    redrive_fields(value)
+        .claimed_at_ms
         .is_some_and(|at| now_ms.saturating_sub(at) < ttl.as_millis() as u64)
 }
 
