@@ -1610,3 +1610,86 @@ async fn a_redrive_after_one_that_died_half_way_sends_no_letter_twice() {
     );
     assert_eq!(admin(survivor, "GET", "/dead-letters").await.1["total"], 0);
 }
+
+/// The waiting messages of a partition given back to another replica leave
+/// the first one's queues at once: `botrelay_queue_depth` summed over the
+/// replicas is what waits, and back-pressure counts only what the replica
+/// delivers. They used to stay until the replica tried them, which a paused
+/// or unreachable target puts off for as long as it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_of_a_partition_given_away_leave_the_queue_depth_of_the_replica() {
+    let cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(|_| Answer::status(503)).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let quick = [
+        "--retry-initial-backoff=100ms",
+        "--retry-max-backoff=1s",
+        "--max-attempts=1000",
+    ];
+    let mut relays = replicas(1, &cluster, &prefix, &bot, &endpoint, &quick).await;
+    let (status, _) = admin(&relays[0], "POST", "/targets/bot/pause").await;
+    assert_eq!(status, 200);
+    let n = 120;
+    for i in 0..n {
+        let (status, body) = relays[0]
+            .send(&message("u", &format!("c{i}"), &format!("m{i}"), "hi"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        relays[0]
+            .wait_for_metric("botrelay_queue_depth", &[("target", "bot")], |d| d
+                == n as f64)
+            .await,
+        n as f64
+    );
+    // A second replica takes about half of the partitions; its bot answers
+    // 503, so nothing is delivered meanwhile.
+    relays.extend(replicas(1, &cluster, &prefix, &bot, &endpoint, &quick).await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = (0.0, 0.0);
+    let mut settled_since = None;
+    while Instant::now() < deadline {
+        seen = (depth(&relays[0]).await, depth(&relays[1]).await);
+        if seen.1 > 0.0 && seen.0 + seen.1 == n as f64 {
+            let since = *settled_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(4) {
+                break;
+            }
+        } else {
+            settled_since = None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("{n} messages waiting: queue depth {} + {}", seen.0, seen.1);
+    assert!(seen.1 > 0.0, "the second replica took partitions: {seen:?}");
+    assert_eq!(
+        seen.0 + seen.1,
+        n as f64,
+        "the replicas' queue depths add up to what waits: {seen:?}"
+    );
+    // Both deliver their share once the bot answers and the first resumes.
+    bot.set(echo);
+    let (status, _) = admin(&relays[0], "POST", "/targets/bot/resume").await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut delivered = 0.0;
+    while delivered < n as f64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        delivered = delivered_by(&relays[0]).await + delivered_by(&relays[1]).await;
+    }
+    assert_eq!(delivered, n as f64);
+    for relay in &relays {
+        let left = relay
+            .wait_for_metric("botrelay_queue_depth", &[("target", "bot")], |d| d == 0.0)
+            .await;
+        assert_eq!(left, 0.0);
+    }
+}
+
+async fn depth(relay: &Relay) -> f64 {
+    relay
+        .metric("botrelay_queue_depth", &[("target", "bot")])
+        .await
+}

@@ -1599,13 +1599,23 @@ impl Inner {
         tracing::info!(partition, replica = %self.replica, "took a partition: replaying its log");
     }
 
-    /// Stops delivering a partition; returns the lease's last revision if it was held.
+    /// Stops delivering a partition; returns the lease's last revision if it
+    /// was held. Its waiting messages leave the schedulers (they are another
+    /// replica's to deliver now, and would count as waiting here too); all
+    /// were queued under the slot's lock, so before this.
     fn release(&self, partition: u16) -> Option<u64> {
         let mut slots = self.slots();
         let slot = &mut slots[usize::from(partition)];
         let owned = slot.owned.take()?;
         owned.follower.abort();
-        slot.generation = log::next_generation(slot.generation);
+        let generation = slot.generation;
+        slot.generation = log::next_generation(generation);
+        if let Some(queues) = self.queues.get() {
+            queues.forget(move |seq| {
+                let handle = Handle::of(seq);
+                handle.partition == partition && handle.generation == generation
+            });
+        }
         Some(owned.revision)
     }
 

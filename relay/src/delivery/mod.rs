@@ -41,6 +41,8 @@ enum Event {
         finish: Finish,
         attempt: Attempt,
     },
+    /// The waiting messages it picks are no longer this relay's to deliver.
+    Forget(Arc<dyn Fn(Seq) -> bool + Send + Sync>),
 }
 
 /// The entry points of both schedulers, handed to the store writer and syncer.
@@ -142,6 +144,16 @@ impl Queues {
                 self.fresh.release(message);
             }
         }
+    }
+
+    /// Drops the waiting messages that `gone` picks, in both directions: with
+    /// `--store nats`, those of a partition another replica delivers now.
+    /// They stop counting as waiting (queue depth, back-pressure) at once,
+    /// and are never attempted; one under way finishes.
+    pub fn forget(&self, gone: impl Fn(Seq) -> bool + Send + Sync + 'static) {
+        let gone: Arc<dyn Fn(Seq) -> bool + Send + Sync> = Arc::new(gone);
+        let _ = self.bot.send(Event::Forget(gone.clone()));
+        let _ = self.response.send(Event::Forget(gone));
     }
 
     /// Messages pushed that the schedulers have not taken in yet: what the
@@ -253,7 +265,11 @@ struct Lane {
     queue: VecDeque<Waiting>,
     /// Failed attempts of the head message.
     failures: u32,
+    /// Attempting the head, or waiting to retry it: nothing else of the
+    /// lane goes meanwhile.
     busy: bool,
+    /// Attempting the head now (busy, and not waiting for a retry).
+    attempting: bool,
 }
 
 struct Scheduler {
@@ -405,6 +421,7 @@ impl Scheduler {
                     return;
                 };
                 lane.busy = false;
+                lane.attempting = false;
                 match finish {
                     Finish::Done => {
                         lane.queue.pop_front();
@@ -427,7 +444,52 @@ impl Scheduler {
                     }
                 }
             }
+            Event::Forget(gone) => self.forget(&*gone),
         }
+    }
+
+    /// Drops the waiting messages `gone` picks, but the head of a lane
+    /// attempting it: that attempt ends as usual.
+    fn forget(&mut self, gone: &dyn Fn(Seq) -> bool) {
+        let mut dropped = 0;
+        let (fresh, fresh_bytes) = (&mut self.fresh, &self.fresh_bytes);
+        self.lanes.retain(|_, lane| {
+            let before = lane.queue.len();
+            let head = lane.queue.front().map(|w| w.seq);
+            let kept_head = lane.attempting;
+            let mut first = true;
+            lane.queue.retain(|w| {
+                let keep = std::mem::take(&mut first) && kept_head || !gone(w.seq);
+                if !keep && let Some(message) = fresh.remove(&w.seq) {
+                    fresh_bytes.release(&message);
+                }
+                keep
+            });
+            dropped += before - lane.queue.len();
+            if lane.queue.front().map(|w| w.seq) != head {
+                lane.failures = 0;
+            }
+            // A lane waiting for a retry stays until its timer, which
+            // then lets go of it if it is still empty.
+            !lane.queue.is_empty() || lane.busy
+        });
+        if dropped == 0 {
+            return;
+        }
+        let lanes = &self.lanes;
+        self.ready
+            .retain(|key| lanes.get(key).is_some_and(|lane| !lane.busy));
+        self.depth -= dropped;
+        self.pending.fetch_sub(dropped, Ordering::Relaxed);
+        if self.target == Target::Response {
+            self.replies.fetch_sub(dropped, Ordering::Relaxed);
+        }
+        tracing::debug!(
+            to = self.target.as_str(),
+            dropped,
+            "waiting messages another replica delivers now let go of"
+        );
+        self.update_gauges();
     }
 
     fn wake_due_lanes(&mut self) {
@@ -439,7 +501,12 @@ impl Scheduler {
             let Reverse((_, key)) = self.timers.pop().expect("peeked");
             if let Some(lane) = self.lanes.get_mut(&key) {
                 lane.busy = false;
-                self.ready.push_back(key);
+                if lane.queue.is_empty() {
+                    // Its messages were forgotten while it waited.
+                    self.lanes.remove(&key);
+                } else {
+                    self.ready.push_back(key);
+                }
             }
         }
     }
@@ -493,6 +560,7 @@ impl Scheduler {
             let lane = self.lanes.get_mut(&key).expect("checked above");
             let head = *lane.queue.front().expect("checked above");
             lane.busy = true;
+            lane.attempting = true;
             self.in_flight += 1;
             let failures = lane.failures;
             let fresh = self.fresh.remove(&head.seq);
