@@ -127,13 +127,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (writer, syncer_thread) =
         Writer::start(store.clone(), queues.clone(), metrics.clone(), WRITE_QUEUE);
     let (stop_tx, stop) = watch::channel(false);
-    let answer_budget =
-        AnswerBudget::new(usize::try_from(config.answer_memory_bytes).unwrap_or(usize::MAX));
+    let (answer_memory, derived) = config.answer_memory(memory_limit);
+    if derived {
+        tracing::info!(
+            answer_memory_bytes = answer_memory,
+            memory_limit_bytes = memory_limit,
+            "the bots' answers in flight, and the replies held for waiting requests, each get this much memory, to fit the memory limit (--answer-memory-bytes sets it)"
+        );
+    }
+    let answer_memory = usize::try_from(answer_memory).unwrap_or(usize::MAX);
+    let answer_budget = AnswerBudget::new(answer_memory);
     // Replies held for waiting requests: as much again as the bots' answers
     // in flight (--answer-memory-bytes), beside them.
-    let turns = Arc::new(Turns::with_memory(
-        usize::try_from(config.answer_memory_bytes).unwrap_or(usize::MAX),
-    ));
+    let turns = Arc::new(Turns::with_memory(answer_memory));
     let deliverer = Deliverer {
         store: store.clone(),
         writer: writer.clone(),

@@ -164,9 +164,11 @@ pub struct Config {
     /// of unknown length 4 MiB once it passes 64 KiB; an answer that does
     /// not fit waits for room, and the wait does not count against
     /// --bot-timeout. Smaller answers need none: --max-in-flight bounds them.
-    #[arg(long, env = "BOTRELAY_ANSWER_MEMORY_BYTES", default_value_t = 16 << 20,
-          value_parser = clap::value_parser!(u64).range((4 << 20)..))]
-    pub answer_memory_bytes: u64,
+    /// Default: 16 MiB, or a sixteenth of a memory limit (a cgroup's, as in
+    /// a container), at least 4 MiB: 16 MiB under 256 MiB.
+    #[arg(long, env = "BOTRELAY_ANSWER_MEMORY_BYTES",
+          value_parser = clap::value_parser!(u64).range((ANSWER_MEMORY_MIN)..))]
+    pub answer_memory_bytes: Option<u64>,
 
     /// Replies one answer of the bot may carry. An answer with more still
     /// counts as delivered, and its replies are dropped, logged and counted
@@ -231,6 +233,12 @@ const BYTES_PER_PENDING: u64 = 600;
 /// The default `--max-pending` under a memory limit of `limit` bytes: half of
 /// the limit is left to the rest (dedupe entries of delivered messages,
 /// conversations, a compaction's second index, buffers).
+/// `--answer-memory-bytes` without a memory limit.
+pub const ANSWER_MEMORY: u64 = 16 << 20;
+
+/// The least `--answer-memory-bytes`: one answer of the largest size read.
+const ANSWER_MEMORY_MIN: u64 = 4 << 20;
+
 pub fn max_pending_for_memory(limit: u64) -> usize {
     let fits = limit / 2 / BYTES_PER_PENDING;
     usize::try_from(fits)
@@ -320,6 +328,16 @@ impl Config {
             (Some(n), _) => (n, false),
             (None, Some(limit)) => (max_pending_for_memory(limit), true),
             (None, None) => (MAX_PENDING, false),
+        }
+    }
+
+    /// `--answer-memory-bytes`, or its default under `memory_limit`; and
+    /// whether it was derived from the limit.
+    pub fn answer_memory(&self, memory_limit: Option<u64>) -> (u64, bool) {
+        match (self.answer_memory_bytes, memory_limit) {
+            (Some(n), _) => (n, false),
+            (None, Some(limit)) => ((limit / 16).max(ANSWER_MEMORY_MIN), true),
+            (None, None) => (ANSWER_MEMORY, false),
         }
     }
 
@@ -532,7 +550,14 @@ mod tests {
             .to_string();
         assert!(e.contains("--answer-memory-bytes"), "{e}");
         let c = parse(&[]).unwrap();
-        assert_eq!(c.answer_memory_bytes, 16 << 20);
+        assert_eq!(c.answer_memory(None), (16 << 20, false));
+        // Under a memory limit, a sixteenth of it, 4 MiB at least.
+        assert_eq!(c.answer_memory(Some(256 << 20)), (16 << 20, true));
+        assert_eq!(c.answer_memory(Some(64 << 20)), (4 << 20, true));
+        assert_eq!(c.answer_memory(Some(16 << 20)), (4 << 20, true));
+        assert_eq!(c.answer_memory(Some(1 << 30)), (64 << 20, true));
+        let given = parse(&["--answer-memory-bytes=8388608"]).unwrap();
+        assert_eq!(given.answer_memory(Some(1 << 30)), (8 << 20, false));
         assert_eq!(c.max_replies_per_answer, 100);
         assert!(parse(&["--max-replies-per-answer=0"]).is_err());
     }
