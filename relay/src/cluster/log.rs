@@ -97,13 +97,9 @@ pub fn next_generation(generation: u8) -> u8 {
 #[serde(rename_all = "snake_case")]
 pub enum Record {
     /// A user's message, accepted (published with its dedupe id).
-    Accept {
-        message: InboundMessage,
-    },
+    Accept { message: InboundMessage },
     /// A bot's own message to a conversation.
-    AddOutbound {
-        message: OutboundMessage,
-    },
+    AddOutbound { message: OutboundMessage },
     /// The bot took the message at `place`; its synchronous replies wait for
     /// the response endpoint.
     Delivered {
@@ -111,27 +107,27 @@ pub enum Record {
         replies: Vec<OutboundMessage>,
     },
     /// The response endpoint took the message at `place`.
-    Sent {
-        place: Place,
-    },
+    Sent { place: Place },
     /// The message at `place` is now a dead letter (kept in the dead-letter bucket).
-    DeadLettered {
-        target: Target,
-        place: Place,
-    },
-    /// A dead letter back in its queue.
+    DeadLettered { target: Target, place: Place },
+    /// A dead letter back in its queue. `letter` is its key in the
+    /// dead-letter bucket (absent in records of older versions): the
+    /// partition's owner takes the letter out of the list if the redrive
+    /// that wrote the record did not live to.
     RedrivenInbound {
         message: InboundMessage,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        letter: Option<String>,
     },
     RedrivenOutbound {
         message: OutboundMessage,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        letter: Option<String>,
     },
     /// Delivery progress of one partition written at once (`Delivered`,
     /// `Sent` and `DeadLettered` records, in the order made): the replies
     /// of its deliveries are numbered across the batch.
-    Progress {
-        records: Vec<Record>,
-    },
+    Progress { records: Vec<Record> },
     /// What waited in the partition once every record up to `through` was
     /// applied: a new owner starts from it and replays only what follows.
     Snapshot {
@@ -183,17 +179,30 @@ pub fn next_marks(
 }
 
 impl Record {
+    /// The dead letter a redrive record sent back: its target and key.
+    pub fn redriven_letter(&self) -> Option<(Target, &str)> {
+        match self {
+            Record::RedrivenInbound {
+                letter: Some(key), ..
+            } => Some((Target::Bot, key)),
+            Record::RedrivenOutbound {
+                letter: Some(key), ..
+            } => Some((Target::Response, key)),
+            _ => None,
+        }
+    }
+
     /// The conversation a record that carries a message names, as a bot
     /// can write to it: (relay id, caller id, user id, when).
     pub fn conversation(&self) -> Option<crate::store::Conversation> {
         let (id, caller_id, user_id, at) = match self {
-            Record::Accept { message } | Record::RedrivenInbound { message } => (
+            Record::Accept { message } | Record::RedrivenInbound { message, .. } => (
                 &message.conversation_id,
                 &message.caller_conversation_id,
                 &message.user_id,
                 message.created_at_ms,
             ),
-            Record::AddOutbound { message } | Record::RedrivenOutbound { message } => (
+            Record::AddOutbound { message } | Record::RedrivenOutbound { message, .. } => (
                 &message.conversation_id,
                 &message.caller_conversation_id,
                 &message.user_id,
@@ -329,14 +338,14 @@ impl Partition {
             index: (first + index) as u16,
         };
         let due = match record {
-            Record::Accept { message } | Record::RedrivenInbound { message } => {
+            Record::Accept { message } | Record::RedrivenInbound { message, .. } => {
                 self.inbound.insert(at(0), message);
                 vec![Due {
                     target: Target::Bot,
                     place: at(0),
                 }]
             }
-            Record::AddOutbound { message } | Record::RedrivenOutbound { message } => {
+            Record::AddOutbound { message } | Record::RedrivenOutbound { message, .. } => {
                 self.outbound.insert(at(0), message);
                 vec![Due {
                     target: Target::Response,
@@ -580,6 +589,7 @@ mod tests {
             7,
             Record::RedrivenInbound {
                 message: inbound("m2"),
+                letter: None,
             },
         );
         assert_eq!(

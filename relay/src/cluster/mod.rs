@@ -86,7 +86,8 @@ pub struct NatsFlags {
     pub nats_snapshot_records: u32,
 
     /// How long a redrive's claim on a dead letter keeps other redrives and
-    /// discards off it (a redrive that died half way leaves its claims). For tests.
+    /// discards off it (a redrive that died half way leaves its claims); three
+    /// --nats-lease-ttl at least. For tests.
     #[arg(long, env = "BOTRELAY_NATS_REDRIVE_CLAIM_TTL", default_value = "30s", hide = true,
           value_parser = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()))]
     pub nats_redrive_claim_ttl: Duration,

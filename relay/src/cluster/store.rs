@@ -160,8 +160,10 @@ struct Chosen {
 
 /// The field a redrive adds to a dead letter's entry while it sends it back:
 /// when the redrive was made. A discard or another redrive leaves such an
-/// entry alone for a while (`--nats-redrive-claim-ttl`, 30 s); after that
-/// (its redrive died half way), it is a dead letter like the others again.
+/// entry alone for a while (`--nats-redrive-claim-ttl`, 30 s, three lease
+/// TTLs at least); after that (its redrive died half way), it is a dead
+/// letter like the others again, unless it had been sent back: the
+/// partition's owner then took it out of the list.
 const CLAIMED_AT: &str = "redriveClaimedAtMs";
 /// The field the first redrive of a dead letter adds to its entry, for good:
 /// the entry's revision before that redrive claimed it. The record that
@@ -1158,6 +1160,16 @@ impl Inner {
     }
 
     /// The dead letters named by `seqs` (their places), or all of them: (key, target, letter).
+    /// How long a redrive's claim keeps a dead letter: at least three lease
+    /// TTLs, so that if the redrive dies after sending the letter back, the
+    /// partition's next owner has taken the letter out of the list (as it
+    /// applies the record) before a discard could take it.
+    fn claim_ttl(&self) -> Duration {
+        self.flags
+            .nats_redrive_claim_ttl
+            .max(self.flags.nats_lease_ttl * 3)
+    }
+
     async fn chosen(&self, conn: &Conn, seqs: Option<&[Seq]>) -> Result<Vec<Chosen>, CommitError> {
         let keys = self.dead_letter_keys(conn).await.map_err(store_failed)?;
         let now_ms = now_ms();
@@ -1172,7 +1184,7 @@ impl Inner {
             if entry.operation != kv::Operation::Put {
                 continue; // deleted meanwhile
             }
-            if claimed(&entry.value, now_ms, self.flags.nats_redrive_claim_ttl) {
+            if claimed(&entry.value, now_ms, self.claim_ttl()) {
                 continue; // being redriven by another request
             }
             let letter: DeadLetter = serde_json::from_slice(&entry.value)
@@ -1214,7 +1226,10 @@ impl Inner {
                     let pending = message.pending(0);
                     (
                         self.names.conversation(&message.conversation_id),
-                        Record::RedrivenInbound { message },
+                        Record::RedrivenInbound {
+                            message,
+                            letter: Some(key.clone()),
+                        },
                         pending,
                     )
                 }
@@ -1225,7 +1240,10 @@ impl Inner {
                     let pending = message.pending(0);
                     (
                         self.names.conversation(&message.conversation_id),
-                        Record::RedrivenOutbound { message },
+                        Record::RedrivenOutbound {
+                            message,
+                            letter: Some(key.clone()),
+                        },
                         pending,
                     )
                 }
@@ -1260,13 +1278,16 @@ impl Inner {
                 tracing::warn!(key = %key, "--nats-exit-mid-redrive: exiting with the letter sent back and still listed");
                 std::process::exit(137);
             }
+            // The partition's owner may have taken it out already, as it
+            // applied the record (it then counted it out).
             match conn.dead.delete_expect_revision(&key, Some(claimed)).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    let partition = log::partition_of(&letter.conversation_id);
+                    self.count_dead_letter(target, partition, -1);
+                }
                 Err(e) if changed_meanwhile(&e) => {}
                 Err(e) => return Err(store_failed(e)),
             }
-            let partition = log::partition_of(&letter.conversation_id);
-            self.count_dead_letter(target, partition, -1);
             if ack.duplicate {
                 // Sent back already, by a redrive that died before it could
                 // take the letter out of the list.
@@ -1854,6 +1875,12 @@ impl Inner {
         if let Some(conversation) = record.conversation() {
             self.remember(owned, conversation);
         }
+        if let Some((target, key)) = record.redriven_letter() {
+            tokio::spawn(
+                self.clone()
+                    .take_out_redriven(partition, target, key.to_owned()),
+            );
+        }
         let due = owned.state.apply(seq, record);
         owned.applied = seq;
         owned.since_snapshot += 1;
@@ -1865,6 +1892,39 @@ impl Inner {
         }
         self.applied[usize::from(partition)].notify_waiters();
         true
+    }
+
+    /// Takes a dead letter out of the list once the record that sent it back
+    /// is in its partition's log. The redrive that wrote the record does so
+    /// too, but one that died before it could leaves the letter listed:
+    /// claimed for a while, then free to be discarded, or sent back once
+    /// more, though it was delivered.
+    async fn take_out_redriven(self: Arc<Self>, partition: u16, target: Target, key: String) {
+        let Some(conn) = self.conn.get() else {
+            return;
+        };
+        let entry = match conn.dead.entry(&key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
+            Ok(_) => return, // taken out already
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "could not read a dead letter that was sent back, to take it out of the list");
+                return;
+            }
+        };
+        match conn
+            .dead
+            .delete_expect_revision(&key, Some(entry.revision))
+            .await
+        {
+            Ok(()) => {
+                self.count_dead_letter(target, partition, -1);
+                tracing::debug!(key = %key, "a dead letter sent back is taken out of the list");
+            }
+            Err(e) if changed_meanwhile(&e) => {} // by the redrive itself
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "could not take a dead letter that was sent back out of the list")
+            }
+        }
     }
 
     /// Writes a snapshot of an owned, caught-up partition once enough
