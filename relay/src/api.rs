@@ -2,7 +2,7 @@
 //! bots post messages of their own (`POST /v1/bot/messages`).
 
 use crate::credentials::{CredentialStore, Tokens, bearer};
-use crate::delivery::{Queues, now_ms};
+use crate::delivery::{FailureLog, Queues, now_ms};
 use crate::disk::DiskGuard;
 use crate::ids;
 use crate::metrics::Metrics;
@@ -550,6 +550,9 @@ impl Api {
     }
 }
 
+/// Refusals for want of a store, as logged.
+static STORE_REFUSALS: FailureLog = FailureLog::new(Duration::from_secs(1));
+
 fn unavailable(e: CommitError) -> Refusal {
     let refusal = match e {
         CommitError::Busy => Refusal::new(
@@ -568,7 +571,15 @@ fn unavailable(e: CommitError) -> Refusal {
                 .after_body();
         }
         CommitError::Store(problem) => {
-            tracing::error!(%problem, "a message could not be stored; the client was told to retry");
+            // Every request meets it while the store is unavailable (NATS
+            // down, or a replica starting): one line a second says so.
+            if let Some(unlogged) = STORE_REFUSALS.admit(now_ms()) {
+                tracing::warn!(
+                    %problem,
+                    unlogged,
+                    "a message could not be stored; the client was told to retry (one line a second at most: unlogged counts those since the last)"
+                );
+            }
             Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",

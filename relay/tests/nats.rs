@@ -719,6 +719,25 @@ async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
             started.elapsed()
         );
     }
+    // Each refusal is counted, but the log says so once a second, not once
+    // a request.
+    let started = Instant::now();
+    for k in 0..50 {
+        let (status, _) = relays[0]
+            .send(&message("u", "c1", &format!("c1-down{k}"), "x"))
+            .await;
+        assert_eq!(status, 503);
+    }
+    let lines = relays[0]
+        .logs()
+        .lines()
+        .filter(|l| l.contains("a message could not be stored"))
+        .count();
+    assert!(
+        lines as u64 <= started.elapsed().as_secs() + 8,
+        "{lines} log lines after 50 refusals in {:?}",
+        started.elapsed()
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     for i in 0..cluster.len() {
         cluster.restart(i);

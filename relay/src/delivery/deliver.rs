@@ -47,7 +47,7 @@ pub struct FailureLog {
 }
 
 impl FailureLog {
-    pub fn new(interval: Duration) -> Self {
+    pub const fn new(interval: Duration) -> Self {
         Self {
             interval_ms: interval.as_millis() as u64,
             next_ms: AtomicU64::new(0),
@@ -57,7 +57,7 @@ impl FailureLog {
 
     /// Whether a failure at `now_ms` gets a warning, and if so how many went
     /// without one since the last.
-    fn admit(&self, now_ms: u64) -> Option<u64> {
+    pub fn admit(&self, now_ms: u64) -> Option<u64> {
         let next = self.next_ms.load(Ordering::Relaxed);
         if now_ms >= next
             && self
