@@ -322,7 +322,11 @@ impl Admin {
             Ok(_) => 0,
             Err(e) => return store_unavailable(e),
         };
-        tracing::warn!(count = discarded, "dead letters discarded for good");
+        if discarded > 0 {
+            tracing::warn!(count = discarded, "dead letters discarded for good");
+        } else {
+            tracing::info!("a discard found no dead letter to take");
+        }
         json(
             StatusCode::OK,
             serde_json::json!({ "discarded": discarded }).to_string(),

@@ -553,6 +553,17 @@ impl Api {
 /// Refusals for want of a store, as logged.
 static STORE_REFUSALS: FailureLog = FailureLog::new(Duration::from_secs(1));
 
+/// Logs the refusals for want of a store that went without a line, once the
+/// second since the last is over: the last of a burst are reported too.
+pub fn log_unreported_refusals() {
+    if let Some(unlogged) = STORE_REFUSALS.unreported(now_ms()) {
+        tracing::warn!(
+            unlogged,
+            "more messages could not be stored since the last line; their clients were told to retry"
+        );
+    }
+}
+
 fn unavailable(e: CommitError) -> Refusal {
     let refusal = match e {
         CommitError::Busy => Refusal::new(

@@ -5,7 +5,7 @@ use crate::api::Api;
 use crate::config::{Config, StoreKind};
 use crate::credentials::CredentialStore;
 use crate::delivery::{
-    self, Deliverer,
+    self, Deliverer, FailureLog,
     backoff::Backoff,
     http::{AnswerBudget, Endpoint, Sender},
     now_ms,
@@ -140,6 +140,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Replies held for waiting requests: as much again as the bots' answers
     // in flight (--answer-memory-bytes), beside them.
     let turns = Arc::new(Turns::with_memory(answer_memory));
+    let failure_logs: Arc<[FailureLog; 2]> = Arc::default();
     let deliverer = Deliverer {
         store: store.clone(),
         writer: writer.clone(),
@@ -168,7 +169,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_attempts: config.max_attempts,
         max_age: config.max_message_age,
         max_replies: config.max_replies_per_answer as usize,
-        failure_logs: Default::default(),
+        failure_logs: failure_logs.clone(),
         turns: turns.clone(),
     };
     // Probes go the way deliveries go: the same senders and keys.
@@ -268,6 +269,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             conversation_retention: config.conversation_retention,
         })),
     ];
+    background.push(tokio::spawn(log_unreported_failures(failure_logs)));
     if let Some(disk) = disk {
         background.push(tokio::spawn(disk.watch()));
     }
@@ -363,6 +365,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         ),
     }
     Ok(())
+}
+
+/// Once a second, the refused messages and failed deliveries that went
+/// without a log line (one a second at most is written as they happen), so
+/// that the last of a burst are reported too.
+async fn log_unreported_failures(failure_logs: Arc<[FailureLog; 2]>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        crate::api::log_unreported_refusals();
+        for target in Target::ALL {
+            if let Some(unlogged) = failure_logs[target.index()].unreported(now_ms()) {
+                tracing::warn!(
+                    to = target.as_str(),
+                    failed_since_last_warning = unlogged,
+                    "more deliveries failed since the last warning; they will be retried"
+                );
+            }
+        }
+    }
 }
 
 /// What the minute's prune needs.

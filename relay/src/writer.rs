@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommitError {
-    #[error("store write failed: {0}")]
+    #[error("the store takes no writes: {0}")]
     Store(String),
     #[error("too many writes waiting")]
     Busy,

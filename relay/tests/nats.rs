@@ -738,6 +738,24 @@ async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
         "{lines} log lines after 50 refusals in {:?}",
         started.elapsed()
     );
+    // Those that went without a line are counted in the next, or in one of
+    // their own a second later: the log accounts for every refusal.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut reported = 0;
+    for line in relays[0].logs().lines() {
+        if line.contains("could not be stored") {
+            let fields: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            reported += fields["unlogged"].as_u64().unwrap_or(0)
+                + u64::from(line.contains("a message could not be stored"));
+        }
+    }
+    let rejected = relays[0]
+        .metric(
+            "botrelay_messages_received_total",
+            &[("outcome", "rejected")],
+        )
+        .await;
+    assert_eq!(reported as f64, rejected, "refusals in the log and counted");
     tokio::time::sleep(Duration::from_secs(3)).await;
     for i in 0..cluster.len() {
         cluster.restart(i);

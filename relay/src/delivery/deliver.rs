@@ -29,7 +29,7 @@ pub struct Deliverer {
     /// Replies one answer of the bot may carry (`--max-replies-per-answer`).
     pub max_replies: usize,
     /// One per target: `Target::index`.
-    pub failure_logs: [FailureLog; 2],
+    pub failure_logs: Arc<[FailureLog; 2]>,
     /// Traces of conversations and the clients waiting for replies.
     pub turns: Arc<crate::turns::Turns>,
 }
@@ -74,6 +74,30 @@ impl FailureLog {
         }
         self.quiet.fetch_add(1, Ordering::Relaxed);
         None
+    }
+
+    /// The failures at `now_ms` that went without a line, once the interval
+    /// has passed since the last line: a burst's last failures are reported
+    /// even when no other follows them.
+    pub fn unreported(&self, now_ms: u64) -> Option<u64> {
+        if self.quiet.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now_ms < next
+            || self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms + self.interval_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return None;
+        }
+        Some(self.quiet.swap(0, Ordering::Relaxed)).filter(|&n| n > 0)
     }
 }
 
@@ -434,5 +458,11 @@ mod tests {
             None,
             "one warning per interval, however close the calls"
         );
+        // The last of a burst: reported once the interval is over, once.
+        assert_eq!(log.admit(15_500), None);
+        assert_eq!(log.unreported(15_900), None, "not before the interval");
+        assert_eq!(log.unreported(16_000), Some(2));
+        assert_eq!(log.unreported(17_500), None, "nothing new");
+        assert_eq!(log.admit(17_600), Some(0), "the next failure gets its line");
     }
 }
