@@ -230,15 +230,15 @@ pub const MAX_PENDING: usize = 1_000_000;
 /// about 520 with every message in a conversation of its own.
 const BYTES_PER_PENDING: u64 = 600;
 
-/// The default `--max-pending` under a memory limit of `limit` bytes: half of
-/// the limit is left to the rest (dedupe entries of delivered messages,
-/// conversations, a compaction's second index, buffers).
 /// `--answer-memory-bytes` without a memory limit.
 pub const ANSWER_MEMORY: u64 = 16 << 20;
 
 /// The least `--answer-memory-bytes`: one answer of the largest size read.
 const ANSWER_MEMORY_MIN: u64 = 4 << 20;
 
+/// The default `--max-pending` under a memory limit of `limit` bytes: half of
+/// the limit is left to the rest (dedupe entries of delivered messages,
+/// conversations, a compaction's second index, buffers).
 pub fn max_pending_for_memory(limit: u64) -> usize {
     let fits = limit / 2 / BYTES_PER_PENDING;
     usize::try_from(fits)

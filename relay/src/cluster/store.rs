@@ -394,7 +394,6 @@ impl Inner {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Why writes cannot go through now, if they cannot.
     /// How long a lease may go unrenewed before this replica treats it as
     /// lost (another may take it at the TTL): it stops delivering that
     /// partition, and, when no lease round at all succeeded for as long,
@@ -1159,7 +1158,6 @@ impl Inner {
         }
     }
 
-    /// The dead letters named by `seqs` (their places), or all of them: (key, target, letter).
     /// How long a redrive's claim keeps a dead letter: at least three lease
     /// TTLs, so that if the redrive dies after sending the letter back, the
     /// partition's next owner has taken the letter out of the list (as it
@@ -1170,6 +1168,8 @@ impl Inner {
             .max(self.flags.nats_lease_ttl * 3)
     }
 
+    /// The dead letters named by `seqs` (their places), or all of them,
+    /// that no redrive under way has claimed.
     async fn chosen(&self, conn: &Conn, seqs: Option<&[Seq]>) -> Result<Vec<Chosen>, CommitError> {
         let keys = self.dead_letter_keys(conn).await.map_err(store_failed)?;
         let now_ms = now_ms();

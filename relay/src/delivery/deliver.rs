@@ -58,18 +58,7 @@ impl FailureLog {
     /// Whether a failure at `now_ms` gets a warning, and if so how many went
     /// without one since the last.
     pub fn admit(&self, now_ms: u64) -> Option<u64> {
-        let next = self.next_ms.load(Ordering::Relaxed);
-        if now_ms >= next
-            && self
-                .next_ms
-                .compare_exchange(
-                    next,
-                    now_ms + self.interval_ms,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
+        if self.take_line(now_ms) {
             return Some(self.quiet.swap(0, Ordering::Relaxed));
         }
         self.quiet.fetch_add(1, Ordering::Relaxed);
@@ -83,9 +72,19 @@ impl FailureLog {
         if self.quiet.load(Ordering::Relaxed) == 0 {
             return None;
         }
+        if !self.take_line(now_ms) {
+            return None;
+        }
+        Some(self.quiet.swap(0, Ordering::Relaxed)).filter(|&n| n > 0)
+    }
+
+    /// Whether a line may be written at `now_ms` (the interval since the
+    /// last is over); if so, the next waits for the interval again. Of
+    /// several callers at once, one gets it.
+    fn take_line(&self, now_ms: u64) -> bool {
         let next = self.next_ms.load(Ordering::Relaxed);
-        if now_ms < next
-            || self
+        now_ms >= next
+            && self
                 .next_ms
                 .compare_exchange(
                     next,
@@ -93,11 +92,7 @@ impl FailureLog {
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 )
-                .is_err()
-        {
-            return None;
-        }
-        Some(self.quiet.swap(0, Ordering::Relaxed)).filter(|&n| n > 0)
+                .is_ok()
     }
 }
 

@@ -426,12 +426,9 @@ impl Scheduler {
                     Finish::Done => {
                         lane.queue.pop_front();
                         lane.failures = 0;
-                        self.depth -= 1;
-                        self.pending.fetch_sub(1, Ordering::Relaxed);
-                        if self.target == Target::Response {
-                            self.replies.fetch_sub(1, Ordering::Relaxed);
-                        }
-                        if lane.queue.is_empty() {
+                        let empty = lane.queue.is_empty();
+                        self.left(1);
+                        if empty {
                             self.lanes.remove(&key);
                         } else {
                             self.ready.push_back(key);
@@ -456,15 +453,21 @@ impl Scheduler {
         self.lanes.retain(|_, lane| {
             let before = lane.queue.len();
             let head = lane.queue.front().map(|w| w.seq);
-            let kept_head = lane.attempting;
-            let mut first = true;
+            let under_way = if lane.attempting {
+                lane.queue.pop_front()
+            } else {
+                None
+            };
             lane.queue.retain(|w| {
-                let keep = std::mem::take(&mut first) && kept_head || !gone(w.seq);
+                let keep = !gone(w.seq);
                 if !keep && let Some(message) = fresh.remove(&w.seq) {
                     fresh_bytes.release(&message);
                 }
                 keep
             });
+            if let Some(head) = under_way {
+                lane.queue.push_front(head);
+            }
             dropped += before - lane.queue.len();
             if lane.queue.front().map(|w| w.seq) != head {
                 lane.failures = 0;
@@ -479,17 +482,23 @@ impl Scheduler {
         let lanes = &self.lanes;
         self.ready
             .retain(|key| lanes.get(key).is_some_and(|lane| !lane.busy));
-        self.depth -= dropped;
-        self.pending.fetch_sub(dropped, Ordering::Relaxed);
-        if self.target == Target::Response {
-            self.replies.fetch_sub(dropped, Ordering::Relaxed);
-        }
+        self.left(dropped);
         tracing::debug!(
             to = self.target.as_str(),
             dropped,
             "waiting messages another replica delivers now let go of"
         );
         self.update_gauges();
+    }
+
+    /// `n` messages left the queue (delivered, dead-lettered, or forgotten):
+    /// they no longer count as waiting.
+    fn left(&mut self, n: usize) {
+        self.depth -= n;
+        self.pending.fetch_sub(n, Ordering::Relaxed);
+        if self.target == Target::Response {
+            self.replies.fetch_sub(n, Ordering::Relaxed);
+        }
     }
 
     fn wake_due_lanes(&mut self) {
