@@ -906,11 +906,13 @@ async fn dead_letters_add_up_over_replicas_and_any_replica_redrives_them() {
         assert_eq!(status, 200);
         body
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while list(&relays[0]).await["total"] != 12 {
-        assert!(Instant::now() < deadline, "not all dead-lettered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_dead_letters(
+        &relays[0],
+        12,
+        Duration::from_secs(20),
+        "not all dead-lettered",
+    )
+    .await;
     // Every replica lists all of them; the gauges add up to them.
     assert_eq!(
         list(&relays[1]).await["deadLetters"]
@@ -953,6 +955,16 @@ async fn dead_letters_add_up_over_replicas_and_any_replica_redrives_them() {
 
 /// `method` on a replica's admin port at `path`, with the client token:
 /// the status and the JSON answer (`null` when the answer is not JSON).
+/// Waits until the admin port of `relay` lists `n` dead letters; panics
+/// with `what` after `within`.
+async fn wait_for_dead_letters(relay: &Relay, n: usize, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while admin(relay, "GET", "/dead-letters").await.1["total"] != n {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn admin(relay: &Relay, method: &str, path: &str) -> (u16, serde_json::Value) {
     let url = format!("http://{}{path}", relay.admin);
     let auth = format!("Bearer {CLIENT_TOKEN}");
@@ -981,14 +993,13 @@ async fn dead_letters_on_three_replicas(n: usize) -> (Cluster, Peer, Peer, Vec<R
             .await;
         assert_eq!(status, 200);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if admin(&relays[0], "GET", "/dead-letters").await.1["total"] == n {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not all dead-lettered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_dead_letters(
+        &relays[0],
+        n,
+        Duration::from_secs(20),
+        "not all dead-lettered",
+    )
+    .await;
     bot.set(echo);
     let failed = bot.received().len();
     (cluster, bot, endpoint, relays, failed)
@@ -1592,11 +1603,13 @@ async fn a_letter_sent_back_by_a_redrive_that_died_half_way_leaves_the_list() {
             .await;
         assert_eq!(status, 200);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while admin(survivor, "GET", "/dead-letters").await.1["total"] != n {
-        assert!(Instant::now() < deadline, "not all dead-lettered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_dead_letters(
+        survivor,
+        n,
+        Duration::from_secs(20),
+        "not all dead-lettered",
+    )
+    .await;
     bot.set(echo);
     let failed = bot.received().len();
     // The dying replica sends one letter back, then exits.
@@ -1621,14 +1634,13 @@ async fn a_letter_sent_back_by_a_redrive_that_died_half_way_leaves_the_list() {
             .to_owned()
     };
     let sent_back = id(&bot.received()[failed]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while admin(survivor, "GET", "/dead-letters").await.1["total"] != n - 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the letter sent back is still listed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_dead_letters(
+        survivor,
+        n - 1,
+        Duration::from_secs(10),
+        "the letter sent back is still listed",
+    )
+    .await;
     // A discard takes the others only, and a redrive finds nothing left.
     let (status, discard) = admin(survivor, "POST", "/dead-letters/discard").await;
     assert_eq!(status, 200, "{discard}");
