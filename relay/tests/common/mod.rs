@@ -446,7 +446,6 @@ impl Relay {
         String::from_utf8(body.to_vec()).unwrap()
     }
 
-    /// The value of one series of /metrics (0 when absent).
     /// Waits until the metric's value satisfies `done` (10 s at most), and returns it.
     pub async fn wait_for_metric(
         &self,
@@ -464,6 +463,7 @@ impl Relay {
         }
     }
 
+    /// The value of one series of /metrics (0 when absent).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.metrics().await, name, labels)
     }
