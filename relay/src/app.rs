@@ -367,15 +367,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-/// Once a second, the refused messages and failed deliveries that went
-/// without a log line (one a second at most is written as they happen), so
-/// that the last of a burst are reported too.
+/// Once a second, the refused messages, the failed deliveries and the
+/// deliveries the store could not record that went without a log line (one
+/// a second at most is written as they happen), so that the last of a burst
+/// are reported too.
 async fn log_unreported_failures(failure_logs: Arc<[FailureLog; 2]>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         crate::api::log_unreported_refusals();
+        delivery::log_unreported_unrecorded();
         for target in Target::ALL {
             if let Some(unlogged) = failure_logs[target.index()].unreported(now_ms()) {
                 tracing::warn!(

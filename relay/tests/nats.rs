@@ -649,6 +649,67 @@ async fn each_nats_server_killed_in_turn_stalls_no_conversation_for_long() {
     );
 }
 
+/// With NATS gone, every delivery under way ends as "delivered but could not
+/// record it" (the message goes again later, with the same webhook-id): the
+/// log says so once a second with a count, not once a delivery, and its
+/// counts account for every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deliveries_that_cannot_be_recorded_are_logged_once_a_second() {
+    const N: usize = 40;
+    let mut cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(|r| echo(r).after(Duration::from_millis(1500))).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relays = replicas(1, &cluster, &prefix, &bot, &endpoint, &[]).await;
+    for k in 0..N {
+        let (status, _) = relays[0]
+            .send(&message("u", &format!("c{k}"), &format!("m{k}"), "x"))
+            .await;
+        assert_eq!(status, 200);
+    }
+    bot.wait_until(
+        "every message on its way to the bot",
+        Duration::from_secs(10),
+        |r| r.len() >= N,
+    )
+    .await;
+    for i in 0..cluster.len() {
+        cluster.kill(i);
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    let (lines, reported) = loop {
+        let (mut lines, mut reported) = (0u64, 0u64);
+        for line in relays[0].logs().lines() {
+            // The lines a relay logging at `info` would write.
+            if !line.contains(r#""level":"ERROR""#) {
+                continue;
+            }
+            let one = line.contains("delivered but could not record it");
+            if one || line.contains("could not be recorded since the last line") {
+                let fields: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                reported += fields["unlogged"].as_u64().unwrap_or(0) + u64::from(one);
+                lines += 1;
+            }
+        }
+        if reported >= N as u64 || Instant::now() > deadline {
+            break (lines, reported);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        reported >= N as u64,
+        "{reported} deliveries that could not be recorded in the log, of {N} under way:\n{}",
+        relays[0].logs()
+    );
+    assert!(
+        lines <= started.elapsed().as_secs() + 3,
+        "{lines} log lines for {reported} deliveries in {:?}:\n{}",
+        started.elapsed(),
+        relays[0].logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
     let mut cluster = Cluster::start(3);

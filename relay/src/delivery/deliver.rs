@@ -102,6 +102,20 @@ impl Default for FailureLog {
     }
 }
 
+/// Deliveries made that the store could not record, as logged.
+static UNRECORDED: FailureLog = FailureLog::new(Duration::from_secs(1));
+
+/// Logs the deliveries the store could not record that went without a line,
+/// once the second since the last is over.
+pub fn log_unreported_unrecorded() {
+    if let Some(unlogged) = UNRECORDED.unreported(now_ms()) {
+        tracing::error!(
+            unlogged,
+            "more deliveries could not be recorded since the last line; they will be delivered again"
+        );
+    }
+}
+
 /// What a message looks like on the way out.
 struct Outgoing {
     id: String,
@@ -274,8 +288,17 @@ impl Deliverer {
                     }
                     Err(e) => {
                         // Not recorded as delivered: the message is sent again (same
-                        // webhook-id), which receivers dedupe on.
-                        tracing::error!(to = label, message_id = %outgoing.id, %trace_id, error = %e, "delivered but could not record it; will deliver again");
+                        // webhook-id), which receivers dedupe on. With the store
+                        // down, every delivery under way ends here: one line a
+                        // second says how many.
+                        match UNRECORDED.admit(now_ms()) {
+                            Some(unlogged) => {
+                                tracing::error!(to = label, message_id = %outgoing.id, %trace_id, error = %e, unlogged, "delivered but could not record it; will deliver again")
+                            }
+                            None => {
+                                tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, error = %e, "delivered but could not record it; will deliver again")
+                            }
+                        }
                         Finish::Retry(self.backoff.delay(failures, None, &mut rand::rng()))
                     }
                 };

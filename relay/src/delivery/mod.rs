@@ -12,7 +12,7 @@ mod deliver;
 pub mod http;
 pub mod probe;
 
-pub use deliver::{Deliverer, FailureLog};
+pub use deliver::{Deliverer, FailureLog, log_unreported_unrecorded};
 
 use crate::metrics::Metrics;
 use crate::store::{Message, Pending, Seq, Target};
