@@ -710,6 +710,62 @@ async fn deliveries_that_cannot_be_recorded_are_logged_once_a_second() {
     );
 }
 
+/// A replica that lost NATS starts no delivery: it could not record it, so
+/// the bot would only get the message again later. Only the deliveries under
+/// way when NATS went end unrecorded; the partitions are given up later
+/// (after one to two fifths of the lease TTL, here 2 to 4 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_lost_nats_starts_no_delivery_it_could_not_record() {
+    const N: usize = 20;
+    let mut cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(|r| echo(r).after(Duration::from_millis(300))).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    // The default lease TTL (10 s).
+    let mut flags = relay_flags(&cluster, &prefix);
+    flags.retain(|f| !f.starts_with("--nats-lease-ttl"));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let relays = [Relay::start(&bot.url(), &endpoint.url(), &flags).await];
+    for k in 0..N {
+        for m in 0..2 {
+            let (status, _) = relays[0]
+                .send(&message("u", &format!("c{k}"), &format!("c{k}-m{m}"), "x"))
+                .await;
+            assert_eq!(status, 200);
+        }
+    }
+    bot.wait_until(
+        "a message of each conversation on its way",
+        Duration::from_secs(10),
+        |r| r.len() >= N,
+    )
+    .await;
+    for i in 0..cluster.len() {
+        cluster.kill(i);
+    }
+    let at_kill = bot.received().len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = bot.received().len() - at_kill;
+    let unrecorded = relays[0]
+        .logs()
+        .lines()
+        .filter(|l| l.contains("delivered but could not record it"))
+        .count();
+    // Deliveries that started in the instant before the client saw the
+    // connection go are the only ones allowed.
+    assert!(
+        after <= 3,
+        "{after} deliveries to the bot started after NATS went ({unrecorded} could not be recorded)"
+    );
+    assert!(
+        relays[0]
+            .logs()
+            .contains("lost the connection to NATS: deliveries pause"),
+        "{}",
+        relays[0].logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
     let mut cluster = Cluster::start(3);

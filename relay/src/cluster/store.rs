@@ -2173,6 +2173,10 @@ impl Store for NatsStore {
         self.inner.unavailable()
     }
 
+    fn progress_unavailable(&self) -> Option<String> {
+        self.inner.unavailable_for(true)
+    }
+
     /// Nothing to hand over here: each partition's messages are queued as
     /// its log is replayed, once this replica holds its lease.
     fn recover(&self, _each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError> {

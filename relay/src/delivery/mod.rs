@@ -311,6 +311,10 @@ struct Scheduler {
     held_until: Option<Instant>,
 }
 
+/// How often a scheduler held back by a store that cannot record deliveries
+/// looks again.
+const STORE_RECHECK: Duration = Duration::from_millis(200);
+
 impl Scheduler {
     async fn run(
         mut self,
@@ -526,6 +530,16 @@ impl Scheduler {
             return;
         }
         let now = Instant::now();
+        // A delivery made now could not be recorded (the store lost its
+        // connection): none starts, and the lanes keep their place until
+        // the store is back or their partitions are given up.
+        if self.in_flight < self.max_in_flight
+            && !self.ready.is_empty()
+            && self.deliverer.store.progress_unavailable().is_some()
+        {
+            self.held_until = Some(now + STORE_RECHECK);
+            return;
+        }
         while self.in_flight < self.max_in_flight {
             let Some(&key) = self.ready.front() else {
                 return;

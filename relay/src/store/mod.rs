@@ -433,6 +433,12 @@ pub trait Store: Send + Sync + 'static {
     fn unavailable(&self) -> Option<String> {
         None
     }
+    /// Why a delivery made now could not be recorded, while that is so (a
+    /// store over the network that lost it): no delivery starts meanwhile,
+    /// since its target would only get it again later.
+    fn progress_unavailable(&self) -> Option<String> {
+        None
+    }
     /// A store that commits each op itself, over the network: the writer
     /// hands it every op instead of writing and syncing here.
     fn remote(&self) -> Option<Arc<dyn crate::writer::RemoteStore>> {
