@@ -1,4 +1,4 @@
-use botrelay::config::Config;
+use botrelay::config::{Config, StoreKind};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -16,11 +16,21 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads(cpus))
-        .enable_all()
-        .build()
-    {
+    let workers = config.worker_threads(cpus);
+    // One worker runs on a current-thread runtime, which does the same work
+    // with less bookkeeping per task. `--store nats` waits for NATS in place
+    // (`block_in_place`), which takes the multi-threaded one.
+    let built = if workers == 1 && config.store != StoreKind::Nats {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
