@@ -313,17 +313,40 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         move |req| admin.clone().handle(req),
     ));
 
-    tracing::info!(
-        endpoint = %config.endpoint_name,
-        listen = %config.listen,
-        admin_listen = %config.admin_listen,
-        store = ?config.store,
-        waiting,
-        max_pending,
-        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
-        startup_ms = started.elapsed().as_millis() as u64,
-        "botrelay is ready"
-    );
+    macro_rules! serving {
+        ($($field:tt)*) => {
+            tracing::info!(
+                endpoint = %config.endpoint_name,
+                listen = %config.listen,
+                admin_listen = %config.admin_listen,
+                store = ?config.store,
+                waiting,
+                max_pending,
+                worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+                startup_ms = started.elapsed().as_millis() as u64,
+                $($field)*
+            )
+        };
+    }
+    match store.unavailable() {
+        None => serving!("botrelay is ready"),
+        // Serving, but `/readyz` says 503 until the store is reachable (a
+        // NATS that is down): the line that says ready comes then.
+        Some(why) => {
+            serving!(not_ready = %why, "botrelay is up, not ready yet");
+            let store = store.clone();
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                while store.unavailable().is_some() {
+                    tick.tick().await;
+                }
+                tracing::info!(
+                    startup_ms = started.elapsed().as_millis() as u64,
+                    "botrelay is ready"
+                );
+            }));
+        }
+    }
 
     shutdown.await;
 

@@ -766,6 +766,58 @@ async fn a_replica_that_lost_nats_starts_no_delivery_it_could_not_record() {
     );
 }
 
+/// A replica started while NATS is down serves, but its log says it is ready
+/// only once it is (as `/readyz` does), not while it still refuses messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_started_while_nats_is_down_logs_ready_only_once_it_is() {
+    let mut cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    for i in 0..cluster.len() {
+        cluster.kill(i);
+    }
+    let flags = relay_flags(&cluster, &prefix);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (bot_url, endpoint_url) = (bot.url(), endpoint.url());
+    let mut back_at = String::new();
+    // The harness waits for `/readyz` to answer 200, which needs NATS back.
+    let (relay, ()) = tokio::join!(Relay::start(&bot_url, &endpoint_url, &flags), async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        back_at = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+        for i in 0..cluster.len() {
+            cluster.restart(i);
+        }
+    });
+    let line = |message: &str| {
+        relay
+            .logs()
+            .lines()
+            .find(|l| l.contains(&format!(r#""message":"{message}""#)))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    };
+    // The line comes within a moment of /readyz's 200 (it looks every 200 ms).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while line("botrelay is ready").is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = relay.logs();
+    let up = line("botrelay is up, not ready yet").unwrap_or_else(|| panic!("{logs}"));
+    assert!(
+        up["not_ready"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("NATS"),
+        "{up}"
+    );
+    let ready = line("botrelay is ready").unwrap_or_else(|| panic!("{logs}"));
+    let ready_at = ready["timestamp"].as_str().unwrap().to_owned();
+    assert!(
+        ready_at > back_at,
+        "said ready at {ready_at}, NATS restarted at {back_at}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
     let mut cluster = Cluster::start(3);
