@@ -649,6 +649,35 @@ async fn each_nats_server_killed_in_turn_stalls_no_conversation_for_long() {
     );
 }
 
+/// Sends `each` messages to each of `conversations` conversations, waits
+/// until the bot holds the first of each, then kills every NATS server: the
+/// deliveries of those messages are under way as NATS goes.
+async fn kill_nats_with_deliveries_under_way(
+    cluster: &mut Cluster,
+    relay: &Relay,
+    bot: &Peer,
+    conversations: usize,
+    each: usize,
+) {
+    for k in 0..conversations {
+        for m in 0..each {
+            let (status, _) = relay
+                .send(&message("u", &format!("c{k}"), &format!("c{k}-m{m}"), "x"))
+                .await;
+            assert_eq!(status, 200);
+        }
+    }
+    bot.wait_until(
+        "a message of each conversation on its way",
+        Duration::from_secs(10),
+        |r| r.len() >= conversations,
+    )
+    .await;
+    for i in 0..cluster.len() {
+        cluster.kill(i);
+    }
+}
+
 /// With NATS gone, every delivery under way ends as "delivered but could not
 /// record it" (the message goes again later, with the same webhook-id): the
 /// log says so once a second with a count, not once a delivery, and its
@@ -661,21 +690,7 @@ async fn deliveries_that_cannot_be_recorded_are_logged_once_a_second() {
     let bot = Peer::start(|r| echo(r).after(Duration::from_millis(1500))).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
     let relays = replicas(1, &cluster, &prefix, &bot, &endpoint, &[]).await;
-    for k in 0..N {
-        let (status, _) = relays[0]
-            .send(&message("u", &format!("c{k}"), &format!("m{k}"), "x"))
-            .await;
-        assert_eq!(status, 200);
-    }
-    bot.wait_until(
-        "every message on its way to the bot",
-        Duration::from_secs(10),
-        |r| r.len() >= N,
-    )
-    .await;
-    for i in 0..cluster.len() {
-        cluster.kill(i);
-    }
+    kill_nats_with_deliveries_under_way(&mut cluster, &relays[0], &bot, N, 1).await;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(30);
     let (lines, reported) = loop {
@@ -726,23 +741,7 @@ async fn a_replica_that_lost_nats_starts_no_delivery_it_could_not_record() {
     flags.retain(|f| !f.starts_with("--nats-lease-ttl"));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let relays = [Relay::start(&bot.url(), &endpoint.url(), &flags).await];
-    for k in 0..N {
-        for m in 0..2 {
-            let (status, _) = relays[0]
-                .send(&message("u", &format!("c{k}"), &format!("c{k}-m{m}"), "x"))
-                .await;
-            assert_eq!(status, 200);
-        }
-    }
-    bot.wait_until(
-        "a message of each conversation on its way",
-        Duration::from_secs(10),
-        |r| r.len() >= N,
-    )
-    .await;
-    for i in 0..cluster.len() {
-        cluster.kill(i);
-    }
+    kill_nats_with_deliveries_under_way(&mut cluster, &relays[0], &bot, N, 2).await;
     let at_kill = bot.received().len();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = bot.received().len() - at_kill;
