@@ -180,9 +180,8 @@ pub struct Config {
     /// Threads that serve requests and run deliveries. Default: one fewer
     /// than the CPUs the process may use (a cgroup's quota counts), at least
     /// one: the store's sync thread and the kernel's network work get the
-    /// rest. On 2 CPUs one thread served 15% more messages than two, with a
-    /// third less CPU each (README, "Speed"). One thread runs a single-threaded
-    /// runtime, which costs less per task, except with --store nats.
+    /// rest. One thread runs a single-threaded runtime, which costs less per
+    /// task, except with --store nats.
     #[arg(long, env = "BOTRELAY_WORKER_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
