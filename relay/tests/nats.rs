@@ -649,6 +649,27 @@ async fn each_nats_server_killed_in_turn_stalls_no_conversation_for_long() {
     );
 }
 
+/// What a log paced to a line a second says of one kind of event: (lines,
+/// events). A line with `first` stands for its own event and the `unlogged`
+/// it counts; a line with `tail` (a second after a burst) for its
+/// `unlogged` alone. Only lines at `level` count: those a relay logging at
+/// `info` writes.
+fn paced_log_count(logs: &str, level: &str, first: &str, tail: &str) -> (u64, u64) {
+    let (mut lines, mut events) = (0, 0);
+    for line in logs.lines() {
+        if !line.contains(&format!(r#""level":"{level}""#)) {
+            continue;
+        }
+        let own = line.contains(first);
+        if own || line.contains(tail) {
+            let fields: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            events += fields["unlogged"].as_u64().unwrap_or(0) + u64::from(own);
+            lines += 1;
+        }
+    }
+    (lines, events)
+}
+
 /// Sends `each` messages to each of `conversations` conversations, waits
 /// until the bot holds the first of each, then kills every NATS server: the
 /// deliveries of those messages are under way as NATS goes.
@@ -694,19 +715,12 @@ async fn deliveries_that_cannot_be_recorded_are_logged_once_a_second() {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(30);
     let (lines, reported) = loop {
-        let (mut lines, mut reported) = (0u64, 0u64);
-        for line in relays[0].logs().lines() {
-            // The lines a relay logging at `info` would write.
-            if !line.contains(r#""level":"ERROR""#) {
-                continue;
-            }
-            let one = line.contains("delivered but could not record it");
-            if one || line.contains("could not be recorded since the last line") {
-                let fields: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-                reported += fields["unlogged"].as_u64().unwrap_or(0) + u64::from(one);
-                lines += 1;
-            }
-        }
+        let (lines, reported) = paced_log_count(
+            &relays[0].logs(),
+            "ERROR",
+            "delivered but could not record it",
+            "could not be recorded since the last line",
+        );
         if reported >= N as u64 || Instant::now() > deadline {
             break (lines, reported);
         }
@@ -909,14 +923,12 @@ async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
     // Those that went without a line are counted in the next, or in one of
     // their own a second later: the log accounts for every refusal.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut reported = 0;
-    for line in relays[0].logs().lines() {
-        if line.contains("could not be stored") {
-            let fields: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-            reported += fields["unlogged"].as_u64().unwrap_or(0)
-                + u64::from(line.contains("a message could not be stored"));
-        }
-    }
+    let (_, reported) = paced_log_count(
+        &relays[0].logs(),
+        "WARN",
+        "a message could not be stored",
+        "more messages could not be stored since the last line",
+    );
     let rejected = relays[0]
         .metric(
             "botrelay_messages_received_total",
