@@ -971,6 +971,17 @@ async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         acked.insert((0, k), Instant::now());
+        if k == 10 {
+            let written = back.elapsed();
+            bot.wait_until("the first message after the restart", Duration::from_secs(30), |got| {
+                got.iter().any(|r| bot_key(r) == Some((0, 10)))
+            })
+            .await;
+            println!(
+                "after the restart: the first write taken {written:?}, and delivered {:?}",
+                back.elapsed()
+            );
+        }
     }
     let (duplicates, _) = check_everything_arrived(
         "NATS down and back",

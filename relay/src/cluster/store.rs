@@ -44,6 +44,17 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// How often the setup is tried again while NATS cannot be reached.
 const SETUP_RETRY: Duration = Duration::from_secs(2);
 
+/// How long a request of a lease round or of a partition's takeover (its
+/// snapshot, its reader) waits for an answer: a fifth of the lease TTL (the
+/// rounds' period), from 0.5 s to `ACK_TIMEOUT`. A cluster that has just
+/// come back answers none until it has elected its leaders; a request sent
+/// meanwhile that waited out the writes' timeout held the partitions back for
+/// that long after NATS was up again. One that times out is made again at the
+/// next round.
+fn control_timeout(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 5).clamp(Duration::from_millis(500), ACK_TIMEOUT)
+}
+
 pub struct NatsStore {
     inner: Arc<Inner>,
 }
@@ -133,6 +144,9 @@ struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
     stream: stream::Stream,
+    /// The stream, for the requests of a partition's takeover: they wait
+    /// for `control_timeout`, as the leases' do.
+    control: stream::Stream,
     leases: kv::Store,
     dead: kv::Store,
     /// Conversations a bot can write to, once their messages left the stream.
@@ -647,8 +661,17 @@ impl Inner {
                     .map_err(|e| format!("cannot open bucket {name}: {e}"))
             }
         };
-        let (leases, dead, conversations) = futures::try_join!(
-            opened(&self.names.leases),
+        let mut control_js = jetstream::new(client.clone());
+        control_js.set_timeout(control_timeout(self.flags.nats_lease_ttl));
+        let control = control_js
+            .get_stream(&self.names.stream)
+            .await
+            .map_err(|e| format!("cannot open stream {}: {e}", self.names.stream))?;
+        let leases = control_js
+            .get_key_value(&self.names.leases)
+            .await
+            .map_err(|e| format!("cannot open bucket {}: {e}", self.names.leases))?;
+        let (dead, conversations) = futures::try_join!(
             opened(&self.names.dead_letters),
             opened(&self.names.conversations),
         )?;
@@ -656,6 +679,7 @@ impl Inner {
             client,
             js,
             stream,
+            control,
             leases,
             dead,
             conversations,
@@ -1697,7 +1721,7 @@ impl Inner {
             Reading::Follow => self.names.messages(partition),
         };
         let consumer = conn
-            .stream
+            .control
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject,
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
@@ -1747,7 +1771,7 @@ impl Inner {
     /// stream sequence the replay goes on from.
     async fn restore(&self, conn: &Conn, partition: u16, generation: u8) -> Result<u64, String> {
         let last = conn
-            .stream
+            .control
             .get_last_raw_message_by_subject(&self.names.snapshots(partition))
             .await;
         let snapshot = match last {
@@ -2301,6 +2325,14 @@ impl Store for NatsStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_and_takeover_requests_wait_a_round_at_most() {
+        let s = Duration::from_secs;
+        assert_eq!(control_timeout(s(10)), s(2), "the default TTL: one round");
+        assert_eq!(control_timeout(s(2)), Duration::from_millis(500));
+        assert_eq!(control_timeout(s(60)), ACK_TIMEOUT, "never past the writes'");
+    }
 
     #[test]
     fn dead_letter_keys_give_target_and_order() {
