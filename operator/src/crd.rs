@@ -304,6 +304,12 @@ pub struct DeliverySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 16777216))]
     pub max_body_bytes: Option<i64>,
+    /// Most replies one answer of the bot may carry (default 100): an
+    /// answer with more counts as delivered, and its replies are dropped
+    /// and logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_replies_per_answer: Option<i32>,
     /// Pausing a target after consecutive failures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerSpec>,

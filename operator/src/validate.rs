@@ -324,6 +324,13 @@ fn check_delivery(d: &DeliverySpec, problems: &mut Vec<String>) {
     {
         problems.push(format!("spec.delivery.maxAttempts: {n} is outside 1..1000"));
     }
+    if let Some(n) = d.max_replies_per_answer
+        && !(1..=100_000).contains(&n)
+    {
+        problems.push(format!(
+            "spec.delivery.maxRepliesPerAnswer: {n} is outside 1..100000"
+        ));
+    }
     if let Some(n) = d.max_body_bytes
         && !(1024..=16 * 1024 * 1024).contains(&n)
     {
@@ -615,6 +622,7 @@ pub(crate) mod tests {
             retry_max_backoff: Some("1m".into()),
             max_attempts: Some(0),
             max_body_bytes: Some(10),
+            max_replies_per_answer: Some(0),
             ..Default::default()
         });
         let p = problems(&s);
@@ -632,6 +640,10 @@ pub(crate) mod tests {
         );
         assert!(
             p.contains("spec.delivery.maxBodyBytes: 10 is outside"),
+            "{p}"
+        );
+        assert!(
+            p.contains("spec.delivery.maxRepliesPerAnswer: 0 is outside 1..100000"),
             "{p}"
         );
     }

@@ -138,6 +138,7 @@ fn a_minimal_spec_leaves_delivery_to_the_relays_defaults() {
             config.max_message_age,
             config.dedupe_window,
             config.max_body_bytes,
+            config.max_replies_per_answer,
         ),
         (
             defaults.bot_timeout,
@@ -149,6 +150,7 @@ fn a_minimal_spec_leaves_delivery_to_the_relays_defaults() {
             defaults.max_message_age,
             defaults.dedupe_window,
             defaults.max_body_bytes,
+            defaults.max_replies_per_answer,
         )
     );
 }
@@ -173,6 +175,7 @@ fn every_delivery_field_reaches_the_relay_with_its_value() {
                 "maxMessageAge": "1h30m",
                 "dedupeWindow": "48h",
                 "maxBodyBytes": 1048576,
+                "maxRepliesPerAnswer": 2500,
             },
         }),
     );
@@ -187,6 +190,7 @@ fn every_delivery_field_reaches_the_relay_with_its_value() {
     assert_eq!(config.max_message_age, Duration::from_secs(5400));
     assert_eq!(config.dedupe_window, Duration::from_secs(48 * 3600));
     assert_eq!(config.max_body_bytes, 1024 * 1024);
+    assert_eq!(config.max_replies_per_answer, 2500);
 }
 
 #[test]

@@ -139,6 +139,10 @@ pub fn relay_args(endpoint: &MessagingEndpoint) -> Vec<String> {
             ("--max-message-age", d.max_message_age.clone()),
             ("--dedupe-window", d.dedupe_window.clone()),
             ("--max-body-bytes", d.max_body_bytes.map(|n| n.to_string())),
+            (
+                "--max-replies-per-answer",
+                d.max_replies_per_answer.map(|n| n.to_string()),
+            ),
         ];
         for (flag, value) in optional {
             if let Some(value) = value {
@@ -542,6 +546,7 @@ mod tests {
             max_message_age: Some("24h".into()),
             dedupe_window: Some("48h".into()),
             max_body_bytes: Some(65536),
+            max_replies_per_answer: Some(500),
             ..DeliverySpec::default()
         });
         let d = build(&ep);
@@ -552,7 +557,8 @@ mod tests {
             args.ends_with(
                 "--endpoint-name support --bot-timeout 10s --response-timeout 15s \
                  --connect-timeout 2s --retry-initial-backoff 1s --retry-max-backoff 5m \
-                 --max-attempts 20 --max-message-age 24h --dedupe-window 48h --max-body-bytes 65536"
+                 --max-attempts 20 --max-message-age 24h --dedupe-window 48h --max-body-bytes 65536 \
+                 --max-replies-per-answer 500"
             ),
             "{args}"
         );
