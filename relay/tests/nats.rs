@@ -12,7 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Starts `n` replicas of one endpoint (one prefix) on `cluster`.
+/// Starts `n` replicas of one endpoint (one prefix) on `cluster`; a flag in
+/// `extra` replaces the one of the same name that `relay_flags` sets.
 async fn replicas(
     n: usize,
     cluster: &Cluster,
@@ -24,6 +25,8 @@ async fn replicas(
     let mut relays = Vec::new();
     for _ in 0..n {
         let mut flags = relay_flags(cluster, prefix);
+        let name = |flag: &str| flag.split('=').next().unwrap_or_default().to_owned();
+        flags.retain(|f| !extra.iter().any(|e| name(e) == name(f)));
         flags.extend(extra.iter().map(|s| s.to_string()));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         relays.push(Relay::start(&bot.url(), &endpoint.url(), &flags).await);
@@ -610,6 +613,98 @@ async fn a_replica_cut_off_from_nats_stops_delivering_before_its_conversations_m
     );
 }
 
+/// A replica cut off from NATS while its deliveries wait on a slow bot: it
+/// gives their partitions up before another replica may take them, and its
+/// requests still under way must end then, not when the bot answers. Left
+/// to go on, each overlapped the next owner's copy of the same message at
+/// the bot, for as long as the bot took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_cut_off_from_nats_cuts_short_its_deliveries_under_way() {
+    let cluster = Cluster::start(3);
+    let prefix = fresh_prefix();
+    // The bot answers the far replica after 8 s (under --bot-timeout, 10 s),
+    // the near one at once.
+    let bot = Peer::start(|r: &Received| {
+        let answer = echo(r);
+        if r.header("x-replica") == "far" {
+            answer.after(Duration::from_secs(8))
+        } else {
+            answer
+        }
+    })
+    .await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let mut near = relay_flags(&cluster, &prefix);
+    near.push("--bot-header=x-replica: near".into());
+    let near: Vec<&str> = near.iter().map(String::as_str).collect();
+    let near = Relay::start(&bot.url(), &endpoint.url(), &near).await;
+    let proxy = CutProxy::start(cluster.port(0)).await;
+    let mut far = relay_flags(&cluster, &prefix);
+    for flag in far.iter_mut() {
+        if flag.starts_with("--nats-url=") {
+            *flag = format!("--nats-url=nats://{}", proxy.addr);
+        }
+    }
+    far.push("--bot-header=x-replica: far".into());
+    let far: Vec<&str> = far.iter().map(String::as_str).collect();
+    let _far = Relay::start(&bot.url(), &endpoint.url(), &far).await;
+    // Both hold a share of the partitions before the messages come.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for c in 0..40 {
+        let (status, _) = near
+            .send(&message("u", &format!("c{c}"), &format!("c{c}-m0"), "0"))
+            .await;
+        assert_eq!(status, 200);
+    }
+    bot.wait_until("deliveries of the far replica under way", Duration::from_secs(20), |got| {
+        got.iter().filter(|r| r.header("x-replica") == "far").count() >= 3
+    })
+    .await;
+    proxy.cut();
+    let cut_at = Instant::now();
+    bot.wait_until("every message at the bot from the near replica", Duration::from_secs(30), |got| {
+        (0..40).all(|c| {
+            got.iter()
+                .any(|r| r.header("x-replica") == "near" && bot_key(r) == Some((c, 0)))
+        })
+    })
+    .await;
+    // Every request of the far replica under way at the cut ended before
+    // the near replica's copy of its message reached the bot.
+    let (received, ended) = (bot.received(), bot.ended());
+    let mut overlaps = Vec::new();
+    let (mut cut_short, mut last_cut) = (0, Duration::ZERO);
+    for (i, r) in received.iter().enumerate() {
+        if r.header("x-replica") != "far" || r.at > cut_at {
+            continue;
+        }
+        let Some(key) = bot_key(r) else { continue };
+        let end = ended.iter().find(|e| e.index == i);
+        if let Some(e) = end.filter(|e| !e.answered) {
+            cut_short += 1;
+            last_cut = last_cut.max(e.at - cut_at);
+        }
+        let taken_over = received
+            .iter()
+            .find(|n| n.header("x-replica") == "near" && n.at > cut_at && bot_key(n) == Some(key))
+            .map(|n| n.at);
+        if let Some(taken_over) = taken_over
+            && end.is_none_or(|e| e.at > taken_over)
+        {
+            overlaps.push((key, end.map(|e| e.at - cut_at), taken_over - cut_at));
+        }
+    }
+    println!(
+        "a replica cut off with deliveries under way on a slow bot: {cut_short} of them cut short, the last {last_cut:?} after the cut; overlaps {overlaps:?}"
+    );
+    assert!(
+        overlaps.is_empty(),
+        "the far replica's request was still under way when the near one sent the same message \
+         (conversation and message, its end and the near one's send after the cut): {overlaps:?}"
+    );
+    assert!(cut_short > 0, "no delivery of the far replica was cut short");
+}
+
 /// Each NATS server in turn killed (then started again) under a light load:
 /// one of them is the server the relay is connected to, which also holds
 /// the readers of the partitions' logs. Its conversations must go on within
@@ -699,10 +794,12 @@ async fn kill_nats_with_deliveries_under_way(
     }
 }
 
-/// With NATS gone, every delivery under way ends as "delivered but could not
-/// record it" (the message goes again later, with the same webhook-id): the
-/// log says so once a second with a count, not once a delivery, and its
-/// counts account for every one.
+/// With NATS gone, every delivery under way that the bot answers ends as
+/// "delivered but could not record it" (the message goes again later, with
+/// the same webhook-id): the log says so once a second with a count, not
+/// once a delivery, and its counts account for every one. (The bot answers
+/// before the replica gives its partitions up, which would cut the
+/// deliveries short: a 20 s lease TTL puts that 4 s or more after NATS went.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deliveries_that_cannot_be_recorded_are_logged_once_a_second() {
     const N: usize = 40;
@@ -710,7 +807,8 @@ async fn deliveries_that_cannot_be_recorded_are_logged_once_a_second() {
     let prefix = fresh_prefix();
     let bot = Peer::start(|r| echo(r).after(Duration::from_millis(1500))).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
-    let relays = replicas(1, &cluster, &prefix, &bot, &endpoint, &[]).await;
+    let ttl = ["--nats-lease-ttl=20s"];
+    let relays = replicas(1, &cluster, &prefix, &bot, &endpoint, &ttl).await;
     kill_nats_with_deliveries_under_way(&mut cluster, &relays[0], &bot, N, 1).await;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(30);

@@ -46,13 +46,13 @@ const SETUP_RETRY: Duration = Duration::from_secs(2);
 
 /// How long a request of a lease round or of a partition's takeover (its
 /// snapshot, its reader) waits for an answer: a fifth of the lease TTL (the
-/// rounds' period), from 0.5 s to `ACK_TIMEOUT`. A cluster that has just
+/// rounds' period), from 1 s to `ACK_TIMEOUT`. A cluster that has just
 /// come back answers none until it has elected its leaders; a request sent
 /// meanwhile that waited out the writes' timeout held the partitions back for
 /// that long after NATS was up again. One that times out is made again at the
 /// next round.
 fn control_timeout(lease_ttl: Duration) -> Duration {
-    (lease_ttl / 5).clamp(Duration::from_millis(500), ACK_TIMEOUT)
+    (lease_ttl / 5).clamp(Duration::from_secs(1), ACK_TIMEOUT)
 }
 
 pub struct NatsStore {
@@ -90,6 +90,9 @@ struct Inner {
     /// Delivery attempts under way, per partition: a partition given back
     /// to even out the replicas keeps its lease until they end.
     attempts: Vec<Arc<AtomicUsize>>,
+    /// Per partition, how many times it was given up without waiting for
+    /// its attempts (`revoke`): each attempt under way watches it.
+    revocations: Vec<tokio::sync::watch::Sender<u64>>,
     /// Where each partition's delivery progress waits to be written (one
     /// writer task per partition, started with the store).
     progress: Vec<tokio::sync::mpsc::UnboundedSender<Progress>>,
@@ -348,6 +351,9 @@ impl NatsStore {
                 started: AtomicBool::new(false),
                 last_lease_round: Mutex::new(Instant::now()),
                 attempts: (0..PARTITIONS).map(|_| Arc::default()).collect(),
+                revocations: (0..PARTITIONS)
+                    .map(|_| tokio::sync::watch::Sender::new(0))
+                    .collect(),
                 progress: progress_tx,
                 progress_inboxes: Mutex::new(progress_rx),
                 progress_in_flight: (0..PARTITIONS).map(|_| AtomicBool::new(false)).collect(),
@@ -1399,7 +1405,7 @@ impl Inner {
                         );
                     }
                     for partition in std::mem::take(&mut order) {
-                        self.release(partition);
+                        self.revoke(partition);
                     }
                 }
                 disconnected = true;
@@ -1440,7 +1446,7 @@ impl Inner {
                     "partition lease not renewed in time; giving it up"
                 );
                 order.retain(|&p| p != partition);
-                self.release(partition);
+                self.revoke(partition);
             }
             self.refresh_dead_letter_counts(&conn).await;
         }
@@ -1473,7 +1479,7 @@ impl Inner {
                     partition,
                     "partition lease not renewed in time; giving it up"
                 );
-                self.release(partition);
+                self.revoke(partition);
             }
         }
     }
@@ -1509,7 +1515,7 @@ impl Inner {
                 }
                 Err(e) => {
                     tracing::warn!(partition, error = %e, "lost the lease of a partition");
-                    self.release(partition);
+                    self.revoke(partition);
                 }
             }
         }
@@ -1642,6 +1648,26 @@ impl Inner {
             follower,
         });
         tracing::info!(partition, replica = %self.replica, "took a partition: replaying its log");
+    }
+
+    /// Gives a partition up without waiting for its deliveries under way,
+    /// as when its lease is lost or may be another replica's soon: that
+    /// replica sends the same messages again, so the attempts under way here
+    /// are cut short (`Store::revoked`) rather than left to go on beside its
+    /// own, for as long as a slow target takes.
+    fn revoke(&self, partition: u16) {
+        if self.release(partition).is_none() {
+            return;
+        }
+        let under_way = self.attempts[usize::from(partition)].load(Ordering::SeqCst);
+        if under_way > 0 {
+            tracing::warn!(
+                partition,
+                under_way,
+                "cutting short the deliveries under way of a partition given up; its next owner sends them again"
+            );
+        }
+        self.revocations[usize::from(partition)].send_modify(|n| *n += 1);
     }
 
     /// Stops delivering a partition; returns the lease's last revision if it
@@ -2201,6 +2227,17 @@ impl Store for NatsStore {
         self.inner.unavailable_for(true)
     }
 
+    fn revoked(&self, seq: Seq) -> Option<futures::future::BoxFuture<'static, ()>> {
+        let partition = usize::from(Handle::of(seq).partition);
+        let mut revocations = self.inner.revocations.get(partition)?.subscribe();
+        Some(Box::pin(async move {
+            if revocations.changed().await.is_err() {
+                // The store is gone: nothing revokes the attempt any more.
+                std::future::pending::<()>().await;
+            }
+        }))
+    }
+
     /// Nothing to hand over here: each partition's messages are queued as
     /// its log is replayed, once this replica holds its lease.
     fn recover(&self, _each: &mut dyn FnMut(Pending)) -> Result<DeadLetterCounts, StoreError> {
@@ -2330,7 +2367,7 @@ mod tests {
     fn lease_and_takeover_requests_wait_a_round_at_most() {
         let s = Duration::from_secs;
         assert_eq!(control_timeout(s(10)), s(2), "the default TTL: one round");
-        assert_eq!(control_timeout(s(2)), Duration::from_millis(500));
+        assert_eq!(control_timeout(s(2)), s(1), "not under a second");
         assert_eq!(control_timeout(s(60)), ACK_TIMEOUT, "never past the writes'");
     }
 

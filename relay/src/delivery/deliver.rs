@@ -214,16 +214,30 @@ impl Deliverer {
                 .turn_started(&outgoing.conversation_id, &outgoing.id);
         }
         let started = Instant::now();
-        let result = self.senders[target.index()]
-            .post_with(
-                &outgoing.id,
-                std::mem::take(&mut outgoing.body),
-                keys,
-                timeout,
-                &hop.headers(),
-            )
-            .await
-            .map(|(_, answer)| answer);
+        // Watched from before the request: a replica that gives up the
+        // message's partition meanwhile cuts the attempt short.
+        let revoked = self.store.revoked(pending.seq);
+        let headers = hop.headers();
+        let post = self.senders[target.index()].post_with(
+            &outgoing.id,
+            std::mem::take(&mut outgoing.body),
+            keys,
+            timeout,
+            &headers,
+        );
+        let result = match revoked {
+            None => post.await,
+            Some(revoked) => tokio::select! {
+                result = post => result,
+                () = revoked => {
+                    // Another replica delivers it now; what is left of this
+                    // attempt (its connection) is dropped.
+                    tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, "delivery cut short: its partition was given up");
+                    return (Finish::Retry(self.backoff.max), Attempt::NotMade);
+                }
+            },
+        }
+        .map(|(_, answer)| answer);
         self.metrics
             .delivery_duration
             .with_label_values(&[label])

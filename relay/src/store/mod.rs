@@ -439,6 +439,14 @@ pub trait Store: Send + Sync + 'static {
     fn progress_unavailable(&self) -> Option<String> {
         None
     }
+    /// Resolves when a delivery of `seq` under way should be cut short: its
+    /// message is no longer this replica's to deliver (a store shared by
+    /// replicas that gave the message's partition up without waiting, its
+    /// lease lost or about to be), and another replica sends it again. None:
+    /// never.
+    fn revoked(&self, _seq: Seq) -> Option<futures::future::BoxFuture<'static, ()>> {
+        None
+    }
     /// A store that commits each op itself, over the network: the writer
     /// hands it every op instead of writing and syncing here.
     fn remote(&self) -> Option<Arc<dyn crate::writer::RemoteStore>> {

@@ -121,7 +121,35 @@ type Behaviour = Box<dyn FnMut(&Received) -> Answer + Send>;
 pub struct Peer {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    /// When each request's handling ended, by its index in `received`:
+    /// answered, or dropped unanswered (its connection closed first).
+    ended: Arc<Mutex<Vec<Ended>>>,
     behaviour: Arc<Mutex<Behaviour>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Ended {
+    /// The request's index in [`Peer::received`].
+    pub index: usize,
+    pub at: Instant,
+    pub answered: bool,
+}
+
+/// Records when a request's handling ends, however it does.
+struct Ending {
+    ended: Arc<Mutex<Vec<Ended>>>,
+    index: usize,
+    answered: bool,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.ended.lock().unwrap().push(Ended {
+            index: self.index,
+            at: Instant::now(),
+            answered: self.answered,
+        });
+    }
 }
 
 impl Peer {
@@ -143,6 +171,7 @@ impl Peer {
         let peer = Peer {
             addr: listener.local_addr().unwrap(),
             received: Arc::default(),
+            ended: Arc::default(),
             behaviour: Arc::new(Mutex::new(behaviour)),
         };
         let p = peer.clone();
@@ -170,8 +199,17 @@ impl Peer {
                                     at: Instant::now(),
                                 };
                                 let answer = (p.behaviour.lock().unwrap())(&received);
-                                p.received.lock().unwrap().push(received);
+                                let mut ending = {
+                                    let mut all = p.received.lock().unwrap();
+                                    all.push(received);
+                                    Ending {
+                                        ended: p.ended.clone(),
+                                        index: all.len() - 1,
+                                        answered: false,
+                                    }
+                                };
                                 tokio::time::sleep(answer.delay).await;
+                                ending.answered = true;
                                 let mut response =
                                     Response::new(Full::new(Bytes::from(answer.body)));
                                 *response.status_mut() =
@@ -201,6 +239,11 @@ impl Peer {
 
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// When the requests received so far ended, in the order they did.
+    pub fn ended(&self) -> Vec<Ended> {
+        self.ended.lock().unwrap().clone()
     }
 
     /// Waits until `done` holds for what was received; panics with `what` after `timeout`.
