@@ -519,6 +519,36 @@ impl CutProxy {
     }
 }
 
+/// Two replicas of one endpoint: `near`, connected to the first NATS server,
+/// and `far`, connected to it through a proxy that can cut it off. Each tells
+/// the bot which it is (header `x-replica`).
+async fn near_and_far(
+    cluster: &Cluster,
+    prefix: &str,
+    bot: &Peer,
+    endpoint: &Peer,
+) -> (Relay, CutProxy, Relay) {
+    let proxy = CutProxy::start(cluster.port(0)).await;
+    let mut relays = Vec::new();
+    for (name, url) in [
+        ("near", cluster.urls()),
+        ("far", format!("nats://{}", proxy.addr)),
+    ] {
+        let mut flags = relay_flags(cluster, prefix);
+        for flag in flags.iter_mut() {
+            if flag.starts_with("--nats-url=") {
+                *flag = format!("--nats-url={url}");
+            }
+        }
+        flags.push(format!("--bot-header=x-replica: {name}"));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        relays.push(Relay::start(&bot.url(), &endpoint.url(), &flags).await);
+    }
+    let far = relays.pop().expect("two relays");
+    let near = relays.pop().expect("two relays");
+    (near, proxy, far)
+}
+
 /// A replica whose network to NATS goes quiet (no disconnection to see)
 /// stops delivering before its leases can be taken: once another replica
 /// delivers a conversation, the cut-off one sends nothing more of it.
@@ -528,20 +558,7 @@ async fn a_replica_cut_off_from_nats_stops_delivering_before_its_conversations_m
     let prefix = fresh_prefix();
     let bot = Peer::start(echo).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
-    let mut near = relay_flags(&cluster, &prefix);
-    near.push("--bot-header=x-replica: near".into());
-    let near: Vec<&str> = near.iter().map(String::as_str).collect();
-    let near = Relay::start(&bot.url(), &endpoint.url(), &near).await;
-    let proxy = CutProxy::start(cluster.port(0)).await;
-    let mut far = relay_flags(&cluster, &prefix);
-    for flag in far.iter_mut() {
-        if flag.starts_with("--nats-url=") {
-            *flag = format!("--nats-url=nats://{}", proxy.addr);
-        }
-    }
-    far.push("--bot-header=x-replica: far".into());
-    let far: Vec<&str> = far.iter().map(String::as_str).collect();
-    let far = Relay::start(&bot.url(), &endpoint.url(), &far).await;
+    let (near, proxy, far) = near_and_far(&cluster, &prefix, &bot, &endpoint).await;
     // Both deliver a share before the load starts; clients write to `near` only.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(delivered_by(&far).await == 0.0);
@@ -634,20 +651,7 @@ async fn a_replica_cut_off_from_nats_cuts_short_its_deliveries_under_way() {
     })
     .await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
-    let mut near = relay_flags(&cluster, &prefix);
-    near.push("--bot-header=x-replica: near".into());
-    let near: Vec<&str> = near.iter().map(String::as_str).collect();
-    let near = Relay::start(&bot.url(), &endpoint.url(), &near).await;
-    let proxy = CutProxy::start(cluster.port(0)).await;
-    let mut far = relay_flags(&cluster, &prefix);
-    for flag in far.iter_mut() {
-        if flag.starts_with("--nats-url=") {
-            *flag = format!("--nats-url=nats://{}", proxy.addr);
-        }
-    }
-    far.push("--bot-header=x-replica: far".into());
-    let far: Vec<&str> = far.iter().map(String::as_str).collect();
-    let _far = Relay::start(&bot.url(), &endpoint.url(), &far).await;
+    let (near, proxy, _far) = near_and_far(&cluster, &prefix, &bot, &endpoint).await;
     // Both hold a share of the partitions before the messages come.
     tokio::time::sleep(Duration::from_secs(4)).await;
     for c in 0..40 {
