@@ -1656,9 +1656,13 @@ impl Inner {
     /// are cut short (`Store::revoked`) rather than left to go on beside its
     /// own, for as long as a slow target takes.
     fn revoke(&self, partition: u16) {
-        if self.release(partition).is_none() {
-            return;
+        if self.release(partition).is_some() {
+            self.cut_short(partition);
         }
+    }
+
+    /// Cuts short the deliveries under way of a partition given up.
+    fn cut_short(&self, partition: u16) {
         let under_way = self.attempts[usize::from(partition)].load(Ordering::SeqCst);
         if under_way > 0 {
             tracing::warn!(
@@ -1681,13 +1685,19 @@ impl Inner {
         owned.follower.abort();
         let generation = slot.generation;
         slot.generation = log::next_generation(generation);
+        self.forget_queued(partition, generation);
+        Some(owned.revision)
+    }
+
+    /// Drops from the schedulers the messages of `partition` queued while
+    /// it was held as `generation`.
+    fn forget_queued(&self, partition: u16, generation: u8) {
         if let Some(queues) = self.queues.get() {
             queues.forget(move |seq| {
                 let handle = Handle::of(seq);
                 handle.partition == partition && handle.generation == generation
             });
         }
-        Some(owned.revision)
     }
 
     /// Replays a partition's records into its state, then follows new ones,
@@ -1720,13 +1730,28 @@ impl Inner {
         .await;
         if let Err(e) = result {
             tracing::warn!(partition, error = %e, "stopped following a partition; it is taken again when NATS allows");
-            let mut slots = self.slots();
-            let slot = &mut slots[usize::from(partition)];
-            if slot.generation == generation {
+            let revision = {
+                let mut slots = self.slots();
+                let slot = &mut slots[usize::from(partition)];
+                if slot.generation != generation {
+                    return; // released meanwhile
+                }
                 // Given up here; the lease loop sees it no longer owned.
-                slot.owned = None;
                 slot.generation = log::next_generation(generation);
-            }
+                slot.owned.take().map(|owned| owned.revision)
+            };
+            let Some(revision) = revision else { return };
+            self.forget_queued(partition, generation);
+            self.cut_short(partition);
+            // And its lease let go of: any replica may take the partition at
+            // its next round (this one too, within its share), rather than
+            // wait for the lease to run out. A replica over its share after a
+            // takeover that failed (NATS electing its leaders) held such
+            // partitions, undelivered, for a whole TTL.
+            let _ = conn
+                .leases
+                .delete_expect_revision(partition_key(partition), Some(revision))
+                .await;
         }
     }
 
