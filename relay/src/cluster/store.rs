@@ -1405,7 +1405,7 @@ impl Inner {
                         );
                     }
                     for partition in std::mem::take(&mut order) {
-                        self.revoke(partition);
+                        self.let_go(partition);
                     }
                 }
                 disconnected = true;
@@ -1446,7 +1446,7 @@ impl Inner {
                     "partition lease not renewed in time; giving it up"
                 );
                 order.retain(|&p| p != partition);
-                self.revoke(partition);
+                self.let_go(partition);
             }
             self.refresh_dead_letter_counts(&conn).await;
         }
@@ -1479,7 +1479,7 @@ impl Inner {
                     partition,
                     "partition lease not renewed in time; giving it up"
                 );
-                self.revoke(partition);
+                self.let_go(partition);
             }
         }
     }
@@ -1661,6 +1661,28 @@ impl Inner {
         }
     }
 
+    /// `revoke`, and the lease deleted, if it is still at this replica's
+    /// revision, so that any replica may take the partition at its next
+    /// round rather than wait for the lease to run out. A delete that cannot
+    /// reach NATS changes nothing: the lease runs out as before.
+    fn let_go(self: &Arc<Self>, partition: u16) {
+        let Some(revision) = self.release(partition) else {
+            return;
+        };
+        self.cut_short(partition);
+        let inner = self.clone();
+        tokio::spawn(async move { inner.delete_lease(partition, revision).await });
+    }
+
+    async fn delete_lease(&self, partition: u16, revision: u64) {
+        if let Some(conn) = self.conn.get() {
+            let _ = conn
+                .leases
+                .delete_expect_revision(partition_key(partition), Some(revision))
+                .await;
+        }
+    }
+
     /// Cuts short the deliveries under way of a partition given up.
     fn cut_short(&self, partition: u16) {
         let under_way = self.attempts[usize::from(partition)].load(Ordering::SeqCst);
@@ -1743,15 +1765,12 @@ impl Inner {
             let Some(revision) = revision else { return };
             self.forget_queued(partition, generation);
             self.cut_short(partition);
-            // And its lease let go of: any replica may take the partition at
-            // its next round (this one too, within its share), rather than
-            // wait for the lease to run out. A replica over its share after a
-            // takeover that failed (NATS electing its leaders) held such
-            // partitions, undelivered, for a whole TTL.
-            let _ = conn
-                .leases
-                .delete_expect_revision(partition_key(partition), Some(revision))
-                .await;
+            // And its lease let go of (as `let_go`): any replica may take the
+            // partition at its next round (this one too, within its share),
+            // rather than wait for the lease to run out. A replica over its
+            // share after a takeover that failed (NATS electing its leaders)
+            // held such partitions, undelivered, for a whole TTL.
+            self.delete_lease(partition, revision).await;
         }
     }
 
