@@ -1508,9 +1508,19 @@ impl Inner {
                 .await
             {
                 Ok(revision) => {
-                    if let Some(owned) = &mut self.slots()[usize::from(partition)].owned {
-                        owned.revision = revision;
-                        owned.renewed = sent;
+                    let renewed = match &mut self.slots()[usize::from(partition)].owned {
+                        Some(owned) => {
+                            owned.revision = revision;
+                            owned.renewed = sent;
+                            true
+                        }
+                        None => false,
+                    };
+                    if !renewed {
+                        // Its reader stopped while the renewal was on its way,
+                        // and the stop's delete came too early: the renewal
+                        // wrote a lease that nobody here follows. Let go of it.
+                        self.delete_lease(partition, revision).await;
                     }
                 }
                 Err(e) => {
@@ -1571,7 +1581,10 @@ impl Inner {
                 continue;
             };
             if sent.elapsed() > ttl / 2 {
-                continue; // too slow to be sure of it; renewed or taken next round
+                // Too slow to be sure of it: let go of it; taken next round,
+                // by this replica or another.
+                self.delete_lease(partition, revision).await;
+                continue;
             }
             self.acquire(partition, revision, sent);
             order.push(partition);
