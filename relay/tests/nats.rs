@@ -660,18 +660,29 @@ async fn a_replica_cut_off_from_nats_cuts_short_its_deliveries_under_way() {
             .await;
         assert_eq!(status, 200);
     }
-    bot.wait_until("deliveries of the far replica under way", Duration::from_secs(20), |got| {
-        got.iter().filter(|r| r.header("x-replica") == "far").count() >= 3
-    })
+    bot.wait_until(
+        "deliveries of the far replica under way",
+        Duration::from_secs(20),
+        |got| {
+            got.iter()
+                .filter(|r| r.header("x-replica") == "far")
+                .count()
+                >= 3
+        },
+    )
     .await;
     proxy.cut();
     let cut_at = Instant::now();
-    bot.wait_until("every message at the bot from the near replica", Duration::from_secs(30), |got| {
-        (0..40).all(|c| {
-            got.iter()
-                .any(|r| r.header("x-replica") == "near" && bot_key(r) == Some((c, 0)))
-        })
-    })
+    bot.wait_until(
+        "every message at the bot from the near replica",
+        Duration::from_secs(30),
+        |got| {
+            (0..40).all(|c| {
+                got.iter()
+                    .any(|r| r.header("x-replica") == "near" && bot_key(r) == Some((c, 0)))
+            })
+        },
+    )
     .await;
     // Every request of the far replica under way at the cut ended before
     // the near replica's copy of its message reached the bot.
@@ -706,7 +717,10 @@ async fn a_replica_cut_off_from_nats_cuts_short_its_deliveries_under_way() {
         "the far replica's request was still under way when the near one sent the same message \
          (conversation and message, its end and the near one's send after the cut): {overlaps:?}"
     );
-    assert!(cut_short > 0, "no delivery of the far replica was cut short");
+    assert!(
+        cut_short > 0,
+        "no delivery of the far replica was cut short"
+    );
 }
 
 /// Each NATS server in turn killed (then started again) under a light load:
@@ -1075,9 +1089,11 @@ async fn nats_down_means_503_and_not_ready_then_everything_resumes() {
         acked.insert((0, k), Instant::now());
         if k == 10 {
             let written = back.elapsed();
-            bot.wait_until("the first message after the restart", Duration::from_secs(30), |got| {
-                got.iter().any(|r| bot_key(r) == Some((0, 10)))
-            })
+            bot.wait_until(
+                "the first message after the restart",
+                Duration::from_secs(30),
+                |got| got.iter().any(|r| bot_key(r) == Some((0, 10))),
+            )
             .await;
             println!(
                 "after the restart: the first write taken {written:?}, and delivered {:?}",

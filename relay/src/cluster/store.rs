@@ -1426,9 +1426,11 @@ impl Inner {
                 self.started.store(true, Ordering::Relaxed);
             }
             // Whatever could not be renewed for most of the TTL may be
-            // someone else's by now.
+            // someone else's by now. (What is no longer owned, given up by
+            // the fence loop or a stopped reader, just leaves the order.)
             let stale: Vec<u16> = {
                 let slots = self.slots();
+                order.retain(|&p| slots[usize::from(p)].owned.is_some());
                 order
                     .iter()
                     .copied()
@@ -1436,7 +1438,7 @@ impl Inner {
                         slots[usize::from(p)]
                             .owned
                             .as_ref()
-                            .is_none_or(|o| o.renewed.elapsed() > self.stale_after())
+                            .is_some_and(|o| o.renewed.elapsed() > self.stale_after())
                     })
                     .collect()
             };
@@ -1700,10 +1702,12 @@ impl Inner {
     fn cut_short(&self, partition: u16) {
         let under_way = self.attempts[usize::from(partition)].load(Ordering::SeqCst);
         if under_way > 0 {
+            // Some may have had their answer already and wait to record it:
+            // those end as "delivered but could not record it" instead.
             tracing::warn!(
                 partition,
                 under_way,
-                "cutting short the deliveries under way of a partition given up; its next owner sends them again"
+                "giving up a partition with deliveries under way: those still waiting for their target are cut short; its next owner sends them all again"
             );
         }
         self.revocations[usize::from(partition)].send_modify(|n| *n += 1);
@@ -2425,7 +2429,11 @@ mod tests {
         let s = Duration::from_secs;
         assert_eq!(control_timeout(s(10)), s(2), "the default TTL: one round");
         assert_eq!(control_timeout(s(2)), s(1), "not under a second");
-        assert_eq!(control_timeout(s(60)), ACK_TIMEOUT, "never past the writes'");
+        assert_eq!(
+            control_timeout(s(60)),
+            ACK_TIMEOUT,
+            "never past the writes'"
+        );
     }
 
     #[test]
