@@ -231,9 +231,12 @@ impl Deliverer {
                 result = post => result,
                 () = revoked => {
                     // Another replica delivers it now; what is left of this
-                    // attempt (its connection) is dropped.
+                    // attempt (its connection) is dropped. Done here, as a
+                    // message completed elsewhere is: a retry would hold its
+                    // conversation's lane, which the partition's next
+                    // replay here (a healed cut) queues into, for a backoff.
                     tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, "delivery cut short: its partition was given up");
-                    return (Finish::Retry(self.backoff.max), Attempt::NotMade);
+                    return (Finish::Done, Attempt::NotMade);
                 }
             },
         }
