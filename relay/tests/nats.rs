@@ -517,16 +517,23 @@ impl CutProxy {
     fn cut(&self) {
         self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Forwards again. What was sent during the cut is lost, so the
+    /// connections it kept open break, and the client connects anew.
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Two replicas of one endpoint: `near`, connected to the first NATS server,
 /// and `far`, connected to it through a proxy that can cut it off. Each tells
-/// the bot which it is (header `x-replica`).
+/// the bot which it is (header `x-replica`). `far_flags` are the far one's own.
 async fn near_and_far(
     cluster: &Cluster,
     prefix: &str,
     bot: &Peer,
     endpoint: &Peer,
+    far_flags: &[&str],
 ) -> (Relay, CutProxy, Relay) {
     let proxy = CutProxy::start(cluster.port(0)).await;
     let mut relays = Vec::new();
@@ -541,6 +548,9 @@ async fn near_and_far(
             }
         }
         flags.push(format!("--bot-header=x-replica: {name}"));
+        if name == "far" {
+            flags.extend(far_flags.iter().map(|f| f.to_string()));
+        }
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         relays.push(Relay::start(&bot.url(), &endpoint.url(), &flags).await);
     }
@@ -558,7 +568,7 @@ async fn a_replica_cut_off_from_nats_stops_delivering_before_its_conversations_m
     let prefix = fresh_prefix();
     let bot = Peer::start(echo).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
-    let (near, proxy, far) = near_and_far(&cluster, &prefix, &bot, &endpoint).await;
+    let (near, proxy, far) = near_and_far(&cluster, &prefix, &bot, &endpoint, &[]).await;
     // Both deliver a share before the load starts; clients write to `near` only.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(delivered_by(&far).await == 0.0);
@@ -634,7 +644,10 @@ async fn a_replica_cut_off_from_nats_stops_delivering_before_its_conversations_m
 /// gives their partitions up before another replica may take them, and its
 /// requests still under way must end then, not when the bot answers. Left
 /// to go on, each overlapped the next owner's copy of the same message at
-/// the bot, for as long as the bot took.
+/// the bot, for as long as the bot took. Once the cut heals, the replica
+/// takes its share back, and the conversations whose deliveries it cut short
+/// go on at once: a cut-short attempt once held its conversation for a
+/// retry's backoff (5 min by default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_cut_off_from_nats_cuts_short_its_deliveries_under_way() {
     let cluster = Cluster::start(3);
@@ -651,7 +664,15 @@ async fn a_replica_cut_off_from_nats_cuts_short_its_deliveries_under_way() {
     })
     .await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
-    let (near, proxy, _far) = near_and_far(&cluster, &prefix, &bot, &endpoint).await;
+    // A retry of the far replica waits a minute: longer than the test.
+    let (near, proxy, far) = near_and_far(
+        &cluster,
+        &prefix,
+        &bot,
+        &endpoint,
+        &["--retry-max-backoff=60s"],
+    )
+    .await;
     // Both hold a share of the partitions before the messages come.
     tokio::time::sleep(Duration::from_secs(4)).await;
     for c in 0..40 {
@@ -720,6 +741,61 @@ async fn a_replica_cut_off_from_nats_cuts_short_its_deliveries_under_way() {
     assert!(
         cut_short > 0,
         "no delivery of the far replica was cut short"
+    );
+
+    // The cut heals.
+    proxy.heal();
+    let healed_at = Instant::now();
+    while !matches!(
+        get(&format!("http://{}/readyz", far.admin)).await,
+        Ok((200, _, _))
+    ) {
+        assert!(
+            healed_at.elapsed() < Duration::from_secs(30),
+            "the far replica is not ready 30 s after the cut healed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A few lease rounds (3 s TTL): it takes its share of the partitions back.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let sent_at = Instant::now();
+    for c in 0..40 {
+        let (status, _) = near
+            .send(&message("u", &format!("c{c}"), &format!("c{c}-m1"), "1"))
+            .await;
+        assert_eq!(status, 200);
+    }
+    bot.wait_until(
+        "every second message at the bot, after the cut healed",
+        Duration::from_secs(30),
+        |got| {
+            (0..40).all(|c| {
+                got.iter()
+                    .any(|r| r.at > sent_at && bot_key(r) == Some((c, 1)))
+            })
+        },
+    )
+    .await;
+    let received = bot.received();
+    let far_cut_short: HashSet<usize> = received
+        .iter()
+        .filter(|r| r.header("x-replica") == "far" && r.at < cut_at)
+        .filter_map(bot_key)
+        .map(|(c, _)| c)
+        .collect();
+    let back_on_far = received
+        .iter()
+        .filter(|r| r.at > sent_at && r.header("x-replica") == "far")
+        .filter_map(bot_key)
+        .filter(|(c, m)| *m == 1 && far_cut_short.contains(c))
+        .count();
+    println!(
+        "after the cut healed: all 40 second messages at the bot within {:?}; {back_on_far} of them through the far replica, in conversations whose first it had cut short",
+        sent_at.elapsed()
+    );
+    assert!(
+        back_on_far > 0,
+        "the far replica took back none of the conversations it had cut short: the test shows nothing"
     );
 }
 
