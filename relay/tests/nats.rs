@@ -1707,6 +1707,37 @@ async fn a_relay_reaches_nats_over_tls_trusting_the_ca_it_is_given() {
         .await;
 }
 
+/// A replica told to stop while NATS is out of reach stops within its drain
+/// time: giving its leases back is a courtesy, which it once waited to make
+/// for as long as NATS stayed away (11 min in one outside test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stops_while_nats_is_out_of_reach() {
+    let mut cluster = Cluster::start(1);
+    let bot = Peer::start(echo).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let flags = relay_flags(&cluster, &fresh_prefix());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut relay = Relay::start(&bot.url(), &endpoint.url(), &flags).await;
+    let (status, body) = relay.send(&message("u", "c", "m", "hello")).await;
+    assert_eq!(status, 200, "{body}");
+    bot.wait_until("the message", Duration::from_secs(10), |r| !r.is_empty())
+        .await;
+    cluster.kill(0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let told = Instant::now();
+    signal(relay.pid(), "TERM");
+    let code = relay.wait_exit(Duration::from_secs(20));
+    println!(
+        "a replica told to stop with NATS out of reach: exit code {code:?} after {:?}",
+        told.elapsed()
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "still running 20 s after SIGTERM with NATS out of reach (--drain-timeout is 5 s)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_replica_delivers_each_waiting_message_once() {
     let cluster = Cluster::start(1);

@@ -2213,7 +2213,10 @@ impl Inner {
     }
 
     /// Stops delivering and gives every lease back at once, so that the other
-    /// replicas take over without waiting for the TTL.
+    /// replicas take over without waiting for the TTL. Giving them back is a
+    /// courtesy, given one lease round's requests' time at most: with NATS
+    /// out of reach the stop waited for it to come back (for as long as it
+    /// stayed away), and the leases run out within the TTL anyway.
     async fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
         let Some(conn) = self.conn.get() else {
@@ -2222,14 +2225,31 @@ impl Inner {
         let released: Vec<(u16, u64)> = (0..PARTITIONS)
             .filter_map(|p| Some((p, self.release(p)?)))
             .collect();
-        for (partition, revision) in released {
-            let _ = conn
-                .leases
-                .delete_expect_revision(partition_key(partition), Some(revision))
-                .await;
+        if let Some(why) = self.unavailable_for(true) {
+            tracing::info!(reason = %why, leases = released.len(), "the leases are not given back at the stop: they run out within --nats-lease-ttl");
+            return;
         }
-        let _ = conn.leases.delete(replica_key(&self.replica)).await;
-        let _ = conn.client.flush().await;
+        let give_back = async {
+            let deletes = released.iter().map(|&(partition, revision)| {
+                conn.leases
+                    .delete_expect_revision(partition_key(partition), Some(revision))
+            });
+            let _ = futures::future::join(
+                futures::future::join_all(deletes),
+                conn.leases.delete(replica_key(&self.replica)),
+            )
+            .await;
+            let _ = conn.client.flush().await;
+        };
+        if tokio::time::timeout(control_timeout(self.flags.nats_lease_ttl), give_back)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                leases = released.len(),
+                "NATS did not take the leases back in time at the stop: they run out within --nats-lease-ttl"
+            );
+        }
     }
 }
 
