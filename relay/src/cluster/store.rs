@@ -1718,14 +1718,33 @@ impl Inner {
     /// replica's to deliver now, and would count as waiting here too); all
     /// were queued under the slot's lock, so before this.
     fn release(&self, partition: u16) -> Option<u64> {
+        let (revision, follower) = self.give_up(partition, None)?;
+        follower.abort();
+        Some(revision)
+    }
+
+    /// What `release` and a follower that fails share: the partition's
+    /// generation moves on (what it queued leaves the schedulers), and it is
+    /// no longer owned. With `generation`, only if it is still held as that
+    /// (a follower's own; a release meanwhile moved it on). Returns the
+    /// lease's last revision and the follower's task, if it was owned.
+    fn give_up(
+        &self,
+        partition: u16,
+        generation: Option<u8>,
+    ) -> Option<(u64, tokio::task::AbortHandle)> {
         let mut slots = self.slots();
         let slot = &mut slots[usize::from(partition)];
+        match generation {
+            Some(generation) if generation != slot.generation => return None,
+            None if slot.owned.is_none() => return None,
+            _ => {}
+        }
+        let held = slot.generation;
+        slot.generation = log::next_generation(held);
         let owned = slot.owned.take()?;
-        owned.follower.abort();
-        let generation = slot.generation;
-        slot.generation = log::next_generation(generation);
-        self.forget_queued(partition, generation);
-        Some(owned.revision)
+        self.forget_queued(partition, held);
+        Some((owned.revision, owned.follower))
     }
 
     /// Drops from the schedulers the messages of `partition` queued while
@@ -1769,18 +1788,12 @@ impl Inner {
         .await;
         if let Err(e) = result {
             tracing::warn!(partition, error = %e, "stopped following a partition; it is taken again when NATS allows");
-            let revision = {
-                let mut slots = self.slots();
-                let slot = &mut slots[usize::from(partition)];
-                if slot.generation != generation {
-                    return; // released meanwhile
-                }
-                // Given up here; the lease loop sees it no longer owned.
-                slot.generation = log::next_generation(generation);
-                slot.owned.take().map(|owned| owned.revision)
+            // Given up here, unless released meanwhile; the lease loop sees
+            // it no longer owned. This task is the follower: it goes on, to
+            // delete the lease.
+            let Some((revision, _this_task)) = self.give_up(partition, Some(generation)) else {
+                return;
             };
-            let Some(revision) = revision else { return };
-            self.forget_queued(partition, generation);
             self.cut_short(partition);
             // And its lease let go of (as `let_go`): any replica may take the
             // partition at its next round (this one too, within its share),
