@@ -10,6 +10,7 @@ use crate::store::{Message, Op, OutboundMessage, Seq, Store, Target};
 use crate::trace::TraceContext;
 use crate::writer::Writer;
 use crate::{ids, wire};
+use futures::FutureExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -216,7 +217,7 @@ impl Deliverer {
         let started = Instant::now();
         // Watched from before the request: a replica that gives up the
         // message's partition meanwhile cuts the attempt short.
-        let revoked = self.store.revoked(pending.seq);
+        let mut revoked = self.store.revoked(pending.seq);
         let headers = hop.headers();
         let post = self.senders[target.index()].post_with(
             &outgoing.id,
@@ -225,11 +226,11 @@ impl Deliverer {
             timeout,
             &headers,
         );
-        let result = match revoked {
+        let result = match &mut revoked {
             None => post.await,
             Some(revoked) => tokio::select! {
                 result = post => result,
-                () = revoked => {
+                () = revoked.as_mut() => {
                     // Another replica delivers it now; what is left of this
                     // attempt (its connection) is dropped. Done here, as a
                     // message completed elsewhere is: a retry would hold its
@@ -301,6 +302,18 @@ impl Deliverer {
                                 now_ms().saturating_sub(pending.created_at_ms) as f64 / 1000.0,
                             );
                         tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, attempts = failures + 1, "delivered");
+                        Finish::Done
+                    }
+                    // Its partition was given up while the delivery was being
+                    // recorded: the message is another replica's to send again
+                    // now. Done here, as for an attempt cut short: a retry would
+                    // hold its conversation's lane for a backoff.
+                    Err(e)
+                        if revoked
+                            .as_mut()
+                            .is_some_and(|r| r.as_mut().now_or_never().is_some()) =>
+                    {
+                        tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, error = %e, "delivered, but its partition was given up before it was recorded; its next owner sends it again");
                         Finish::Done
                     }
                     Err(e) => {
