@@ -662,7 +662,7 @@ async fn a_replica_cut_off_from_nats_stops_delivering_before_its_conversations_m
 /// to go on, each overlapped the next owner's copy of the same message at
 /// the bot, for as long as the bot took. Once the cut heals, the replica
 /// takes its share back, and the conversations whose deliveries it cut short,
-/// or could not record for the cut, go on at once: each such attempt once
+/// could not record for the cut, or was to retry, go on at once: each once
 /// held its conversation for a retry's backoff (5 min at most by default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_cut_off_from_nats_cuts_short_its_deliveries_under_way() {
@@ -670,10 +670,13 @@ async fn a_replica_cut_off_from_nats_cuts_short_its_deliveries_under_way() {
     let prefix = fresh_prefix();
     // The bot answers the far replica after 8 s (under --bot-timeout, 10 s)
     // in odd conversations, after 1 s in even ones: those answers come
-    // during the cut, and cannot be recorded. The near one at once.
+    // during the cut, and cannot be recorded. It refuses the far replica the
+    // first message of every fourth, which then waits for its retry across
+    // the cut. The near one it answers at once.
     let bot = Peer::start(|r: &Received| {
         let answer = echo(r);
         match (r.header("x-replica"), bot_key(r)) {
+            ("far", Some((c, 0))) if c % 4 == 3 => Answer::status(500),
             ("far", Some((c, _))) if c % 2 == 0 => answer.after(Duration::from_secs(1)),
             ("far", _) => answer.after(Duration::from_secs(8)),
             _ => answer,

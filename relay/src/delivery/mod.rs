@@ -270,6 +270,9 @@ struct Lane {
     busy: bool,
     /// Attempting the head now (busy, and not waiting for a retry).
     attempting: bool,
+    /// When its retry is due, while it waits for one: a timer that finds
+    /// another time is that of a lane let go of meanwhile.
+    retry_at: Option<Instant>,
 }
 
 struct Scheduler {
@@ -441,7 +444,9 @@ impl Scheduler {
                     Finish::Retry(delay) => {
                         lane.failures += 1;
                         lane.busy = true; // waiting counts as busy: nothing else of this lane goes
-                        self.timers.push(Reverse((Instant::now() + delay, key)));
+                        let at = Instant::now() + delay;
+                        lane.retry_at = Some(at);
+                        self.timers.push(Reverse((at, key)));
                     }
                 }
             }
@@ -476,9 +481,10 @@ impl Scheduler {
             if lane.queue.front().map(|w| w.seq) != head {
                 lane.failures = 0;
             }
-            // A lane waiting for a retry stays until its timer, which
-            // then lets go of it if it is still empty.
-            !lane.queue.is_empty() || lane.busy
+            // A lane waiting to retry a message forgotten now goes too:
+            // left until its timer, it held back the conversation's next
+            // messages for as long, once the partition came back here.
+            !lane.queue.is_empty()
         });
         if dropped == 0 {
             return;
@@ -511,9 +517,12 @@ impl Scheduler {
             if *at > now {
                 break;
             }
-            let Reverse((_, key)) = self.timers.pop().expect("peeked");
-            if let Some(lane) = self.lanes.get_mut(&key) {
+            let Reverse((at, key)) = self.timers.pop().expect("peeked");
+            if let Some(lane) = self.lanes.get_mut(&key)
+                && lane.retry_at == Some(at)
+            {
                 lane.busy = false;
+                lane.retry_at = None;
                 if lane.queue.is_empty() {
                     // Its messages were forgotten while it waited.
                     self.lanes.remove(&key);
