@@ -384,7 +384,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         StoreKind::Memory => tracing::info!(waiting, "botrelay stopped; nothing was waiting"),
         StoreKind::Nats => tracing::info!(
             waiting,
-            "botrelay stopped; its partitions were given back, and the other replicas (or the next start) deliver what waits"
+            // Whether its leases were given back or are left to run out
+            // (NATS out of reach) was said just before.
+            "botrelay stopped; the other replicas (or the next start) deliver what waits, once they hold its partitions"
         ),
     }
     Ok(())
