@@ -265,14 +265,19 @@ struct Lane {
     queue: VecDeque<Waiting>,
     /// Failed attempts of the head message.
     failures: u32,
+    /// Attempting the head now.
+    attempting: bool,
+    /// When its retry of the head is due, while it waits for one: a timer
+    /// that finds another time is that of a lane let go of meanwhile.
+    retry_at: Option<Instant>,
+}
+
+impl Lane {
     /// Attempting the head, or waiting to retry it: nothing else of the
     /// lane goes meanwhile.
-    busy: bool,
-    /// Attempting the head now (busy, and not waiting for a retry).
-    attempting: bool,
-    /// When its retry is due, while it waits for one: a timer that finds
-    /// another time is that of a lane let go of meanwhile.
-    retry_at: Option<Instant>,
+    fn busy(&self) -> bool {
+        self.attempting || self.retry_at.is_some()
+    }
 }
 
 struct Scheduler {
@@ -398,7 +403,7 @@ impl Scheduler {
                     queue: VecDeque::with_capacity(1),
                     ..Lane::default()
                 });
-                let next_up = lane.queue.is_empty() && !lane.busy;
+                let next_up = lane.queue.is_empty() && !lane.busy();
                 lane.queue.push_back(waiting);
                 if next_up {
                     self.ready.push_back(key);
@@ -427,7 +432,6 @@ impl Scheduler {
                 let Some(lane) = self.lanes.get_mut(&key) else {
                     return;
                 };
-                lane.busy = false;
                 lane.attempting = false;
                 match finish {
                     Finish::Done => {
@@ -443,7 +447,6 @@ impl Scheduler {
                     }
                     Finish::Retry(delay) => {
                         lane.failures += 1;
-                        lane.busy = true; // waiting counts as busy: nothing else of this lane goes
                         let at = Instant::now() + delay;
                         lane.retry_at = Some(at);
                         self.timers.push(Reverse((at, key)));
@@ -491,7 +494,7 @@ impl Scheduler {
         }
         let lanes = &self.lanes;
         self.ready
-            .retain(|key| lanes.get(key).is_some_and(|lane| !lane.busy));
+            .retain(|key| lanes.get(key).is_some_and(|lane| !lane.busy()));
         self.left(dropped);
         tracing::debug!(
             to = self.target.as_str(),
@@ -521,14 +524,10 @@ impl Scheduler {
             if let Some(lane) = self.lanes.get_mut(&key)
                 && lane.retry_at == Some(at)
             {
-                lane.busy = false;
+                // Still holding its head: a lane whose messages were all
+                // forgotten while it waited was let go of then.
                 lane.retry_at = None;
-                if lane.queue.is_empty() {
-                    // Its messages were forgotten while it waited.
-                    self.lanes.remove(&key);
-                } else {
-                    self.ready.push_back(key);
-                }
+                self.ready.push_back(key);
             }
         }
     }
@@ -591,7 +590,6 @@ impl Scheduler {
             }
             let lane = self.lanes.get_mut(&key).expect("checked above");
             let head = *lane.queue.front().expect("checked above");
-            lane.busy = true;
             lane.attempting = true;
             self.in_flight += 1;
             let failures = lane.failures;
