@@ -601,7 +601,11 @@ impl Scheduler {
             let events = self.events.clone();
             let target = self.target;
             self.tasks.spawn(async move {
-                let (finish, attempt) = deliverer.attempt(target, &head, failures, fresh).await;
+                // The attempt (about 3 KB of future) is boxed once, so that
+                // the task, moved about as it is spawned, polled and reaped,
+                // stays small.
+                let (finish, attempt) =
+                    Box::pin(deliverer.attempt(target, &head, failures, fresh)).await;
                 let _ = events.send(Event::Finished {
                     lane: key,
                     finish,
