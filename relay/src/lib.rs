@@ -15,6 +15,7 @@ pub mod credentials;
 pub mod delivery;
 pub mod disk;
 pub mod ids;
+pub mod json;
 pub mod logging;
 pub mod metrics;
 pub mod outgoing;

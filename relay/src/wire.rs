@@ -1,8 +1,9 @@
 //! The JSON bodies of the HTTP contracts (see DESIGN.md): what clients and bots
 //! send, and what the relay sends to the bot and to the response endpoint.
 
+use crate::json::Obj;
 use crate::store::{InboundMessage, OutboundMessage};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::time::{Duration, UNIX_EPOCH};
@@ -239,124 +240,104 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// Room for a body's keys, punctuation and timestamp, and a few escapes: its
+/// strings come on top.
+const BODY_KEYS: usize = 256;
+
+/// Room for a body made of `m`: its keys and all of its strings.
+fn body_room(m: &InboundMessage) -> usize {
+    BODY_KEYS
+        + [
+            &m.id,
+            &m.conversation_id,
+            &m.user_id,
+            &m.kind,
+            &m.text,
+            &m.caller_conversation_id,
+            &m.caller_user_id,
+            &m.caller_message_id,
+        ]
+        .iter()
+        .map(|s| s.len())
+        .sum::<usize>()
+        + m.payload.get().len()
+}
+
+/// `"createdAt"` as the contracts write it: RFC 3339 with milliseconds, UTC.
+fn created_at(o: &mut Obj<'_>, ms: u64) {
+    o.str("createdAt", &rfc3339(ms));
+}
+
 /// The `200` answer to an accepted message; stored, and sent again to a duplicate.
 pub fn accept_answer(m: &InboundMessage) -> String {
-    #[derive(Serialize)]
-    struct Tags<'a> {
-        id: &'a str,
-    }
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct MessageObj<'a> {
-        id: &'a str,
-        conversation_id: &'a str,
-        user_id: &'a str,
-        #[serde(rename = "type")]
-        kind: &'a str,
-        payload: &'a RawValue,
-        created_at: String,
-        tags: Tags<'a>,
-    }
-    #[derive(Serialize)]
-    struct Obj<'a> {
-        id: &'a str,
-        tags: Tags<'a>,
-    }
-    #[derive(Serialize)]
-    struct Answer<'a> {
-        message: MessageObj<'a>,
-        user: Obj<'a>,
-        conversation: Obj<'a>,
-    }
-    serde_json::to_string(&Answer {
-        message: MessageObj {
-            id: &m.id,
-            conversation_id: &m.conversation_id,
-            user_id: &m.user_id,
-            kind: &m.kind,
-            payload: &m.payload,
-            created_at: rfc3339(m.created_at_ms),
-            tags: Tags {
-                id: &m.caller_message_id,
-            },
-        },
-        user: Obj {
-            id: &m.user_id,
-            tags: Tags {
-                id: &m.caller_user_id,
-            },
-        },
-        conversation: Obj {
-            id: &m.conversation_id,
-            tags: Tags {
-                id: &m.caller_conversation_id,
-            },
-        },
-    })
-    .expect("answer serializes")
+    let mut out = Vec::with_capacity(body_room(m) - m.text.len());
+    let mut answer = Obj::new(&mut out);
+    answer
+        .obj("message", |o| {
+            o.str("id", &m.id)
+                .str("conversationId", &m.conversation_id)
+                .str("userId", &m.user_id)
+                .str("type", &m.kind)
+                .raw("payload", &m.payload);
+            created_at(o, m.created_at_ms);
+            o.obj("tags", |t| {
+                t.str("id", &m.caller_message_id);
+            });
+        })
+        .obj("user", |o| {
+            o.str("id", &m.user_id).obj("tags", |t| {
+                t.str("id", &m.caller_user_id);
+            });
+        })
+        .obj("conversation", |o| {
+            o.str("id", &m.conversation_id).obj("tags", |t| {
+                t.str("id", &m.caller_conversation_id);
+            });
+        });
+    answer.end();
+    String::from_utf8(out).expect("JSON written from strings is UTF-8")
 }
 
 /// What the bot receives for a user's message.
 pub fn bot_request(m: &InboundMessage) -> Vec<u8> {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Tags<'a> {
-        conversation_id: &'a str,
-        user_id: &'a str,
-        message_id: &'a str,
-    }
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Body<'a> {
-        id: &'a str,
-        conversation_id: &'a str,
-        user_id: &'a str,
-        #[serde(rename = "type")]
-        kind: &'a str,
-        text: &'a str,
-        payload: &'a RawValue,
-        created_at: String,
-        tags: Tags<'a>,
-    }
-    serde_json::to_vec(&Body {
-        id: &m.id,
-        conversation_id: &m.conversation_id,
-        user_id: &m.user_id,
-        kind: &m.kind,
-        text: &m.text,
-        payload: &m.payload,
-        created_at: rfc3339(m.created_at_ms),
-        tags: Tags {
-            conversation_id: &m.caller_conversation_id,
-            user_id: &m.caller_user_id,
-            message_id: &m.caller_message_id,
-        },
-    })
-    .expect("bot request serializes")
+    let mut out = Vec::with_capacity(body_room(m));
+    let mut body = Obj::new(&mut out);
+    body.str("id", &m.id)
+        .str("conversationId", &m.conversation_id)
+        .str("userId", &m.user_id)
+        .str("type", &m.kind)
+        .str("text", &m.text)
+        .raw("payload", &m.payload);
+    created_at(&mut body, m.created_at_ms);
+    body.obj("tags", |t| {
+        t.str("conversationId", &m.caller_conversation_id)
+            .str("userId", &m.caller_user_id)
+            .str("messageId", &m.caller_message_id);
+    });
+    body.end();
+    out
 }
 
 /// What the response endpoint receives for one bot message.
 pub fn response_request(m: &OutboundMessage) -> Vec<u8> {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Body<'a> {
-        #[serde(rename = "type")]
-        kind: &'a str,
-        payload: &'a RawValue,
-        conversation_id: &'a str,
-        botpress_user_id: &'a str,
-        botpress_message_id: &'a str,
-        botpress_conversation_id: &'a str,
-    }
-    serde_json::to_vec(&Body {
-        kind: &m.kind,
-        payload: &m.payload,
-        conversation_id: &m.caller_conversation_id,
-        botpress_user_id: &m.user_id,
-        botpress_message_id: &m.id,
-        botpress_conversation_id: &m.conversation_id,
-    })
-    .expect("response request serializes")
+    let mut out = Vec::with_capacity(
+        BODY_KEYS
+            + m.kind.len()
+            + m.payload.get().len()
+            + m.caller_conversation_id.len()
+            + m.user_id.len()
+            + m.id.len()
+            + m.conversation_id.len(),
+    );
+    let mut body = Obj::new(&mut out);
+    body.str("type", &m.kind)
+        .raw("payload", &m.payload)
+        .str("conversationId", &m.caller_conversation_id)
+        .str("botpressUserId", &m.user_id)
+        .str("botpressMessageId", &m.id)
+        .str("botpressConversationId", &m.conversation_id);
+    body.end();
+    out
 }
 
 /// `{"error": {"code", "message"}}`.
@@ -490,6 +471,65 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(1_614_265_330_123), "2021-02-25T15:02:10.123Z");
+    }
+
+    fn message(odd: &str) -> InboundMessage {
+        InboundMessage {
+            id: format!("id{odd}"),
+            conversation_id: format!("conv{odd}"),
+            user_id: format!("user{odd}"),
+            caller_conversation_id: format!("c{odd}"),
+            caller_user_id: format!("u{odd}"),
+            caller_message_id: format!("m{odd}"),
+            kind: "text".into(),
+            text: format!("hi{odd}"),
+            payload: RawValue::from_string(r#"{"text":"hi","n":[1]}"#.into()).unwrap(),
+            created_at_ms: 1_614_265_330_123,
+            queued_at_ms: 1,
+            trace: None,
+            waited: false,
+        }
+    }
+
+    #[test]
+    fn the_bodies_sent_are_written_field_by_field_in_the_contracts_order() {
+        let m = message("");
+        assert_eq!(
+            String::from_utf8(bot_request(&m)).unwrap(),
+            r#"{"id":"id","conversationId":"conv","userId":"user","type":"text","text":"hi","payload":{"text":"hi","n":[1]},"createdAt":"2021-02-25T15:02:10.123Z","tags":{"conversationId":"c","userId":"u","messageId":"m"}}"#
+        );
+        assert_eq!(
+            accept_answer(&m),
+            r#"{"message":{"id":"id","conversationId":"conv","userId":"user","type":"text","payload":{"text":"hi","n":[1]},"createdAt":"2021-02-25T15:02:10.123Z","tags":{"id":"m"}},"user":{"id":"user","tags":{"id":"u"}},"conversation":{"id":"conv","tags":{"id":"c"}}}"#
+        );
+        let reply = OutboundMessage {
+            id: "r".into(),
+            conversation_id: "conv".into(),
+            caller_conversation_id: "c".into(),
+            user_id: "user".into(),
+            kind: "image".into(),
+            payload: RawValue::from_string(r#"{"url":"x"}"#.into()).unwrap(),
+            created_at_ms: 1,
+            queued_at_ms: 1,
+            trace: None,
+        };
+        assert_eq!(
+            String::from_utf8(response_request(&reply)).unwrap(),
+            r#"{"type":"image","payload":{"url":"x"},"conversationId":"c","botpressUserId":"user","botpressMessageId":"r","botpressConversationId":"conv"}"#
+        );
+    }
+
+    #[test]
+    fn strings_in_the_bodies_sent_are_escaped() {
+        let odd = "\"q\" \\ \n\t\u{1} é😀";
+        let m = message(odd);
+        let body: serde_json::Value = serde_json::from_slice(&bot_request(&m)).unwrap();
+        assert_eq!(body["id"], format!("id{odd}"));
+        assert_eq!(body["text"], format!("hi{odd}"));
+        assert_eq!(body["tags"]["messageId"], format!("m{odd}"));
+        let answer: serde_json::Value = serde_json::from_str(&accept_answer(&m)).unwrap();
+        assert_eq!(answer["conversation"]["tags"]["id"], format!("c{odd}"));
+        assert_eq!(answer["user"]["id"], format!("user{odd}"));
     }
 }
 

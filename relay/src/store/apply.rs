@@ -113,7 +113,7 @@ pub(super) fn apply(
                     }
                     _ => {
                         let seq = take_seq();
-                        tables.accept(key, now, seq, &encode(&message))?;
+                        tables.accept(key, now, seq, &message.record())?;
                         remember_conversation(
                             tables,
                             &message.conversation_id,
@@ -135,7 +135,7 @@ pub(super) fn apply(
                     let mut due = Vec::with_capacity(replies.len());
                     for reply in replies {
                         let seq = take_seq();
-                        tables.put(Table::Outbound, seq, &encode(&reply))?;
+                        tables.put(Table::Outbound, seq, &reply.record())?;
                         due.push(reply.into_pending(seq));
                     }
                     Outcome::Queued(due)
@@ -150,7 +150,7 @@ pub(super) fn apply(
                     message.created_at_ms,
                 )?;
                 let seq = take_seq();
-                tables.put(Table::Outbound, seq, &encode(&message))?;
+                tables.put(Table::Outbound, seq, &message.record())?;
                 Outcome::Queued(vec![message.into_pending(seq)])
             }
             Op::CompleteOutbound { seq } => match tables.remove(Table::Outbound, seq)? {
@@ -205,11 +205,11 @@ pub(super) fn apply(
                     let seq = take_seq();
                     match redriven(&letter, seq, now_ms)? {
                         Redriven::Inbound(pending, message) => {
-                            tables.put(Table::Inbound, seq, &encode(&message))?;
+                            tables.put(Table::Inbound, seq, &message.record())?;
                             due.push(pending);
                         }
                         Redriven::Outbound(pending, message) => {
-                            tables.put(Table::Outbound, seq, &encode(&message))?;
+                            tables.put(Table::Outbound, seq, &message.record())?;
                             due.push(pending);
                         }
                     }

@@ -22,6 +22,7 @@ pub(crate) fn embedded_file_name() -> &'static str {
 }
 pub use memory::MemoryStore;
 
+use crate::json::Obj;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::Digest;
@@ -101,6 +102,102 @@ pub struct OutboundMessage {
     /// the bot's request. Absent from records written before traces were kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<crate::trace::TraceContext>,
+}
+
+impl InboundMessage {
+    /// The stored record: what `serde_json::to_vec` makes of it, written
+    /// directly ([`crate::json`]).
+    pub fn record(&self) -> Vec<u8> {
+        let strings = [
+            &self.id,
+            &self.conversation_id,
+            &self.user_id,
+            &self.caller_conversation_id,
+            &self.caller_user_id,
+            &self.caller_message_id,
+            &self.kind,
+            &self.text,
+        ];
+        let mut out = Vec::with_capacity(
+            RECORD_KEYS
+                + strings.iter().map(|s| s.len()).sum::<usize>()
+                + self.payload.get().len()
+                + trace_len(&self.trace),
+        );
+        let mut o = Obj::new(&mut out);
+        o.str("id", &self.id)
+            .str("conversation_id", &self.conversation_id)
+            .str("user_id", &self.user_id)
+            .str("caller_conversation_id", &self.caller_conversation_id)
+            .str("caller_user_id", &self.caller_user_id)
+            .str("caller_message_id", &self.caller_message_id)
+            .str("kind", &self.kind)
+            .str("text", &self.text)
+            .raw("payload", &self.payload)
+            .u64("created_at_ms", self.created_at_ms)
+            .u64("queued_at_ms", self.queued_at_ms);
+        trace_field(&mut o, &self.trace);
+        if self.waited {
+            o.bool("waited", true);
+        }
+        o.end();
+        out
+    }
+}
+
+impl OutboundMessage {
+    /// The stored record, as [`InboundMessage::record`].
+    pub fn record(&self) -> Vec<u8> {
+        let strings = [
+            &self.id,
+            &self.conversation_id,
+            &self.caller_conversation_id,
+            &self.user_id,
+            &self.kind,
+        ];
+        let mut out = Vec::with_capacity(
+            RECORD_KEYS
+                + strings.iter().map(|s| s.len()).sum::<usize>()
+                + self.payload.get().len()
+                + trace_len(&self.trace),
+        );
+        let mut o = Obj::new(&mut out);
+        o.str("id", &self.id)
+            .str("conversation_id", &self.conversation_id)
+            .str("caller_conversation_id", &self.caller_conversation_id)
+            .str("user_id", &self.user_id)
+            .str("kind", &self.kind)
+            .raw("payload", &self.payload)
+            .u64("created_at_ms", self.created_at_ms)
+            .u64("queued_at_ms", self.queued_at_ms);
+        trace_field(&mut o, &self.trace);
+        o.end();
+        out
+    }
+}
+
+/// Room for a record's keys, numbers and punctuation, and a few escapes:
+/// its strings come on top.
+const RECORD_KEYS: usize = 256;
+
+/// Room for a record's trace.
+fn trace_len(trace: &Option<crate::trace::TraceContext>) -> usize {
+    trace.as_ref().map_or(0, |t| {
+        40 + t.parent.len() + t.state.as_ref().map_or(0, String::len)
+    })
+}
+
+/// `"trace":{"parent":..,"state":..}`, absent without a trace, as serde
+/// writes it.
+fn trace_field(o: &mut Obj<'_>, trace: &Option<crate::trace::TraceContext>) {
+    if let Some(trace) = trace {
+        o.obj("trace", |t| {
+            t.str("parent", &trace.parent);
+            if let Some(state) = &trace.state {
+                t.str("state", state);
+            }
+        });
+    }
 }
 
 /// What the relay remembers of a conversation, so that a bot can write to it later.

@@ -1487,3 +1487,40 @@ fn the_journal_behaves_as_the_memory_store_through_compactions_and_reopens() {
     }
     assert!(reopens > 0, "the journal was reopened along the way");
 }
+
+#[test]
+fn records_are_written_as_serde_writes_them() {
+    let traced = crate::trace::TraceContext::parse(
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        Some("a=\"1\",b=2"),
+    )
+    .unwrap();
+    let untraced_state = crate::trace::TraceContext {
+        state: None,
+        ..traced.clone()
+    };
+    let mut odd = inbound("m\"1\\\n\u{1}é😀", "c\t<1>", u64::MAX);
+    odd.text = "line one\nline \"two\"\u{7f}\u{1f}".into();
+    odd.payload = raw(r#"{ "nested" : ["x\"y", 1.5e3, null] }"#);
+    for (trace, waited) in [
+        (None, false),
+        (Some(traced.clone()), true),
+        (Some(untraced_state.clone()), false),
+    ] {
+        for mut message in [inbound("m1", "c1", 5), odd.clone()] {
+            message.trace = trace.clone();
+            message.waited = waited;
+            assert_eq!(
+                String::from_utf8(message.record()).unwrap(),
+                serde_json::to_string(&message).unwrap()
+            );
+        }
+        let mut out = reply(3, "c\"2");
+        out.trace = trace;
+        out.kind = "image\u{0}".into();
+        assert_eq!(
+            String::from_utf8(out.record()).unwrap(),
+            serde_json::to_string(&out).unwrap()
+        );
+    }
+}
