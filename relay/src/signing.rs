@@ -6,9 +6,21 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// A signing key, decoded from `whsec_<base64>`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SigningKey(Vec<u8>);
+/// A signing key, decoded from `whsec_<base64>`, with its HMAC state keyed
+/// once: each signature starts from a copy of it.
+#[derive(Clone)]
+pub struct SigningKey {
+    key: Vec<u8>,
+    keyed: Hmac<Sha256>,
+}
+
+impl PartialEq for SigningKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for SigningKey {}
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -29,29 +41,45 @@ impl SigningKey {
                 key.len()
             ));
         }
-        Ok(Self(key))
+        let keyed = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length");
+        Ok(Self { key, keyed })
+    }
+
+    /// Appends the `v1,<signature>` of one message to `out`.
+    fn sign_into(&self, out: &mut String, id: &str, timestamp: u64, body: &[u8]) {
+        let mut mac = self.keyed.clone();
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(itoa::Buffer::new().format(timestamp).as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        out.push_str("v1,");
+        STANDARD.encode_string(mac.finalize().into_bytes(), out);
     }
 
     /// The `v1,<signature>` of one message.
     pub fn sign(&self, id: &str, timestamp: u64, body: &[u8]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+        let mut out = String::with_capacity(SIGNATURE_LEN);
+        self.sign_into(&mut out, id, timestamp, body);
+        out
     }
 }
+
+/// `v1,` and 44 characters of base64.
+const SIGNATURE_LEN: usize = 47;
 
 /// The `webhook-signature` header: one signature per key, space separated, so
 /// that a receiver holding either the old or the new secret accepts the message
 /// while a secret rotates.
 pub fn signature_header(keys: &[SigningKey], id: &str, timestamp: u64, body: &[u8]) -> String {
-    keys.iter()
-        .map(|k| k.sign(id, timestamp, body))
-        .collect::<Vec<_>>()
-        .join(" ")
+    let mut out = String::with_capacity(keys.len() * (SIGNATURE_LEN + 1));
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        key.sign_into(&mut out, id, timestamp, body);
+    }
+    out
 }
 
 #[cfg(test)]
