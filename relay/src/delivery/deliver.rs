@@ -117,40 +117,46 @@ pub fn log_unreported_unrecorded() {
     }
 }
 
-/// What a message looks like on the way out.
+/// A message on the way out: the stored message (shared with the
+/// scheduler's fresh copy, when there is one) and the body made of it.
 struct Outgoing {
-    id: String,
+    message: Arc<Message>,
     body: Vec<u8>,
-    conversation_id: String,
-    user_id: String,
-    caller_conversation_id: String,
-    trace: Option<TraceContext>,
-    /// Whether its client waits for the replies inline (user messages only).
-    waited: bool,
 }
 
 impl Outgoing {
-    fn of(message: &Message) -> Self {
-        match message {
-            Message::Inbound(m) => Outgoing {
-                body: wire::bot_request(m),
-                id: m.id.clone(),
-                conversation_id: m.conversation_id.clone(),
-                user_id: m.user_id.clone(),
-                caller_conversation_id: m.caller_conversation_id.clone(),
-                trace: m.trace.clone(),
-                waited: m.waited,
-            },
-            Message::Outbound(m) => Outgoing {
-                body: wire::response_request(m),
-                id: m.id.clone(),
-                conversation_id: m.conversation_id.clone(),
-                user_id: m.user_id.clone(),
-                caller_conversation_id: m.caller_conversation_id.clone(),
-                trace: m.trace.clone(),
-                waited: false,
-            },
+    fn of(message: Arc<Message>) -> Self {
+        let body = match &*message {
+            Message::Inbound(m) => wire::bot_request(m),
+            Message::Outbound(m) => wire::response_request(m),
+        };
+        Outgoing { message, body }
+    }
+
+    fn id(&self) -> &str {
+        match &*self.message {
+            Message::Inbound(m) => &m.id,
+            Message::Outbound(m) => &m.id,
         }
+    }
+
+    fn conversation_id(&self) -> &str {
+        match &*self.message {
+            Message::Inbound(m) => &m.conversation_id,
+            Message::Outbound(m) => &m.conversation_id,
+        }
+    }
+
+    fn trace(&self) -> Option<&TraceContext> {
+        match &*self.message {
+            Message::Inbound(m) => m.trace.as_ref(),
+            Message::Outbound(m) => m.trace.as_ref(),
+        }
+    }
+
+    /// Whether its client waits for the replies inline (user messages only).
+    fn waited(&self) -> bool {
+        matches!(&*self.message, Message::Inbound(m) if m.waited)
     }
 }
 
@@ -175,7 +181,7 @@ impl Deliverer {
         // partition over meanwhile then waits for this attempt to end.
         let _attempting = self.store.attempting(pending.seq);
         let loaded = match fresh {
-            Some(message) => Ok(Some(Outgoing::of(&message))),
+            Some(message) => Ok(Some(Outgoing::of(message))),
             None => self.load(target, pending.seq),
         };
         let mut outgoing = match loaded {
@@ -201,31 +207,26 @@ impl Deliverer {
         // A new span of the message's trace per attempt; a message stored
         // before traces were kept gets a trace of its own per attempt.
         let hop = outgoing
-            .trace
-            .as_ref()
+            .trace()
             .map_or_else(TraceContext::fresh, TraceContext::child);
-        let trace_id = hop.trace_id().to_owned();
+        let trace_id = hop.trace_id();
         // Before the bot has the message: a message it posts meanwhile, or
         // later, is in this message's trace.
-        if let (Target::Bot, Some(trace)) = (target, &outgoing.trace) {
-            self.turns.traces.note(&outgoing.conversation_id, trace);
+        if let (Target::Bot, Some(trace)) = (target, outgoing.trace()) {
+            self.turns.traces.note(outgoing.conversation_id(), trace);
         }
         if target == Target::Bot {
             self.turns
-                .turn_started(&outgoing.conversation_id, &outgoing.id);
+                .turn_started(outgoing.conversation_id(), outgoing.id());
         }
         let started = Instant::now();
         // Watched from before the request: a replica that gives up the
         // message's partition meanwhile cuts the attempt short.
         let mut revoked = self.store.revoked(pending.seq);
         let headers = hop.headers();
-        let post = self.senders[target.index()].post_with(
-            &outgoing.id,
-            std::mem::take(&mut outgoing.body),
-            keys,
-            timeout,
-            &headers,
-        );
+        let body = std::mem::take(&mut outgoing.body);
+        let post =
+            self.senders[target.index()].post_with(outgoing.id(), body, keys, timeout, &headers);
         let result = match &mut revoked {
             None => post.await,
             Some(revoked) => tokio::select! {
@@ -236,7 +237,7 @@ impl Deliverer {
                     // message completed elsewhere is: a retry would hold its
                     // conversation's lane, which the partition's next
                     // replay here (a healed cut) queues into, for a backoff.
-                    tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, "delivery cut short: its partition was given up");
+                    tracing::debug!(to = label, message_id = %outgoing.id(), %trace_id, "delivery cut short: its partition was given up");
                     return (Finish::Done, Attempt::NotMade);
                 }
             },
@@ -265,8 +266,8 @@ impl Deliverer {
                     Target::Bot => {
                         let replies = self.replies(&answer, &outgoing);
                         // Copied only for a client waiting inline.
-                        let waited = (outgoing.waited
-                            || self.turns.waiting_here(&outgoing.conversation_id))
+                        let waited = (outgoing.waited()
+                            || self.turns.waiting_here(outgoing.conversation_id()))
                         .then(|| replies.clone());
                         let op = Op::CompleteInbound {
                             seq: pending.seq,
@@ -275,9 +276,9 @@ impl Deliverer {
                         let recorded = self.writer.submit(op).await;
                         if let (Ok(_), Some(replies)) = (&recorded, waited) {
                             self.turns.delivered(
-                                &outgoing.conversation_id,
-                                &outgoing.id,
-                                outgoing.waited,
+                                outgoing.conversation_id(),
+                                outgoing.id(),
+                                outgoing.waited(),
                                 &replies,
                             );
                         }
@@ -301,7 +302,7 @@ impl Deliverer {
                             .observe(
                                 now_ms().saturating_sub(pending.created_at_ms) as f64 / 1000.0,
                             );
-                        tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, attempts = failures + 1, "delivered");
+                        tracing::debug!(to = label, message_id = %outgoing.id(), %trace_id, attempts = failures + 1, "delivered");
                         Finish::Done
                     }
                     // Its partition was given up while the delivery was being
@@ -313,7 +314,7 @@ impl Deliverer {
                             .as_mut()
                             .is_some_and(|r| r.as_mut().now_or_never().is_some()) =>
                     {
-                        tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, error = %e, "delivered, but its partition was given up before it was recorded; its next owner sends it again");
+                        tracing::debug!(to = label, message_id = %outgoing.id(), %trace_id, error = %e, "delivered, but its partition was given up before it was recorded; its next owner sends it again");
                         Finish::Done
                     }
                     Err(e) => {
@@ -323,10 +324,10 @@ impl Deliverer {
                         // second says how many.
                         match UNRECORDED.admit(now_ms()) {
                             Some(unlogged) => {
-                                tracing::error!(to = label, message_id = %outgoing.id, %trace_id, error = %e, unlogged, "delivered but could not record it; will deliver again")
+                                tracing::error!(to = label, message_id = %outgoing.id(), %trace_id, error = %e, unlogged, "delivered but could not record it; will deliver again")
                             }
                             None => {
-                                tracing::debug!(to = label, message_id = %outgoing.id, %trace_id, error = %e, "delivered but could not record it; will deliver again")
+                                tracing::debug!(to = label, message_id = %outgoing.id(), %trace_id, error = %e, "delivered but could not record it; will deliver again")
                             }
                         }
                         Finish::Retry(self.backoff.delay(failures, None, &mut rand::rng()))
@@ -360,8 +361,8 @@ impl Deliverer {
             match self.failure_logs[target.index()].admit(now_ms()) {
                 Some(unlogged) => tracing::warn!(
                     to = label,
-                    message_id = %outgoing.id,
-                    conversation_id = %outgoing.conversation_id,
+                    message_id = %outgoing.id(),
+                    conversation_id = %outgoing.conversation_id(),
                     %trace_id,
                     attempt = attempts,
                     error = %failure,
@@ -371,8 +372,8 @@ impl Deliverer {
                 ),
                 None => tracing::debug!(
                     to = label,
-                    message_id = %outgoing.id,
-                    conversation_id = %outgoing.conversation_id,
+                    message_id = %outgoing.id(),
+                    conversation_id = %outgoing.conversation_id(),
                     %trace_id,
                     attempt = attempts,
                     error = %failure,
@@ -397,8 +398,8 @@ impl Deliverer {
                 self.metrics.dead_letters.with_label_values(&[label]).inc();
                 tracing::error!(
                     to = label,
-                    message_id = %outgoing.id,
-                    conversation_id = %outgoing.conversation_id,
+                    message_id = %outgoing.id(),
+                    conversation_id = %outgoing.conversation_id(),
                     %trace_id,
                     %reason,
                     "message dead-lettered; redrive it with POST /dead-letters/redrive on the admin port"
@@ -406,7 +407,7 @@ impl Deliverer {
                 Finish::Done
             }
             Err(e) => {
-                tracing::error!(to = label, message_id = %outgoing.id, %trace_id, error = %e, "cannot dead-letter; will retry");
+                tracing::error!(to = label, message_id = %outgoing.id(), %trace_id, error = %e, "cannot dead-letter; will retry");
                 Finish::Retry(self.backoff.max)
             }
         };
@@ -418,11 +419,11 @@ impl Deliverer {
             Target::Bot => self
                 .store
                 .inbound(seq)?
-                .map(|m| Outgoing::of(&Message::Inbound(m))),
+                .map(|m| Outgoing::of(Arc::new(Message::Inbound(m)))),
             Target::Response => self
                 .store
                 .outbound(seq)?
-                .map(|m| Outgoing::of(&Message::Outbound(m))),
+                .map(|m| Outgoing::of(Arc::new(Message::Outbound(m)))),
         })
     }
 
@@ -449,30 +450,30 @@ impl Deliverer {
             Err(problem) => {
                 // The bot took the message (2xx); sending it again would duplicate
                 // it, so the unreadable answer is logged and dropped.
-                let trace_id = to
-                    .trace
-                    .as_ref()
-                    .map(|t| t.trace_id().to_owned())
-                    .unwrap_or_default();
-                tracing::warn!(message_id = %to.id, %trace_id, %problem, "bot answered 2xx with unreadable replies; ignoring them");
+                let trace_id = to.trace().map(TraceContext::trace_id).unwrap_or_default();
+                tracing::warn!(message_id = %to.id(), %trace_id, %problem, "bot answered 2xx with unreadable replies; ignoring them");
                 self.metrics.unreadable_bot_answers.inc();
                 return Vec::new();
             }
         };
         let now = now_ms();
+        let (user_id, caller_conversation_id) = match &*to.message {
+            Message::Inbound(m) => (&m.user_id, &m.caller_conversation_id),
+            Message::Outbound(m) => (&m.user_id, &m.caller_conversation_id),
+        };
         replies
             .into_iter()
             .map(|reply| OutboundMessage {
                 id: ids::message_id(),
-                conversation_id: to.conversation_id.clone(),
-                caller_conversation_id: to.caller_conversation_id.clone(),
-                user_id: to.user_id.clone(),
+                conversation_id: to.conversation_id().to_owned(),
+                caller_conversation_id: caller_conversation_id.clone(),
+                user_id: user_id.clone(),
                 kind: reply.kind,
                 payload: reply.payload,
                 created_at_ms: now,
                 queued_at_ms: now,
                 // The reply belongs to the trace of the message it answers.
-                trace: to.trace.clone(),
+                trace: to.trace().cloned(),
             })
             .collect()
     }
