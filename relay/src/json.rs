@@ -54,6 +54,21 @@ impl<'b> Obj<'b> {
         self
     }
 
+    /// A string written with `Display`, which must need no escaping (a
+    /// timestamp, say).
+    pub fn display(&mut self, key: &'static str, value: &impl std::fmt::Display) -> &mut Self {
+        use std::io::Write;
+        self.key(key);
+        let start = self.out.len();
+        write!(self.out, "\"{value}\"").expect("writing to a Vec does not fail");
+        debug_assert!(
+            !self.out[start + 1..self.out.len() - 1]
+                .iter()
+                .any(|&b| needs_escape(b))
+        );
+        self
+    }
+
     pub fn bool(&mut self, key: &'static str, value: bool) -> &mut Self {
         self.key(key);
         self.out
@@ -203,6 +218,7 @@ mod tests {
             .u64("n", u64::MAX)
             .bool("t", true)
             .bool("f", false)
+            .display("d", &42)
             .obj("o", |inner| {
                 inner.str("x", "");
             })
@@ -210,7 +226,7 @@ mod tests {
         o.end();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            r#"{"s":"q\"","r":{"a":[1,2]},"n":18446744073709551615,"t":true,"f":false,"o":{"x":""},"e":{}}"#
+            r#"{"s":"q\"","r":{"a":[1,2]},"n":18446744073709551615,"t":true,"f":false,"d":"42","o":{"x":""},"e":{}}"#
         );
     }
 }

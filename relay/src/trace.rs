@@ -243,7 +243,12 @@ impl ConversationTraces {
 
     pub fn note(&self, conversation_id: &str, trace: &TraceContext) {
         let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        if latest.len() >= self.max && !latest.contains_key(conversation_id) {
+        // A conversation's next turn overwrites its entry in place.
+        if let Some(entry) = latest.get_mut(conversation_id) {
+            entry.clone_from(trace);
+            return;
+        }
+        if latest.len() >= self.max {
             latest.clear();
         }
         latest.insert(conversation_id.to_owned(), trace.clone());

@@ -237,7 +237,11 @@ pub fn parse_sync_replies(body: &[u8]) -> Result<Vec<BotReply>, Invalid> {
 }
 
 pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    rfc3339_display(ms).to_string()
+}
+
+fn rfc3339_display(ms: u64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 /// Room for a body's keys, punctuation and timestamp, and a few escapes: its
@@ -265,12 +269,13 @@ fn body_room(m: &InboundMessage) -> usize {
 
 /// `"createdAt"` as the contracts write it: RFC 3339 with milliseconds, UTC.
 fn created_at(o: &mut Obj<'_>, ms: u64) {
-    o.str("createdAt", &rfc3339(ms));
+    o.display("createdAt", &rfc3339_display(ms));
 }
 
 /// The `200` answer to an accepted message; stored, and sent again to a duplicate.
 pub fn accept_answer(m: &InboundMessage) -> String {
-    let mut out = Vec::with_capacity(body_room(m) - m.text.len());
+    // The relay's ids of the conversation and the user are in it twice.
+    let mut out = Vec::with_capacity(body_room(m) + m.conversation_id.len() + m.user_id.len());
     let mut answer = Obj::new(&mut out);
     answer
         .obj("message", |o| {

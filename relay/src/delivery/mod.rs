@@ -408,14 +408,11 @@ impl Scheduler {
                 if next_up {
                     self.ready.push_back(key);
                 }
-                // The copy is kept for a message attempted next in its lane;
-                // one that waits behind others is read from the store when due.
+                // The copy is kept until the message's first attempt (within
+                // `FRESH_BYTES`, taken on at the push), also behind others in
+                // its lane: a busy conversation's next message is not read back.
                 if let Some(message) = pending.message {
-                    if next_up {
-                        self.fresh.insert(pending.seq, message);
-                    } else {
-                        self.fresh_bytes.release(&message);
-                    }
+                    self.fresh.insert(pending.seq, message);
                 }
             }
             Event::Finished {
