@@ -411,8 +411,11 @@ impl Scheduler {
                 // The copy is kept until the message's first attempt (within
                 // `FRESH_BYTES`, taken on at the push), also behind others in
                 // its lane: a busy conversation's next message is not read back.
-                if let Some(message) = pending.message {
-                    self.fresh.insert(pending.seq, message);
+                if let Some(message) = pending.message
+                    && let Some(before) = self.fresh.insert(pending.seq, message)
+                {
+                    // The same message queued twice: one copy is counted.
+                    self.fresh_bytes.release(&before);
                 }
             }
             Event::Finished {
