@@ -90,6 +90,13 @@ impl<'b> Obj<'b> {
     }
 }
 
+/// Room to make for an object whose string values are `strings`, plus
+/// `more` bytes (a raw value, say): their bytes, and 256 for the keys,
+/// punctuation, numbers and a few escapes.
+pub fn room(strings: &[&str], more: usize) -> usize {
+    256 + strings.iter().map(|s| s.len()).sum::<usize>() + more
+}
+
 /// Whether a byte of a string is written escaped.
 fn needs_escape(b: u8) -> bool {
     b < 0x20 || b == b'"' || b == b'\\'

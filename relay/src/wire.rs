@@ -1,7 +1,7 @@
 //! The JSON bodies of the HTTP contracts (see DESIGN.md): what clients and bots
 //! send, and what the relay sends to the bot and to the response endpoint.
 
-use crate::json::Obj;
+use crate::json::{self, Obj};
 use crate::store::{InboundMessage, OutboundMessage};
 use serde::Deserialize;
 use serde_json::json;
@@ -244,14 +244,10 @@ fn rfc3339_display(ms: u64) -> humantime::Rfc3339Timestamp {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
-/// Room for a body's keys, punctuation and timestamp, and a few escapes: its
-/// strings come on top.
-const BODY_KEYS: usize = 256;
-
-/// Room for a body made of `m`: its keys and all of its strings.
-fn body_room(m: &InboundMessage) -> usize {
-    BODY_KEYS
-        + [
+/// Room for a body made of `m`, with `more` bytes besides.
+fn body_room(m: &InboundMessage, more: usize) -> usize {
+    json::room(
+        &[
             &m.id,
             &m.conversation_id,
             &m.user_id,
@@ -260,11 +256,9 @@ fn body_room(m: &InboundMessage) -> usize {
             &m.caller_conversation_id,
             &m.caller_user_id,
             &m.caller_message_id,
-        ]
-        .iter()
-        .map(|s| s.len())
-        .sum::<usize>()
-        + m.payload.get().len()
+        ],
+        m.payload.get().len() + more,
+    )
 }
 
 /// `"createdAt"` as the contracts write it: RFC 3339 with milliseconds, UTC.
@@ -275,7 +269,7 @@ fn created_at(o: &mut Obj<'_>, ms: u64) {
 /// The `200` answer to an accepted message; stored, and sent again to a duplicate.
 pub fn accept_answer(m: &InboundMessage) -> String {
     // The relay's ids of the conversation and the user are in it twice.
-    let mut out = Vec::with_capacity(body_room(m) + m.conversation_id.len() + m.user_id.len());
+    let mut out = Vec::with_capacity(body_room(m, m.conversation_id.len() + m.user_id.len()));
     let mut answer = Obj::new(&mut out);
     answer
         .obj("message", |o| {
@@ -305,7 +299,7 @@ pub fn accept_answer(m: &InboundMessage) -> String {
 
 /// What the bot receives for a user's message.
 pub fn bot_request(m: &InboundMessage) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body_room(m));
+    let mut out = Vec::with_capacity(body_room(m, 0));
     let mut body = Obj::new(&mut out);
     body.str("id", &m.id)
         .str("conversationId", &m.conversation_id)
@@ -325,15 +319,16 @@ pub fn bot_request(m: &InboundMessage) -> Vec<u8> {
 
 /// What the response endpoint receives for one bot message.
 pub fn response_request(m: &OutboundMessage) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        BODY_KEYS
-            + m.kind.len()
-            + m.payload.get().len()
-            + m.caller_conversation_id.len()
-            + m.user_id.len()
-            + m.id.len()
-            + m.conversation_id.len(),
-    );
+    let mut out = Vec::with_capacity(json::room(
+        &[
+            &m.kind,
+            &m.caller_conversation_id,
+            &m.user_id,
+            &m.id,
+            &m.conversation_id,
+        ],
+        m.payload.get().len(),
+    ));
     let mut body = Obj::new(&mut out);
     body.str("type", &m.kind)
         .raw("payload", &m.payload)

@@ -22,7 +22,7 @@ pub(crate) fn embedded_file_name() -> &'static str {
 }
 pub use memory::MemoryStore;
 
-use crate::json::Obj;
+use crate::json::{self, Obj};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::Digest;
@@ -108,22 +108,19 @@ impl InboundMessage {
     /// The stored record: what `serde_json::to_vec` makes of it, written
     /// directly ([`crate::json`]).
     pub fn record(&self) -> Vec<u8> {
-        let strings = [
-            &self.id,
-            &self.conversation_id,
-            &self.user_id,
-            &self.caller_conversation_id,
-            &self.caller_user_id,
-            &self.caller_message_id,
-            &self.kind,
-            &self.text,
-        ];
-        let mut out = Vec::with_capacity(
-            RECORD_KEYS
-                + strings.iter().map(|s| s.len()).sum::<usize>()
-                + self.payload.get().len()
-                + trace_len(&self.trace),
-        );
+        let mut out = Vec::with_capacity(json::room(
+            &[
+                &self.id,
+                &self.conversation_id,
+                &self.user_id,
+                &self.caller_conversation_id,
+                &self.caller_user_id,
+                &self.caller_message_id,
+                &self.kind,
+                &self.text,
+            ],
+            self.payload.get().len() + trace_len(&self.trace),
+        ));
         let mut o = Obj::new(&mut out);
         o.str("id", &self.id)
             .str("conversation_id", &self.conversation_id)
@@ -148,19 +145,16 @@ impl InboundMessage {
 impl OutboundMessage {
     /// The stored record, as [`InboundMessage::record`].
     pub fn record(&self) -> Vec<u8> {
-        let strings = [
-            &self.id,
-            &self.conversation_id,
-            &self.caller_conversation_id,
-            &self.user_id,
-            &self.kind,
-        ];
-        let mut out = Vec::with_capacity(
-            RECORD_KEYS
-                + strings.iter().map(|s| s.len()).sum::<usize>()
-                + self.payload.get().len()
-                + trace_len(&self.trace),
-        );
+        let mut out = Vec::with_capacity(json::room(
+            &[
+                &self.id,
+                &self.conversation_id,
+                &self.caller_conversation_id,
+                &self.user_id,
+                &self.kind,
+            ],
+            self.payload.get().len() + trace_len(&self.trace),
+        ));
         let mut o = Obj::new(&mut out);
         o.str("id", &self.id)
             .str("conversation_id", &self.conversation_id)
@@ -175,10 +169,6 @@ impl OutboundMessage {
         out
     }
 }
-
-/// Room for a record's keys, numbers and punctuation, and a few escapes:
-/// its strings come on top.
-const RECORD_KEYS: usize = 256;
 
 /// Room for a record's trace.
 fn trace_len(trace: &Option<crate::trace::TraceContext>) -> usize {
