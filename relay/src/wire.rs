@@ -76,7 +76,10 @@ fn string_field(name: &str, raw: Option<&RawValue>, allow_empty: bool) -> Result
     // read (a deeply nested array would break serde_json's recursion limit).
     let kind = match raw.get().as_bytes().first() {
         Some(b'"') => {
-            let s: String = serde_json::from_str(raw.get()).expect("RawValue holds JSON");
+            // Valid JSON, but not every JSON string is a string: a lone
+            // surrogate (`"\ud800"`) is refused here.
+            let s: String = serde_json::from_str(raw.get())
+                .map_err(|e| Invalid(format!("field `{name}` is not a valid string: {e}")))?;
             if s.is_empty() && !allow_empty {
                 return Err(Invalid(format!("field `{name}` must not be empty")));
             }
@@ -466,6 +469,38 @@ mod tests {
                 .0,
             "field `responses[0].type` is required"
         );
+    }
+
+    #[test]
+    fn a_lone_surrogate_in_a_string_field_is_refused_not_a_panic() {
+        let fields = ["userId", "messageId", "conversationId", "type", "text"];
+        for field in fields {
+            let body: String = fields
+                .iter()
+                .map(|f| {
+                    let value = if *f == field {
+                        r#""a\ud800b""#
+                    } else {
+                        r#""x""#
+                    };
+                    format!(r#""{f}":{value}"#)
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let problem = err(&format!("{{{body}}}"));
+            assert!(
+                problem.starts_with(&format!("field `{field}` is not a valid string")),
+                "{problem}"
+            );
+        }
+        // A surrogate pair is a character, and is taken.
+        let m = ClientMessage::parse(
+            br#"{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"\ud83d\ude00"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.text, "\u{1f600}");
+        // The bot's replies and posts are read the same way.
+        assert!(parse_sync_replies(br#"{"responses":[{"type":"\udc00","payload":{}}]}"#).is_err());
     }
 
     #[test]
