@@ -17,6 +17,7 @@ pub use deliver::{Deliverer, FailureLog, log_unreported_unrecorded};
 use crate::metrics::Metrics;
 use crate::store::{Message, Pending, Seq, Target};
 use control::{Admit, Attempt, Controls, TargetControl, TokenBucket};
+use futures::FutureExt;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -608,8 +609,20 @@ impl Scheduler {
                 // The attempt (about 3 KB of future) is boxed once, so that
                 // the task, moved about as it is spawned, polled and reaped,
                 // stays small.
-                let (finish, attempt) =
-                    Box::pin(deliverer.attempt(target, &head, failures, fresh)).await;
+                let attempt = Box::pin(deliverer.attempt(target, &head, failures, fresh));
+                // A panic would leave the lane busy and its slot taken for
+                // good: it ends the attempt as a failure instead.
+                let (finish, attempt) = std::panic::AssertUnwindSafe(attempt)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        tracing::error!(
+                            to = target.as_str(),
+                            seq = head.seq,
+                            "a delivery attempt failed on a bug (see the panic above); it is tried again after the longest backoff"
+                        );
+                        (Finish::Retry(deliverer.backoff.max), Attempt::Failed)
+                    });
                 let _ = events.send(Event::Finished {
                     lane: key,
                     finish,
