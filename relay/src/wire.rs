@@ -249,19 +249,7 @@ fn rfc3339_display(ms: u64) -> humantime::Rfc3339Timestamp {
 
 /// Room for a body made of `m`, with `more` bytes besides.
 fn body_room(m: &InboundMessage, more: usize) -> usize {
-    json::room(
-        &[
-            &m.id,
-            &m.conversation_id,
-            &m.user_id,
-            &m.kind,
-            &m.text,
-            &m.caller_conversation_id,
-            &m.caller_user_id,
-            &m.caller_message_id,
-        ],
-        m.payload.get().len() + more,
-    )
+    json::room(&m.strings(), m.payload.get().len() + more)
 }
 
 /// `"createdAt"` as the contracts write it: RFC 3339 with milliseconds, UTC.
@@ -322,16 +310,7 @@ pub fn bot_request(m: &InboundMessage) -> Vec<u8> {
 
 /// What the response endpoint receives for one bot message.
 pub fn response_request(m: &OutboundMessage) -> Vec<u8> {
-    let mut out = Vec::with_capacity(json::room(
-        &[
-            &m.kind,
-            &m.caller_conversation_id,
-            &m.user_id,
-            &m.id,
-            &m.conversation_id,
-        ],
-        m.payload.get().len(),
-    ));
+    let mut out = Vec::with_capacity(json::room(&m.strings(), m.payload.get().len()));
     let mut body = Obj::new(&mut out);
     body.str("type", &m.kind)
         .raw("payload", &m.payload)

@@ -105,20 +105,26 @@ pub struct OutboundMessage {
 }
 
 impl InboundMessage {
+    /// Its strings but the payload: what its memory and the bodies made of it
+    /// are sized by.
+    pub fn strings(&self) -> [&str; 8] {
+        [
+            &self.id,
+            &self.conversation_id,
+            &self.user_id,
+            &self.caller_conversation_id,
+            &self.caller_user_id,
+            &self.caller_message_id,
+            &self.kind,
+            &self.text,
+        ]
+    }
+
     /// The stored record: what `serde_json::to_vec` makes of it, written
     /// directly ([`crate::json`]).
     pub fn record(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(json::room(
-            &[
-                &self.id,
-                &self.conversation_id,
-                &self.user_id,
-                &self.caller_conversation_id,
-                &self.caller_user_id,
-                &self.caller_message_id,
-                &self.kind,
-                &self.text,
-            ],
+            &self.strings(),
             self.payload.get().len() + trace_len(&self.trace),
         ));
         let mut o = Obj::new(&mut out);
@@ -143,16 +149,21 @@ impl InboundMessage {
 }
 
 impl OutboundMessage {
+    /// Its strings but the payload, as [`InboundMessage::strings`].
+    pub fn strings(&self) -> [&str; 5] {
+        [
+            &self.id,
+            &self.conversation_id,
+            &self.caller_conversation_id,
+            &self.user_id,
+            &self.kind,
+        ]
+    }
+
     /// The stored record, as [`InboundMessage::record`].
     pub fn record(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(json::room(
-            &[
-                &self.id,
-                &self.conversation_id,
-                &self.caller_conversation_id,
-                &self.user_id,
-                &self.kind,
-            ],
+            &self.strings(),
             self.payload.get().len() + trace_len(&self.trace),
         ));
         let mut o = Obj::new(&mut out);
@@ -289,28 +300,11 @@ pub enum Message {
 impl Message {
     /// About the memory it takes: its strings, and 200 bytes for the rest.
     pub fn size(&self) -> usize {
-        let strings = match self {
-            Message::Inbound(m) => {
-                m.id.len()
-                    + m.conversation_id.len()
-                    + m.user_id.len()
-                    + m.caller_conversation_id.len()
-                    + m.caller_user_id.len()
-                    + m.caller_message_id.len()
-                    + m.kind.len()
-                    + m.text.len()
-                    + m.payload.get().len()
-            }
-            Message::Outbound(m) => {
-                m.id.len()
-                    + m.conversation_id.len()
-                    + m.caller_conversation_id.len()
-                    + m.user_id.len()
-                    + m.kind.len()
-                    + m.payload.get().len()
-            }
+        let (strings, payload) = match self {
+            Message::Inbound(m) => (&m.strings()[..], &m.payload),
+            Message::Outbound(m) => (&m.strings()[..], &m.payload),
         };
-        strings + 200
+        strings.iter().map(|s| s.len()).sum::<usize>() + payload.get().len() + 200
     }
 }
 
