@@ -383,7 +383,7 @@ fn page(query: Option<&str>) -> Result<(Seq, usize), String> {
                     .parse()
                     .map_err(|_| "after must be the `next` of the page before".to_string())?
             }
-            other => return Err(format!("unknown parameter {other:?}; use limit and after")),
+            other => return Err(format!("unknown parameter `{other}`; use limit and after")),
         }
     }
     Ok((from, limit))

@@ -540,7 +540,7 @@ pub fn wait_param(query: Option<&str>, max: Duration) -> Result<Option<Duration>
     }
     let value = &percent_decoded(value);
     let wait = humantime::parse_duration(value).map_err(|_| {
-        format!("query parameter `wait` must be a duration such as 10s or 500ms, not {value:?}")
+        format!("query parameter `wait` must be a duration such as 10s or 500ms, not `{value}`")
     })?;
     if wait > max {
         return Err(format!(
@@ -698,6 +698,11 @@ mod tests {
             let e = wait_param(Some(bad), max).unwrap_err();
             assert!(e.contains("`wait`"), "{bad}: {e}");
         }
+        // The value is shown as sent (decoded), not with Rust's escapes.
+        assert_eq!(
+            wait_param(Some("wait=%01%22x"), max).unwrap_err(),
+            "query parameter `wait` must be a duration such as 10s or 500ms, not `\u{1}\"x`"
+        );
         assert!(
             wait_param(Some("wait=1s"), Duration::ZERO)
                 .unwrap_err()

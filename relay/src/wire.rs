@@ -50,24 +50,51 @@ fn object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Invalid> {
             e.valid_up_to()
         ))
     })?;
-    let trimmed = text.trim_start();
-    if trimmed.is_empty() {
+    if text.trim_start().is_empty() {
         return Err(Invalid("body is empty; expected a JSON object".into()));
     }
+    object_at(text, "").map_err(|e| match e {
+        NotObject::Json(e) => Invalid(format!("body is not valid JSON: {e}")),
+        NotObject::Shape(None) => Invalid("body must be a JSON object".into()),
+        NotObject::Shape(Some(field)) => twice(&field),
+    })
+}
+
+fn twice(field: &str) -> Invalid {
+    Invalid(format!("field `{field}` appears more than once"))
+}
+
+/// Why a JSON text is not the object expected.
+enum NotObject {
+    /// Not JSON at all.
+    Json(serde_json::Error),
+    /// JSON, but not an object (`None`), or an object that names this
+    /// field twice.
+    Shape(Option<String>),
+}
+
+/// Reads `text` as an object whose fields are named `{prefix}{key}` in errors.
+fn object_at<'a, T: Deserialize<'a>>(text: &'a str, prefix: &str) -> Result<T, NotObject> {
     // Checked here because serde would read an array into a struct field by field.
-    if !trimmed.starts_with('{') {
+    if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-            Ok(_) => Invalid("body must be a JSON object".into()),
-            Err(e) => Invalid(format!("body is not valid JSON: {e}")),
+            Ok(_) => NotObject::Shape(None),
+            Err(e) => NotObject::Json(e),
         });
     }
-    match serde_json::from_str::<T>(text) {
-        Ok(v) => Ok(v),
-        Err(e) if e.classify() == serde_json::error::Category::Data => {
-            Err(Invalid("body must be a JSON object".into()))
+    serde_json::from_str::<T>(text).map_err(|e| {
+        if e.classify() != serde_json::error::Category::Data {
+            return NotObject::Json(e);
         }
-        Err(e) => Err(Invalid(format!("body is not valid JSON: {e}"))),
-    }
+        // A struct of borrowed raw values takes any value of any field: the
+        // one data error left is a key given twice.
+        let repeated = e
+            .to_string()
+            .strip_prefix("duplicate field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(key, _)| format!("{prefix}{key}"));
+        NotObject::Shape(repeated)
+    })
 }
 
 fn string_field(name: &str, raw: Option<&RawValue>, allow_empty: bool) -> Result<String, Invalid> {
@@ -128,10 +155,12 @@ fn depth(json: &str) -> usize {
     deepest
 }
 
-/// A payload as read: `None` when absent or null.
+/// A payload as read: `None` when absent. Where the field is read with
+/// [`present`], `null` is a payload like any other JSON value; a client's
+/// `null` reads as absent.
 fn payload_field(name: &str, raw: Option<&RawValue>) -> Result<Option<Box<RawValue>>, Invalid> {
     match raw {
-        Some(raw) if raw.get() != "null" => {
+        Some(raw) => {
             if depth(raw.get()) > MAX_DEPTH {
                 return Err(Invalid(format!(
                     "field `{name}` is nested deeper than {MAX_DEPTH} levels"
@@ -139,7 +168,7 @@ fn payload_field(name: &str, raw: Option<&RawValue>) -> Result<Option<Box<RawVal
             }
             Ok(Some(raw.to_owned()))
         }
-        _ => Ok(None),
+        None => Ok(None),
     }
 }
 
@@ -156,7 +185,8 @@ impl ClientMessage {
         let conversation_id = string_field("conversationId", b.conversation_id, false)?;
         let kind = string_field("type", b.kind, false)?;
         let text = string_field("text", b.text, true)?;
-        // As the reference does: a message without payload carries its text.
+        // As the reference does: a message without payload (or with a null
+        // one, which serde reads as absent) carries its text.
         let payload = payload_field("payload", b.payload)?.unwrap_or_else(|| {
             RawValue::from_string(json!({ "text": text }).to_string()).expect("JSON")
         });
@@ -185,8 +215,14 @@ struct BotBody<'a> {
     conversation_id: Option<&'a RawValue>,
     #[serde(rename = "type", borrow, default)]
     kind: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
+}
+
+/// A field that is there, `null` included (serde reads a `null` into an
+/// `Option` as `None`, the same as an absent field).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 impl BotMessage {
@@ -210,14 +246,14 @@ pub struct BotReply {
 #[derive(Deserialize)]
 struct SyncAnswer<'a> {
     #[serde(borrow, default)]
-    responses: Option<Vec<&'a RawValue>>,
+    responses: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 struct ReplyBody<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
 }
 
@@ -227,10 +263,21 @@ pub fn parse_sync_replies(body: &[u8]) -> Result<Vec<BotReply>, Invalid> {
         return Ok(Vec::new());
     }
     let answer: SyncAnswer = object(body)?;
-    let mut replies = Vec::new();
-    for (i, raw) in answer.responses.unwrap_or_default().into_iter().enumerate() {
-        let reply: ReplyBody = serde_json::from_str(raw.get())
-            .map_err(|_| Invalid(format!("responses[{i}] must be an object")))?;
+    let Some(responses) = answer.responses else {
+        return Ok(Vec::new());
+    };
+    if !responses.get().starts_with('[') {
+        return Err(Invalid("field `responses` must be an array".into()));
+    }
+    let responses: Vec<&RawValue> =
+        serde_json::from_str(responses.get()).expect("a JSON array holds JSON values");
+    let mut replies = Vec::with_capacity(responses.len());
+    for (i, raw) in responses.into_iter().enumerate() {
+        let reply: ReplyBody =
+            object_at(raw.get(), &format!("responses[{i}].")).map_err(|e| match e {
+                NotObject::Shape(Some(field)) => twice(&field),
+                _ => Invalid(format!("responses[{i}] must be an object")),
+            })?;
         replies.push(BotReply {
             kind: string_field(&format!("responses[{i}].type"), reply.kind, false)?,
             payload: required_payload(&format!("responses[{i}].payload"), reply.payload)?,
@@ -447,6 +494,91 @@ mod tests {
                 .unwrap_err()
                 .0,
             "field `responses[0].type` is required"
+        );
+    }
+
+    #[test]
+    fn a_null_payload_is_a_payload_from_a_bot_and_absent_from_a_client() {
+        // A client's null payload reads as absent: the text, as the reference does.
+        let m = ClientMessage::parse(
+            br#"{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"hi","payload":null}"#,
+        )
+        .unwrap();
+        assert_eq!(m.payload.get(), r#"{"text":"hi"}"#);
+        // A bot's is any JSON, null included; only a missing one is refused.
+        let b = BotMessage::parse(br#"{"conversationId":"c","type":"t","payload":null}"#).unwrap();
+        assert_eq!(b.payload.get(), "null");
+        assert_eq!(
+            BotMessage::parse(br#"{"conversationId":"c","type":"t"}"#)
+                .unwrap_err()
+                .0,
+            "field `payload` is required"
+        );
+        // One reply's null payload does not make the others unreadable.
+        let r = parse_sync_replies(
+            br#"{"responses":[{"type":"a","payload":null},{"type":"b","payload":{"x":1}}]}"#,
+        )
+        .unwrap();
+        let read: Vec<_> = r
+            .iter()
+            .map(|r| (r.kind.as_str(), r.payload.get()))
+            .collect();
+        assert_eq!(read, [("a", "null"), ("b", r#"{"x":1}"#)]);
+    }
+
+    #[test]
+    fn a_field_given_twice_is_named() {
+        assert_eq!(
+            err(
+                r#"{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"a","text":"b"}"#
+            ),
+            "field `text` appears more than once"
+        );
+        assert_eq!(
+            BotMessage::parse(
+                br#"{"conversationId":"c","conversationId":"d","type":"t","payload":1}"#
+            )
+            .unwrap_err()
+            .0,
+            "field `conversationId` appears more than once"
+        );
+        let reply = |body: &str| parse_sync_replies(body.as_bytes()).unwrap_err().0;
+        assert_eq!(
+            reply(
+                r#"{"responses":[{"type":"a","payload":1},{"type":"a","type":"b","payload":1}]}"#
+            ),
+            "field `responses[1].type` appears more than once"
+        );
+        assert_eq!(
+            reply(r#"{"responses":[],"responses":[]}"#),
+            "field `responses` appears more than once"
+        );
+        // Keys inside a payload are the payload's own business: passed on as sent.
+        let b = BotMessage::parse(br#"{"conversationId":"c","type":"t","payload":{"k":1,"k":2}}"#)
+            .unwrap();
+        assert_eq!(b.payload.get(), r#"{"k":1,"k":2}"#);
+    }
+
+    #[test]
+    fn replies_of_the_wrong_shape_are_named() {
+        let reply = |body: &str| parse_sync_replies(body.as_bytes()).unwrap_err().0;
+        assert_eq!(
+            reply(r#"{"responses":{"type":"a","payload":1}}"#),
+            "field `responses` must be an array"
+        );
+        // An array is not read as a reply field by field.
+        assert_eq!(
+            reply(r#"{"responses":[["a",{}]]}"#),
+            "responses[0] must be an object"
+        );
+        assert_eq!(
+            reply(r#"{"responses":[7]}"#),
+            "responses[0] must be an object"
+        );
+        assert!(
+            parse_sync_replies(br#"{"responses":null}"#)
+                .unwrap()
+                .is_empty()
         );
     }
 

@@ -996,3 +996,56 @@ async fn a_nearly_full_disk_answers_503_and_stores_nothing() {
         "nothing was stored, so nothing is delivered"
     );
 }
+
+#[tokio::test]
+async fn a_null_payload_from_the_bot_is_passed_on_and_spoils_nothing_beside_it() {
+    // "payload: any JSON": null included, in a synchronous answer beside a
+    // good reply and in a message the bot posts.
+    let bot = Peer::start(|_| {
+        Answer::json(serde_json::json!({"responses": [
+            {"type": "a", "payload": null},
+            {"type": "b", "payload": {"x": 1}},
+        ]}))
+    })
+    .await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    let (status, answer) = relay.send(&message("u", "c", "m", "x")).await;
+    assert_eq!(status, 200);
+    let got = endpoint
+        .wait_until("both replies", WAIT, |r| r.len() == 2)
+        .await;
+    let replies: Vec<_> = got
+        .iter()
+        .map(|r| (r.body["type"].clone(), r.body["payload"].clone()))
+        .collect();
+    assert_eq!(
+        replies,
+        [
+            ("a".into(), serde_json::Value::Null),
+            ("b".into(), serde_json::json!({"x": 1}))
+        ]
+    );
+    assert!(got[0].body.as_object().unwrap().contains_key("payload"));
+    let conversation = answer["message"]["conversationId"].as_str().unwrap();
+    let body = serde_json::json!({"conversationId": conversation, "type": "c", "payload": null});
+    let (status, _, _) = post(
+        &relay.url("/v1/bot/messages"),
+        Some(BOT_TOKEN),
+        body.to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 202);
+    let got = endpoint
+        .wait_until("the posted message", WAIT, |r| r.len() == 3)
+        .await;
+    assert_eq!(got[2].body["type"], "c");
+    assert_eq!(got[2].body["payload"], serde_json::Value::Null);
+    assert_eq!(
+        relay
+            .metric("botrelay_unreadable_bot_answers_total", &[])
+            .await,
+        0.0
+    );
+}
