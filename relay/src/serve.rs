@@ -12,10 +12,15 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Sleep;
 
 pub type Body = Full<Bytes>;
 
@@ -100,13 +105,25 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let stream = Lingering::new(stream);
+        let unread = stream.unread.clone();
         let service = service_fn(move |req| {
             let handler = handler.clone();
+            let unread = unread.clone();
             async move {
-                if head_bytes(&req) > MAX_HEAD_BYTES {
-                    return Ok::<_, Infallible>(head_too_large());
+                let response = if head_bytes(&req) > MAX_HEAD_BYTES {
+                    head_too_large()
+                } else {
+                    handler(req).await
+                };
+                // Answered before its body was read: the client may still be
+                // sending it when the connection closes.
+                if response.headers().get(http::header::CONNECTION)
+                    == Some(&http::HeaderValue::from_static("close"))
+                {
+                    unread.store(true, Ordering::Relaxed);
                 }
-                Ok(handler(req).await)
+                Ok::<_, Infallible>(response)
             }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
@@ -124,5 +141,96 @@ pub async fn serve<H, F>(
         .is_err()
     {
         tracing::warn!("connections still open at the drain timeout; closing them");
+    }
+}
+
+/// The longest a connection closed with a request's body unread goes on
+/// reading (and dropping) what the client still sends.
+pub const LINGER: Duration = Duration::from_secs(5);
+
+/// A connection that, when the relay closes it with a request's body still
+/// coming (a `413` or `431` answered at once), first half-closes it and then
+/// reads and drops what arrives until the client closes its side, for at
+/// most [`LINGER`]. Closed at once, a socket with unread bytes is reset: the
+/// client, still sending, gets a broken pipe and may never read the answer.
+struct Lingering {
+    stream: TcpStream,
+    /// Set when an answer left its request's body unread.
+    unread: Arc<AtomicBool>,
+    /// Once half-closed: when to stop reading.
+    until: Option<Pin<Box<Sleep>>>,
+}
+
+impl Lingering {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            unread: Arc::default(),
+            until: None,
+        }
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.until.is_none() {
+            ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+            if !this.unread.load(Ordering::Relaxed) {
+                return Poll::Ready(Ok(()));
+            }
+            this.until = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if this
+                .until
+                .as_mut()
+                .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+            {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match ready!(Pin::new(&mut this.stream).poll_read(cx, &mut buf)) {
+                // The client is done, or gone: closed now without a reset.
+                Ok(()) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Ok(()) => continue,
+                Err(_) => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }

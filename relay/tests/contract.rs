@@ -536,6 +536,71 @@ async fn a_refused_request_on_a_kept_alive_connection_does_not_break_the_next_on
     }
 }
 
+/// A body far over the limit is refused before it is read, and the
+/// connection closed; the client is still sending it. The relay reads and
+/// drops what comes until the client is done (or for a bounded time), so
+/// that its close does not reset the connection and the client gets the
+/// `413` instead of a broken pipe, on a kept-alive connection as on a new one.
+#[tokio::test]
+async fn a_client_still_sending_a_refused_body_gets_the_answer_not_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bot = Peer::start(|_| Answer::ok()).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    let request = |body: &str| {
+        format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // Reads one answer: its status line, and its body by Content-Length.
+    async fn answer(stream: &mut tokio::net::TcpStream) -> Result<String, std::io::Error> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_string();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length {
+                    return Ok(head.lines().next().unwrap().to_owned());
+                }
+            }
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    let huge = message("u", "c", "huge", &"x".repeat(8 << 20)).to_string();
+    for kept_alive in [true, false] {
+        for i in 0..3 {
+            let mut stream = tokio::net::TcpStream::connect(relay.api).await.unwrap();
+            if kept_alive {
+                let ok = message("u", "c", &format!("m{i}"), "x").to_string();
+                stream.write_all(request(&ok).as_bytes()).await.unwrap();
+                assert_eq!(answer(&mut stream).await.unwrap(), "HTTP/1.1 200 OK");
+            }
+            let sent = stream.write_all(request(&huge).as_bytes()).await;
+            let status = answer(&mut stream).await;
+            assert!(
+                sent.is_ok()
+                    && status
+                        .as_ref()
+                        .is_ok_and(|s| s == "HTTP/1.1 413 Payload Too Large"),
+                "kept alive: {kept_alive}, try {i}: sent {sent:?}, answer {status:?}"
+            );
+        }
+    }
+}
+
 /// The status line of the answer to `head` (a request line and headers,
 /// without the blank line) followed by a small message, written at once.
 async fn status_of_raw_request(relay: &Relay, head: &str) -> String {
