@@ -71,15 +71,21 @@ const SIGNATURE_LEN: usize = 47;
 /// The `webhook-signature` header: one signature per key, space separated, so
 /// that a receiver holding either the old or the new secret accepts the message
 /// while a secret rotates.
-pub fn signature_header(keys: &[SigningKey], id: &str, timestamp: u64, body: &[u8]) -> String {
-    let mut out = String::with_capacity(keys.len() * (SIGNATURE_LEN + 1));
+/// Written at the end of `out` (a request's head).
+pub fn signature_header_into(
+    out: &mut String,
+    keys: &[SigningKey],
+    id: &str,
+    timestamp: u64,
+    body: &[u8],
+) {
+    out.reserve(keys.len() * (SIGNATURE_LEN + 1));
     for (i, key) in keys.iter().enumerate() {
         if i > 0 {
             out.push(' ');
         }
-        key.sign_into(&mut out, id, timestamp, body);
+        key.sign_into(out, id, timestamp, body);
     }
-    out
 }
 
 #[cfg(test)]
@@ -103,7 +109,8 @@ mod tests {
     fn every_key_signs_during_a_rotation() {
         let a = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let b = SigningKey::parse(&format!("whsec_{}", STANDARD.encode([7u8; 32]))).unwrap();
-        let header = signature_header(&[a.clone(), b.clone()], "id", 5, b"{}");
+        let mut header = String::new();
+        signature_header_into(&mut header, &[a.clone(), b.clone()], "id", 5, b"{}");
         let parts: Vec<_> = header.split(' ').collect();
         assert_eq!(parts, [a.sign("id", 5, b"{}"), b.sign("id", 5, b"{}")]);
         assert_ne!(parts[0], parts[1]);

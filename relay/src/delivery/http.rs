@@ -1,14 +1,13 @@
 //! One signed POST to a bot or a response endpoint.
 
-use super::backoff::parse_retry_after;
-use crate::signing::{SigningKey, signature_header};
-use bytes::{Bytes, BytesMut};
+use super::h1;
+use crate::signing::{SigningKey, signature_header_into};
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
-use http::{Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1::SendRequest;
+use http::{StatusCode, Uri, header};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -47,7 +46,7 @@ impl AnswerBudget {
 
     /// Room for `n` bytes (at most [`MAX_ANSWER_BYTES`]); the time waited
     /// for it moves `deadline` on, since the target is not the one slow.
-    async fn take(&self, n: usize, deadline: &mut tokio::time::Instant) -> Room {
+    pub(super) async fn take(&self, n: usize, deadline: &mut tokio::time::Instant) -> Room {
         let started = tokio::time::Instant::now();
         let n = u32::try_from(n.min(MAX_ANSWER_BYTES)).expect("4 MiB fits");
         let room = self
@@ -119,8 +118,9 @@ impl std::fmt::Display for Failure {
 pub struct Endpoint {
     url: Uri,
     /// The request target as sent (`/path?query`).
-    path: Uri,
-    host: HeaderValue,
+    path: String,
+    /// The `Host` header: the URL's authority without credentials.
+    host: String,
 }
 
 impl Endpoint {
@@ -129,19 +129,22 @@ impl Endpoint {
         let authority = url.authority().map_or("", |a| a.as_str());
         // Credentials in the URL are not sent as part of the Host header.
         let host = authority.rsplit('@').next().unwrap_or(authority);
+        let path = url.path_and_query().map_or("/", |p| p.as_str());
         Self {
             url: url.clone(),
-            path: url
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .parse()
-                .unwrap_or_else(|_| Uri::from_static("/")),
-            host: HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static("")),
+            path: match path.starts_with('/') {
+                true => path.to_owned(),
+                false => format!("/{path}"),
+            },
+            host: host.to_owned(),
         }
     }
 }
 
-type Connection = SendRequest<Full<Bytes>>;
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// A connection to a target: plain TCP or TLS.
+type Connection = h1::Connection<TokioIo<<Connector as Service<Uri>>::Response>>;
 
 /// Sends POSTs to one endpoint over kept-alive connections: each request takes
 /// an idle connection (or opens one) and gives it back when the answer is read.
@@ -155,7 +158,7 @@ struct SenderInner {
     /// Where the answers' bodies are kept; `None`: they are read and dropped
     /// (the response endpoint's answers say nothing beyond their status).
     budget: Option<AnswerBudget>,
-    connector: hyper_rustls::HttpsConnector<HttpConnector>,
+    connector: Connector,
     /// Most recently used last.
     idle: Mutex<Vec<Idle>>,
     max_idle: usize,
@@ -256,84 +259,103 @@ impl Sender {
         extra: &[(HeaderName, HeaderValue)],
     ) -> Result<(StatusCode, Answer), Failure> {
         let now = SystemTime::now();
-        let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let signature = signature_header(keys, webhook_id, timestamp, &body);
-        let endpoint = &self.inner.endpoint;
-        let mut request = Request::new(Full::new(Bytes::from(body)));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = endpoint.path.clone();
-        let headers = request.headers_mut();
-        headers.insert(header::HOST, endpoint.host.clone());
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(
-            header::USER_AGENT,
-            HeaderValue::from_static(concat!("botrelay/", env!("CARGO_PKG_VERSION"))),
-        );
-        headers.insert(WEBHOOK_ID, header_value(webhook_id)?);
-        headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
-        // Base64 and spaces: taken as they are, without a copy.
-        let signature = HeaderValue::from_maybe_shared(Bytes::from(signature))
-            .map_err(|e| Failure::Network(format!("cannot build request: {e}")))?;
-        headers.insert(WEBHOOK_SIGNATURE, signature);
-        for (name, value) in extra {
-            headers.insert(name.clone(), value.clone());
-        }
-        // None is one the relay sets (refused at start), but for
-        // `user-agent`, which a user header replaces.
-        for (name, value) in self.inner.extras.headers().iter() {
-            headers.insert(name.clone(), value.clone());
-        }
+        let request = self.request(webhook_id, now, &body, keys, extra)?;
+        drop(body);
         let mut deadline = tokio::time::Instant::now() + timeout;
-        let exchange = async {
-            let (mut connection, mut generation) = self.connection(true).await?;
-            let response = match connection.try_send_request(request).await {
-                Ok(response) => response,
-                Err(mut e) => match e.take_message() {
-                    // Not sent: the kept-alive connection was closed by the other
-                    // side while idle. Sent again on a new connection, once.
-                    Some(request) => {
-                        (connection, generation) = self.connection(false).await?;
-                        connection
-                            .send_request(request)
-                            .await
-                            .map_err(|e| Failure::Network(describe(&e)))?
-                    }
-                    None => return Err(Failure::Network(describe(e.error()))),
-                },
-            };
-            Ok((connection, generation, response))
+        let budget = self.inner.budget.as_ref();
+        let (mut connection, mut generation, mut reused) = self.connection(true, deadline).await?;
+        let reply = loop {
+            match connection
+                .exchange(&request, budget, &mut deadline, now)
+                .await
+            {
+                Ok(reply) => break reply,
+                // A kept-alive connection the target closed while it was
+                // idle: sent again on a new one, once.
+                Err(h1::Error::Unanswered(_)) if reused => {
+                    (connection, generation, reused) = self.connection(false, deadline).await?;
+                }
+                Err(h1::Error::Unanswered(e)) => return Err(Failure::Network(e)),
+                Err(h1::Error::Failed(failure)) => return Err(failure),
+            }
         };
-        let (connection, generation, response) = tokio::time::timeout_at(deadline, exchange)
-            .await
-            .unwrap_or(Err(Failure::Timeout))?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, now));
-        // The status decides; a body too large to read does not make a 2xx a
-        // failure (the target took the request), nor hide the status of one
-        // that is not. Its connection is not reused.
-        let budget = self.inner.budget.as_ref().filter(|_| status.is_success());
-        let answer = read_answer(response.into_body(), budget, &mut deadline).await?;
-        if matches!(answer, Answer::Body(..)) {
+        if reply.reusable {
             self.give_back(connection, generation);
         }
-        if status.is_success() {
-            Ok((status, answer))
+        if reply.status.is_success() {
+            Ok((reply.status, reply.answer))
         } else {
             Err(Failure::Status {
-                status,
-                retry_after,
+                status: reply.status,
+                retry_after: reply.retry_after,
             })
         }
     }
 
-    /// An idle connection ready for a request (if `reuse`), or a new one.
+    /// The whole request, head and body, signed with every key in `keys`.
+    fn request(
+        &self,
+        webhook_id: &str,
+        now: SystemTime,
+        body: &[u8],
+        keys: &[SigningKey],
+        extra: &[(HeaderName, HeaderValue)],
+    ) -> Result<Vec<u8>, Failure> {
+        // The id is the relay's own; checked all the same, since it is
+        // written into the head as it is.
+        if !webhook_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Failure::Network(format!(
+                "cannot build request: the message id {webhook_id:?} is not a header value"
+            )));
+        }
+        let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let endpoint = &self.inner.endpoint;
+        let user = self.inner.extras.headers();
+        let headers = || extra.iter().map(|(n, v)| (n, v)).chain(user.iter());
+        let extra_len: usize = headers().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+        let mut head = String::with_capacity(
+            256 + endpoint.path.len()
+                + endpoint.host.len()
+                + webhook_id.len()
+                + keys.len() * 48
+                + extra_len
+                + body.len(),
+        );
+        let _ = write!(
+            head,
+            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n",
+            endpoint.path, endpoint.host
+        );
+        if !user.contains_key(header::USER_AGENT) {
+            head.push_str(concat!(
+                "user-agent: botrelay/",
+                env!("CARGO_PKG_VERSION"),
+                "\r\n"
+            ));
+        }
+        let _ = write!(
+            head,
+            "webhook-id: {webhook_id}\r\nwebhook-timestamp: {timestamp}\r\nwebhook-signature: "
+        );
+        signature_header_into(&mut head, keys, webhook_id, timestamp, body);
+        head.push_str("\r\n");
+        let mut raw = head.into_bytes();
+        // None is one the relay sets (refused at start), but for
+        // `user-agent`, which a user header replaces. Values may hold any
+        // byte but controls: written as they are.
+        for (name, value) in headers() {
+            raw.extend_from_slice(name.as_str().as_bytes());
+            raw.extend_from_slice(b": ");
+            raw.extend_from_slice(value.as_bytes());
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"content-length: ");
+        raw.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        raw.extend_from_slice(b"\r\n\r\n");
+        raw.extend_from_slice(body);
+        Ok(raw)
+    }
+
     /// Which client certificate new connections present: a connection
     /// made with another is not reused (a rotated certificate is in use
     /// from the next request on, even on a target that is never idle).
@@ -341,36 +363,36 @@ impl Sender {
         self.inner.extras.cert_generation()
     }
 
-    /// A connection, and the certificate generation it was made with.
-    async fn connection(&self, reuse: bool) -> Result<(Connection, u64), Failure> {
+    /// An idle connection (if `reuse` and there is one) or a new one, the
+    /// certificate generation it was made with, and whether it was idle.
+    async fn connection(
+        &self,
+        reuse: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Connection, u64, bool), Failure> {
         let current = self.cert_generation();
         if reuse {
             loop {
                 let idle = self.inner.idle.lock().expect("pool lock").pop();
                 let Some(Idle {
-                    mut connection,
+                    connection,
                     since,
                     generation,
                 }) = idle
                 else {
                     break;
                 };
-                if since.elapsed() >= IDLE_TIMEOUT
-                    || connection.is_closed()
-                    || generation != current
-                {
-                    continue;
-                }
-                // Ready at once unless the last answer's end is still being read;
-                // an error means the other side closed it.
-                if connection.ready().await.is_ok() {
-                    return Ok((connection, generation));
+                if since.elapsed() < IDLE_TIMEOUT && generation == current {
+                    return Ok((connection, generation, true));
                 }
             }
         }
         // Boxed: opening a connection is rare, and its future is large; kept
         // inline, it would make every attempt's task that much larger to move.
-        Ok((Box::pin(self.open()).await?, current))
+        let opened = tokio::time::timeout_at(deadline, Box::pin(self.open()))
+            .await
+            .unwrap_or(Err(Failure::Timeout))?;
+        Ok((opened, current, false))
     }
 
     /// A new connection to the endpoint.
@@ -382,23 +404,11 @@ impl Sender {
             .call(self.inner.endpoint.url.clone())
             .await
             .map_err(|e| Failure::Network(describe(e.as_ref())))?;
-        // Its read buffer holds what is read of an answer ahead of the
-        // relay: kept to the size an attempt may hold without the budget.
-        let (connection, driver) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(SMALL_ANSWER_BYTES)
-            .handshake(stream)
-            .await
-            .map_err(|e| Failure::Network(describe(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = driver.await {
-                tracing::debug!(error = %describe(&e), "connection closed");
-            }
-        });
-        Ok(connection)
+        Ok(h1::Connection::new(TokioIo::new(stream)))
     }
 
     fn give_back(&self, connection: Connection, generation: u64) {
-        if connection.is_closed() || generation != self.cert_generation() {
+        if generation != self.cert_generation() {
             return;
         }
         let mut idle = self.inner.idle.lock().expect("pool lock");
@@ -410,73 +420,6 @@ impl Sender {
             });
         }
     }
-}
-
-/// Reads an answer's body by `deadline`: kept within `budget`, or without
-/// one read and dropped. Past [`MAX_ANSWER_BYTES`] it is not read on.
-async fn read_answer(
-    mut body: Incoming,
-    budget: Option<&AnswerBudget>,
-    deadline: &mut tokio::time::Instant,
-) -> Result<Answer, Failure> {
-    let known = body.size_hint().exact();
-    if known.is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
-        return Ok(Answer::TooLarge);
-    }
-    let mut room = None;
-    if let (Some(budget), Some(n)) = (budget, known)
-        && n as usize > SMALL_ANSWER_BYTES
-    {
-        room = Some(budget.take(n as usize, deadline).await);
-    }
-    let mut joined = BytesMut::with_capacity(match (budget, known) {
-        (Some(_), Some(n)) if n as usize > SMALL_ANSWER_BYTES => n as usize,
-        _ => 0,
-    });
-    // Most answers come in one piece: kept without copying.
-    let mut first: Option<Bytes> = None;
-    let mut total = 0usize;
-    loop {
-        let frame = match tokio::time::timeout_at(*deadline, body.frame()).await {
-            Err(_) => return Err(Failure::Timeout),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                return Err(Failure::Network(format!("reading the answer: {e}")));
-            }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        total += data.len();
-        if total > MAX_ANSWER_BYTES {
-            return Ok(Answer::TooLarge);
-        }
-        let Some(budget) = budget else {
-            continue;
-        };
-        if total > SMALL_ANSWER_BYTES && room.is_none() {
-            room = Some(budget.take(MAX_ANSWER_BYTES, deadline).await);
-        }
-        match first.take() {
-            None if joined.is_empty() && joined.capacity() == 0 => first = Some(data),
-            held => {
-                if let Some(held) = held {
-                    joined.extend_from_slice(&held);
-                }
-                joined.extend_from_slice(&data);
-            }
-        }
-    }
-    Ok(Answer::Body(first.unwrap_or_else(|| joined.freeze()), room))
-}
-
-const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
-const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
-const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
-
-fn header_value(text: &str) -> Result<HeaderValue, Failure> {
-    HeaderValue::from_str(text).map_err(|e| Failure::Network(format!("cannot build request: {e}")))
 }
 
 /// The error and its causes on one line ("client error (Connect): tcp connect error: Connection refused").
@@ -499,4 +442,41 @@ fn rustls_config_without_roots() -> rustls::ClientConfig {
     .expect("ring supports the default protocol versions")
     .with_root_certificates(rustls::RootCertStore::empty())
     .with_no_client_auth()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_is_written_whole_with_its_signature() {
+        let url: Uri = "http://user:pw@bot.example:8080/hook?x=1".parse().unwrap();
+        let sender = Sender::new(Endpoint::new(&url), None, Duration::from_secs(1), 1);
+        let key = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let at = UNIX_EPOCH + Duration::from_secs(1_614_265_330);
+        let body = br#"{"test": 2432232314}"#;
+        let trace = [(
+            HeaderName::from_static("traceparent"),
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        )];
+        let raw = sender
+            .request("msg_p5jXN8AQM9LWM0D4loKWxJek", at, body, &[key], &trace)
+            .unwrap();
+        let expected = format!(
+            "POST /hook?x=1 HTTP/1.1\r\nhost: bot.example:8080\r\ncontent-type: application/json\r\n\
+             user-agent: botrelay/{}\r\nwebhook-id: msg_p5jXN8AQM9LWM0D4loKWxJek\r\n\
+             webhook-timestamp: 1614265330\r\n\
+             webhook-signature: v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=\r\n\
+             traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\
+             content-length: 20\r\n\r\n{{\"test\": 2432232314}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(String::from_utf8(raw).unwrap(), expected);
+        // Nothing that would end a header line goes into the head.
+        assert!(sender.request("id\r\nx: y", at, body, &[], &[]).is_err());
+        let bare: Uri = "http://bot".parse().unwrap();
+        let sender = Sender::new(Endpoint::new(&bare), None, Duration::from_secs(1), 1);
+        let raw = sender.request("id", at, b"", &[], &[]).unwrap();
+        assert!(raw.starts_with(b"POST / HTTP/1.1\r\nhost: bot\r\n"));
+    }
 }

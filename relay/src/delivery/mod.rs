@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod control;
 mod deliver;
+mod h1;
 pub mod http;
 pub mod probe;
 
