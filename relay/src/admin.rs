@@ -49,6 +49,9 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json(status, wire::error_body(code, message))
 }
 
+/// Largest body of a redrive or discard: room for thousands of ids.
+const MAX_ADMIN_BODY: usize = 1024 * 1024;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ChosenBody {
@@ -248,8 +251,24 @@ impl Admin {
     /// (no body), or those whose message ids the body lists. An error answer
     /// when the body is not one of those or the store cannot list them.
     async fn chosen(&self, req: Request<Incoming>) -> Result<Option<Vec<Seq>>, Response<Body>> {
-        let body = match Limited::new(req.into_body(), 1024 * 1024).collect().await {
+        let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY)
+            .collect()
+            .await
+        {
             Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                // Not read to its end: the connection is not reused.
+                let mut refused = error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    &format!("body is larger than {MAX_ADMIN_BODY} bytes"),
+                );
+                refused.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                return Err(refused);
+            }
             Err(e) => {
                 return Err(error(
                     StatusCode::BAD_REQUEST,
@@ -261,7 +280,13 @@ impl Admin {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }
-        let ids: HashSet<String> = match serde_json::from_slice::<ChosenBody>(&body) {
+        // An array would be read into the struct field by field.
+        let object = body.trim_ascii_start().starts_with(b"{");
+        let parsed = match object {
+            true => serde_json::from_slice::<ChosenBody>(&body).map_err(|e| e.to_string()),
+            false => Err("the body is not a JSON object".into()),
+        };
+        let ids: HashSet<String> = match parsed {
             Ok(ChosenBody { ids }) => ids.into_iter().collect(),
             Err(e) => {
                 return Err(error(

@@ -148,18 +148,27 @@ pub async fn serve<H, F>(
 /// reading (and dropping) what the client still sends.
 pub const LINGER: Duration = Duration::from_secs(5);
 
-/// A connection that, when the relay closes it with a request's body still
-/// coming (a `413` or `431` answered at once), first half-closes it and then
-/// reads and drops what arrives until the client closes its side, for at
-/// most [`LINGER`]. Closed at once, a socket with unread bytes is reset: the
-/// client, still sending, gets a broken pipe and may never read the answer.
+/// A lingering connection from which nothing more arrives for this long is
+/// taken to be done sending.
+pub const LINGER_QUIET: Duration = Duration::from_secs(1);
+
+/// A connection that, when the relay closes it while the client may still be
+/// sending (a request's body left unread by a `413` answered at once, or
+/// bytes still arriving, as behind a head too large to read), first
+/// half-closes it and then reads and drops what arrives until the client
+/// closes its side, goes quiet for [`LINGER_QUIET`], or [`LINGER`] has
+/// passed. Closed at once, a socket with unread bytes is reset: the client,
+/// still sending, gets a broken pipe and may never read the answer.
 struct Lingering {
     stream: TcpStream,
     /// Set when an answer left its request's body unread.
     unread: Arc<AtomicBool>,
-    /// Once half-closed: when to stop reading.
-    until: Option<Pin<Box<Sleep>>>,
+    /// Once lingering: when to stop at the latest, and when, if nothing more
+    /// arrives.
+    until: Option<(Timer, Timer)>,
 }
+
+type Timer = Pin<Box<Sleep>>;
 
 impl Lingering {
     fn new(stream: TcpStream) -> Self {
@@ -208,27 +217,36 @@ impl AsyncWrite for Lingering {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        let mut scratch = [0u8; 8192];
         if this.until.is_none() {
             ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
             if !this.unread.load(Ordering::Relaxed) {
-                return Poll::Ready(Ok(()));
+                // Nothing left unread by an answer: lingers only if the
+                // client is still sending right now.
+                let mut buf = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut this.stream).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+                    _ => return Poll::Ready(Ok(())),
+                }
             }
-            this.until = Some(Box::pin(tokio::time::sleep(LINGER)));
+            this.until = Some((
+                Box::pin(tokio::time::sleep(LINGER)),
+                Box::pin(tokio::time::sleep(LINGER_QUIET)),
+            ));
         }
-        let mut scratch = [0u8; 8192];
+        let (until, quiet) = this.until.as_mut().expect("set above");
         loop {
-            if this
-                .until
-                .as_mut()
-                .is_some_and(|t| t.as_mut().poll(cx).is_ready())
-            {
+            if until.as_mut().poll(cx).is_ready() || quiet.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
             }
             let mut buf = ReadBuf::new(&mut scratch);
             match ready!(Pin::new(&mut this.stream).poll_read(cx, &mut buf)) {
                 // The client is done, or gone: closed now without a reset.
                 Ok(()) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
-                Ok(()) => continue,
+                Ok(()) => {
+                    let again = tokio::time::Instant::now() + LINGER_QUIET;
+                    quiet.as_mut().reset(again);
+                }
                 Err(_) => return Poll::Ready(Ok(())),
             }
         }

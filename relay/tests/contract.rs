@@ -546,7 +546,7 @@ async fn a_client_still_sending_a_refused_body_gets_the_answer_not_a_reset() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let bot = Peer::start(|_| Answer::ok()).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
-    let relay = Relay::start(&bot.url(), &endpoint.url(), &[]).await;
+    let relay = Relay::start(&bot.url(), &endpoint.url(), &["--max-connections=1"]).await;
     let request = |body: &str| {
         format!(
             "POST /v1/messages HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
@@ -597,7 +597,39 @@ async fn a_client_still_sending_a_refused_body_gets_the_answer_not_a_reset() {
                         .is_ok_and(|s| s == "HTTP/1.1 413 Payload Too Large"),
                 "kept alive: {kept_alive}, try {i}: sent {sent:?}, answer {status:?}"
             );
+            // Done sending, but its connection left open: the relay lets go
+            // of it once it is quiet, not after the longest linger. With one
+            // connection at a time, the next client waits for that.
+            let started = std::time::Instant::now();
+            let mut next = tokio::net::TcpStream::connect(relay.api).await.unwrap();
+            let ok = message("u", "c", &format!("n{kept_alive}{i}"), "x").to_string();
+            next.write_all(request(&ok).as_bytes()).await.unwrap();
+            assert_eq!(answer(&mut next).await.unwrap(), "HTTP/1.1 200 OK");
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "the next connection waited {:?}",
+                started.elapsed()
+            );
+            drop(stream);
         }
+    }
+    // A head too large to read is answered by the HTTP layer itself: the
+    // client still sending it gets the 431 all the same.
+    for i in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(relay.api).await.unwrap();
+        let head = format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: relay\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(4 << 20)
+        );
+        let sent = stream.write_all(head.as_bytes()).await;
+        let status = answer(&mut stream).await;
+        assert!(
+            sent.is_ok()
+                && status
+                    .as_ref()
+                    .is_ok_and(|s| s == "HTTP/1.1 431 Request Header Fields Too Large"),
+            "try {i}: sent {sent:?}, answer {status:?}"
+        );
     }
 }
 

@@ -726,12 +726,14 @@ async fn dead_letters_can_be_discarded_by_id_or_all_at_once() {
     assert_eq!(ids.len(), 2);
     assert!(!ids.contains(&first.as_str()));
 
-    // A body that does not name `ids` is refused, never read as "all".
+    // A body that does not name `ids` is refused, never read as "all";
+    // nor is an array read as the object's fields in order.
     for typo in [
-        r#"{"id": ["x"]}"#,
-        r#"{"Ids": ["x"]}"#,
-        r#"{"ids": null}"#,
-        "{}",
+        r#"{"id": ["x"]}"#.to_string(),
+        r#"{"Ids": ["x"]}"#.into(),
+        r#"{"ids": null}"#.into(),
+        "{}".into(),
+        format!(r#"[["{}"]]"#, ids[0]),
     ] {
         for path in ["/dead-letters/discard", "/dead-letters/redrive"] {
             let (status, answer) = call("POST", path, typo.as_bytes().to_vec()).await;
@@ -756,6 +758,9 @@ async fn dead_letters_can_be_discarded_by_id_or_all_at_once() {
 
     let (status, answer) = call("POST", "/dead-letters/discard", b"[1]".to_vec()).await;
     assert_eq!(status, 400, "{answer}");
+    let huge = format!(r#"{{"ids": ["{}"]}}"#, "x".repeat(2 << 20));
+    let (status, answer) = call("POST", "/dead-letters/discard", huge.into_bytes()).await;
+    assert_eq!(status, 413, "{answer}");
     let (status, _, _) = request(
         "POST",
         &admin("/dead-letters/discard"),
