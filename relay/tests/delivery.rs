@@ -1073,3 +1073,107 @@ async fn the_relay_runs_without_transparent_huge_pages() {
         .expect("Linux 5.0 or later shows THP_enabled");
     assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
 }
+
+/// A bot that answers on its idle connections (a stray answer after the
+/// real one, as a broken proxy might): what comes on an idle connection is
+/// not the answer to the next request sent on it. Each connection answers
+/// its first request `200` and then sends a stray `200`; any later request
+/// on it gets `500`. Returns its address and, per message id, the statuses
+/// it answered it with.
+async fn bot_with_stray_answers() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<(String, u16)>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for request in 0.. {
+                    // One request: its head, then content-length bytes.
+                    let (end, length) = loop {
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text[..end]
+                                .lines()
+                                .find_map(|l| {
+                                    let (n, v) = l.split_once(':')?;
+                                    n.eq_ignore_ascii_case("content-length")
+                                        .then(|| v.trim().parse::<usize>().ok())?
+                                })
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + length {
+                                break (end, length);
+                            }
+                        }
+                        let mut more = [0u8; 4096];
+                        match stream.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&more[..n]),
+                        }
+                    };
+                    let body: Value =
+                        serde_json::from_slice(&buf[end + 4..end + 4 + length]).unwrap();
+                    buf.drain(..end + 4 + length);
+                    let id = body["tags"]["messageId"].as_str().unwrap_or("").to_owned();
+                    let status = if request == 0 { 200 } else { 500 };
+                    log.lock().unwrap().push((id, status));
+                    let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if request == 0 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let stray = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if stream.write_all(stray).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, answered)
+}
+
+#[tokio::test]
+async fn an_answer_that_comes_on_an_idle_connection_is_not_taken_for_the_next() {
+    let (bot, answered) = bot_with_stray_answers().await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let relay = Relay::start(&format!("http://{bot}/"), &endpoint.url(), &[]).await;
+    for i in 0..5 {
+        relay.send(&message("u", "c", &format!("m{i}"), "x")).await;
+        let deadline = Instant::now() + WAIT;
+        while !answered
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(id, status)| *id == format!("m{i}") && *status == 200)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "m{i} never taken by the bot: {:?}",
+                answered.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The stray answer is on the idle connection before the next message.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let attempts = "botrelay_delivery_attempts_total";
+    let failed = relay
+        .metric(attempts, &[("target", "bot"), ("outcome", "http_error")])
+        .await;
+    assert_eq!(failed, 0.0, "answers: {:?}", answered.lock().unwrap());
+    assert_eq!(
+        relay
+            .metric(attempts, &[("target", "bot"), ("outcome", "success")])
+            .await,
+        5.0
+    );
+}

@@ -13,8 +13,10 @@ use super::backoff::parse_retry_after;
 use super::http::{Answer, AnswerBudget, Failure, MAX_ANSWER_BYTES, Room, SMALL_ANSWER_BYTES};
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, timeout_at};
 
 /// Largest answer head (status line and headers) read.
@@ -87,6 +89,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Whether the connection can carry another request: nothing has come
+    /// from the target since its last answer, and it has not closed it. A
+    /// target may answer on an idle connection (a `408` before it closes
+    /// it, or a stray answer): read as the answer to the next request, that
+    /// would shift every answer after it by one. Costs no system call while
+    /// nothing has arrived: the readiness the runtime keeps is looked at.
+    pub fn still_idle(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut scratch = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut scratch);
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+
     /// Writes `request` (a whole request: head and body) and reads the
     /// answer by `deadline`. A 2xx body is kept within `budget`, or, without
     /// one, read and dropped; past [`MAX_ANSWER_BYTES`] it is not read on.
@@ -111,6 +129,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.read.clear();
         let head = loop {
             let head = match parse_head(&self.read, now) {
+                // The same limit however the bytes arrived.
+                Ok(Some((used, _))) if used > MAX_HEAD_BYTES => {
+                    return Err(Failure::Network(format!(
+                        "the answer's head is over {} KiB",
+                        MAX_HEAD_BYTES >> 10
+                    ))
+                    .into());
+                }
                 Ok(Some((used, head))) => {
                     self.read.advance(used);
                     head
@@ -289,7 +315,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 None => self.more(deadline).await?,
             }
-            if skipped > MAX_HEAD_BYTES {
+            // What is held of a line not yet ended counts too.
+            if skipped + self.read.len() > MAX_HEAD_BYTES {
                 return Err(Failure::Network(format!(
                     "reading the answer: trailers over {} KiB",
                     MAX_HEAD_BYTES >> 10
@@ -573,6 +600,84 @@ mod tests {
             let reply = send(&mut conn, Some(&AnswerBudget::new(0))).await.unwrap();
             assert_eq!(body(&reply), i.to_string().as_bytes());
             assert!(reply.reusable);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_got_anything_while_idle_is_not_used_again() {
+        // Quiet after its answer: usable.
+        let mut quiet = target(
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec()],
+            100,
+            false,
+        );
+        send(&mut quiet, None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(quiet.still_idle());
+        // A stray answer while idle would be read as the next request's.
+        let (near, mut far) = tokio::io::duplex(1 << 16);
+        let mut stray = Connection::new(near);
+        far.write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(!stray.still_idle());
+        // Closed by the target while idle.
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let mut closed = Connection::new(near);
+        assert!(closed.still_idle());
+        drop(far);
+        assert!(!closed.still_idle());
+    }
+
+    #[tokio::test]
+    async fn trailers_that_never_end_are_refused_before_they_fill_memory() {
+        let mut answer =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: ".to_vec();
+        answer.extend(std::iter::repeat_n(b'a', 1 << 20));
+        let mut conn = target(vec![answer], 4096, false);
+        let got = send(&mut conn, None).await;
+        assert!(
+            matches!(&got, Err(Error::Failed(Failure::Network(e))) if e.contains("trailers")),
+            "{got:?}"
+        );
+        assert!(
+            conn.read.capacity() < 4 * MAX_HEAD_BYTES,
+            "{}",
+            conn.read.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_over_the_limit_is_refused_however_it_arrives() {
+        let mut answer = b"HTTP/1.1 200 OK\r\nX-Pad: ".to_vec();
+        answer.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES + 100));
+        answer.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
+        for piece in [answer.len(), 4096] {
+            let (near, mut far) = tokio::io::duplex(1 << 20);
+            // All of it there before the first read, or a piece at a time.
+            if piece == answer.len() {
+                far.write_all(&answer).await.unwrap();
+            }
+            let mut conn = Connection::new(near);
+            let writer = {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; REQUEST.len()];
+                    far.read_exact(&mut request).await.unwrap();
+                    if piece != answer.len() {
+                        for part in answer.chunks(piece) {
+                            far.write_all(part).await.unwrap();
+                        }
+                    }
+                    far
+                })
+            };
+            let got = send(&mut conn, None).await;
+            assert!(
+                matches!(got, Err(Error::Failed(Failure::Network(_)))),
+                "{got:?}"
+            );
+            drop(writer);
         }
     }
 

@@ -7,6 +7,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{StatusCode, Uri, header};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -160,7 +161,7 @@ struct SenderInner {
     budget: Option<AnswerBudget>,
     connector: Connector,
     /// Most recently used last.
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<VecDeque<Idle>>,
     max_idle: usize,
     /// Extra headers and client certificate (`--bot-header` and the like).
     extras: crate::outgoing::TargetExtras,
@@ -228,7 +229,7 @@ impl Sender {
                 endpoint,
                 budget,
                 connector,
-                idle: Mutex::new(Vec::new()),
+                idle: Mutex::new(VecDeque::new()),
                 max_idle,
                 extras,
             }),
@@ -373,7 +374,7 @@ impl Sender {
         let current = self.cert_generation();
         if reuse {
             loop {
-                let idle = self.inner.idle.lock().expect("pool lock").pop();
+                let idle = self.inner.idle.lock().expect("pool lock").pop_back();
                 let Some(Idle {
                     connection,
                     since,
@@ -382,7 +383,11 @@ impl Sender {
                 else {
                     break;
                 };
-                if since.elapsed() < IDLE_TIMEOUT && generation == current {
+                let mut connection = connection;
+                if since.elapsed() < IDLE_TIMEOUT
+                    && generation == current
+                    && connection.still_idle()
+                {
                     return Ok((connection, generation, true));
                 }
             }
@@ -412,8 +417,20 @@ impl Sender {
             return;
         }
         let mut idle = self.inner.idle.lock().expect("pool lock");
+        // The least recently used go once they are stale or closed by the
+        // target, one or two at each return, rather than waiting (their
+        // sockets held) for a burst that reaches that deep into the pool.
+        for _ in 0..2 {
+            let gone = idle.front_mut().is_some_and(|oldest| {
+                oldest.since.elapsed() >= IDLE_TIMEOUT || !oldest.connection.still_idle()
+            });
+            if !gone {
+                break;
+            }
+            idle.pop_front();
+        }
         if idle.len() < self.inner.max_idle {
-            idle.push(Idle {
+            idle.push_back(Idle {
                 connection,
                 since: Instant::now(),
                 generation,
