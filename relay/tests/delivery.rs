@@ -1176,4 +1176,12 @@ async fn an_answer_that_comes_on_an_idle_connection_is_not_taken_for_the_next() 
             .await,
         5.0
     );
+    // Said once; the bot's connections are peeked at from then on.
+    let logs = relay.logs();
+    assert_eq!(
+        logs.matches("sent data on an idle kept-alive connection")
+            .count(),
+        1,
+        "{logs}"
+    );
 }

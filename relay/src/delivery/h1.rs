@@ -13,6 +13,7 @@ use super::backoff::parse_retry_after;
 use super::http::{Answer, AnswerBudget, Failure, MAX_ANSWER_BYTES, Room, SMALL_ANSWER_BYTES};
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
@@ -32,6 +33,19 @@ const READ_SIZE: usize = 8 * 1024;
 pub struct Connection<S> {
     io: S,
     read: BytesMut,
+    /// Its socket, to look at without the runtime (see [`Self::idle_state`]).
+    socket: Option<RawFd>,
+}
+
+/// What a kept-alive connection did while it was idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleState {
+    /// Nothing: it can carry another request.
+    Idle,
+    /// The target closed it (or it failed).
+    Closed,
+    /// The target sent something, with no request to answer.
+    Spoke,
 }
 
 /// An answer as the sender needs it.
@@ -86,23 +100,60 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Self {
             io,
             read: BytesMut::new(),
+            socket: None,
+        }
+    }
+
+    /// A connection whose TCP socket is `socket` (under TLS too).
+    pub fn with_socket(io: S, socket: RawFd) -> Self {
+        Self {
+            socket: Some(socket),
+            ..Self::new(io)
         }
     }
 
     /// Whether the connection can carry another request: nothing has come
     /// from the target since its last answer, and it has not closed it. A
-    /// target may answer on an idle connection (a `408` before it closes
-    /// it, or a stray answer): read as the answer to the next request, that
-    /// would shift every answer after it by one. Costs no system call while
-    /// nothing has arrived: the readiness the runtime keeps is looked at.
-    pub fn still_idle(&mut self) -> bool {
+    /// target may send on an idle connection (a `408` before it closes it,
+    /// or a stray answer): read as the answer to the next request, that
+    /// would shift every answer after it by one, and a message the target
+    /// refused would count as delivered.
+    ///
+    /// The readiness the runtime keeps is looked at first, at no cost. It
+    /// lags the socket until the runtime next polls for events (up to a
+    /// couple of milliseconds under load), so with `peek` the socket is also
+    /// asked directly, at the cost of a system call.
+    pub fn idle_state(&mut self, peek: bool) -> IdleState {
         let mut cx = Context::from_waker(Waker::noop());
         let mut scratch = [0u8; 64];
         let mut buf = ReadBuf::new(&mut scratch);
-        matches!(
-            Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
-            Poll::Pending
-        )
+        match Pin::new(&mut self.io).poll_read(&mut cx, &mut buf) {
+            Poll::Pending => {}
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => return IdleState::Spoke,
+            Poll::Ready(_) => return IdleState::Closed,
+        }
+        let Some(socket) = self.socket.filter(|_| peek) else {
+            return IdleState::Idle;
+        };
+        let mut byte = 0u8;
+        // SAFETY: `socket` is this connection's own, open while `io` is; one
+        // byte is peeked into `byte`, and nothing is consumed.
+        let n = unsafe {
+            libc::recv(
+                socket,
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            1.. => IdleState::Spoke,
+            0 => IdleState::Closed,
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock => {
+                IdleState::Idle
+            }
+            _ => IdleState::Closed,
+        }
     }
 
     /// Writes `request` (a whole request: head and body) and reads the
@@ -613,20 +664,69 @@ mod tests {
         );
         send(&mut quiet, None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(quiet.still_idle());
+        assert_eq!(quiet.idle_state(true), IdleState::Idle);
         // A stray answer while idle would be read as the next request's.
         let (near, mut far) = tokio::io::duplex(1 << 16);
         let mut stray = Connection::new(near);
         far.write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        assert!(!stray.still_idle());
+        assert_eq!(stray.idle_state(false), IdleState::Spoke);
         // Closed by the target while idle.
         let (near, far) = tokio::io::duplex(1 << 16);
         let mut closed = Connection::new(near);
-        assert!(closed.still_idle());
+        assert_eq!(closed.idle_state(false), IdleState::Idle);
         drop(far);
-        assert!(!closed.still_idle());
+        assert_eq!(closed.idle_state(false), IdleState::Closed);
+    }
+
+    /// The runtime learns of bytes on a socket only when it next polls for
+    /// events; until then its readiness says nothing came. A connection
+    /// given back a moment ago is peeked at directly.
+    #[tokio::test]
+    async fn a_stray_answer_the_runtime_has_not_seen_yet_is_found_by_a_peek() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut far, _) = listener.accept().unwrap();
+        let fd = near.as_raw_fd();
+        let mut conn = Connection::with_socket(near, fd);
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        far.write_all(answer).unwrap();
+        let reply = send_raw(&mut conn).await;
+        let mut request = vec![0u8; REQUEST.len()];
+        far.read_exact(&mut request).unwrap();
+        assert!(reply.reusable);
+        assert_eq!(conn.idle_state(true), IdleState::Idle, "nothing came yet");
+        // The stray arrives while the runtime is busy (this thread blocks).
+        far.write_all(answer).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            conn.idle_state(false),
+            IdleState::Idle,
+            "the runtime's readiness lags"
+        );
+        assert_eq!(
+            conn.idle_state(true),
+            IdleState::Spoke,
+            "the peek sees the stray"
+        );
+        drop(far);
+        let closed = conn.idle_state(true);
+        assert!(
+            closed == IdleState::Spoke,
+            "unread bytes come before the close: {closed:?}"
+        );
+    }
+
+    async fn send_raw(conn: &mut Connection<tokio::net::TcpStream>) -> Reply {
+        let mut deadline = Instant::now() + Duration::from_secs(5);
+        conn.exchange(REQUEST, None, &mut deadline, SystemTime::now())
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
