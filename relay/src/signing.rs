@@ -71,6 +71,11 @@ const SIGNATURE_LEN: usize = 47;
 /// The `webhook-signature` header: one signature per key, space separated, so
 /// that a receiver holding either the old or the new secret accepts the message
 /// while a secret rotates.
+/// The length of the `webhook-signature` value for `keys` keys.
+pub fn signature_header_len(keys: usize) -> usize {
+    keys * (SIGNATURE_LEN + 1)
+}
+
 /// Written at the end of `out` (a request's head).
 pub fn signature_header_into(
     out: &mut String,
@@ -79,7 +84,7 @@ pub fn signature_header_into(
     timestamp: u64,
     body: &[u8],
 ) {
-    out.reserve(keys.len() * (SIGNATURE_LEN + 1));
+    out.reserve(signature_header_len(keys.len()));
     for (i, key) in keys.iter().enumerate() {
         if i > 0 {
             out.push(' ');

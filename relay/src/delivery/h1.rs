@@ -178,27 +178,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         // Bytes left from before are not part of this answer.
         self.read.clear();
+        let head_too_large = || {
+            Error::Failed(Failure::Network(format!(
+                "the answer's head is over {} KiB",
+                MAX_HEAD_BYTES >> 10
+            )))
+        };
         let head = loop {
             let head = match parse_head(&self.read, now) {
                 // The same limit however the bytes arrived.
-                Ok(Some((used, _))) if used > MAX_HEAD_BYTES => {
-                    return Err(Failure::Network(format!(
-                        "the answer's head is over {} KiB",
-                        MAX_HEAD_BYTES >> 10
-                    ))
-                    .into());
-                }
+                Ok(Some((used, _))) if used > MAX_HEAD_BYTES => return Err(head_too_large()),
                 Ok(Some((used, head))) => {
                     self.read.advance(used);
                     head
                 }
-                Ok(None) if self.read.len() >= MAX_HEAD_BYTES => {
-                    return Err(Failure::Network(format!(
-                        "the answer's head is over {} KiB",
-                        MAX_HEAD_BYTES >> 10
-                    ))
-                    .into());
-                }
+                Ok(None) if self.read.len() >= MAX_HEAD_BYTES => return Err(head_too_large()),
                 Ok(None) => {
                     let nothing_yet = self.read.is_empty();
                     match self.fill(*deadline).await {
@@ -257,7 +251,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// More of the body, which must be there: `false` when it ended early.
+    /// More of the body, which must be there: an error when the connection
+    /// ended first.
     async fn more(&mut self, deadline: Instant) -> Result<(), Failure> {
         match self.fill(deadline).await? {
             0 => Err(Failure::Network(

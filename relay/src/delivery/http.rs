@@ -1,7 +1,7 @@
 //! One signed POST to a bot or a response endpoint.
 
 use super::h1;
-use crate::signing::{SigningKey, signature_header_into};
+use crate::signing::{SigningKey, signature_header_into, signature_header_len};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{StatusCode, Uri, header};
@@ -336,7 +336,7 @@ impl Sender {
             256 + endpoint.path.len()
                 + endpoint.host.len()
                 + webhook_id.len()
-                + keys.len() * 48
+                + signature_header_len(keys.len())
                 + extra_len
                 + body.len(),
         );
