@@ -6,9 +6,9 @@
 //! have its op applied.
 //!
 //! Nothing is answered before it is durable. Once a sync returns, the syncer
-//! answers the requests it covered and hands what their writes made due to the
-//! delivery queues, in write order: that is what keeps the messages of a
-//! conversation in order. A store whose writes are durable at once (`memory`)
+//! hands what its writes made due to the delivery queues, in write order (that
+//! is what keeps the messages of a conversation in order), then hands the
+//! answers to the requests it covered to the runtime in one batch. A store whose writes are durable at once (`memory`)
 //! skips the syncer. A remote store (`nats`) takes each op as it comes and
 //! queues deliveries itself, from its log.
 
@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::store::{Op, Outcome, Store};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommitError {
@@ -48,6 +48,9 @@ pub trait RemoteStore: Send + Sync {
 }
 
 type Done = oneshot::Sender<Result<Outcome, CommitError>>;
+
+/// The answers to the commits one sync covered, in write order.
+type Answers = Vec<(Done, Result<Outcome, CommitError>)>;
 
 /// A write waiting for the sync that makes it durable.
 struct Unsynced {
@@ -90,6 +93,28 @@ impl Writer {
         metrics: Metrics,
         capacity: usize,
     ) -> (Writer, std::thread::JoinHandle<()>) {
+        // Answering a commit wakes the task that waits for it. Woken from the
+        // syncer's thread, each such wake is a cross-thread schedule that
+        // rouses the runtime with a system call of its own; handed over as
+        // one batch, a sync's answers cost one such wake, and the tasks they
+        // wake are scheduled from within the runtime.
+        let answerer = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            runtime.spawn(answer(rx));
+            tx
+        });
+        Self::start_answering(store, queues, metrics, capacity, answerer)
+    }
+
+    /// [`Self::start`], with the answers of each sync sent to `answerer`, or
+    /// from the syncer's thread without one.
+    fn start_answering(
+        store: Arc<dyn Store>,
+        queues: Queues,
+        metrics: Metrics,
+        capacity: usize,
+        answerer: Option<mpsc::UnboundedSender<Answers>>,
+    ) -> (Writer, std::thread::JoinHandle<()>) {
         let syncs = store.needs_sync();
         let remote = store.remote();
         let shared = Arc::new(Shared {
@@ -108,7 +133,7 @@ impl Writer {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("store-syncer".into())
-                .spawn(move || sync_loop(&shared))
+                .spawn(move || sync_loop(&shared, answerer))
                 .expect("spawn the store syncer thread")
         };
         (Writer { shared, remote }, thread)
@@ -260,9 +285,38 @@ impl Pacing {
     }
 }
 
-/// Makes writes durable, as many per sync as were made meanwhile, then answers
-/// them and queues their deliveries in write order.
-fn sync_loop(shared: &Shared) {
+/// Sends the answers of one sync, on the runtime's side.
+async fn answer(mut batches: mpsc::UnboundedReceiver<Answers>) {
+    while let Some(answers) = batches.recv().await {
+        send(answers);
+    }
+}
+
+fn send(answers: Answers) {
+    for (done, result) in answers {
+        // The requester may have gone (client disconnected); the commit stands.
+        let _ = done.send(result);
+    }
+}
+
+/// Makes writes durable, as many per sync as were made meanwhile, then queues
+/// their deliveries in write order and answers them, through `answerer` when
+/// the writer was started on a runtime.
+fn sync_loop(shared: &Shared, answerer: Option<mpsc::UnboundedSender<Answers>>) {
+    let answered = |answers: Answers| {
+        if answers.is_empty() {
+            return;
+        }
+        match &answerer {
+            Some(tx) => {
+                if let Err(unsent) = tx.send(answers) {
+                    // The runtime is gone: whoever still waits is answered here.
+                    send(unsent.0);
+                }
+            }
+            None => send(answers),
+        }
+    };
     let mut batch = Vec::new();
     let mut pacing = Pacing::default();
     loop {
@@ -291,6 +345,7 @@ fn sync_loop(shared: &Shared) {
                 .store_commit_duration
                 .observe(oldest.written.elapsed().as_secs_f64());
         }
+        let mut answers = Vec::with_capacity(batch.len());
         match synced {
             Ok(()) => {
                 for unsynced in batch.drain(..) {
@@ -298,8 +353,7 @@ fn sync_loop(shared: &Shared) {
                         shared.queues.push_announced(pending.clone());
                     }
                     if let Some(done) = unsynced.done {
-                        // The requester may have gone (client disconnected); the commit stands.
-                        let _ = done.send(Ok(unsynced.outcome));
+                        answers.push((done, Ok(unsynced.outcome)));
                     }
                 }
             }
@@ -309,11 +363,12 @@ fn sync_loop(shared: &Shared) {
                 for unsynced in batch.drain(..) {
                     shared.queues.withdraw(unsynced.outcome.due());
                     if let Some(done) = unsynced.done {
-                        let _ = done.send(Err(e.clone()));
+                        answers.push((done, Err(e.clone())));
                     }
                 }
             }
         }
+        answered(answers);
     }
     tracing::debug!("store syncer stopped");
 }
@@ -471,6 +526,55 @@ mod tests {
             (1..=3).contains(&syncs),
             "20 commits made while a sync was held took {syncs} syncs"
         );
+        writer.close().await;
+        thread.join().unwrap();
+    }
+
+    /// A sync's answers leave the syncer as one batch, so that the runtime
+    /// is roused once per sync rather than once per commit; a writer started
+    /// outside a runtime answers from the syncer itself.
+    #[tokio::test]
+    async fn the_answers_of_one_sync_reach_the_runtime_together() {
+        let store = Gated::new();
+        let (queues, _inboxes) = crate::delivery::queues();
+        let (tx, mut batches) = mpsc::unbounded_channel();
+        let (writer, thread) =
+            Writer::start_answering(store.clone(), queues, Metrics::new("test"), 100, Some(tx));
+        let mut commits = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let writer = writer.clone();
+            commits.spawn(async move { writer.commit(op()).await });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.open();
+        let mut sizes = Vec::new();
+        while sizes.iter().sum::<usize>() < 20 {
+            let answers = batches.recv().await.expect("the syncer hands over answers");
+            if sizes.is_empty() {
+                assert!(
+                    commits.try_join_next().is_none(),
+                    "a commit was answered outside its batch"
+                );
+            }
+            sizes.push(answers.len());
+            send(answers);
+        }
+        let syncs = store.syncs.load(Ordering::SeqCst);
+        assert_eq!(sizes.len(), syncs, "batches {sizes:?} for {syncs} syncs");
+        while let Some(done) = commits.join_next().await {
+            assert_eq!(done.unwrap().unwrap(), Outcome::Pruned(0));
+        }
+        writer.close().await;
+        thread.join().unwrap();
+
+        let store = Gated::new();
+        store.open();
+        let outside = std::thread::spawn(move || {
+            let (queues, _inboxes) = crate::delivery::queues();
+            Writer::start(store, queues, Metrics::new("test"), 100)
+        });
+        let (writer, thread) = outside.join().unwrap();
+        assert_eq!(writer.commit(op()).await.unwrap(), Outcome::Pruned(0));
         writer.close().await;
         thread.join().unwrap();
     }
