@@ -148,7 +148,9 @@ impl Endpoint {
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// A connection to a target: plain TCP or TLS.
-type Connection = h1::Connection<TokioIo<<Connector as Service<Uri>>::Response>>;
+/// Boxed: with its TLS state the connection is over a kilobyte, and it moves
+/// in and out of the pool and the attempt's future once or twice per request.
+type Connection = Box<h1::Connection<TokioIo<<Connector as Service<Uri>>::Response>>>;
 
 /// Sends POSTs to one endpoint over kept-alive connections: each request takes
 /// an idle connection (or opens one) and gives it back when the answer is read.
@@ -433,7 +435,10 @@ impl Sender {
             MaybeHttpsStream::Http(tcp) => tcp.inner().as_raw_fd(),
             MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner().as_raw_fd(),
         };
-        Ok(h1::Connection::with_socket(TokioIo::new(stream), socket))
+        Ok(Box::new(h1::Connection::with_socket(
+            TokioIo::new(stream),
+            socket,
+        )))
     }
 
     /// Whether an idle connection can carry a request (see
