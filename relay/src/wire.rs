@@ -6,6 +6,7 @@ use crate::store::{InboundMessage, OutboundMessage};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use std::fmt::Display;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// A request body that breaks the contract; the message names the field.
@@ -74,7 +75,7 @@ enum NotObject {
 }
 
 /// Reads `text` as an object whose fields are named `{prefix}{key}` in errors.
-fn object_at<'a, T: Deserialize<'a>>(text: &'a str, prefix: &str) -> Result<T, NotObject> {
+fn object_at<'a, T: Deserialize<'a>>(text: &'a str, prefix: impl Display) -> Result<T, NotObject> {
     // Checked here because serde would read an array into a struct field by field.
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -97,7 +98,11 @@ fn object_at<'a, T: Deserialize<'a>>(text: &'a str, prefix: &str) -> Result<T, N
     })
 }
 
-fn string_field(name: &str, raw: Option<&RawValue>, allow_empty: bool) -> Result<String, Invalid> {
+fn string_field(
+    name: impl Display + Copy,
+    raw: Option<&RawValue>,
+    allow_empty: bool,
+) -> Result<String, Invalid> {
     let raw = raw.ok_or_else(|| Invalid(format!("field `{name}` is required")))?;
     // Told apart by the first character, so that no value of another type is
     // read (a deeply nested array would break serde_json's recursion limit).
@@ -158,7 +163,10 @@ fn depth(json: &str) -> usize {
 /// A payload as read: `None` when absent. Where the field is read with
 /// [`present`], `null` is a payload like any other JSON value; a client's
 /// `null` reads as absent.
-fn payload_field(name: &str, raw: Option<&RawValue>) -> Result<Option<Box<RawValue>>, Invalid> {
+fn payload_field(
+    name: impl Display + Copy,
+    raw: Option<&RawValue>,
+) -> Result<Option<Box<RawValue>>, Invalid> {
     match raw {
         Some(raw) => {
             if depth(raw.get()) > MAX_DEPTH {
@@ -173,7 +181,10 @@ fn payload_field(name: &str, raw: Option<&RawValue>) -> Result<Option<Box<RawVal
 }
 
 /// A payload that must be there.
-fn required_payload(name: &str, raw: Option<&RawValue>) -> Result<Box<RawValue>, Invalid> {
+fn required_payload(
+    name: impl Display + Copy,
+    raw: Option<&RawValue>,
+) -> Result<Box<RawValue>, Invalid> {
     payload_field(name, raw)?.ok_or_else(|| Invalid(format!("field `{name}` is required")))
 }
 
@@ -274,13 +285,13 @@ pub fn parse_sync_replies(body: &[u8]) -> Result<Vec<BotReply>, Invalid> {
     let mut replies = Vec::with_capacity(responses.len());
     for (i, raw) in responses.into_iter().enumerate() {
         let reply: ReplyBody =
-            object_at(raw.get(), &format!("responses[{i}].")).map_err(|e| match e {
+            object_at(raw.get(), format_args!("responses[{i}].")).map_err(|e| match e {
                 NotObject::Shape(Some(field)) => twice(&field),
                 _ => Invalid(format!("responses[{i}] must be an object")),
             })?;
         replies.push(BotReply {
-            kind: string_field(&format!("responses[{i}].type"), reply.kind, false)?,
-            payload: required_payload(&format!("responses[{i}].payload"), reply.payload)?,
+            kind: string_field(format_args!("responses[{i}].type"), reply.kind, false)?,
+            payload: required_payload(format_args!("responses[{i}].payload"), reply.payload)?,
         });
     }
     Ok(replies)

@@ -57,12 +57,13 @@ struct Unsynced {
     outcome: Outcome,
     /// None for `submit`, whose caller does not wait.
     done: Option<Done>,
-    written: Instant,
 }
 
 struct State {
     /// Writes since the last sync began, in write order.
     unsynced: Vec<Unsynced>,
+    /// When the first of them was written (one clock read per sync, not per write).
+    oldest: Option<Instant>,
     closed: bool,
 }
 
@@ -123,6 +124,7 @@ impl Writer {
             metrics,
             state: Mutex::new(State {
                 unsynced: Vec::new(),
+                oldest: None,
                 closed: false,
             }),
             wake: Condvar::new(),
@@ -160,7 +162,6 @@ impl Writer {
         if bounded && state.unsynced.len() >= shared.capacity {
             return Err(CommitError::Busy);
         }
-        let written_at = Instant::now();
         let outcome = match shared.store.write(vec![op]) {
             Ok(mut outcomes) => outcomes.pop().expect("one outcome per op"),
             Err(e) => {
@@ -182,12 +183,9 @@ impl Writer {
             }
             return Ok(());
         }
-        state.unsynced.push(Unsynced {
-            outcome,
-            done,
-            written: written_at,
-        });
+        state.unsynced.push(Unsynced { outcome, done });
         if state.unsynced.len() == 1 {
+            state.oldest = Some(Instant::now());
             shared.wake.notify_one();
         }
         Ok(())
@@ -320,6 +318,7 @@ fn sync_loop(shared: &Shared, answerer: Option<mpsc::UnboundedSender<Answers>>) 
     let mut batch = Vec::new();
     let mut pacing = Pacing::default();
     loop {
+        let oldest;
         {
             let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
             while state.unsynced.is_empty() && !state.closed {
@@ -334,16 +333,17 @@ fn sync_loop(shared: &Shared, answerer: Option<mpsc::UnboundedSender<Answers>>) 
                 state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
             }
             std::mem::swap(&mut batch, &mut state.unsynced);
+            oldest = state.oldest.take();
         }
         shared.metrics.store_batch_size.observe(batch.len() as f64);
         let started = Instant::now();
         let synced = shared.store.sync();
         pacing.synced(started);
-        if let Some(oldest) = batch.first() {
+        if let Some(oldest) = oldest {
             shared
                 .metrics
                 .store_commit_duration
-                .observe(oldest.written.elapsed().as_secs_f64());
+                .observe(oldest.elapsed().as_secs_f64());
         }
         let mut answers = Vec::with_capacity(batch.len());
         match synced {

@@ -9,7 +9,6 @@ use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -342,11 +341,12 @@ impl Sender {
                 + extra_len
                 + body.len(),
         );
-        let _ = write!(
-            head,
-            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n",
-            endpoint.path, endpoint.host
-        );
+        // Pieced together rather than formatted: this runs for every request.
+        head.push_str("POST ");
+        head.push_str(&endpoint.path);
+        head.push_str(" HTTP/1.1\r\nhost: ");
+        head.push_str(&endpoint.host);
+        head.push_str("\r\ncontent-type: application/json\r\n");
         if !user.contains_key(header::USER_AGENT) {
             head.push_str(concat!(
                 "user-agent: botrelay/",
@@ -354,10 +354,11 @@ impl Sender {
                 "\r\n"
             ));
         }
-        let _ = write!(
-            head,
-            "webhook-id: {webhook_id}\r\nwebhook-timestamp: {timestamp}\r\nwebhook-signature: "
-        );
+        head.push_str("webhook-id: ");
+        head.push_str(webhook_id);
+        head.push_str("\r\nwebhook-timestamp: ");
+        head.push_str(itoa::Buffer::new().format(timestamp));
+        head.push_str("\r\nwebhook-signature: ");
         signature_header_into(&mut head, keys, webhook_id, timestamp, body);
         head.push_str("\r\n");
         let mut raw = head.into_bytes();
@@ -468,13 +469,16 @@ impl Sender {
         }
         let mut pool = self.inner.idle.lock().expect("pool lock");
         let Pool { idle, scan } = &mut *pool;
+        let now = Instant::now();
         // Each return looks at two more of the idle connections, in turn, and
         // lets go of those stale or closed by the target, rather than hold
         // their sockets until a burst reaches that deep into the pool.
         for _ in 0..2.min(idle.len()) {
             let at = *scan % idle.len();
             let entry = &mut idle[at];
-            if entry.since.elapsed() >= IDLE_TIMEOUT || !self.usable(&mut entry.connection, false) {
+            if now.saturating_duration_since(entry.since) >= IDLE_TIMEOUT
+                || !self.usable(&mut entry.connection, false)
+            {
                 idle.remove(at);
             } else {
                 *scan = at + 1;
@@ -483,7 +487,7 @@ impl Sender {
         if idle.len() < self.inner.max_idle {
             idle.push_back(Idle {
                 connection,
-                since: Instant::now(),
+                since: now,
                 generation,
             });
         }
