@@ -35,6 +35,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How often, after a prune round, a compaction under way is checked on.
 const TIDY_EVERY: Duration = Duration::from_secs(1);
 
+/// At shutdown, after the last sync, how long connections still open past
+/// the drain timeout get to send the answers that sync made.
+const LAST_ANSWERS: Duration = Duration::from_secs(1);
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -356,7 +360,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     draining.store(true, Ordering::Relaxed);
     turns.drain();
     let _ = api_stop_tx.send(true);
-    let _ = api_server.await;
+    let api_leftover = api_server.await.ok().flatten();
     // 2. Stop starting deliveries; let those under way finish.
     let _ = stop_tx.send(true);
     while engine.join_next().await.is_some() {}
@@ -368,6 +372,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tokio::task::spawn_blocking(move || syncer_thread.join())
         .await?
         .map_err(|_| anyhow!("the store syncer panicked"))?;
+    // 4. Requests past the drain timeout that the last sync covered have just
+    //    been answered: their connections get a moment to send the answer
+    //    (their messages are stored, and a client left without an answer
+    //    would send them again).
+    if let Some(leftover) = api_leftover {
+        let _ = tokio::time::timeout(LAST_ANSWERS, leftover).await;
+    }
     let _ = admin_stop_tx.send(true);
     let _ = admin_server.await;
     let waiting = queues.pending();

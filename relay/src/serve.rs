@@ -65,14 +65,22 @@ pub struct Limits {
     pub drain: Duration,
 }
 
+/// The connections still open at the drain timeout: resolves once they
+/// have all ended.
+pub type Leftover = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// Serves `handler` on `listener` until `stop` turns true, then lets the
-/// requests under way finish (up to `limits.drain`) and returns.
+/// requests under way finish (up to `limits.drain`) and returns. Connections
+/// still open then are not cut: a request among them that waits for the
+/// store's last sync is answered once it ends (see [`Leftover`]), and the
+/// rest end with the process.
 pub async fn serve<H, F>(
     listener: TcpListener,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
     handler: H,
-) where
+) -> Option<Leftover>
+where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -136,11 +144,15 @@ pub async fn serve<H, F>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open at the drain timeout; closing them");
+    let mut all_closed: Leftover = Box::pin(graceful.shutdown());
+    match tokio::time::timeout(limits.drain, &mut all_closed).await {
+        Ok(()) => None,
+        Err(_) => {
+            tracing::warn!(
+                "connections still open at the drain timeout; those whose messages the store's last sync covers are answered after it, and the rest are closed"
+            );
+            Some(all_closed)
+        }
     }
 }
 

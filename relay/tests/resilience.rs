@@ -144,6 +144,84 @@ async fn sigterm_drains_and_exits_zero_and_the_rest_is_delivered_after_restart()
     );
 }
 
+/// Requests whose messages a slow sync is making durable when SIGTERM comes
+/// get their answer once it ends, even past the drain timeout: their
+/// messages are stored, and a client left without an answer sends them
+/// again. Every sync is made slow by `strace` fault injection. On the
+/// multi-threaded runtime the process used to end while the workers were
+/// still sending those answers (an outside tester: up to 26 of 32 closed
+/// unanswered); without the fix this test failed four runs of six.
+#[tokio::test]
+async fn requests_waiting_for_the_last_sync_at_shutdown_are_answered() {
+    const COUNT: usize = 64;
+    let bot = Peer::start(echo).await;
+    let down = free_addr();
+    let slow_syncs = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=fdatasync",
+        "-e",
+        "inject=fdatasync:delay_exit=1500000",
+        "--",
+    ];
+    let mut relay = Relay::start_wrapped(
+        &slow_syncs,
+        &bot.url(),
+        &format!("http://{down}/"),
+        &["--drain-timeout=200ms", "--worker-threads=2"],
+        &[],
+    )
+    .await;
+    let url = relay.url("/v1/messages");
+    let send = |i: usize| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let body = message("u", &format!("c{i}"), &format!("m{i}"), "x");
+            post(&url, Some(CLIENT_TOKEN), body.to_string().into_bytes())
+                .await
+                .map(|(status, _, _)| status)
+        })
+    };
+    // The first starts a sync; the others wait for the one after it, which
+    // ends well past the drain timeout. The more requests wait, the likelier
+    // one is still unanswered when the process would end.
+    let mut sent = vec![send(0)];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sent.extend((1..COUNT).map(send));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    signal(relay.pid(), "TERM");
+    let mut answers = Vec::new();
+    for request in sent {
+        answers.push(request.await.unwrap());
+    }
+    assert_eq!(
+        relay.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        relay.logs()
+    );
+    assert!(
+        answers.iter().all(|a| a == &Ok(200)),
+        "{answers:?}\n{}",
+        relay.logs()
+    );
+    // Stored, all of them: delivered now or after the restart.
+    relay.restart().await;
+    let ids = |r: &[Received]| {
+        r.iter()
+            .map(|r| r.body["tags"]["messageId"].as_str().unwrap().to_owned())
+            .collect::<HashSet<_>>()
+    };
+    let got = bot
+        .wait_until("every message", WAIT, |r| ids(r).len() >= COUNT)
+        .await;
+    assert_eq!(ids(&got), (0..COUNT).map(|i| format!("m{i}")).collect());
+}
+
 #[tokio::test]
 async fn a_long_backlog_is_read_back_while_it_is_delivered_and_nothing_twice() {
     // More messages wait than the relay reads back at once, so that reading

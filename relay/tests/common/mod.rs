@@ -310,6 +310,8 @@ pub struct Relay {
     pub dir: tempfile::TempDir,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// A command the relay runs under (`strace` injecting faults), if any.
+    wrap: Vec<String>,
 }
 
 impl Relay {
@@ -320,6 +322,19 @@ impl Relay {
 
     /// As `start`, with environment variables for the relay process.
     pub async fn start_with_env(
+        bot_url: &str,
+        response_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Relay {
+        Self::start_wrapped(&[], bot_url, response_url, extra, env).await
+    }
+
+    /// As `start_with_env`, run as the last argument of `wrap` (`strace -f
+    /// ... --`, say); signals go to the relay itself, and its exit code is
+    /// the wrapper's.
+    pub async fn start_wrapped(
+        wrap: &[&str],
         bot_url: &str,
         response_url: &str,
         extra: &[&str],
@@ -365,6 +380,7 @@ impl Relay {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrap: wrap.iter().map(|s| s.to_string()).collect(),
         };
         relay.spawn().await;
         relay
@@ -384,7 +400,15 @@ impl Relay {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_botrelay"))
+        let mut command = match self.wrap.split_first() {
+            None => Command::new(env!("CARGO_BIN_EXE_botrelay")),
+            Some((wrapper, args)) => {
+                let mut command = Command::new(wrapper);
+                command.args(args).arg(env!("CARGO_BIN_EXE_botrelay"));
+                command
+            }
+        };
+        let child = command
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -414,12 +438,28 @@ impl Relay {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The relay's process id (under a wrapper, the wrapper's child).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        let pid = self.child.as_ref().expect("running").id();
+        if self.wrap.is_empty() {
+            return pid;
+        }
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .expect("the wrapper's children");
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.parse().ok())
+            .expect("the wrapper runs the relay")
     }
 
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) {
+        if !self.wrap.is_empty() && self.child.is_some() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.pid().to_string()])
+                .status();
+        }
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();
@@ -428,8 +468,8 @@ impl Relay {
 
     /// SIGTERM, then waits for the exit; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
+        signal(self.pid(), "TERM");
         let mut child = self.child.take().expect("running");
-        signal(child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
