@@ -413,6 +413,7 @@ async fn log_unreported_failures(failure_logs: Arc<[FailureLog; 2]>) {
     loop {
         tick.tick().await;
         crate::api::log_unreported_refusals();
+        crate::writer::log_unreported_failures();
         delivery::log_unreported_unrecorded();
         for target in Target::ALL {
             if let Some(unlogged) = failure_logs[target.index()].unreported(now_ms()) {

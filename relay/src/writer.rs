@@ -12,7 +12,7 @@
 //! skips the syncer. A remote store (`nats`) takes each op as it comes and
 //! queues deliveries itself, from its log.
 
-use crate::delivery::Queues;
+use crate::delivery::{FailureLog, Queues, now_ms};
 use crate::metrics::Metrics;
 use crate::store::{Op, Outcome, Store};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -31,6 +31,20 @@ pub enum CommitError {
     /// the servers' `max_payload`); sending it again cannot help.
     #[error("{0}")]
     TooLarge(String),
+}
+
+/// Failed writes, as logged.
+static WRITE_FAILURES: FailureLog = FailureLog::new(Duration::from_secs(1));
+
+/// Logs the failed writes that went without a line, once the second since
+/// the last is over: the last of a burst are reported too.
+pub fn log_unreported_failures() {
+    if let Some(unlogged) = WRITE_FAILURES.unreported(now_ms()) {
+        tracing::error!(
+            unlogged,
+            "more store writes failed since the last line; their ops were not stored"
+        );
+    }
 }
 
 /// A store that commits ops itself, over the network, each as it comes: the
@@ -165,7 +179,15 @@ impl Writer {
         let outcome = match shared.store.write(vec![op]) {
             Ok(mut outcomes) => outcomes.pop().expect("one outcome per op"),
             Err(e) => {
-                tracing::error!(error = %e, "store write failed; the op was not stored");
+                // Once the store has failed, every write meets it: one line
+                // a second says so.
+                if let Some(unlogged) = WRITE_FAILURES.admit(now_ms()) {
+                    tracing::error!(
+                        error = %e,
+                        unlogged,
+                        "store write failed; the op was not stored (one line a second at most: unlogged counts those since the last)"
+                    );
+                }
                 return Err(CommitError::Store(e.to_string()));
             }
         };

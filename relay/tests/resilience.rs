@@ -222,6 +222,68 @@ async fn requests_waiting_for_the_last_sync_at_shutdown_are_answered() {
     assert_eq!(ids(&got), (0..COUNT).map(|i| format!("m{i}")).collect());
 }
 
+/// A sync that fails (EIO, injected with `strace` from the fourth on) fails
+/// the store: the requests it covered and every later one get `503`, the
+/// failed writes are logged once a second rather than once each, and no
+/// delivery starts any more, since none could be recorded (the bot would
+/// get each waiting message again at every retry until a restart).
+#[tokio::test]
+async fn a_failed_sync_stops_deliveries_and_its_refusals_are_logged_once_a_second() {
+    let bot = Peer::start(|_| Answer::status(500)).await;
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let failing_syncs = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=fdatasync",
+        "-e",
+        "inject=fdatasync:error=EIO:when=4+",
+        "--",
+    ];
+    let relay = Relay::start_wrapped(&failing_syncs, &bot.url(), &endpoint.url(), &[], &[]).await;
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        let status = relay
+            .send(&message("u", &format!("c{i}"), &format!("m{i}"), "x"))
+            .await
+            .0;
+        statuses.push(status);
+        if status == 503 {
+            break;
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 503], "{}", relay.logs());
+    // The bot refused the three stored messages so far, so that no
+    // completion took a sync; from now on it takes them, and each completion
+    // would fail to be recorded, so each delivery would be made again at
+    // every retry (50-400 ms).
+    bot.set(|_| Answer::ok());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = bot.received().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = bot.received().len();
+    for i in 0..200 {
+        let status = relay
+            .send(&message("u", "c", &format!("late{i}"), "x"))
+            .await
+            .0;
+        assert_eq!(status, 503);
+    }
+    let logs = relay.logs();
+    let lines = logs
+        .lines()
+        .filter(|l| l.contains("store write failed"))
+        .count();
+    assert_eq!(after, before, "deliveries went on after the store failed");
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} lines for 200 failed writes"
+    );
+}
+
 #[tokio::test]
 async fn a_long_backlog_is_read_back_while_it_is_delivered_and_nothing_twice() {
     // More messages wait than the relay reads back at once, so that reading

@@ -39,6 +39,7 @@ use std::io::{BufReader, Read};
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -101,6 +102,9 @@ pub struct EmbeddedStore {
     /// Held by a write, and briefly by readers, who take a record's place and
     /// the file, then read unlocked.
     inner: Mutex<Inner>,
+    /// Whether `Inner::failed` is set, read without the lock before every
+    /// delivery.
+    failed: AtomicBool,
 }
 
 struct Inner {
@@ -1338,6 +1342,7 @@ impl EmbeddedStore {
             dir: dir.to_owned(),
             tuning,
             syncing: Mutex::new(()),
+            failed: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 index,
                 file: Arc::new(file),
@@ -1396,6 +1401,7 @@ impl EmbeddedStore {
         );
         tracing::error!("{message}");
         inner.failed = Some(message.clone());
+        self.failed.store(true, Ordering::Relaxed);
         StoreError::Embedded(message)
     }
 
@@ -1590,6 +1596,7 @@ impl EmbeddedStore {
             let message = format!("{e}; the store takes no more writes until the relay restarts");
             tracing::error!("{message}");
             inner.failed = Some(message);
+            self.failed.store(true, Ordering::Relaxed);
         }
         Ok(old_index)
     }
@@ -1846,6 +1853,16 @@ impl Store for EmbeddedStore {
 
     fn failure(&self) -> Option<String> {
         self.lock().failed.clone()
+    }
+
+    /// A failed store records nothing more: a delivery made now would only
+    /// be made again after the restart, so none starts.
+    fn progress_unavailable(&self) -> Option<String> {
+        if self.failed.load(Ordering::Relaxed) {
+            self.failure()
+        } else {
+            None
+        }
     }
 
     fn usage(&self) -> Option<Usage> {
