@@ -555,8 +555,8 @@ static STORE_REFUSALS: FailureLog = FailureLog::new(Duration::from_secs(1));
 
 /// Logs the refusals for want of a store that went without a line, once the
 /// second since the last is over: the last of a burst are reported too.
-pub fn log_unreported_refusals() {
-    if let Some(unlogged) = STORE_REFUSALS.unreported(now_ms()) {
+pub fn log_unreported_refusals(now: u64) {
+    if let Some(unlogged) = STORE_REFUSALS.unreported(now) {
         tracing::warn!(
             unlogged,
             "more messages could not be stored since the last line; their clients were told to retry"

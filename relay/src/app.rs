@@ -273,7 +273,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             conversation_retention: config.conversation_retention,
         })),
     ];
-    background.push(tokio::spawn(log_unreported_failures(failure_logs)));
+    background.push(tokio::spawn(log_unreported_failures(failure_logs.clone())));
     if let Some(disk) = disk {
         background.push(tokio::spawn(disk.watch()));
     }
@@ -381,6 +381,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     let _ = admin_stop_tx.send(true);
     let _ = admin_server.await;
+    // The last of a burst of failures, which their once-a-second line has not
+    // counted yet.
+    log_unreported(&failure_logs, now_ms() + 3_600_000);
     let waiting = queues.pending();
     match config.store {
         StoreKind::Embedded => tracing::info!(
@@ -412,17 +415,23 @@ async fn log_unreported_failures(failure_logs: Arc<[FailureLog; 2]>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        crate::api::log_unreported_refusals();
-        crate::writer::log_unreported_failures();
-        delivery::log_unreported_unrecorded();
-        for target in Target::ALL {
-            if let Some(unlogged) = failure_logs[target.index()].unreported(now_ms()) {
-                tracing::warn!(
-                    to = target.as_str(),
-                    failed_since_last_warning = unlogged,
-                    "more deliveries failed since the last warning; they will be retried"
-                );
-            }
+        log_unreported(&failure_logs, now_ms());
+    }
+}
+
+/// The failures that went without a line, if the second since the last line
+/// is over at `now` (at the exit: any time after).
+fn log_unreported(failure_logs: &[FailureLog; 2], now: u64) {
+    crate::api::log_unreported_refusals(now);
+    crate::writer::log_unreported_failures(now);
+    delivery::log_unreported_unrecorded(now);
+    for target in Target::ALL {
+        if let Some(unlogged) = failure_logs[target.index()].unreported(now) {
+            tracing::warn!(
+                to = target.as_str(),
+                failed_since_last_warning = unlogged,
+                "more deliveries failed since the last warning; they will be retried"
+            );
         }
     }
 }

@@ -38,8 +38,8 @@ static WRITE_FAILURES: FailureLog = FailureLog::new(Duration::from_secs(1));
 
 /// Logs the failed writes that went without a line, once the second since
 /// the last is over: the last of a burst are reported too.
-pub fn log_unreported_failures() {
-    if let Some(unlogged) = WRITE_FAILURES.unreported(now_ms()) {
+pub fn log_unreported_failures(now: u64) {
+    if let Some(unlogged) = WRITE_FAILURES.unreported(now) {
         tracing::error!(
             unlogged,
             "more store writes failed since the last line; their ops were not stored"

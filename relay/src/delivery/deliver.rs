@@ -108,8 +108,8 @@ static UNRECORDED: FailureLog = FailureLog::new(Duration::from_secs(1));
 
 /// Logs the deliveries the store could not record that went without a line,
 /// once the second since the last is over.
-pub fn log_unreported_unrecorded() {
-    if let Some(unlogged) = UNRECORDED.unreported(now_ms()) {
+pub fn log_unreported_unrecorded(now: u64) {
+    if let Some(unlogged) = UNRECORDED.unreported(now) {
         tracing::error!(
             unlogged,
             "more deliveries could not be recorded since the last line; they will be delivered again"
