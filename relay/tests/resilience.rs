@@ -144,6 +144,26 @@ async fn sigterm_drains_and_exits_zero_and_the_rest_is_delivered_after_restart()
     );
 }
 
+/// A wrapper that runs the relay with every `fdatasync` under `strace`'s
+/// fault injection `inject` (`delay_exit=US`, `error=EIO:when=N+`).
+fn syncs_under(inject: &str) -> Vec<String> {
+    let inject = format!("inject=fdatasync:{inject}");
+    [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=fdatasync",
+        "-e",
+        &inject,
+        "--",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Requests whose messages a slow sync is making durable when SIGTERM comes
 /// get their answer once it ends, even past the drain timeout: their
 /// messages are stored, and a client left without an answer sends them
@@ -156,20 +176,9 @@ async fn requests_waiting_for_the_last_sync_at_shutdown_are_answered() {
     const COUNT: usize = 64;
     let bot = Peer::start(echo).await;
     let down = free_addr();
-    let slow_syncs = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=fdatasync",
-        "-e",
-        "inject=fdatasync:delay_exit=1500000",
-        "--",
-    ];
+    let slow_syncs = syncs_under("delay_exit=1500000");
     let mut relay = Relay::start_wrapped(
-        &slow_syncs,
+        &slow_syncs.iter().map(String::as_str).collect::<Vec<_>>(),
         &bot.url(),
         &format!("http://{down}/"),
         &["--drain-timeout=200ms", "--worker-threads=2"],
@@ -231,20 +240,15 @@ async fn requests_waiting_for_the_last_sync_at_shutdown_are_answered() {
 async fn a_failed_sync_stops_deliveries_and_its_refusals_are_logged_once_a_second() {
     let bot = Peer::start(|_| Answer::status(500)).await;
     let endpoint = Peer::start(|_| Answer::ok()).await;
-    let failing_syncs = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=fdatasync",
-        "-e",
-        "inject=fdatasync:error=EIO:when=4+",
-        "--",
-    ];
-    let mut relay =
-        Relay::start_wrapped(&failing_syncs, &bot.url(), &endpoint.url(), &[], &[]).await;
+    let failing_syncs = syncs_under("error=EIO:when=4+");
+    let mut relay = Relay::start_wrapped(
+        &failing_syncs.iter().map(String::as_str).collect::<Vec<_>>(),
+        &bot.url(),
+        &endpoint.url(),
+        &[],
+        &[],
+    )
+    .await;
     let mut statuses = Vec::new();
     for i in 0..20 {
         let status = relay
