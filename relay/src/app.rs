@@ -353,6 +353,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
 
     shutdown.await;
+    let answered_before = writer.answered();
 
     // 1. Refuse new messages and stop accepting; requests under way finish
     //    (their writes are still synced).
@@ -372,11 +373,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tokio::task::spawn_blocking(move || syncer_thread.join())
         .await?
         .map_err(|_| anyhow!("the store syncer panicked"))?;
-    // 4. Requests past the drain timeout that the last sync covered have just
-    //    been answered: their connections get a moment to send the answer
-    //    (their messages are stored, and a client left without an answer
-    //    would send them again).
-    if let Some(leftover) = api_leftover {
+    // 4. Requests past the drain timeout that the last syncs covered have
+    //    just been answered: their connections get a moment to send the
+    //    answer (their messages are stored, and a client left without an
+    //    answer would send them again). With nothing answered since the
+    //    stop began, none of the open connections waits for an answer.
+    if let Some(leftover) = api_leftover
+        && writer.answered() > answered_before
+    {
         let _ = tokio::time::timeout(LAST_ANSWERS, leftover).await;
     }
     let _ = admin_stop_tx.send(true);

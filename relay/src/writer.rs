@@ -15,6 +15,7 @@
 use crate::delivery::{FailureLog, Queues, now_ms};
 use crate::metrics::Metrics;
 use crate::store::{Op, Outcome, Store};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -92,6 +93,8 @@ struct Shared {
     capacity: usize,
     /// Whether the store needs a sync to make a write durable.
     syncs: bool,
+    /// Commits answered by the syncer so far.
+    answered: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -144,6 +147,7 @@ impl Writer {
             wake: Condvar::new(),
             capacity,
             syncs,
+            answered: AtomicU64::new(0),
         });
         let thread = {
             let shared = shared.clone();
@@ -263,6 +267,11 @@ impl Writer {
         written: impl FnOnce(&Outcome),
     ) -> Result<Outcome, CommitError> {
         self.wait(op, true, written).await
+    }
+
+    /// How many commits the syncer has answered so far.
+    pub fn answered(&self) -> u64 {
+        self.shared.answered.load(Ordering::Relaxed)
     }
 
     /// Stops the syncer once everything written before is durable; later
@@ -390,6 +399,9 @@ fn sync_loop(shared: &Shared, answerer: Option<mpsc::UnboundedSender<Answers>>) 
                 }
             }
         }
+        shared
+            .answered
+            .fetch_add(answers.len() as u64, Ordering::Relaxed);
         answered(answers);
     }
     tracing::debug!("store syncer stopped");

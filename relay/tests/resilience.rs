@@ -231,6 +231,34 @@ async fn requests_waiting_for_the_last_sync_at_shutdown_are_answered() {
     assert_eq!(ids(&got), (0..COUNT).map(|i| format!("m{i}")).collect());
 }
 
+/// A client still sending its body at the drain timeout, with no sync
+/// answering anything meanwhile, holds the exit no longer than the drain
+/// timeout: only requests the last syncs answered get a moment past it.
+#[tokio::test]
+async fn a_slow_client_at_shutdown_holds_the_exit_no_longer_than_the_drain_timeout() {
+    let down = free_addr();
+    let endpoint = Peer::start(|_| Answer::ok()).await;
+    let mut relay = Relay::start(
+        &format!("http://{down}/"),
+        &endpoint.url(),
+        &["--drain-timeout=200ms"],
+    )
+    .await;
+    let mut slow = TcpStream::connect(relay.api).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {CLIENT_TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"userId\""
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(relay.terminate(), Some(0));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "the exit took {took:?} after SIGTERM"
+    );
+}
+
 /// A sync that fails (EIO, injected with `strace` from the fourth on) fails
 /// the store: the requests it covered and every later one get `503`, the
 /// failed writes are logged once a second rather than once each, and no
