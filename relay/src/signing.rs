@@ -68,14 +68,14 @@ impl SigningKey {
 /// `v1,` and 44 characters of base64.
 const SIGNATURE_LEN: usize = 47;
 
-/// The `webhook-signature` header: one signature per key, space separated, so
-/// that a receiver holding either the old or the new secret accepts the message
-/// while a secret rotates.
 /// The length of the `webhook-signature` value for `keys` keys.
 pub fn signature_header_len(keys: usize) -> usize {
     keys * (SIGNATURE_LEN + 1)
 }
 
+/// The `webhook-signature` header: one signature per key, space separated, so
+/// that a receiver holding either the old or the new secret accepts the message
+/// while a secret rotates.
 /// Written at the end of `out` (a request's head).
 pub fn signature_header_into(
     out: &mut String,

@@ -8,9 +8,10 @@
 //! Nothing is answered before it is durable. Once a sync returns, the syncer
 //! hands what its writes made due to the delivery queues, in write order (that
 //! is what keeps the messages of a conversation in order), then hands the
-//! answers to the requests it covered to the runtime in one batch. A store whose writes are durable at once (`memory`)
-//! skips the syncer. A remote store (`nats`) takes each op as it comes and
-//! queues deliveries itself, from its log.
+//! answers to the requests it covered to the runtime in one batch. A store
+//! whose writes are durable at once (`memory`) skips the syncer. A remote
+//! store (`nats`) takes each op as it comes and queues deliveries itself,
+//! from its log.
 
 use crate::delivery::{FailureLog, Queues, now_ms};
 use crate::metrics::Metrics;
@@ -332,10 +333,13 @@ fn send(answers: Answers) {
 /// their deliveries in write order and answers them, through `answerer` when
 /// the writer was started on a runtime.
 fn sync_loop(shared: &Shared, answerer: Option<mpsc::UnboundedSender<Answers>>) {
-    let answered = |answers: Answers| {
+    let hand_over = |answers: Answers| {
         if answers.is_empty() {
             return;
         }
+        shared
+            .answered
+            .fetch_add(answers.len() as u64, Ordering::Relaxed);
         match &answerer {
             Some(tx) => {
                 if let Err(unsent) = tx.send(answers) {
@@ -399,10 +403,7 @@ fn sync_loop(shared: &Shared, answerer: Option<mpsc::UnboundedSender<Answers>>) 
                 }
             }
         }
-        shared
-            .answered
-            .fetch_add(answers.len() as u64, Ordering::Relaxed);
-        answered(answers);
+        hand_over(answers);
     }
     tracing::debug!("store syncer stopped");
 }

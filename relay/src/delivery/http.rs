@@ -405,8 +405,7 @@ impl Sender {
                     break;
                 };
                 let mut connection = connection;
-                let idle_for = since.elapsed();
-                if idle_for >= IDLE_TIMEOUT || generation != current {
+                if since.elapsed() >= IDLE_TIMEOUT || generation != current {
                     continue;
                 }
                 let peek = self.inner.look_closer.load(Ordering::Relaxed);

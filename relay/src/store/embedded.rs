@@ -1399,10 +1399,15 @@ impl EmbeddedStore {
             "cannot {what} {}: {e}; the store takes no more writes until the relay restarts",
             self.path().display()
         );
-        tracing::error!("{message}");
-        inner.failed = Some(message.clone());
-        self.failed.store(true, Ordering::Relaxed);
+        self.set_failed(inner, message.clone());
         StoreError::Embedded(message)
+    }
+
+    /// Takes no more writes from now on, for the reason `message` gives.
+    fn set_failed(&self, inner: &mut Inner, message: String) {
+        tracing::error!("{message}");
+        inner.failed = Some(message);
+        self.failed.store(true, Ordering::Relaxed);
     }
 
     /// What a failed sync does, for tests.
@@ -1593,10 +1598,10 @@ impl EmbeddedStore {
         if let Err(e) = sync_dir(&self.dir) {
             // The rename may not survive a crash, which would bring back the
             // old file without what is written from now on: take no more writes.
-            let message = format!("{e}; the store takes no more writes until the relay restarts");
-            tracing::error!("{message}");
-            inner.failed = Some(message);
-            self.failed.store(true, Ordering::Relaxed);
+            self.set_failed(
+                inner,
+                format!("{e}; the store takes no more writes until the relay restarts"),
+            );
         }
         Ok(old_index)
     }
